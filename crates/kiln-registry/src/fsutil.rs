@@ -1,0 +1,141 @@
+//! Filesystem helpers: atomic writes, hashing, confined copies and the writer lock.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Lowercase hex sha256 of a file's contents, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file
+            .read(&mut buffer)
+            .map_err(|e| Error::io("read", path, e))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Write `bytes` to `path` atomically: a temporary sibling is written, synced and renamed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = parent.join(format!(".{file_name}.tmp-{}", unique_suffix()));
+    let mut file = File::create(&temp).map_err(|e| Error::io("create", &temp, e))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| Error::io("write", &temp, e))?;
+    fs::rename(&temp, path).map_err(|e| Error::io("rename into", path, e))
+}
+
+/// Holds the registry's exclusive writer lock until dropped (advisory `flock`).
+pub struct WriterLock {
+    _file: File,
+}
+
+impl WriterLock {
+    pub fn acquire(path: &Path) -> Result<Self> {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+        }
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("open lock file", path, e))?;
+        file.lock().map_err(|e| Error::io("lock", path, e))?;
+        Ok(WriterLock { _file: file })
+    }
+}
+
+/// Every regular file under `root`, as paths relative to it, sorted.
+/// Symlinks are refused so that a registered model cannot point outside its folder.
+pub fn list_files(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let dir = root.join(&relative);
+        let entries = fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("read directory", &dir, e))?;
+            let kind = entry
+                .file_type()
+                .map_err(|e| Error::io("stat", entry.path(), e))?;
+            let child = relative.join(entry.file_name());
+            if kind.is_dir() {
+                pending.push(child);
+            } else if kind.is_file() {
+                out.push(child);
+            } else {
+                return Err(Error::UnsafeArtifactPath(child.display().to_string()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Check that a manifest-relative path stays inside its folder.
+pub fn confined(relative: &str) -> Result<PathBuf> {
+    let path = Path::new(relative);
+    let ok = !relative.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
+    if ok {
+        Ok(path.to_path_buf())
+    } else {
+        Err(Error::UnsafeArtifactPath(relative.to_string()))
+    }
+}
+
+/// A suffix unique across processes (pid) and threads (counter) for staging directories.
+pub fn unique_suffix() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{count}-{nanos}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_matches_known_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("abc");
+        fs::write(&path, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn confined_paths_refuse_traversal() {
+        assert!(confined("weights/model.safetensors").is_ok());
+        assert!(confined("../etc/passwd").is_err());
+        assert!(confined("/etc/passwd").is_err());
+        assert!(confined("a/./b").is_ok());
+        assert!(confined("").is_err());
+    }
+}
