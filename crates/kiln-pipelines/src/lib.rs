@@ -1,1 +1,20 @@
-//! placeholder
+//! Kiln's pipeline contract and the pipelines behind it.
+//!
+//! A pipeline is the only thing that knows both a task's inputs and the models
+//! that serve it. Protocol adapters turn wire formats into a [`PredictRequest`];
+//! a [`Pipeline`] validates it against its [`ModelInterface`] and predicts.
+
+pub mod contract;
+pub mod error;
+pub mod frame;
+pub mod schema;
+pub mod tabular;
+pub mod tensor;
+
+pub use contract::{
+    ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction, load_pipeline,
+};
+pub use error::{FieldProblem, PipelineError, ProblemKind};
+pub use frame::{ColumnSpec, ColumnType, Frame, RawFrame, Signature};
+pub use schema::{FieldKind, FieldSpec, InputSchema};
+pub use tensor::{DataType, Tensor, TensorData};

@@ -1,0 +1,83 @@
+//! The pipeline contract: what a served model exposes (its interface) and the one
+//! trait every pipeline implements, plus the table that loads a pipeline by kind.
+
+use std::sync::Arc;
+
+use kiln_registry::ResolvedModel;
+use serde_json::{Map, Value};
+
+use crate::error::PipelineError;
+use crate::frame::{RawFrame, Signature};
+use crate::schema::InputSchema;
+use crate::tabular::glm;
+use crate::tensor::Tensor;
+
+/// How a model takes its input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputSpec {
+    /// Rows of named, typed columns (tabular models).
+    Columns(Signature),
+    /// One JSON object validated by a schema (generative models).
+    Fields(InputSchema),
+}
+
+/// Everything a protocol needs to describe a served model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInterface {
+    /// Pipeline kind, e.g. `tabular/glm`.
+    pub pipeline: String,
+    pub inputs: InputSpec,
+    /// Optional per-request parameters (MLflow `params`, KServe `parameters`).
+    pub params: InputSchema,
+    /// Output columns / tensors.
+    pub outputs: Signature,
+}
+
+/// A request's input before validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PredictInput {
+    Frame(RawFrame),
+    Fields(Map<String, Value>),
+}
+
+/// One prediction request as every protocol adapter produces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictRequest {
+    pub input: PredictInput,
+    pub params: Map<String, Value>,
+}
+
+/// What a pipeline returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prediction {
+    /// Named tensors, one row per input row for tabular models.
+    Tensors(Vec<Tensor>),
+    /// A JSON document.
+    Json(Value),
+}
+
+/// A loaded model that validates its inputs and predicts.
+pub trait Pipeline: Send + Sync {
+    fn interface(&self) -> &ModelInterface;
+    fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError>;
+}
+
+type LoadFn = fn(&ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError>;
+
+/// Pipeline kinds this build knows, keyed by the manifest's `pipeline` field.
+const PIPELINES: &[(&str, LoadFn)] = &[(glm::PIPELINE_KIND, glm::load)];
+
+/// Load the pipeline a resolved model's manifest names.
+pub fn load_pipeline(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
+    let kind = model.manifest.pipeline.as_str();
+    let (_, load) = PIPELINES
+        .iter()
+        .find(|(name, _)| *name == kind)
+        .ok_or_else(|| PipelineError::UnknownPipeline(kind.to_string()))?;
+    load(model)
+}
+
+/// The pipeline kinds this build can load.
+pub fn known_pipelines() -> Vec<&'static str> {
+    PIPELINES.iter().map(|(name, _)| *name).collect()
+}

@@ -1,0 +1,3 @@
+//! Pipelines over tabular data.
+
+pub mod glm;
