@@ -25,11 +25,13 @@ from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 from tritonclient.utils import InferenceServerException
 
 COLUMNS = ["driver_age", "vehicle_power", "region", "urban", "exposure"]
+# Numeric predictors are declared as doubles (integers widen to them safely, as
+# MLflow's signature enforcement allows); categorical text is BYTES.
 DATATYPES = {
-    "driver_age": "INT64",
-    "vehicle_power": "INT64",
+    "driver_age": "FP64",
+    "vehicle_power": "FP64",
     "region": "BYTES",
-    "urban": "INT64",
+    "urban": "FP64",
     "exposure": "FP64",
 }
 NUMPY_DTYPES = {"INT64": np.int64, "FP64": np.float64, "BYTES": np.object_}
@@ -84,7 +86,7 @@ def test_mlflow_client_predicts(mlflow_client):
 
 
 def test_mlflow_client_linear_predictor(mlflow_client, reference_predictions):
-    resp = mlflow_client.invoke(sample_frame(), params={"predict": "linear"})
+    resp = mlflow_client.invoke(sample_frame(), params={"which": "linear"})
     linear = resp.get_predictions(predictions_format="ndarray", dtype=np.float64)
     assert linear.shape == (3,)
     assert list(linear) == approx([math.log(m) for m in reference_predictions])
@@ -97,7 +99,7 @@ def test_mlflow_client_matches_statsmodels_reference(mlflow_client):
     expected = json.loads(STATSMODELS_REFERENCE.read_text())["predict"]
     rows = pd.read_csv(CLAIMS_CSV).head(expected["n_rows"])[COLUMNS]
     mean = mlflow_client.invoke(rows).get_predictions("ndarray", dtype=np.float64)
-    linear = mlflow_client.invoke(rows, params={"predict": "linear"}).get_predictions(
+    linear = mlflow_client.invoke(rows, params={"which": "linear"}).get_predictions(
         "ndarray", dtype=np.float64
     )
     assert list(mean) == pytest.approx(expected["mean"], rel=1e-6)

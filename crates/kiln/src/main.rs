@@ -1,1 +1,66 @@
-fn main() {}
+//! The `kiln` command line: serve models, manage the registry, fit GLMs.
+
+mod builtin;
+mod commands;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// One binary that serves generative and classical models over the protocols
+/// clients already speak.
+#[derive(Parser)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    /// Data directory holding the registry (default: $KILN_HOME, else ~/.local/share/kiln).
+    #[arg(long, global = true, env = "KILN_HOME")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models over HTTP (MLflow/SageMaker scoring, KServe v1/v2).
+    Serve(commands::serve::ServeArgs),
+    /// Manage the model registry.
+    #[command(subcommand)]
+    Models(commands::models::ModelsCommand),
+    /// Generalized linear models.
+    #[command(subcommand)]
+    Glm(commands::glm::GlmCommand),
+    /// Run a model on a CSV file and print its predictions as JSON.
+    Predict(commands::predict::PredictArgs),
+}
+
+fn init_logging() {
+    let filter = std::env::var("KILN_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
+        .init();
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    let home = cli.home.unwrap_or_else(kiln_registry::default_home);
+    match cli.command {
+        Command::Serve(args) => commands::serve::run(&home, args),
+        Command::Models(command) => commands::models::run(&home, command),
+        Command::Glm(command) => commands::glm::run(&home, command),
+        Command::Predict(args) => commands::predict::run(&home, args),
+    }
+}

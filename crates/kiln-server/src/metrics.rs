@@ -1,0 +1,171 @@
+//! Prometheus metrics: requests by route/method/status/model, latency histograms,
+//! model load time and state; served at `/metrics` in the text exposition format.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::state::AppState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    route: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+/// Attached to a response by a handler so the metrics layer can label it by model.
+#[derive(Clone, Debug)]
+pub struct ModelLabel(pub String);
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+}
+
+/// All of Kiln's series.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    load_seconds: Family<ModelLabels, Gauge<f64, AtomicU64>>,
+    loaded: Family<ModelLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kiln");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<LatencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let load_seconds = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
+        let loaded = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method, status and model",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route and model",
+            latency.clone(),
+        );
+        registry.register(
+            "model_load_seconds",
+            "Time the last load of each model took",
+            load_seconds.clone(),
+        );
+        registry.register(
+            "model_loaded",
+            "1 while a model is loaded and ready",
+            loaded.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            load_seconds,
+            loaded,
+        }
+    }
+
+    /// Record a finished model load.
+    pub fn model_loaded(&self, model: &str, seconds: f64, ok: bool) {
+        let labels = ModelLabels {
+            model: model.to_string(),
+        };
+        self.load_seconds.get_or_create(&labels).set(seconds);
+        self.loaded.get_or_create(&labels).set(i64::from(ok));
+    }
+
+    fn record(&self, route: &str, method: &str, status: u16, model: &str, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                method: method.to_string(),
+                status,
+                model: model.to_string(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&LatencyLabels {
+                route: route.to_string(),
+                model: model.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Middleware: time every request and count it by its route template.
+pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().as_str().to_string();
+    let response = next.run(request).await;
+    let model = response
+        .extensions()
+        .get::<ModelLabel>()
+        .map(|m| m.0.clone())
+        .unwrap_or_default();
+    state.metrics.record(
+        &route,
+        &method,
+        response.status().as_u16(),
+        &model,
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// `GET /metrics`.
+pub async fn metrics_endpoint(State(state): State<Arc<AppState>>) -> Response {
+    let mut response = state.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}

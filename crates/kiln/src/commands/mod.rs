@@ -1,0 +1,6 @@
+//! One module per `kiln` subcommand.
+
+pub mod glm;
+pub mod models;
+pub mod predict;
+pub mod serve;

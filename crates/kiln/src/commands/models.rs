@@ -1,0 +1,201 @@
+//! `kiln models`: register, list, show, alias, tag and delete registry models.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use kiln_registry::{Alias, ModelName, Registry};
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum ModelsCommand {
+    /// Publish a model folder (manifest.json + artifacts) as the next version.
+    Register {
+        /// `catalog.schema.model`
+        name: String,
+        /// The model folder to copy in.
+        #[arg(long = "from")]
+        from: PathBuf,
+        /// Point this alias at the new version.
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// List registered models.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a model's versions, aliases and tags.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set or delete aliases.
+    #[command(subcommand)]
+    Alias(AliasCommand),
+    /// Set or delete tags on a model or one of its versions.
+    #[command(subcommand)]
+    Tag(TagCommand),
+    /// Delete one version (`--version`) or the whole model.
+    Delete {
+        name: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AliasCommand {
+    /// Point ALIAS at VERSION.
+    Set {
+        name: String,
+        alias: String,
+        version: u64,
+    },
+    /// Remove ALIAS.
+    Delete { name: String, alias: String },
+}
+
+#[derive(Subcommand)]
+pub enum TagCommand {
+    /// Set KEY=VALUE.
+    Set {
+        name: String,
+        tag: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Remove KEY.
+    Delete {
+        name: String,
+        key: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+}
+
+pub fn run(home: &Path, command: ModelsCommand) -> Result<()> {
+    let registry = Registry::open(home);
+    match command {
+        ModelsCommand::Register { name, from, alias } => {
+            let name = ModelName::parse(&name)?;
+            let alias = alias.as_deref().map(Alias::parse).transpose()?;
+            let published = registry.register_folder(&name, &from, alias.as_ref())?;
+            let version = published.version.unwrap_or_default();
+            println!(
+                "registered models:/{name}/{version} ({} files)",
+                published.manifest.files.len()
+            );
+            if let Some(alias) = alias {
+                println!("alias @{alias} -> version {version}");
+            }
+        }
+        ModelsCommand::List { json } => {
+            let names = registry.list()?;
+            let mut rows = Vec::new();
+            for name in &names {
+                let record = registry.record(name)?;
+                let versions = registry.version_numbers(name)?;
+                rows.push((name.to_string(), versions, record.aliases));
+            }
+            if json {
+                let items: Vec<_> = rows
+                    .iter()
+                    .map(|(n, v, a)| json!({"name": n, "versions": v, "aliases": a}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else if rows.is_empty() {
+                println!("no models registered in {}", home.display());
+            } else {
+                println!("{:<48} {:>8} {:>7}  ALIASES", "NAME", "VERSIONS", "LATEST");
+                for (name, versions, aliases) in rows {
+                    let latest = versions
+                        .last()
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| "-".into());
+                    let aliases: Vec<String> =
+                        aliases.iter().map(|(a, v)| format!("@{a}={v}")).collect();
+                    println!(
+                        "{name:<48} {:>8} {latest:>7}  {}",
+                        versions.len(),
+                        aliases.join(" ")
+                    );
+                }
+            }
+        }
+        ModelsCommand::Show { name, json } => {
+            let name = ModelName::parse(&name)?;
+            let record = registry.record(&name)?;
+            let versions = registry.versions(&name)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "name": record.name, "created_at": record.created_at,
+                        "aliases": record.aliases, "tags": record.tags, "versions": versions,
+                    }))?
+                );
+            } else {
+                println!("{}  (created {})", record.name, record.created_at);
+                for (key, value) in &record.tags {
+                    println!("  tag {key}={value}");
+                }
+                for v in versions {
+                    let aliases: Vec<String> = v.aliases.iter().map(|a| format!("@{a}")).collect();
+                    let tags: Vec<String> =
+                        v.tags.iter().map(|(k, val)| format!("{k}={val}")).collect();
+                    println!(
+                        "  version {:<4} {:<14} {:>10} bytes  {}  {} {}",
+                        v.version,
+                        v.pipeline,
+                        v.size_bytes,
+                        v.created_at.unwrap_or_default(),
+                        aliases.join(" "),
+                        tags.join(" ")
+                    );
+                }
+            }
+        }
+        ModelsCommand::Alias(AliasCommand::Set {
+            name,
+            alias,
+            version,
+        }) => {
+            let (name, alias) = (ModelName::parse(&name)?, Alias::parse(&alias)?);
+            registry.set_alias(&name, &alias, version)?;
+            println!("models:/{name}@{alias} -> version {version}");
+        }
+        ModelsCommand::Alias(AliasCommand::Delete { name, alias }) => {
+            let (name, alias) = (ModelName::parse(&name)?, Alias::parse(&alias)?);
+            registry.delete_alias(&name, &alias)?;
+            println!("deleted alias @{alias} of {name}");
+        }
+        ModelsCommand::Tag(TagCommand::Set { name, tag, version }) => {
+            let Some((key, value)) = tag.split_once('=') else {
+                bail!("tags are written KEY=VALUE, got {tag:?}");
+            };
+            if key.is_empty() {
+                bail!("the tag key must not be empty");
+            }
+            registry.set_tag(&ModelName::parse(&name)?, version, key, Some(value))?;
+        }
+        ModelsCommand::Tag(TagCommand::Delete { name, key, version }) => {
+            registry.set_tag(&ModelName::parse(&name)?, version, &key, None)?;
+        }
+        ModelsCommand::Delete { name, version } => {
+            let name = ModelName::parse(&name)?;
+            match version {
+                Some(version) => {
+                    registry.delete_version(&name, version)?;
+                    println!("deleted models:/{name}/{version}");
+                }
+                None => {
+                    registry.delete_model(&name)?;
+                    println!("deleted {name} and all its versions");
+                }
+            }
+        }
+    }
+    Ok(())
+}
