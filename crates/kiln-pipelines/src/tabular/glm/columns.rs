@@ -139,9 +139,13 @@ impl Columns for RawFrame {
     fn is_numeric(&self, column: &str) -> Result<bool, DataProblem> {
         let cells = self.cells(column)?;
         let first_number = cells.iter().position(Value::is_number);
-        let first_other = cells
-            .iter()
-            .position(|c| matches!(c, Value::String(_) | Value::Bool(_)));
+        // Text like "inf" or "NaN" is a (non-finite) number: `numbers` reports it.
+        let is_text = |c: &Value| match c {
+            Value::String(s) => s.parse::<f64>().is_err(),
+            Value::Bool(_) => true,
+            _ => false,
+        };
+        let first_other = cells.iter().position(is_text);
         match (first_number, first_other) {
             (Some(_), None) => Ok(true),
             (None, _) => Ok(false),

@@ -1,0 +1,629 @@
+//! End-to-end tests over real HTTP on a random loopback port: protocols, errors,
+//! readiness, limits, metrics and graceful shutdown.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use kiln_pipelines::contract::{InputSpec, ModelInterface};
+use kiln_pipelines::tabular::glm::{FitOptions, GlmSpec, fit_glm, load};
+use kiln_pipelines::{
+    InputSchema, Pipeline, PipelineError, PredictRequest, Prediction, RawFrame, Signature, Tensor,
+};
+use kiln_registry::ResolvedModel;
+use kiln_server::{ModelSpec, Server, ServerConfig};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+const MODEL: &str = "test.glm.claims";
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A deliberately small HTTP/1.1 client (Connection: close), enough for these tests.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no header end");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        let mut decoded = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
+                    .unwrap();
+            if size == 0 {
+                break;
+            }
+            decoded.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest = &rest[line_end + 2 + size + 2..];
+        }
+        body = decoded;
+    }
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post_json(addr: std::net::SocketAddr, path: &str, body: &Value) -> Reply {
+    http(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+fn glm_pipeline() -> Arc<dyn Pipeline> {
+    let csv_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/glm/claims_poisson/data.csv");
+    let data = RawFrame::from_csv(&std::fs::read_to_string(csv_path).unwrap()).unwrap();
+    let spec = GlmSpec {
+        formula: "claims ~ driver_age + C(region) + urban".into(),
+        family: "poisson".into(),
+        link: None,
+        link_power: None,
+        alpha: None,
+        var_power: None,
+        offset: None,
+        exposure: Some("exposure".into()),
+        var_weights: None,
+        freq_weights: None,
+    };
+    let (config, inputs) = fit_glm(&spec, &data, FitOptions::default()).unwrap();
+    let model = ResolvedModel {
+        name: None,
+        version: Some(3),
+        dir: std::env::temp_dir(),
+        manifest: config.to_manifest(&inputs),
+    };
+    load(&model).unwrap()
+}
+
+fn glm_spec(name: &str) -> ModelSpec {
+    let pipeline = glm_pipeline();
+    ModelSpec {
+        name: name.into(),
+        version: Some(3),
+        reference: format!("models:/{name}/3"),
+        loader: Box::new(move || Ok(pipeline)),
+    }
+}
+
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn start(models: Vec<ModelSpec>, body_limit: usize) -> Running {
+    let config = ServerConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        body_limit,
+    };
+    let server = Server::bind(&config, models).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    let running = Running {
+        addr,
+        stop: Some(stop),
+        task,
+    };
+    wait_ready(addr).await;
+    running
+}
+
+async fn wait_ready(addr: std::net::SocketAddr) {
+    for _ in 0..200 {
+        if http(addr, "GET", "/v2/health/ready", &[], b"").await.status == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("server never became ready");
+}
+
+fn rows() -> Value {
+    json!({"columns": ["driver_age", "region", "urban", "exposure"],
+           "data": [[30, "north", 1, 1.0], [55, "coastal", 0, 0.5]]})
+}
+
+#[tokio::test]
+async fn mlflow_formats_agree_and_sagemaker_attributes_pass_through() {
+    let server = start(vec![glm_spec(MODEL)], 1 << 20).await;
+    let addr = server.addr;
+    let split = post_json(addr, "/invocations", &json!({"dataframe_split": rows()})).await;
+    assert_eq!(split.status, 200, "{}", split.text());
+    let expected = split.json()["predictions"].clone();
+    assert_eq!(expected.as_array().unwrap().len(), 2);
+    let records = json!({"dataframe_records": [
+        {"driver_age": 30, "region": "north", "urban": 1, "exposure": 1.0},
+        {"driver_age": 55, "region": "coastal", "urban": 0, "exposure": 0.5}]});
+    let instances = json!({"instances": records["dataframe_records"]});
+    let inputs = json!({"inputs": {"driver_age": [30, 55], "region": ["north", "coastal"], "urban": [1, 0], "exposure": [1.0, 0.5]}});
+    for body in [records, instances, inputs] {
+        let reply = post_json(addr, "/invocations", &body).await;
+        assert_eq!(reply.json()["predictions"], expected, "{body}");
+    }
+    let csv = http(
+        addr,
+        "POST",
+        "/invocations",
+        &[
+            ("Content-Type", "text/csv"),
+            ("X-Amzn-SageMaker-Custom-Attributes", "trace=abc"),
+        ],
+        b"driver_age,region,urban,exposure\n30,north,1,1.0\n55,coastal,0,0.5\n",
+    )
+    .await;
+    assert_eq!(csv.json()["predictions"], expected);
+    assert_eq!(
+        csv.header("x-amzn-sagemaker-custom-attributes"),
+        Some("trace=abc")
+    );
+    // The same model by path and by header.
+    let by_path = post_json(
+        addr,
+        &format!("/models/{MODEL}/invocations"),
+        &json!({"dataframe_split": rows()}),
+    )
+    .await;
+    assert_eq!(by_path.json()["predictions"], expected);
+    // Linear predictor on request.
+    let linear = post_json(
+        addr,
+        "/invocations",
+        &json!({"dataframe_split": rows(), "params": {"which": "linear"}}),
+    )
+    .await;
+    let linear = linear.json()["predictions"].clone();
+    for (eta, mu) in linear
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(expected.as_array().unwrap())
+    {
+        assert!((eta.as_f64().unwrap().exp() - mu.as_f64().unwrap()).abs() < 1e-12);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mlflow_errors_have_mlflow_shapes_and_codes() {
+    let server = start(vec![glm_spec(MODEL)], 4096).await;
+    let addr = server.addr;
+    let cases: Vec<(Reply, u16, &str, &str)> = vec![
+        (http(addr, "POST", "/invocations", &[("Content-Type", "text/plain")], b"x").await, 415, "BAD_REQUEST", "unsupported content type"),
+        (http(addr, "POST", "/invocations", &[("Content-Type", "application/json")], b"{not json").await, 400, "BAD_REQUEST", "not valid JSON"),
+        (post_json(addr, "/invocations", &json!({"dataframe_split": rows(), "instances": []})).await, 400, "BAD_REQUEST", "exactly one of"),
+        (post_json(addr, "/invocations", &json!({"dataframe_records": [{"driver_age": 30, "urban": 1, "exposure": 1.0}]})).await, 400, "BAD_REQUEST", "required column `region`"),
+        (post_json(addr, "/invocations", &json!({"dataframe_records": [{"driver_age": "old", "region": "north", "urban": 1, "exposure": 1.0}]})).await, 400, "BAD_REQUEST", "column `driver_age` row 0: expected double"),
+        (post_json(addr, "/invocations", &json!({"dataframe_split": {"columns": ["driver_age"], "data": []}})).await, 400, "BAD_REQUEST", "no rows"),
+        (post_json(addr, "/invocations", &json!({"dataframe_records": [{"driver_age": 30, "region": "mars", "urban": 1, "exposure": 1.0}]})).await, 400, "BAD_REQUEST", "\\\"mars\\\" was not seen in training"),
+        (post_json(addr, "/invocations", &json!({"dataframe_records": [{"driver_age": 30, "region": "north", "urban": 1, "exposure": 0.0}]})).await, 400, "BAD_REQUEST", "exposure must be > 0"),
+        (http(addr, "POST", "/invocations", &[("Content-Type", "text/csv")], b"driver_age,region,urban,exposure\nNaN,north,1,1\n").await, 400, "BAD_REQUEST", "finite"),
+        (post_json(addr, "/invocations", &json!({"dataframe_split": rows(), "params": {"which": "median"}})).await, 400, "INVALID_PARAMETER_VALUE", "must be one of mean, linear"),
+        (post_json(addr, "/invocations", &json!({"dataframe_split": rows(), "params": {"seed": 1}})).await, 400, "INVALID_PARAMETER_VALUE", "unknown field"),
+        (http(addr, "POST", "/invocations", &[("Content-Type", "application/json"), ("X-Kiln-Model", "no.such.model")], b"{}").await, 404, "RESOURCE_DOES_NOT_EXIST", "no.such.model"),
+        (http(addr, "POST", "/invocations", &[("Content-Type", "application/json")], &vec![b' '; 10_000]).await, 413, "REQUEST_LIMIT_EXCEEDED", "4096 bytes"),
+    ];
+    for (reply, status, code, needle) in cases {
+        let body = reply.json();
+        assert_eq!(reply.status, status, "{body}");
+        assert_eq!(body["error_code"], code, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(needle) || body.to_string().contains(needle),
+            "{needle:?} not in {body}"
+        );
+    }
+    // Nothing above hurt the server.
+    assert_eq!(http(addr, "GET", "/ping", &[], b"").await.status, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn kserve_v2_and_v1_speak_the_open_inference_protocol() {
+    let server = start(vec![glm_spec(MODEL)], 1 << 20).await;
+    let addr = server.addr;
+    assert_eq!(
+        http(addr, "GET", "/v2/health/live", &[], b"").await.json(),
+        json!({"live": true})
+    );
+    assert_eq!(
+        http(addr, "GET", "/v2", &[], b"").await.json()["name"],
+        "kiln"
+    );
+    let meta = http(addr, "GET", &format!("/v2/models/{MODEL}"), &[], b"")
+        .await
+        .json();
+    assert_eq!(meta["versions"], json!(["3"]));
+    assert_eq!(
+        meta["inputs"][1],
+        json!({"name": "region", "datatype": "BYTES", "shape": [-1]})
+    );
+    assert_eq!(
+        http(
+            addr,
+            "GET",
+            &format!("/v2/models/{MODEL}/versions/3/ready"),
+            &[],
+            b""
+        )
+        .await
+        .json()["ready"],
+        true
+    );
+    let request = json!({"id": "r1", "inputs": [
+        {"name": "driver_age", "datatype": "INT64", "shape": [2], "data": [30, 55]},
+        {"name": "region", "datatype": "BYTES", "shape": [2, 1], "data": [["north"], ["coastal"]]},
+        {"name": "urban", "datatype": "INT32", "shape": [2], "data": [1, 0]},
+        {"name": "exposure", "datatype": "FP32", "shape": [2], "data": [1.0, 0.5]}]});
+    let reply = post_json(addr, &format!("/v2/models/{MODEL}/infer"), &request).await;
+    let body = reply.json();
+    assert_eq!(reply.status, 200, "{body}");
+    assert_eq!(body["id"], "r1");
+    assert_eq!(body["model_version"], "3");
+    assert_eq!(body["outputs"][0]["datatype"], "FP64");
+    assert_eq!(body["outputs"][0]["shape"], json!([2]));
+    let mlflow = post_json(addr, "/invocations", &json!({"dataframe_split": rows()}))
+        .await
+        .json();
+    assert_eq!(body["outputs"][0]["data"], mlflow["predictions"]);
+
+    // Binary output on request: JSON header part, then little-endian FP64.
+    let mut binary_request = request.clone();
+    binary_request["outputs"] =
+        json!([{"name": "predictions", "parameters": {"binary_data": true}}]);
+    let reply = post_json(
+        addr,
+        &format!("/v2/models/{MODEL}/versions/3/infer"),
+        &binary_request,
+    )
+    .await;
+    let json_length: usize = reply
+        .header("inference-header-content-length")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let head: Value = serde_json::from_slice(&reply.body[..json_length]).unwrap();
+    assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 16);
+    let first = f64::from_le_bytes(reply.body[json_length..json_length + 8].try_into().unwrap());
+    assert_eq!(first, mlflow["predictions"][0].as_f64().unwrap());
+
+    let unknown = post_json(addr, "/v2/models/nope/infer", &request).await;
+    assert_eq!(
+        (unknown.status, unknown.json()["error"].is_string()),
+        (404, true)
+    );
+    let wrong_version = http(
+        addr,
+        "GET",
+        &format!("/v2/models/{MODEL}/versions/9"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(wrong_version.status, 404);
+    let mut bad = request.clone();
+    bad["inputs"][0]["datatype"] = json!("FP128");
+    let reply = post_json(addr, &format!("/v2/models/{MODEL}/infer"), &bad).await;
+    assert_eq!(reply.status, 400);
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown datatype")
+    );
+    let mut missing = request.clone();
+    missing["inputs"].as_array_mut().unwrap().remove(1);
+    let reply = post_json(addr, &format!("/v2/models/{MODEL}/infer"), &missing).await;
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("required column `region`")
+    );
+
+    let v1 = post_json(
+        addr,
+        &format!("/v1/models/{MODEL}:predict"),
+        &json!({"instances": [{"driver_age": 30, "region": "north", "urban": 1, "exposure": 1.0}]}),
+    )
+    .await;
+    assert_eq!(v1.json()["predictions"][0], mlflow["predictions"][0]);
+    assert_eq!(
+        http(addr, "GET", &format!("/v1/models/{MODEL}"), &[], b"")
+            .await
+            .json()["ready"],
+        true
+    );
+    server.stop().await;
+}
+
+/// A pipeline for lifecycle tests: sleeps, or panics when asked to.
+struct SlowPipeline {
+    interface: ModelInterface,
+    delay: Duration,
+}
+
+impl SlowPipeline {
+    fn new(delay: Duration) -> Self {
+        let signature: Signature = serde_json::from_value(json!({
+            "inputs": [{"name": "x", "type": "double"}],
+            "outputs": [{"name": "y", "type": "double"}]
+        }))
+        .unwrap();
+        SlowPipeline {
+            interface: ModelInterface {
+                pipeline: "test/slow".into(),
+                inputs: InputSpec::Columns(signature.clone()),
+                params: InputSchema::default(),
+                outputs: signature,
+            },
+            delay,
+        }
+    }
+}
+
+impl Pipeline for SlowPipeline {
+    fn interface(&self) -> &ModelInterface {
+        &self.interface
+    }
+    fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {
+        let kiln_pipelines::PredictInput::Frame(raw) = request.input else {
+            return Err(PipelineError::Execution("expected a frame".into()));
+        };
+        let InputSpec::Columns(signature) = &self.interface.inputs else {
+            unreachable!("constructed with columns")
+        };
+        let frame = raw.conform(signature)?;
+        let Some(kiln_pipelines::frame::ColumnValues::Float(x)) = frame.column("x") else {
+            return Err(PipelineError::Execution("x missing".into()));
+        };
+        if x[0] < 0.0 {
+            panic!("negative input makes this test pipeline panic");
+        }
+        std::thread::sleep(self.delay);
+        Ok(Prediction::Tensors(vec![Tensor::f64_vector(
+            "y",
+            x.clone(),
+        )]))
+    }
+}
+
+#[tokio::test]
+async fn readiness_is_false_until_every_model_has_loaded() {
+    let (release, gate) = mpsc::channel::<()>();
+    let slow = ModelSpec {
+        name: "test.slow.model".into(),
+        version: None,
+        reference: "test".into(),
+        loader: Box::new(move || {
+            gate.recv().map_err(|e| e.to_string())?;
+            Ok(Arc::new(SlowPipeline::new(Duration::ZERO)) as Arc<dyn Pipeline>)
+        }),
+    };
+    let config = ServerConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        body_limit: 1 << 20,
+    };
+    let server = Server::bind(&config, vec![glm_spec(MODEL), slow])
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let task = tokio::spawn(server.run(std::future::pending()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        http(addr, "GET", "/v2/health/ready", &[], b"").await.status,
+        503
+    );
+    assert_eq!(http(addr, "GET", "/ping", &[], b"").await.status, 503);
+    assert_eq!(
+        http(addr, "GET", "/v2/health/live", &[], b"").await.status,
+        200
+    );
+    let early = http(
+        addr,
+        "POST",
+        "/invocations",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Kiln-Model", "test.slow.model"),
+        ],
+        br#"{"inputs": {"x": [1]}}"#,
+    )
+    .await;
+    assert_eq!(early.status, 503);
+    assert_eq!(early.json()["error_code"], "TEMPORARILY_UNAVAILABLE");
+    release.send(()).unwrap();
+    wait_ready(addr).await;
+    let metrics = http(addr, "GET", "/metrics", &[], b"").await.text();
+    assert!(
+        metrics.contains("kiln_model_load_seconds{model=\"test.slow.model\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_model_loaded{model=\"test.slow.model\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_http_requests_total{route=\"/invocations\",method=\"POST\",status=\"503\",model=\"test.slow.model\"} 1"),
+        "{metrics}"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_failed_load_keeps_the_server_unready_and_says_why() {
+    let broken = ModelSpec {
+        name: "test.broken.model".into(),
+        version: None,
+        reference: "test".into(),
+        loader: Box::new(|| Err("weights are corrupt".into())),
+    };
+    let config = ServerConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        body_limit: 1 << 20,
+    };
+    let server = Server::bind(&config, vec![broken]).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let task = tokio::spawn(server.run(std::future::pending()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        http(addr, "GET", "/v2/health/ready", &[], b"").await.status,
+        503
+    );
+    let reply = post_json(
+        addr,
+        "/v2/models/test.broken.model/infer",
+        &json!({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [1.0]}]}),
+    )
+    .await;
+    assert_eq!(reply.status, 503);
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("weights are corrupt")
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_panicking_prediction_fails_alone() {
+    let slow = ModelSpec {
+        name: "test.slow.model".into(),
+        version: None,
+        reference: "test".into(),
+        loader: Box::new(|| Ok(Arc::new(SlowPipeline::new(Duration::ZERO)) as Arc<dyn Pipeline>)),
+    };
+    let server = start(vec![slow], 1 << 20).await;
+    let reply = post_json(
+        server.addr,
+        "/invocations",
+        &json!({"inputs": {"x": [-1.0]}}),
+    )
+    .await;
+    assert_eq!(reply.status, 500);
+    assert_eq!(reply.json()["error_code"], "INTERNAL_ERROR");
+    let fine = post_json(
+        server.addr,
+        "/invocations",
+        &json!({"inputs": {"x": [2.0]}}),
+    )
+    .await;
+    assert_eq!(fine.json()["predictions"], json!([2.0]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let slow = ModelSpec {
+        name: "test.slow.model".into(),
+        version: None,
+        reference: "test".into(),
+        loader: Box::new(|| {
+            Ok(Arc::new(SlowPipeline::new(Duration::from_millis(600))) as Arc<dyn Pipeline>)
+        }),
+    };
+    let server = start(vec![slow], 1 << 20).await;
+    let addr = server.addr;
+    let in_flight = tokio::spawn(async move {
+        post_json(addr, "/invocations", &json!({"inputs": {"x": [7.0]}})).await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server.stop().await;
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["predictions"], json!([7.0]));
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the listener should be closed"
+    );
+}

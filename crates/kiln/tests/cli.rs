@@ -1,0 +1,352 @@
+//! The `kiln` binary as a user drives it: fit, register, manage, predict and serve.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn kiln(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_HOME", home)
+        .env("KILN_LOG", "warn")
+        .output()
+        .expect("kiln runs")
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let out = kiln(home, args);
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(home: &Path, args: &[&str]) -> String {
+    let out = kiln(home, args);
+    assert!(!out.status.success(), "kiln {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn claims_csv() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/claims.csv")
+}
+
+fn fit_and_register(home: &Path, name: &str, alias: &str) -> String {
+    ok(
+        home,
+        &[
+            "glm",
+            "fit",
+            "--data",
+            claims_csv().to_str().unwrap(),
+            "--formula",
+            "claims ~ driver_age + C(region) + urban",
+            "--family",
+            "poisson",
+            "--exposure",
+            "exposure",
+            "--register",
+            name,
+            "--alias",
+            alias,
+        ],
+    )
+}
+
+#[test]
+fn glm_fit_prints_a_statsmodels_style_summary() {
+    let home = tempfile::tempdir().unwrap();
+    let summary = fit_and_register(home.path(), "main.pricing.claims", "champion");
+    for needle in [
+        "Generalized Linear Model Regression Results",
+        "Model Family:",
+        "Poisson",
+        "C(region)[T.coastal]",
+        "P>|z|",
+        "No. Iterations:",
+    ] {
+        assert!(
+            summary.contains(needle),
+            "{needle:?} missing from:\n{summary}"
+        );
+    }
+}
+
+#[test]
+fn registry_commands_manage_versions_aliases_and_tags() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    fit_and_register(home, "main.pricing.claims", "champion");
+    fit_and_register(home, "main.pricing.claims", "challenger");
+    let list = ok(home, &["models", "list"]);
+    assert!(
+        list.contains("main.pricing.claims") && list.contains("@challenger=2 @champion=1"),
+        "{list}"
+    );
+    ok(
+        home,
+        &[
+            "models",
+            "alias",
+            "set",
+            "main.pricing.claims",
+            "champion",
+            "2",
+        ],
+    );
+    ok(
+        home,
+        &[
+            "models",
+            "tag",
+            "set",
+            "main.pricing.claims",
+            "owner=pricing",
+        ],
+    );
+    ok(
+        home,
+        &[
+            "models",
+            "tag",
+            "set",
+            "main.pricing.claims",
+            "validated=yes",
+            "--version",
+            "2",
+        ],
+    );
+    let show: serde_json::Value = serde_json::from_str(&ok(
+        home,
+        &["models", "show", "main.pricing.claims", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(show["aliases"]["champion"], 2);
+    assert_eq!(show["tags"]["owner"], "pricing");
+    assert_eq!(show["versions"][1]["tags"]["validated"], "yes");
+    assert_eq!(show["versions"][1]["pipeline"], "tabular/glm");
+
+    // A version folder can be registered elsewhere with --from.
+    let version_dir = home.join("registry/models/main/pricing/claims/versions/2");
+    let out = ok(
+        home,
+        &[
+            "models",
+            "register",
+            "main.staging.claims",
+            "--from",
+            version_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("registered models:/main.staging.claims/1"),
+        "{out}"
+    );
+
+    ok(
+        home,
+        &[
+            "models",
+            "alias",
+            "delete",
+            "main.pricing.claims",
+            "challenger",
+        ],
+    );
+    ok(
+        home,
+        &["models", "delete", "main.pricing.claims", "--version", "1"],
+    );
+    let show = ok(home, &["models", "show", "main.pricing.claims"]);
+    assert!(
+        !show.contains("version 1 ") && show.contains("version 2"),
+        "{show}"
+    );
+    ok(home, &["models", "delete", "main.pricing.claims"]);
+    assert!(
+        fails(home, &["models", "show", "main.pricing.claims"])
+            .contains("model main.pricing.claims is not registered")
+    );
+}
+
+#[test]
+fn bad_names_and_references_are_clear_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let err = fails(home, &["models", "show", "pricing.claims"]);
+    assert!(err.contains("expected three dot-separated parts"), "{err}");
+    let err = fails(home, &["serve", "--port", "0", "models:/a.b.c@champion"]);
+    assert!(
+        err.contains("cannot serve models:/a.b.c@champion") && err.contains("not registered"),
+        "{err}"
+    );
+    let err = fails(home, &["models", "alias", "set", "a.b.c", "7up7", "1"]);
+    assert!(err.contains("not registered"), "{err}");
+    let err = fails(
+        home,
+        &[
+            "glm",
+            "fit",
+            "--data",
+            claims_csv().to_str().unwrap(),
+            "--formula",
+            "claims ~ nope",
+            "--family",
+            "poisson",
+        ],
+    );
+    assert!(err.contains("column `nope`: no such column"), "{err}");
+}
+
+#[test]
+fn predict_runs_a_registered_model_on_a_csv() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    fit_and_register(home, "main.pricing.claims", "champion");
+    let rows = home.join("rows.csv");
+    std::fs::write(
+        &rows,
+        "driver_age,region,urban,exposure\n30,north,1,1.0\n30,north,1,0.5\n",
+    )
+    .unwrap();
+    let out: serde_json::Value = serde_json::from_str(&ok(
+        home,
+        &[
+            "predict",
+            "models:/main.pricing.claims@champion",
+            "--data",
+            rows.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    let predictions = out["predictions"].as_array().unwrap();
+    let (full, half) = (
+        predictions[0].as_f64().unwrap(),
+        predictions[1].as_f64().unwrap(),
+    );
+    assert!(
+        (full / half - 2.0).abs() < 1e-12,
+        "exposure is a multiplier under the log link"
+    );
+}
+
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn get(port: u16, request: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    Some(reply)
+}
+
+fn serve(home: &Path, args: &[&str]) -> (ServerProcess, u16) {
+    let port = free_port();
+    let mut all = vec!["serve".to_string(), "--port".into(), port.to_string()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&all)
+        .env("KILN_HOME", home)
+        .env("KILN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let process = ServerProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let ready = get(
+            port,
+            "GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        if ready.is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            return (process, port);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("kiln serve did not become ready");
+}
+
+fn invoke(port: u16, body: &str) -> String {
+    get(
+        port,
+        &format!(
+            "POST /invocations HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .unwrap()
+}
+
+#[test]
+fn serve_with_no_arguments_serves_the_built_in_model_and_stops_on_sigterm() {
+    let home = tempfile::tempdir().unwrap();
+    let (mut server, port) = serve(home.path(), &[]);
+    let reply = invoke(
+        port,
+        r#"{"dataframe_records": [{"driver_age": 30, "vehicle_power": 6, "region": "north", "urban": 1, "exposure": 1.0}]}"#,
+    );
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.contains("\"predictions\":[0."),
+        "{reply}"
+    );
+    // The default model was fitted once and registered under its alias.
+    let list = ok(home.path(), &["models", "list"]);
+    assert!(
+        list.contains("kiln.examples.claims_frequency") && list.contains("@champion=1"),
+        "{list}"
+    );
+
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            assert!(status.success(), "kiln exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "kiln did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_registered_models_by_alias_and_pick_with_a_header() {
+    let home = tempfile::tempdir().unwrap();
+    fit_and_register(home.path(), "main.pricing.claims", "champion");
+    let (_server, port) = serve(home.path(), &["models:/main.pricing.claims@champion"]);
+    let body = r#"{"dataframe_split": {"columns": ["driver_age", "region", "urban", "exposure"], "data": [[30, "north", 1, 1.0]]}}"#;
+    let reply = invoke(port, body);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let meta = get(
+        port,
+        "GET /v2/models/main.pricing.claims HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(meta.contains("\"versions\":[\"1\"]"), "{meta}");
+}
