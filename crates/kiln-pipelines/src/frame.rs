@@ -267,22 +267,23 @@ impl RawFrame {
     /// Tensors named after columns (shape `[n]` or `[n, 1]`), or one `[n, k]` tensor
     /// whose columns follow the signature's order.
     pub fn from_tensors(tensors: &[Tensor]) -> Result<Self, PipelineError> {
-        if let [single] = tensors {
-            if single.shape.len() == 2 && single.shape[1] > 1 {
-                let (n, k) = (single.shape[0], single.shape[1]);
-                let columns = (0..k)
-                    .map(|j| {
-                        (
-                            j.to_string(),
-                            (0..n).map(|i| single.data.json_at(i * k + j)).collect(),
-                        )
-                    })
-                    .collect();
-                return Ok(RawFrame {
-                    columns,
-                    positional: true,
-                });
-            }
+        if let [single] = tensors
+            && single.shape.len() == 2
+            && single.shape[1] > 1
+        {
+            let (n, k) = (single.shape[0], single.shape[1]);
+            let columns = (0..k)
+                .map(|j| {
+                    (
+                        j.to_string(),
+                        (0..n).map(|i| single.data.json_at(i * k + j)).collect(),
+                    )
+                })
+                .collect();
+            return Ok(RawFrame {
+                columns,
+                positional: true,
+            });
         }
         let mut frame = RawFrame::default();
         for tensor in tensors {

@@ -333,10 +333,10 @@ impl Registry {
         for catalog in subdirs(&models)? {
             for schema in subdirs(&models.join(&catalog))? {
                 for model in subdirs(&models.join(&catalog).join(&schema))? {
-                    if let Ok(name) = ModelName::parse(&format!("{catalog}.{schema}.{model}")) {
-                        if self.model_dir(&name).join(RECORD_FILE).is_file() {
-                            names.push(name);
-                        }
+                    if let Ok(name) = ModelName::parse(&format!("{catalog}.{schema}.{model}"))
+                        && self.model_dir(&name).join(RECORD_FILE).is_file()
+                    {
+                        names.push(name);
                     }
                 }
             }
@@ -510,10 +510,10 @@ fn subdirs(dir: &Path) -> Result<Vec<String>> {
     };
     let mut out = Vec::new();
     for entry in entries.flatten() {
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            if let Some(name) = entry.file_name().to_str() {
-                out.push(name.to_string());
-            }
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false)
+            && let Some(name) = entry.file_name().to_str()
+        {
+            out.push(name.to_string());
         }
     }
     Ok(out)

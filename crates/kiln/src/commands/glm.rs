@@ -11,7 +11,7 @@ use kiln_registry::{Alias, ModelName, Registry};
 #[derive(Subcommand)]
 pub enum GlmCommand {
     /// Fit by IRLS (statsmodels semantics) and print a summary.
-    Fit(FitArgs),
+    Fit(Box<FitArgs>),
 }
 
 #[derive(Args)]
@@ -68,6 +68,7 @@ pub struct FitArgs {
 
 pub fn run(home: &Path, command: GlmCommand) -> Result<()> {
     let GlmCommand::Fit(args) = command;
+    let args = *args;
     // Validate names before spending time on the fit.
     let name = args.register.as_deref().map(ModelName::parse).transpose()?;
     let alias = args.alias.as_deref().map(Alias::parse).transpose()?;

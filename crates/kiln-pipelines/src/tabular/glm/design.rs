@@ -278,6 +278,14 @@ fn patsy_columns(
     columns
 }
 
+/// How one factor of a term appears in a subterm's columns.
+struct TermFactor {
+    factor: usize,
+    /// `None` for a numeric factor; for a categorical one, whether it is full-rank
+    /// and the level indices its columns use.
+    levels: Option<(bool, Vec<usize>)>,
+}
+
 /// Columns of one subterm: categorical levels vary with the first factor fastest;
 /// names join factors in the term's written order.
 fn subterm_columns(
@@ -285,64 +293,56 @@ fn subterm_columns(
     subterm: &BTreeSet<Coded>,
     factors: &[FactorSpec],
 ) -> Vec<DesignColumn> {
-    // For each factor of the term in order: None = numeric, Some(levels used).
-    let mut choices: Vec<(usize, Option<(bool, Vec<usize>)>)> = Vec::new();
-    for &f in indices {
-        match &factors[f].kind {
-            FactorKind::Numeric => choices.push((f, None)),
-            FactorKind::Categorical { levels } => {
-                if let Some(coded) = subterm.iter().find(|c| c.factor == f) {
-                    let used: Vec<usize> = if coded.full {
-                        (0..levels.len()).collect()
-                    } else {
-                        (1..levels.len()).collect()
-                    };
-                    choices.push((f, Some((coded.full, used))));
-                }
-            }
-        }
-    }
-    let categorical: Vec<&(usize, Option<(bool, Vec<usize>)>)> =
-        choices.iter().filter(|c| c.1.is_some()).collect();
-    let total: usize = categorical
-        .iter()
-        .map(|c| c.1.as_ref().map(|(_, l)| l.len()).unwrap_or(1))
-        .product();
     if indices.is_empty() {
         return vec![DesignColumn {
             name: "Intercept".into(),
             parts: vec![],
         }];
     }
+    let mut term: Vec<TermFactor> = Vec::new();
+    for &factor in indices {
+        match &factors[factor].kind {
+            FactorKind::Numeric => term.push(TermFactor {
+                factor,
+                levels: None,
+            }),
+            FactorKind::Categorical { levels } => {
+                if let Some(coded) = subterm.iter().find(|c| c.factor == factor) {
+                    let first = if coded.full { 0 } else { 1 };
+                    term.push(TermFactor {
+                        factor,
+                        levels: Some((coded.full, (first..levels.len()).collect())),
+                    });
+                }
+            }
+        }
+    }
+    let total: usize = term
+        .iter()
+        .filter_map(|t| t.levels.as_ref().map(|(_, l)| l.len()))
+        .product();
     let mut out = Vec::with_capacity(total);
     for combination in 0..total {
         // Decode `combination` with the first categorical factor varying fastest.
         let mut rest = combination;
-        let mut picked: Vec<(usize, usize)> = Vec::new();
-        for c in &categorical {
-            if let Some((_, levels)) = &c.1 {
-                picked.push((c.0, levels[rest % levels.len()]));
-                rest /= levels.len();
-            }
-        }
-        let mut names = Vec::new();
-        let mut parts = Vec::new();
-        for (f, coding) in &choices {
-            let spec = &factors[*f];
-            match coding {
-                None => {
-                    names.push(spec.label.clone());
-                    parts.push(DesignPart::Value { factor: *f });
-                }
-                Some((full, _)) => {
-                    let level = picked.iter().find(|p| p.0 == *f).map(|p| p.1).unwrap_or(0);
-                    let level_name = match &spec.kind {
-                        FactorKind::Categorical { levels } => levels[level].clone(),
-                        FactorKind::Numeric => String::new(),
-                    };
+        let mut names = Vec::with_capacity(term.len());
+        let mut parts = Vec::with_capacity(term.len());
+        for t in &term {
+            let spec = &factors[t.factor];
+            match (&t.levels, &spec.kind) {
+                (Some((full, used)), FactorKind::Categorical { levels }) => {
+                    let level = used[rest % used.len()];
+                    rest /= used.len();
                     let prefix = if *full { "" } else { "T." };
-                    names.push(format!("{}[{prefix}{level_name}]", spec.label));
-                    parts.push(DesignPart::Indicator { factor: *f, level });
+                    names.push(format!("{}[{prefix}{}]", spec.label, levels[level]));
+                    parts.push(DesignPart::Indicator {
+                        factor: t.factor,
+                        level,
+                    });
+                }
+                _ => {
+                    names.push(spec.label.clone());
+                    parts.push(DesignPart::Value { factor: t.factor });
                 }
             }
         }

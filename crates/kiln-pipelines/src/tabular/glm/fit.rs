@@ -90,20 +90,29 @@ pub struct IrlsOutcome {
     pub last_change: f64,
 }
 
-/// Thin SVD of `a` (n×k): returns (U n×k, s, V k×k).
-fn thin_svd(a: &Mat<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>), FitError> {
+/// A thin SVD `A = U diag(s) V'` of an n×k matrix.
+struct ThinSvd {
+    u: Mat<f64>,
+    s: Vec<f64>,
+    v: Mat<f64>,
+}
+
+fn thin_svd(a: &Mat<f64>) -> Result<ThinSvd, FitError> {
     let svd = a
         .thin_svd()
         .map_err(|e| FitError::LinearAlgebra(format!("SVD did not converge: {e:?}")))?;
     let s = svd.S().column_vector();
-    let values = (0..s.nrows()).map(|i| s[i]).collect();
-    Ok((svd.U().to_owned(), values, svd.V().to_owned()))
+    Ok(ThinSvd {
+        u: svd.U().to_owned(),
+        s: (0..s.nrows()).map(|i| s[i]).collect(),
+        v: svd.V().to_owned(),
+    })
 }
 
 /// Numerical rank with numpy's default tolerance `s_max * max(n, k) * eps`.
 pub fn matrix_rank(x: &DesignMatrix) -> Result<usize, FitError> {
     let a = Mat::from_fn(x.rows, x.cols, |i, j| x.get(i, j));
-    let (_, s, _) = thin_svd(&a)?;
+    let s = thin_svd(&a)?.s;
     let s_max = s.iter().copied().fold(0.0, f64::max);
     let tol = s_max * (x.rows.max(x.cols) as f64) * f64::EPSILON;
     Ok(s.iter().filter(|v| **v > tol).count())
@@ -135,7 +144,7 @@ fn weighted_least_squares(
 ) -> Result<(Vec<f64>, Vec<f64>), FitError> {
     let (n, k) = (x.rows, x.cols);
     let a = Mat::from_fn(n, k, |i, j| w[i].sqrt() * x.get(i, j));
-    let (u, s, v) = thin_svd(&a)?;
+    let ThinSvd { u, s, v } = thin_svd(&a)?;
     let s_max = s.iter().copied().fold(0.0, f64::max);
     let cutoff = 1e-15 * s_max;
     let inv: Vec<f64> = s

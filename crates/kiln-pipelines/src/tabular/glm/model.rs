@@ -340,10 +340,10 @@ pub fn fit_glm(
         (&spec.var_weights, &var_weights),
         (&spec.freq_weights, &freq_weights),
     ] {
-        if let Some(column) = column {
-            if let Some(row) = values.iter().position(|w| *w < 0.0) {
-                return Err(DataProblem::at(column, row, "weights must be >= 0").into());
-            }
+        if let Some(column) = column
+            && let Some(row) = values.iter().position(|w| *w < 0.0)
+        {
+            return Err(DataProblem::at(column, row, "weights must be >= 0").into());
         }
     }
     let offset = combined_offset(data, &spec.offset, &spec.exposure)?;
