@@ -4,18 +4,7 @@ use kiln_pipelines::RawFrame;
 use kiln_pipelines::tabular::glm::{FitOptions, GlmSpec, fit_glm};
 
 fn spec(formula: &str, family: &str) -> GlmSpec {
-    GlmSpec {
-        formula: formula.into(),
-        family: family.into(),
-        link: None,
-        link_power: None,
-        alpha: None,
-        var_power: None,
-        offset: None,
-        exposure: None,
-        var_weights: None,
-        freq_weights: None,
-    }
+    GlmSpec::new(formula, family)
 }
 
 fn fit_error(spec: &GlmSpec, csv: &str) -> String {

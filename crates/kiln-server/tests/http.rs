@@ -126,16 +126,8 @@ fn glm_pipeline() -> Arc<dyn Pipeline> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/glm/claims_poisson/data.csv");
     let data = RawFrame::from_csv(&std::fs::read_to_string(csv_path).unwrap()).unwrap();
     let spec = GlmSpec {
-        formula: "claims ~ driver_age + C(region) + urban".into(),
-        family: "poisson".into(),
-        link: None,
-        link_power: None,
-        alpha: None,
-        var_power: None,
-        offset: None,
         exposure: Some("exposure".into()),
-        var_weights: None,
-        freq_weights: None,
+        ..GlmSpec::new("claims ~ driver_age + C(region) + urban", "poisson")
     };
     let (config, inputs) = fit_glm(&spec, &data, FitOptions::default()).unwrap();
     let model = ResolvedModel {

@@ -20,17 +20,11 @@ const CLAIMS_CSV: &str = include_str!("../data/claims.csv");
 /// The model's specification: claim counts per policy-year.
 pub fn claims_spec() -> GlmSpec {
     GlmSpec {
-        formula: "claims ~ driver_age + vehicle_power + C(region) + urban + driver_age:urban"
-            .into(),
-        family: "poisson".into(),
-        link: None,
-        link_power: None,
-        alpha: None,
-        var_power: None,
-        offset: None,
         exposure: Some("exposure".into()),
-        var_weights: None,
-        freq_weights: None,
+        ..GlmSpec::new(
+            "claims ~ driver_age + vehicle_power + C(region) + urban + driver_age:urban",
+            "poisson",
+        )
     }
 }
 

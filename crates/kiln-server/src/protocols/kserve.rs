@@ -368,21 +368,7 @@ impl OutputSelection {
 
 /// `GET /v1/models/{name}`.
 pub async fn v1_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
-    match state.model(&name) {
-        Ok(model) => {
-            let ready = model.is_ready();
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            labelled(
-                (status, Json(json!({"name": model.name, "ready": ready}))).into_response(),
-                &name,
-            )
-        }
-        Err(error) => error.kserve(),
-    }
+    respond_ready(&state, &name, None)
 }
 
 /// `POST /v1/models/{name}:predict` (the `:predict` suffix is part of the segment).

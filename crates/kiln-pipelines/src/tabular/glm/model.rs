@@ -56,6 +56,22 @@ pub struct GlmSpec {
 }
 
 impl GlmSpec {
+    /// A spec with the family's default link and no special columns.
+    pub fn new(formula: impl Into<String>, family: impl Into<String>) -> Self {
+        GlmSpec {
+            formula: formula.into(),
+            family: family.into(),
+            link: None,
+            link_power: None,
+            alpha: None,
+            var_power: None,
+            offset: None,
+            exposure: None,
+            var_weights: None,
+            freq_weights: None,
+        }
+    }
+
     /// Resolve family and link, checking statsmodels' allowed combinations.
     pub fn family_and_link(&self) -> Result<(Family, Link), GlmError> {
         let alpha = self.alpha.unwrap_or(1.0);
