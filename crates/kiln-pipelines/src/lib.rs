@@ -10,6 +10,7 @@ pub mod frame;
 pub mod schema;
 pub mod tabular;
 pub mod tensor;
+pub mod text_to_image;
 
 pub use contract::{
     ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction, load_pipeline,

@@ -1,0 +1,3 @@
+//! Text-to-image pipelines and what they share (schedulers).
+
+pub mod schedulers;
