@@ -1,7 +1,12 @@
-//! Kiln's numeric engine: everything below the model code. Today: a random number
-//! generator that reproduces torch's CPU `torch.randn`/`torch.rand` streams, so a
-//! seed gives the same initial noise as diffusers.
+//! Kiln's numeric engine, under the model code: a torch-compatible random number
+//! generator, safetensors weight loading with layout key adapters, and the layers
+//! and attention the models share, on candle.
 
+pub mod error;
+pub mod nn;
 pub mod rng;
+pub mod weights;
 
-pub use rng::TorchGenerator;
+pub use error::{EngineError, Result};
+pub use rng::{NormalKernel, TorchGenerator};
+pub use weights::{AdaptedWeights, KeyAdapter, KeyRule, Source, WeightFiles};

@@ -7,9 +7,13 @@
 //! (`normal_fill_16`: u1 = 1 − x[j], u2 = x[j+8], all in f32 but the angle's product); a
 //! tail shorter than 16 re-draws and transforms the last 16 elements. Smaller tensors
 //! use the scalar double-precision sampler, which caches the second (sine) value of
-//! each Box–Muller pair in the generator. This reproduces torch's portable kernel
-//! (what torch runs on AVX-512 machines); torch's AVX2-only kernel evaluates
-//! log/sin/cos with polynomial approximations and differs in the last bits.
+//! each Box–Muller pair in the generator.
+//!
+//! torch has two kernels for the 16-element transform, chosen by the CPU capability
+//! it detects: the AVX2 kernel evaluates log/sin/cos with the Cephes polynomials of
+//! `avx_mathfun.h`, the portable one (AVX-512 and other CPUs) calls libm. Both are
+//! reproduced here ([`NormalKernel`]); the AVX2 one is the default because that is
+//! what torch reports on common x86 servers, this project's machines included.
 
 const STATE_SIZE: usize = 624;
 const SHIFT_SIZE: usize = 397;
@@ -17,12 +21,23 @@ const MATRIX_A: u32 = 0x9908_b0df;
 const UPPER_MASK: u32 = 0x8000_0000;
 const LOWER_MASK: u32 = 0x7fff_ffff;
 
+/// Which of torch's float32 normal kernels to reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NormalKernel {
+    /// `normal_fill_16_AVX2` (torch's CPU capability "AVX2").
+    #[default]
+    Avx2,
+    /// `normal_fill_16` with libm log/cos/sin (capability "AVX512" or "DEFAULT").
+    Portable,
+}
+
 /// torch's CPU generator state: mt19937 plus the cached normal sample.
 #[derive(Clone)]
 pub struct TorchGenerator {
     state: [u32; STATE_SIZE],
     next: usize,
     next_double_normal: Option<f64>,
+    kernel: NormalKernel,
 }
 
 impl TorchGenerator {
@@ -40,7 +55,14 @@ impl TorchGenerator {
             state,
             next: STATE_SIZE,
             next_double_normal: None,
+            kernel: NormalKernel::default(),
         }
+    }
+
+    /// Reproduce a specific torch kernel for float32 normals.
+    pub fn with_kernel(mut self, kernel: NormalKernel) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     fn twist(&mut self) {
@@ -110,16 +132,20 @@ impl TorchGenerator {
         if n < 16 {
             return (0..n).map(|_| self.normal_f64() as f32).collect();
         }
+        let transform = match self.kernel {
+            NormalKernel::Avx2 => box_muller_16_avx2,
+            NormalKernel::Portable => box_muller_16,
+        };
         let mut data = self.rand(n);
         for start in (0..=n - 16).step_by(16) {
-            box_muller_16(&mut data[start..start + 16]);
+            transform(&mut data[start..start + 16]);
         }
         if !n.is_multiple_of(16) {
             let tail = n - 16;
             for value in &mut data[tail..] {
                 *value = self.uniform_f32();
             }
-            box_muller_16(&mut data[tail..]);
+            transform(&mut data[tail..]);
         }
         data
     }
@@ -136,6 +162,125 @@ fn box_muller_16(data: &mut [f32]) {
         data[j] = radius * theta.cos();
         data[j + 8] = radius * theta.sin();
     }
+}
+
+/// torch's `normal_fill_16_AVX2`: `radius = sqrt(-2·log(1 − x[j]))`,
+/// `theta = f32(2π)·x[j+8]`, with avx_mathfun's `log256_ps` and `sincos256_ps`.
+fn box_muller_16_avx2(data: &mut [f32]) {
+    const TWO_PI: f32 = (2.0 * std::f64::consts::PI) as f32;
+    for j in 0..8 {
+        let u1 = 1.0f32 - data[j];
+        let u2 = data[j + 8];
+        let radius = (-2.0f32 * cephes_log(u1)).sqrt();
+        let (sin, cos) = cephes_sincos(TWO_PI * u2);
+        data[j] = radius * cos;
+        data[j + 8] = radius * sin;
+    }
+}
+
+// avx_mathfun.h's constants, written exactly as its C source does (double literals
+// narrowed to float) so the rounding is the same; hence the lint allowances.
+#[allow(clippy::excessive_precision, clippy::approx_constant)]
+mod cephes {
+    pub const SQRT_HALF: f32 = 0.707106781186547524_f64 as f32;
+    pub const LOG_P: [f32; 9] = [
+        7.0376836292E-2_f64 as f32,
+        -1.1514610310E-1_f64 as f32,
+        1.1676998740E-1_f64 as f32,
+        -1.2420140846E-1_f64 as f32,
+        1.4249322787E-1_f64 as f32,
+        -1.6668057665E-1_f64 as f32,
+        2.0000714765E-1_f64 as f32,
+        -2.4999993993E-1_f64 as f32,
+        3.3333331174E-1_f64 as f32,
+    ];
+    pub const LOG_Q1: f32 = -2.12194440e-4_f64 as f32;
+    pub const LOG_Q2: f32 = 0.693359375_f64 as f32;
+    pub const MINUS_DP: [f32; 3] = [
+        -0.78515625_f64 as f32,
+        -2.4187564849853515625e-4_f64 as f32,
+        -3.77489497744594108e-8_f64 as f32,
+    ];
+    pub const SIN_P: [f32; 3] = [
+        -1.9515295891E-4_f64 as f32,
+        8.3321608736E-3_f64 as f32,
+        -1.6666654611E-1_f64 as f32,
+    ];
+    pub const COS_P: [f32; 3] = [
+        2.443315711809948E-005_f64 as f32,
+        -1.388731625493765E-003_f64 as f32,
+        4.166664568298827E-002_f64 as f32,
+    ];
+    pub const FOUR_OVER_PI: f32 = 1.27323954473516_f64 as f32;
+}
+use cephes::*;
+
+/// avx_mathfun's `log256_ps` (Cephes `logf`) for one lane, operation for operation.
+fn cephes_log(x: f32) -> f32 {
+    if x <= 0.0 || x.is_nan() {
+        return f32::NAN;
+    }
+    let x = x.max(f32::from_bits(0x0080_0000));
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) as i32 - 0x7f) as f32 + 1.0;
+    let mut x = f32::from_bits((bits & !0x7f80_0000) | 0x3f00_0000);
+    let below = x < SQRT_HALF;
+    let tmp = if below { x } else { 0.0 };
+    x -= 1.0;
+    if below {
+        e -= 1.0;
+    }
+    x += tmp;
+    let z = x * x;
+    let mut y = LOG_P[0];
+    for p in &LOG_P[1..] {
+        y = y * x + p;
+    }
+    y *= x;
+    y *= z;
+    y += e * LOG_Q1;
+    y -= z * 0.5;
+    x += y;
+    x + e * LOG_Q2
+}
+
+/// avx_mathfun's `sincos256_ps` (Cephes `sinf`/`cosf`) for one lane.
+fn cephes_sincos(x: f32) -> (f32, f32) {
+    let mut sign_sin = x.is_sign_negative();
+    let mut x = x.abs();
+    let quadrant = (((x * FOUR_OVER_PI) as i32) + 1) & !1;
+    let y = quadrant as f32;
+    if quadrant & 4 != 0 {
+        sign_sin = !sign_sin;
+    }
+    let sin_poly_first = quadrant & 2 == 0;
+    let sign_cos = (!(quadrant - 2)) & 4 != 0;
+    for dp in MINUS_DP {
+        x += y * dp;
+    }
+    let z = x * x;
+    let mut cos_poly = COS_P[0];
+    cos_poly = cos_poly * z + COS_P[1];
+    cos_poly = cos_poly * z + COS_P[2];
+    cos_poly *= z;
+    // torch's build fuses these two operations into FMAs (found by matching recorded
+    // streams bit for bit; every other step is a separate multiply and add).
+    cos_poly = cos_poly.mul_add(z, -(z * 0.5));
+    cos_poly += 1.0;
+    let mut sin_poly = SIN_P[0];
+    sin_poly = sin_poly * z + SIN_P[1];
+    sin_poly = sin_poly * z + SIN_P[2];
+    sin_poly *= z;
+    sin_poly = sin_poly.mul_add(x, x);
+    let (sin, cos) = if sin_poly_first {
+        (sin_poly, cos_poly)
+    } else {
+        (cos_poly, sin_poly)
+    };
+    (
+        if sign_sin { -sin } else { sin },
+        if sign_cos { -cos } else { cos },
+    )
 }
 
 #[cfg(test)]

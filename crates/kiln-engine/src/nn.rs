@@ -1,0 +1,189 @@
+//! Building blocks shared by the model code: linear layers (the seam where LoRA
+//! adapters and quantised weights will attach), normalisations with diffusers'
+//! exact formulas, and attention with an optional query-chunked path.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// `y = x W^T + b` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Load `weight` (out × in) and, when `bias`, `bias` (out).
+    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match x.dims() {
+            [b, s, d] => x
+                .reshape((b * s, *d))?
+                .matmul(&self.weight.t()?)?
+                .reshape((*b, *s, ()))?,
+            _ => x.broadcast_matmul(&self.weight.t()?)?,
+        };
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
+/// LayerNorm over the last dimension without learned scale/shift (computed in f32).
+pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered
+        .broadcast_div(&(variance + eps)?.sqrt()?)?
+        .to_dtype(dtype)
+}
+
+/// LayerNorm with optional weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: Some(vb.get(dim, "weight")?),
+            bias: Some(vb.get(dim, "bias")?),
+            eps,
+        })
+    }
+
+    pub fn plain(eps: f64) -> Self {
+        LayerNorm {
+            weight: None,
+            bias: None,
+            eps,
+        }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = layer_norm_plain(x, self.eps)?;
+        if let Some(w) = &self.weight {
+            y = y.broadcast_mul(w)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+}
+
+/// diffusers' RMSNorm: `x * rsqrt(mean(x²) + eps) * weight`, statistics in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Scaled dot-product attention over `(batch, heads, seq, head_dim)` tensors.
+/// With `chunk`, queries are processed `chunk` at a time so the score matrix never
+/// exceeds `chunk × seq` per head.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: Option<usize>) -> Result<Tensor> {
+    let head_dim = q.dim(D::Minus1)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let k_t = k.t()?.contiguous()?;
+    let one = |q: &Tensor| -> Result<Tensor> {
+        let scores = (q.contiguous()?.matmul(&k_t)? * scale)?;
+        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
+        probabilities.matmul(&v.contiguous()?)
+    };
+    let len = q.dim(2)?;
+    match chunk {
+        Some(size) if size > 0 && size < len => {
+            let mut parts = Vec::with_capacity(len.div_ceil(size));
+            let mut start = 0;
+            while start < len {
+                let n = size.min(len - start);
+                parts.push(one(&q.narrow(2, start, n)?)?);
+                start += n;
+            }
+            Tensor::cat(&parts, 2)
+        }
+        _ => one(q),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn chunked_attention_equals_full_attention() {
+        let device = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
+        let full = attention(&q, &k, &v, None).unwrap();
+        let chunked = attention(&q, &k, &v, Some(3)).unwrap();
+        let diff = (full - chunked)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
+    fn layer_norm_has_zero_mean_unit_variance() {
+        let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0]], &Device::Cpu).unwrap();
+        let y = layer_norm_plain(&x, 0.0).unwrap().to_vec2::<f32>().unwrap();
+        let mean: f32 = y[0].iter().sum::<f32>() / 4.0;
+        let var: f32 = y[0].iter().map(|v| v * v).sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
+    }
+}

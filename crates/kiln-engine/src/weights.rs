@@ -1,0 +1,494 @@
+//! Weight files: safetensors (single, or sharded with `*.safetensors.index.json`)
+//! memory-mapped, pickle refused, and key adapters that map a file layout's names
+//! (renames, slices of fused tensors, concatenations) onto a model's own naming.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+
+use crate::error::{EngineError, Result};
+
+const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
+
+fn refuse_pickle(path: &Path) -> Result<()> {
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if PICKLE_EXTENSIONS.contains(&extension.as_str()) {
+        return Err(EngineError::PickleRefused {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// One or more memory-mapped safetensors files seen as one set of named tensors.
+pub struct WeightFiles {
+    tensors: MmapedSafetensors,
+    files: Vec<PathBuf>,
+}
+
+impl WeightFiles {
+    /// Open a `.safetensors` file, a `*.safetensors.index.json`, or a folder holding
+    /// either (an index wins; otherwise every `*.safetensors` in it).
+    pub fn open(path: &Path) -> Result<Self> {
+        refuse_pickle(path)?;
+        let files = if path.is_dir() {
+            Self::files_in(path)?
+        } else if path.to_string_lossy().ends_with(".index.json") {
+            Self::files_from_index(path)?
+        } else {
+            vec![path.to_path_buf()]
+        };
+        Self::open_files(files)
+    }
+
+    /// Open an explicit list of safetensors files.
+    pub fn open_files(files: Vec<PathBuf>) -> Result<Self> {
+        for file in &files {
+            refuse_pickle(file)?;
+            if !file.is_file() {
+                return Err(EngineError::NoWeights { path: file.clone() });
+            }
+        }
+        // SAFETY: the files are mapped read-only; Kiln never writes to weight files
+        // while a model is loaded, and the safetensors header is validated on open.
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+            EngineError::InvalidWeights {
+                path: files.first().cloned().unwrap_or_default(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(WeightFiles { tensors, files })
+    }
+
+    fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+        let entries = std::fs::read_dir(dir).map_err(|source| EngineError::Io {
+            action: "read directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut names: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        if let Some(index) = names
+            .iter()
+            .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+        {
+            return Self::files_from_index(index);
+        }
+        let files: Vec<PathBuf> = names
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        if files.is_empty() {
+            return Err(EngineError::NoWeights {
+                path: dir.to_path_buf(),
+            });
+        }
+        Ok(files)
+    }
+
+    fn files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+        let invalid = |message: String| EngineError::InvalidWeights {
+            path: index.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(index).map_err(|source| EngineError::Io {
+            action: "read",
+            path: index.to_path_buf(),
+            source,
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let map = value["weight_map"]
+            .as_object()
+            .ok_or_else(|| invalid("no `weight_map` object".into()))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<PathBuf> = Vec::new();
+        for shard in map.values() {
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| invalid("shard names must be strings".into()))?;
+            let relative = Path::new(shard);
+            if relative
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(invalid(format!("shard {shard:?} escapes the model folder")));
+            }
+            let path = dir.join(relative);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    fn describe(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Every tensor name in the set.
+    pub fn names(&self) -> Vec<String> {
+        self.tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.get(name).is_ok()
+    }
+
+    /// The shape stored for `name`.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let view = self
+            .tensors
+            .get(name)
+            .map_err(|_| EngineError::MissingTensor {
+                name: name.to_string(),
+                files: self.describe(),
+            })?;
+        Ok(view.shape().to_vec())
+    }
+
+    /// Load `name` onto `device` as `dtype`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(EngineError::MissingTensor {
+                name: name.to_string(),
+                files: self.describe(),
+            });
+        }
+        Ok(self.tensors.load(name, device)?.to_dtype(dtype)?)
+    }
+}
+
+/// Where a model tensor comes from in a file layout.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// The tensor stored under this name.
+    Key(String),
+    /// `len` rows starting at `start` along dimension 0 of a fused tensor.
+    Rows {
+        key: String,
+        start: usize,
+        len: usize,
+    },
+    /// Pieces concatenated along dimension 0 (e.g. halves in swapped order).
+    Concat(Vec<Source>),
+}
+
+/// A rename rule: `pattern` names with `{i}` placeholders for block numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRule {
+    pub pattern: String,
+    pub source: Source,
+}
+
+/// A layout's naming as data: rules tried in order; unmatched names pass through
+/// (with an optional prefix added).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyAdapter {
+    pub rules: Vec<KeyRule>,
+    pub prefix: String,
+}
+
+fn match_pattern<'a>(pattern: &str, name: &'a str) -> Option<Vec<&'a str>> {
+    let pattern_parts: Vec<&str> = pattern.split('.').collect();
+    let name_parts: Vec<&str> = name.split('.').collect();
+    if pattern_parts.len() != name_parts.len() {
+        return None;
+    }
+    let mut captures = Vec::new();
+    for (p, n) in pattern_parts.iter().zip(&name_parts) {
+        if *p == "{i}" {
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            captures.push(*n);
+        } else if p != n {
+            return None;
+        }
+    }
+    Some(captures)
+}
+
+fn fill(template: &str, captures: &[&str]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut captures = captures.iter();
+    let mut rest = template;
+    while let Some(at) = rest.find("{i}") {
+        out.push_str(&rest[..at]);
+        out.push_str(captures.next().copied().unwrap_or("{i}"));
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn fill_source(source: &Source, captures: &[&str]) -> Source {
+    match source {
+        Source::Key(key) => Source::Key(fill(key, captures)),
+        Source::Rows { key, start, len } => Source::Rows {
+            key: fill(key, captures),
+            start: *start,
+            len: *len,
+        },
+        Source::Concat(parts) => {
+            Source::Concat(parts.iter().map(|p| fill_source(p, captures)).collect())
+        }
+    }
+}
+
+impl KeyAdapter {
+    /// Where the model tensor `name` comes from.
+    pub fn source(&self, name: &str) -> Source {
+        for rule in &self.rules {
+            if let Some(captures) = match_pattern(&rule.pattern, name) {
+                return fill_source(&rule.source, &captures);
+            }
+        }
+        Source::Key(format!("{}{name}", self.prefix))
+    }
+}
+
+/// A candle `VarBuilder` backend reading through a key adapter, checking shapes.
+pub struct AdaptedWeights {
+    files: WeightFiles,
+    adapter: KeyAdapter,
+}
+
+impl AdaptedWeights {
+    pub fn new(files: WeightFiles, adapter: KeyAdapter) -> Self {
+        AdaptedWeights { files, adapter }
+    }
+
+    /// Resolve a model tensor name to a tensor.
+    pub fn fetch(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.materialise(&self.adapter.source(name), name, dtype, device)
+    }
+
+    fn materialise(
+        &self,
+        source: &Source,
+        wanted: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match source {
+            Source::Key(key) => self.files.load(key, dtype, device).map_err(|e| match e {
+                EngineError::MissingTensor { files, .. } if key != wanted => {
+                    EngineError::MissingTensor {
+                        name: format!("{key} (for {wanted})"),
+                        files,
+                    }
+                }
+                other => other,
+            }),
+            Source::Rows { key, start, len } => {
+                let full = self.files.load(key, dtype, device)?;
+                let rows = full.dim(0)?;
+                if start + len > rows {
+                    return Err(EngineError::ShapeMismatch {
+                        name: format!("{key} (for {wanted})"),
+                        files: self.files.describe(),
+                        expected: vec![start + len],
+                        found: full.dims().to_vec(),
+                    });
+                }
+                Ok(full.narrow(0, *start, *len)?)
+            }
+            Source::Concat(parts) => {
+                let tensors = parts
+                    .iter()
+                    .map(|p| self.materialise(p, wanted, dtype, device))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&tensors, 0)?)
+            }
+        }
+    }
+
+    pub fn files(&self) -> &WeightFiles {
+        &self.files
+    }
+}
+
+impl SimpleBackend for AdaptedWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .fetch(name, dtype, device)
+            .map_err(candle_core::Error::wrap)?;
+        if tensor.shape() != &shape {
+            return Err(candle_core::Error::wrap(EngineError::ShapeMismatch {
+                name: name.to_string(),
+                files: self.files.describe(),
+                expected: shape.dims().to_vec(),
+                found: tensor.dims().to_vec(),
+            }));
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.fetch(name, dtype, device)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match self.adapter.source(name) {
+            Source::Key(key) | Source::Rows { key, .. } => self.files.contains(&key),
+            Source::Concat(parts) => parts.iter().all(|p| match p {
+                Source::Key(key) | Source::Rows { key, .. } => self.files.contains(key),
+                Source::Concat(_) => false,
+            }),
+        }
+    }
+}
+
+/// Tensors by name, for tests and small fixtures.
+pub fn load_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    refuse_pickle(path)?;
+    Ok(candle_core::safetensors::load(path, device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_capture_block_numbers_and_fill_templates() {
+        let adapter = KeyAdapter {
+            rules: vec![KeyRule {
+                pattern: "blocks.{i}.attn.to_k.weight".into(),
+                source: Source::Rows {
+                    key: "double_blocks.{i}.qkv.weight".into(),
+                    start: 8,
+                    len: 8,
+                },
+            }],
+            prefix: "model.".into(),
+        };
+        assert_eq!(
+            adapter.source("blocks.12.attn.to_k.weight"),
+            Source::Rows {
+                key: "double_blocks.12.qkv.weight".into(),
+                start: 8,
+                len: 8
+            }
+        );
+        assert_eq!(
+            adapter.source("blocks.x.attn.to_k.weight"),
+            Source::Key("model.blocks.x.attn.to_k.weight".into())
+        );
+    }
+
+    #[test]
+    fn fused_rows_and_concats_materialise_with_shape_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let device = Device::Cpu;
+        let fused = Tensor::arange(0f32, 12.0, &device)
+            .unwrap()
+            .reshape((6, 2))
+            .unwrap();
+        candle_core::safetensors::save(&HashMap::from([("qkv".to_string(), fused)]), &path)
+            .unwrap();
+        let adapter = KeyAdapter {
+            rules: vec![
+                KeyRule {
+                    pattern: "k".into(),
+                    source: Source::Rows {
+                        key: "qkv".into(),
+                        start: 2,
+                        len: 2,
+                    },
+                },
+                KeyRule {
+                    pattern: "swapped".into(),
+                    source: Source::Concat(vec![
+                        Source::Rows {
+                            key: "qkv".into(),
+                            start: 3,
+                            len: 3,
+                        },
+                        Source::Rows {
+                            key: "qkv".into(),
+                            start: 0,
+                            len: 3,
+                        },
+                    ]),
+                },
+            ],
+            prefix: String::new(),
+        };
+        let weights = AdaptedWeights::new(WeightFiles::open(&path).unwrap(), adapter);
+        let k = weights.fetch("k", DType::F32, &device).unwrap();
+        assert_eq!(
+            k.to_vec2::<f32>().unwrap(),
+            vec![vec![4.0, 5.0], vec![6.0, 7.0]]
+        );
+        let swapped = weights.fetch("swapped", DType::F32, &device).unwrap();
+        assert_eq!(swapped.to_vec2::<f32>().unwrap()[0], vec![6.0, 7.0]);
+        let err = SimpleBackend::get(
+            &weights,
+            Shape::from((3, 2)),
+            "k",
+            candle_nn::Init::Const(0.0),
+            DType::F32,
+            &device,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("has shape [2, 2], the model expects [3, 2]"),
+            "{err}"
+        );
+        let err = weights
+            .fetch("missing", DType::F32, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"missing\" is missing from") && err.contains("w.safetensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pickle_and_truncated_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pickle = dir.path().join("model.ckpt");
+        std::fs::write(&pickle, b"not really").unwrap();
+        assert!(matches!(
+            WeightFiles::open(&pickle),
+            Err(EngineError::PickleRefused { .. })
+        ));
+        let truncated = dir.path().join("t.safetensors");
+        std::fs::write(&truncated, [200u8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap();
+        let err = WeightFiles::open(&truncated).err().unwrap().to_string();
+        assert!(err.contains("t.safetensors"), "{err}");
+    }
+}

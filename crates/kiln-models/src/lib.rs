@@ -1,0 +1,5 @@
+//! Kiln's model code, one module per architecture. Each reads every size from its
+//! component's `config.json`, so tiny test models and real ones load the same way,
+//! and maps each file layout onto one internal naming through key adapters.
+
+pub mod flux;
