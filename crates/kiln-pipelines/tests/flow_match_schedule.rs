@@ -1,0 +1,51 @@
+//! The FlowMatchEuler schedule against diffusers' (`fixtures/flux/*/reference`):
+//! sigmas and timesteps bit for bit, from each variant's own scheduler_config.json.
+
+use std::path::{Path, PathBuf};
+
+use kiln_pipelines::text_to_image::schedulers::FlowMatchEulerConfig;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux")
+}
+
+fn floats(value: &serde_json::Value) -> Vec<f32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn schedules_match_diffusers_bit_for_bit() {
+    let mut checked = 0;
+    for variant in ["tiny-dev", "tiny-schnell"] {
+        let dir = fixtures().join(variant);
+        let config: FlowMatchEulerConfig = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("scheduler/scheduler_config.json")).unwrap(),
+        )
+        .unwrap();
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("reference/index.json")).unwrap(),
+        )
+        .unwrap();
+        for run in index["cases"]["scheduler"]["runs"].as_array().unwrap() {
+            let steps = run["num_inference_steps"].as_u64().unwrap() as usize;
+            let seq = run["image_seq_len"].as_u64().unwrap() as usize;
+            let schedule = config.schedule(steps, seq);
+            assert_eq!(schedule.sigmas, floats(&run["sigmas"]), "{variant} {run}");
+            assert_eq!(
+                schedule.timesteps,
+                floats(&run["timesteps"]),
+                "{variant} {run}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 4,
+        "expected the recorded schedules, checked {checked}"
+    );
+}
