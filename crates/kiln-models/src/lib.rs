@@ -2,4 +2,7 @@
 //! component's `config.json`, so tiny test models and real ones load the same way,
 //! and maps each file layout onto one internal naming through key adapters.
 
+pub mod clip;
 pub mod flux;
+pub mod t5;
+pub mod vae;

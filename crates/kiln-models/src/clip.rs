@@ -1,0 +1,196 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`): causal self-attention
+//! layers over token + position embeddings, final LayerNorm, pooled output at the
+//! first end-of-text token. Loads checkpoints with or without the `text_model.`
+//! prefix (transformers 4.x wrote it, 5.x does not).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use kiln_engine::nn::{LayerNorm, Linear};
+use serde::Deserialize;
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+
+/// `text_encoder/config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+struct ClipLayer {
+    layer_norm1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    quick_gelu: bool,
+}
+
+impl ClipLayer {
+    fn load(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        let attn = vb.pp("self_attn");
+        Ok(ClipLayer {
+            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            q: Linear::load(&attn.pp("q_proj"), h, h, true)?,
+            k: Linear::load(&attn.pp("k_proj"), h, h, true)?,
+            v: Linear::load(&attn.pp("v_proj"), h, h, true)?,
+            out: Linear::load(&attn.pp("out_proj"), h, h, true)?,
+            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), h, c.layer_norm_eps)?,
+            fc1: Linear::load(&vb.pp("mlp.fc1"), h, c.intermediate_size, true)?,
+            fc2: Linear::load(&vb.pp("mlp.fc2"), c.intermediate_size, h, true)?,
+            heads: c.num_attention_heads,
+            quick_gelu: c.hidden_act == "quick_gelu",
+        })
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let head_dim = h / self.heads;
+        let normed = self.layer_norm1.forward(x)?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, s, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = (split(self.q.forward(&normed)?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let k = split(self.k.forward(&normed)?)?;
+        let v = split(self.v.forward(&normed)?)?;
+        let scores = q
+            .matmul(&k.t()?.contiguous()?)?
+            .broadcast_add(causal_mask)?;
+        let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let attn = attn.transpose(1, 2)?.reshape((b, s, h))?;
+        let x = (x + self.out.forward(&attn)?)?;
+        let hidden = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let hidden = if self.quick_gelu {
+            (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?
+        } else {
+            hidden.gelu_erf()?
+        };
+        x + self.fc2.forward(&hidden)?
+    }
+}
+
+/// What a forward pass returns.
+pub struct ClipTextOutput {
+    /// After the final LayerNorm: (batch, seq, hidden).
+    pub last_hidden_state: Tensor,
+    /// The final-normed state at each sequence's first end-of-text token.
+    pub pooled: Tensor,
+    /// Every layer's output before the final norm (index 0 = embeddings).
+    pub hidden_states: Vec<Tensor>,
+}
+
+/// The CLIP text transformer.
+pub struct ClipTextModel {
+    config: ClipTextConfig,
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<ClipLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// Load from `vb` rooted at the model (a `text_model.` prefix is detected).
+    pub fn load(vb: VarBuilder, config: ClipTextConfig) -> Result<Self> {
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let h = config.hidden_size;
+        let embeddings = vb.pp("embeddings");
+        let token_embedding = Embedding::new(
+            embeddings.get((config.vocab_size, h), "token_embedding.weight")?,
+            h,
+        );
+        let position_embedding = embeddings.get(
+            (config.max_position_embeddings, h),
+            "position_embedding.weight",
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| ClipLayer::load(vb.pp("encoder.layers").pp(i), &config))
+            .collect::<Result<_>>()?;
+        Ok(ClipTextModel {
+            final_layer_norm: LayerNorm::load(
+                &vb.pp("final_layer_norm"),
+                h,
+                config.layer_norm_eps,
+            )?,
+            config,
+            token_embedding,
+            position_embedding,
+            layers,
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
+        let values: Vec<f32> = (0..len)
+            .flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(values, (1, 1, len, len), device)
+    }
+
+    /// Encode token ids (batch, seq); `eos` is the end-of-text id (pooling position).
+    pub fn forward(&self, ids: &Tensor, eos: u32) -> Result<ClipTextOutput> {
+        let (_, s) = ids.dims2()?;
+        let embeddings = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
+        let mask = Self::causal_mask(s, ids.device())?;
+        let mut hidden_states = vec![embeddings.clone()];
+        let mut x = embeddings;
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask)?;
+            hidden_states.push(x.clone());
+        }
+        let last = self.final_layer_norm.forward(&x)?;
+        let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let pooled = rows
+            .iter()
+            .enumerate()
+            .map(|(b, row)| {
+                let position = row.iter().position(|t| *t == eos).unwrap_or(row.len() - 1);
+                last.get(b)?.get(position)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClipTextOutput {
+            pooled: Tensor::stack(&pooled, 0)?,
+            last_hidden_state: last,
+            hidden_states,
+        })
+    }
+
+    /// The end-of-text id: the config's, or the highest id (CLIP's convention).
+    pub fn eos_token_id(&self) -> u32 {
+        match self.config.eos_token_id {
+            Some(id) if id != 2 => id,
+            _ => (self.config.vocab_size - 1) as u32,
+        }
+    }
+}
