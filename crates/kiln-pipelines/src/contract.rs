@@ -11,6 +11,7 @@ use crate::frame::{RawFrame, Signature};
 use crate::schema::InputSchema;
 use crate::tabular::glm;
 use crate::tensor::Tensor;
+use crate::text_to_image::flux;
 
 /// How a model takes its input.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,7 +66,10 @@ pub trait Pipeline: Send + Sync {
 type LoadFn = fn(&ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError>;
 
 /// Pipeline kinds this build knows, keyed by the manifest's `pipeline` field.
-const PIPELINES: &[(&str, LoadFn)] = &[(glm::PIPELINE_KIND, glm::load)];
+const PIPELINES: &[(&str, LoadFn)] = &[
+    (glm::PIPELINE_KIND, glm::load),
+    (flux::PIPELINE_KIND, flux::load),
+];
 
 /// Load the pipeline a resolved model's manifest names.
 pub fn load_pipeline(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {

@@ -54,6 +54,7 @@ pub struct FieldSpec {
     #[serde(flatten)]
     pub kind: FieldKind,
     /// Filled in when the field is absent; a field without default is required.
+    /// A `null` default makes the field optional with no value (e.g. a random seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<Value>,
 }
@@ -173,7 +174,7 @@ impl InputSchema {
                     property.insert("enum".into(), json!(choices));
                 }
             }
-            if let Some(default) = &field.default {
+            if let Some(default) = field.default.as_ref().filter(|d| !d.is_null()) {
                 property.insert("default".into(), default.clone());
             }
             properties.insert(field.name.clone(), Value::Object(property));

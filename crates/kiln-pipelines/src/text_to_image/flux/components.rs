@@ -1,0 +1,182 @@
+//! Loading a FLUX model folder: the diffusers layout (`model_index.json`,
+//! `transformer/`, `text_encoder/`, `text_encoder_2/`, `vae/`, `tokenizer/`,
+//! `tokenizer_2/`, `scheduler/`), where the transformer may instead be a BFL single
+//! file (`flux1-*.safetensors`, in the root or `transformer/`) and the VAE BFL's
+//! `ae.safetensors`. Every failure names the file.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use kiln_engine::{AdaptedWeights, KeyAdapter, WeightFiles};
+use kiln_models::clip::{ClipTextConfig, ClipTextModel};
+use kiln_models::flux::{FluxConfig, FluxLayout, FluxTransformer};
+use kiln_models::t5::{T5Config, T5Encoder};
+use kiln_models::vae::{AutoencoderKl, VaeConfig, detect_vae_layout};
+use serde::de::DeserializeOwned;
+
+use super::prompt::{PromptTokenizer, TextEncoders};
+use crate::text_to_image::schedulers::FlowMatchEulerConfig;
+
+/// Everything a FLUX generation needs, loaded.
+pub struct FluxComponents {
+    pub text: TextEncoders,
+    pub transformer: FluxTransformer,
+    pub vae: AutoencoderKl,
+    pub scheduler: FlowMatchEulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn var_builder(
+    files: WeightFiles,
+    adapter: KeyAdapter,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(AdaptedWeights::new(files, adapter)),
+        dtype,
+        device.clone(),
+    )
+}
+
+fn open(path: &Path) -> Result<WeightFiles, String> {
+    WeightFiles::open(path).map_err(|e| e.to_string())
+}
+
+/// The transformer weights: `transformer/` (diffusers or a BFL file inside), or a
+/// root-level BFL file.
+fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
+    let folder = dir.join("transformer");
+    if folder.is_dir() {
+        return Ok(folder);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            name.ends_with(".safetensors") && name != "ae.safetensors"
+        })
+        .collect();
+    candidates.sort();
+    candidates.into_iter().next().ok_or_else(|| {
+        format!(
+            "{}: no transformer/ folder and no FLUX .safetensors file",
+            dir.display()
+        )
+    })
+}
+
+impl FluxComponents {
+    /// Load every component of the model folder at `dir`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, String> {
+        let transformer_path = transformer_weights(dir)?;
+        let config_path = dir.join("transformer/config.json");
+        let config: FluxConfig = if config_path.is_file() {
+            read_json(&config_path)?
+        } else {
+            serde_json::from_str("{}").map_err(|e| e.to_string())?
+        };
+        let files = open(&transformer_path)?;
+        let layout = FluxLayout::detect(&files.names()).ok_or_else(|| {
+            format!(
+                "{}: not a FLUX transformer (unknown tensor names)",
+                transformer_path.display()
+            )
+        })?;
+        let adapter = layout.adapter(&config);
+        let transformer = FluxTransformer::load(var_builder(files, adapter, dtype, device), config)
+            .map_err(|e| format!("{}: {e}", transformer_path.display()))?;
+
+        let (vae_weights, vae_config_path) = if dir.join("vae").is_dir() {
+            (dir.join("vae"), dir.join("vae/config.json"))
+        } else {
+            (dir.join("ae.safetensors"), dir.join("vae/config.json"))
+        };
+        let vae_config: VaeConfig = if vae_config_path.is_file() {
+            read_json(&vae_config_path)?
+        } else {
+            // BFL's ae.safetensors ships without a config: FLUX.1's VAE sizes.
+            serde_json::from_value(serde_json::json!({
+                "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
+                "layers_per_block": 2, "norm_num_groups": 32, "scaling_factor": 0.3611,
+                "shift_factor": 0.1159, "use_quant_conv": false, "use_post_quant_conv": false
+            }))
+            .map_err(|e| e.to_string())?
+        };
+        let files = open(&vae_weights)?;
+        let adapter = detect_vae_layout(&files.names()).adapter(&vae_config);
+        // The VAE runs in f32 (diffusers upcasts it where `force_upcast`).
+        let vae = AutoencoderKl::load(var_builder(files, adapter, DType::F32, device), vae_config)
+            .map_err(|e| format!("{}: {e}", vae_weights.display()))?;
+
+        let clip_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+        let clip = ClipTextModel::load(
+            var_builder(
+                open(&dir.join("text_encoder"))?,
+                KeyAdapter::default(),
+                dtype,
+                device,
+            ),
+            clip_config,
+        )
+        .map_err(|e| format!("{}: {e}", dir.join("text_encoder").display()))?;
+        let t5_config: T5Config = read_json(&dir.join("text_encoder_2/config.json"))?;
+        let t5 = T5Encoder::load(
+            var_builder(
+                open(&dir.join("text_encoder_2"))?,
+                KeyAdapter::default(),
+                dtype,
+                device,
+            ),
+            t5_config,
+        )
+        .map_err(|e| format!("{}: {e}", dir.join("text_encoder_2").display()))?;
+        let eos = clip.eos_token_id();
+        let text = TextEncoders {
+            clip_tokenizer: PromptTokenizer::load(&dir.join("tokenizer"), eos, eos)?,
+            clip,
+            t5_tokenizer: PromptTokenizer::load(&dir.join("tokenizer_2"), 0, 1)?,
+            t5,
+        };
+        let scheduler_path = dir.join("scheduler/scheduler_config.json");
+        let scheduler = if scheduler_path.is_file() {
+            read_json(&scheduler_path)?
+        } else if transformer.config().guidance_embeds {
+            FlowMatchEulerConfig {
+                use_dynamic_shifting: true,
+                shift: 3.0,
+                ..FlowMatchEulerConfig::default()
+            }
+        } else {
+            FlowMatchEulerConfig::default()
+        };
+        Ok(FluxComponents {
+            text,
+            transformer,
+            vae,
+            scheduler,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+/// Whether `dir` looks like a FLUX model folder (for layout detection at register time).
+pub fn is_flux_folder(dir: &Path) -> bool {
+    let index = dir.join("model_index.json");
+    if let Ok(text) = std::fs::read_to_string(&index) {
+        return text.contains("\"Flux");
+    }
+    dir.join("text_encoder_2").is_dir() && transformer_weights(dir).is_ok()
+}

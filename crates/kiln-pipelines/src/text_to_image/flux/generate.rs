@@ -1,0 +1,227 @@
+//! The FLUX sampling loop exactly as diffusers' FluxPipeline and
+//! FluxImg2ImgPipeline run it: noise from the torch-compatible generator in the
+//! unpacked latent shape, 2×2 packing, dynamic-shift FlowMatchEuler sigmas, optional
+//! true CFG with a negative prompt, Euler steps, VAE decode with scaling and shift.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use kiln_engine::TorchGenerator;
+use kiln_models::flux::{FluxTransformer, pack_latents, position_ids, unpack_latents};
+use kiln_models::vae::AutoencoderKl;
+
+use super::prompt::{PromptEmbeddings, TextEncoders};
+use crate::error::PipelineError;
+use crate::text_to_image::schedulers::FlowMatchEulerConfig;
+
+/// Everything one generation needs, already validated.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub true_cfg_scale: f64,
+    pub seed: u64,
+    pub num_outputs: usize,
+    pub max_sequence_length: usize,
+    /// img2img: the init image as (1, 3, H, W) in [-1, 1], and the strength.
+    pub init_image: Option<(Tensor, f64)>,
+}
+
+/// Per-stage wall time, reported with every result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    pub text_encoding_s: f64,
+    pub denoising_s: f64,
+    pub vae_s: f64,
+}
+
+/// What a generation produces: images as (B, H, W, 3) floats in [0, 1].
+pub struct Generated {
+    pub images: Tensor,
+    pub timings: Timings,
+}
+
+/// Called after each denoising step with (step, total); returning false cancels.
+pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
+
+/// The loaded model parts the loop needs.
+pub struct FluxModels<'a> {
+    pub text: &'a TextEncoders,
+    pub transformer: &'a FluxTransformer,
+    pub vae: &'a AutoencoderKl,
+    pub scheduler: &'a FlowMatchEulerConfig,
+    pub device: &'a Device,
+    pub dtype: DType,
+}
+
+fn run(e: candle_core::Error) -> PipelineError {
+    PipelineError::Execution(e.to_string())
+}
+
+fn randn(
+    generator: &mut TorchGenerator,
+    shape: (usize, usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor, PipelineError> {
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    Tensor::from_vec(generator.randn(n), shape, &Device::Cpu)
+        .and_then(|t| t.to_device(device))
+        .map_err(run)
+}
+
+/// Run one generation.
+pub fn generate(
+    models: &FluxModels,
+    request: &GenerationRequest,
+    on_step: StepCallback,
+) -> Result<Generated, PipelineError> {
+    let started = Instant::now();
+    let device = models.device;
+    let embeddings = models
+        .text
+        .encode(&request.prompt, request.max_sequence_length, device)?;
+    let negative = match &request.negative_prompt {
+        Some(text) if request.true_cfg_scale > 1.0 => Some(models.text.encode(
+            text,
+            request.max_sequence_length,
+            device,
+        )?),
+        _ => None,
+    };
+    let text_encoding_s = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let batch = request.num_outputs;
+    let (latent_h, latent_w) = (2 * (request.height / 16), 2 * (request.width / 16));
+    let shape = (batch, 16, latent_h, latent_w);
+    let mut generator = TorchGenerator::new(request.seed);
+    let image_seq_len = (latent_h / 2) * (latent_w / 2);
+    let schedule = models.scheduler.schedule(request.steps, image_seq_len);
+    let vae_config = models.vae.config();
+    let (scaling, shift) = (
+        vae_config.scaling_factor,
+        vae_config.shift_factor.unwrap_or(0.0),
+    );
+
+    let mut start_step = 0;
+    let latents = match &request.init_image {
+        None => randn(&mut generator, shape, device)?,
+        Some((image, strength)) => {
+            start_step = schedule.start_for_strength(*strength);
+            if start_step >= request.steps {
+                return Err(PipelineError::invalid(
+                    "strength",
+                    crate::error::ProblemKind::Constraint,
+                    format!(
+                        "strength {strength} with {} steps runs no step; raise strength or num_inference_steps",
+                        request.steps
+                    ),
+                ));
+            }
+            let posterior = models.vae.encode(image).map_err(run)?;
+            let eps = randn(&mut generator, posterior.mean.dims4().map_err(run)?, device)?;
+            let sample = (&posterior.mean + posterior.std.mul(&eps).map_err(run)?).map_err(run)?;
+            let image_latents = ((sample - shift).map_err(run)? * scaling).map_err(run)?;
+            let image_latents = image_latents.repeat((batch, 1, 1, 1)).map_err(run)?;
+            let noise = randn(&mut generator, shape, device)?;
+            let sigma = f64::from(schedule.sigmas[start_step]);
+            ((noise * sigma).map_err(run)? + (image_latents * (1.0 - sigma)).map_err(run)?)
+                .map_err(run)?
+        }
+    };
+    let mut latents = pack_latents(&latents)
+        .map_err(run)?
+        .to_dtype(models.dtype)
+        .map_err(run)?;
+    let ids = position_ids(request.max_sequence_length, latent_h / 2, latent_w / 2);
+    let expand = |e: &PromptEmbeddings| -> Result<(Tensor, Tensor), PipelineError> {
+        Ok((
+            e.sequence
+                .repeat((batch, 1, 1))
+                .and_then(|t| t.to_dtype(models.dtype))
+                .map_err(run)?,
+            e.pooled
+                .repeat((batch, 1))
+                .and_then(|t| t.to_dtype(models.dtype))
+                .map_err(run)?,
+        ))
+    };
+    let (sequence, pooled) = expand(&embeddings)?;
+    let negative = negative.as_ref().map(expand).transpose()?;
+    let guidance = if models.transformer.config().guidance_embeds {
+        Some(
+            Tensor::from_vec(vec![request.guidance_scale as f32; batch], batch, device)
+                .map_err(run)?,
+        )
+    } else {
+        None
+    };
+    let total = request.steps - start_step;
+    for (done, step) in (start_step..request.steps).enumerate() {
+        // diffusers passes timestep/1000 and the model multiplies by 1000 again.
+        let t = schedule.timesteps[step] / 1000.0;
+        let timestep = Tensor::from_vec(vec![t; batch], batch, device).map_err(run)?;
+        let predict = |sequence: &Tensor, pooled: &Tensor| {
+            models
+                .transformer
+                .forward(
+                    &latents,
+                    sequence,
+                    &ids,
+                    &timestep,
+                    guidance.as_ref(),
+                    pooled,
+                )
+                .map_err(run)
+        };
+        let mut velocity = predict(&sequence, &pooled)?;
+        if let Some((negative_sequence, negative_pooled)) = &negative {
+            let unconditional = predict(negative_sequence, negative_pooled)?;
+            velocity = (&unconditional
+                + ((velocity - &unconditional).map_err(run)? * request.true_cfg_scale)
+                    .map_err(run)?)
+            .map_err(run)?;
+        }
+        let dt = schedule.sigmas[step + 1] - schedule.sigmas[step];
+        let step_size = Tensor::new(dt, device).map_err(run)?;
+        latents = (latents.to_dtype(DType::F32).map_err(run)?
+            + velocity
+                .to_dtype(DType::F32)
+                .map_err(run)?
+                .broadcast_mul(&step_size)
+                .map_err(run)?)
+        .map_err(run)?
+        .to_dtype(models.dtype)
+        .map_err(run)?;
+        if !on_step(done + 1, total) {
+            return Err(PipelineError::Execution("cancelled".into()));
+        }
+    }
+    let denoising_s = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let latents = unpack_latents(
+        &latents.to_dtype(DType::F32).map_err(run)?,
+        latent_h,
+        latent_w,
+    )
+    .map_err(run)?;
+    let latents = ((latents / scaling).map_err(run)? + shift).map_err(run)?;
+    let decoded = models.vae.decode(&latents).map_err(run)?;
+    let images = ((decoded / 2.0).map_err(run)? + 0.5)
+        .and_then(|t| t.clamp(0f32, 1f32))
+        .and_then(|t| t.permute((0, 2, 3, 1)))
+        .map_err(run)?;
+    Ok(Generated {
+        images,
+        timings: Timings {
+            text_encoding_s,
+            denoising_s,
+            vae_s: started.elapsed().as_secs_f64(),
+        },
+    })
+}

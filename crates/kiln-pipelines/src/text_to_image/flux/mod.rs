@@ -1,0 +1,14 @@
+//! FLUX.1 [dev] and [schnell] text-to-image and image-to-image.
+
+mod components;
+mod generate;
+mod pipeline;
+mod prompt;
+
+pub use components::{FluxComponents, is_flux_folder};
+pub use generate::{FluxModels, Generated, GenerationRequest, StepCallback, Timings, generate};
+pub use pipeline::{
+    ASPECT_RATIOS, FluxPipeline, PIPELINE_KIND, VariantDefaults, input_schema, load,
+    size_for_aspect_ratio, to_rgb_images,
+};
+pub use prompt::{PromptEmbeddings, PromptTokenizer, TextEncoders};

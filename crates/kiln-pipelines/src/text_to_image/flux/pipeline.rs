@@ -1,0 +1,494 @@
+//! The `text_to_image/flux` pipeline: the request schema (with per-variant
+//! defaults, aspect ratios and manifest presets), validation with size suggestions,
+//! and the prediction result (images as base64 with their seed and timings).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use kiln_registry::{Manifest, ResolvedModel};
+use serde_json::{Map, Value, json};
+
+use super::components::FluxComponents;
+use super::generate::{FluxModels, GenerationRequest, generate};
+use crate::contract::{
+    InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction,
+};
+use crate::error::{FieldProblem, PipelineError, ProblemKind};
+use crate::frame::{ColumnSpec, ColumnType, Signature};
+use crate::schema::{FieldKind, FieldSpec, InputSchema};
+use crate::text_to_image::image_io::{
+    OutputFormat, allowed_input_dirs, decode_image, encode_image, to_base64,
+};
+
+/// The manifest `pipeline` value for FLUX models.
+pub const PIPELINE_KIND: &str = "text_to_image/flux";
+
+/// Aspect ratios accepted by `aspect_ratio` (width:height).
+pub const ASPECT_RATIOS: [&str; 11] = [
+    "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21",
+];
+
+/// Largest image, in pixels, unless the manifest says otherwise (about 2 MP).
+pub const DEFAULT_MAX_PIXELS: usize = 2048 * 1024;
+
+/// Width and height for an aspect ratio at about one megapixel, multiples of 16.
+pub fn size_for_aspect_ratio(ratio: &str) -> Option<(usize, usize)> {
+    let (w, h) = ratio.split_once(':')?;
+    let (w, h): (f64, f64) = (w.parse().ok()?, h.parse().ok()?);
+    let scale = (1024.0 * 1024.0 / (w * h)).sqrt();
+    let round16 = |x: f64| ((x / 16.0).round() as usize).max(1) * 16;
+    Some((round16(w * scale), round16(h * scale)))
+}
+
+/// Per-variant defaults: dev (guidance-distilled) or schnell (timestep-distilled).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VariantDefaults {
+    pub steps: i64,
+    pub guidance: f64,
+    pub max_sequence_length: i64,
+}
+
+impl VariantDefaults {
+    pub fn for_guidance_model(has_guidance: bool) -> Self {
+        if has_guidance {
+            VariantDefaults {
+                steps: 28,
+                guidance: 3.5,
+                max_sequence_length: 512,
+            }
+        } else {
+            VariantDefaults {
+                steps: 4,
+                guidance: 0.0,
+                max_sequence_length: 256,
+            }
+        }
+    }
+}
+
+fn field(name: &str, description: &str, kind: FieldKind, default: Option<Value>) -> FieldSpec {
+    FieldSpec {
+        name: name.into(),
+        description: description.into(),
+        kind,
+        default,
+    }
+}
+
+/// The request schema for one FLUX model.
+pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchema {
+    let int = |min: i64, max: i64| FieldKind::Integer {
+        minimum: Some(min),
+        maximum: Some(max),
+    };
+    let num = |min: f64, max: f64| FieldKind::Number {
+        minimum: Some(min),
+        maximum: Some(max),
+    };
+    let choice = |c: &[&str]| FieldKind::Choice {
+        choices: c.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut fields = vec![
+        field(
+            "prompt",
+            "What to draw",
+            FieldKind::String {
+                min_length: None,
+                max_length: Some(10_000),
+            },
+            None,
+        ),
+        field(
+            "negative_prompt",
+            "What to avoid (used when true_cfg_scale > 1)",
+            FieldKind::String {
+                min_length: None,
+                max_length: Some(10_000),
+            },
+            Some(json!("")),
+        ),
+        field(
+            "width",
+            "Width in pixels, a multiple of 16 (default from aspect_ratio)",
+            int(16, 4096),
+            Some(Value::Null),
+        ),
+        field(
+            "height",
+            "Height in pixels, a multiple of 16 (default from aspect_ratio)",
+            int(16, 4096),
+            Some(Value::Null),
+        ),
+        field(
+            "aspect_ratio",
+            "Width:height at about one megapixel when width/height are not given",
+            choice(&ASPECT_RATIOS),
+            Some(json!("1:1")),
+        ),
+        field(
+            "num_inference_steps",
+            "Denoising steps",
+            int(1, 100),
+            Some(json!(defaults.steps)),
+        ),
+        field(
+            "guidance_scale",
+            "Distilled guidance (dev)",
+            num(0.0, 20.0),
+            Some(json!(defaults.guidance)),
+        ),
+        field(
+            "true_cfg_scale",
+            "Classifier-free guidance with negative_prompt when > 1",
+            num(1.0, 20.0),
+            Some(json!(1.0)),
+        ),
+        field(
+            "seed",
+            "Random seed; random when absent, always reported",
+            int(0, (1i64 << 53) - 1),
+            Some(Value::Null),
+        ),
+        field(
+            "num_outputs",
+            "Images to generate",
+            int(1, 4),
+            Some(json!(1)),
+        ),
+        field(
+            "max_sequence_length",
+            "T5 prompt tokens",
+            int(1, 512),
+            Some(json!(defaults.max_sequence_length)),
+        ),
+        field(
+            "image",
+            "Init image for image-to-image: base64, data URL or an allowed file path",
+            FieldKind::String {
+                min_length: Some(1),
+                max_length: None,
+            },
+            Some(Value::Null),
+        ),
+        field(
+            "strength",
+            "Image-to-image strength: 1 ignores the init image",
+            num(0.0, 1.0),
+            Some(json!(0.6)),
+        ),
+        field(
+            "output_format",
+            "Image encoding",
+            choice(&["png", "jpeg", "webp"]),
+            Some(json!("png")),
+        ),
+        field(
+            "output_quality",
+            "JPEG quality",
+            int(1, 100),
+            Some(json!(90)),
+        ),
+    ];
+    if !presets.is_empty() {
+        let names: Vec<&str> = presets.iter().map(String::as_str).collect();
+        fields.push(field(
+            "preset",
+            "Named parameter set from the model; explicit fields win",
+            choice(&names),
+            Some(Value::Null),
+        ));
+    }
+    InputSchema { fields }
+}
+
+fn nearest_multiples(value: i64) -> String {
+    let low = (value / 16) * 16;
+    let high = low + 16;
+    if low >= 16 {
+        format!("{low} or {high}")
+    } else {
+        format!("{high}")
+    }
+}
+
+/// A loaded FLUX model.
+pub struct FluxPipeline {
+    components: Mutex<FluxComponents>,
+    interface: ModelInterface,
+    presets: Map<String, Value>,
+    max_pixels: usize,
+    model_name: String,
+}
+
+/// Load a `text_to_image/flux` model from its folder.
+pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
+    let device = Device::Cpu;
+    let components = FluxComponents::load(&model.dir, &device, DType::F32).map_err(|message| {
+        PipelineError::Load {
+            model: model.display_name(),
+            message,
+        }
+    })?;
+    Ok(Arc::new(FluxPipeline::new(
+        components,
+        &model.manifest,
+        model.display_name(),
+    )))
+}
+
+impl FluxPipeline {
+    pub fn new(components: FluxComponents, manifest: &Manifest, model_name: String) -> Self {
+        let defaults =
+            VariantDefaults::for_guidance_model(components.transformer.config().guidance_embeds);
+        let presets: Map<String, Value> = manifest.presets.clone().into_iter().collect();
+        let preset_names: Vec<String> = presets.keys().cloned().collect();
+        let max_pixels = manifest.config["max_pixels"]
+            .as_u64()
+            .map(|v| v as usize)
+            .unwrap_or(DEFAULT_MAX_PIXELS);
+        let schema = input_schema(defaults, &preset_names);
+        FluxPipeline {
+            components: Mutex::new(components),
+            interface: ModelInterface {
+                pipeline: PIPELINE_KIND.into(),
+                inputs: InputSpec::Fields(schema),
+                params: InputSchema::default(),
+                outputs: Signature {
+                    inputs: vec![ColumnSpec {
+                        name: "images".into(),
+                        column_type: ColumnType::String,
+                        required: true,
+                    }],
+                    outputs: vec![],
+                },
+            },
+            presets,
+            max_pixels,
+            model_name,
+        }
+    }
+
+    fn schema(&self) -> &InputSchema {
+        match &self.interface.inputs {
+            InputSpec::Fields(schema) => schema,
+            InputSpec::Columns(_) => unreachable!("FLUX takes fields"),
+        }
+    }
+
+    /// Apply the preset (explicit fields win), validate, and build the request.
+    pub fn prepare(
+        &self,
+        input: &Map<String, Value>,
+    ) -> Result<(GenerationRequest, OutputFormat, u8), PipelineError> {
+        let mut merged = Map::new();
+        if let Some(name) = input.get("preset").and_then(Value::as_str) {
+            if let Some(Value::Object(preset)) = self.presets.get(name) {
+                merged.extend(preset.clone());
+            }
+        }
+        merged.extend(input.clone());
+        let values = self.schema().validate(&merged)?;
+        let get_i = |k: &str| values.get(k).and_then(Value::as_i64);
+        let get_f = |k: &str| values.get(k).and_then(Value::as_f64);
+        let get_s = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
+        let mut problems = Vec::new();
+        let ratio = get_s("aspect_ratio").unwrap_or_else(|| "1:1".into());
+        let (ratio_w, ratio_h) = size_for_aspect_ratio(&ratio).unwrap_or((1024, 1024));
+        let mut size = |key: &str, fallback: usize| -> usize {
+            match get_i(key) {
+                Some(v) if v % 16 != 0 => {
+                    problems.push(FieldProblem::new(
+                        key,
+                        ProblemKind::Constraint,
+                        format!(
+                            "must be a multiple of 16, got {v}; nearest valid: {}",
+                            nearest_multiples(v)
+                        ),
+                    ));
+                    fallback
+                }
+                Some(v) => v as usize,
+                None => fallback,
+            }
+        };
+        let width = size("width", ratio_w);
+        let height = size("height", ratio_h);
+        if width * height > self.max_pixels {
+            problems.push(FieldProblem::new(
+                "width",
+                ProblemKind::Constraint,
+                format!(
+                    "{width}x{height} is {} pixels; the limit is {}",
+                    width * height,
+                    self.max_pixels
+                ),
+            ));
+        }
+        let init_image = match get_s("image") {
+            Some(text) => match decode_image("image", &text, &allowed_input_dirs()) {
+                Ok(image) => Some(image),
+                Err(PipelineError::InvalidInput(mut p)) => {
+                    problems.append(&mut p);
+                    None
+                }
+                Err(other) => return Err(other),
+            },
+            None => None,
+        };
+        if !problems.is_empty() {
+            return Err(PipelineError::InvalidInput(problems));
+        }
+        let strength = get_f("strength").unwrap_or(0.6);
+        let init_image = init_image
+            .map(|image| image_tensor(&image, width, height).map(|t| (t, strength)))
+            .transpose()?;
+        let negative = get_s("negative_prompt").filter(|s| !s.is_empty());
+        let seed = get_i("seed").map(|s| s as u64).unwrap_or_else(random_seed);
+        let format = OutputFormat::parse(&get_s("output_format").unwrap_or_default())
+            .unwrap_or(OutputFormat::Png);
+        let quality = get_i("output_quality").unwrap_or(90) as u8;
+        Ok((
+            GenerationRequest {
+                prompt: get_s("prompt").unwrap_or_default(),
+                negative_prompt: negative,
+                width,
+                height,
+                steps: get_i("num_inference_steps").unwrap_or(28) as usize,
+                guidance_scale: get_f("guidance_scale").unwrap_or(3.5),
+                true_cfg_scale: get_f("true_cfg_scale").unwrap_or(1.0),
+                seed,
+                num_outputs: get_i("num_outputs").unwrap_or(1) as usize,
+                max_sequence_length: get_i("max_sequence_length").unwrap_or(512) as usize,
+                init_image,
+            },
+            format,
+            quality,
+        ))
+    }
+
+    /// Generate with a per-step callback (progress; return false to cancel).
+    pub fn run(
+        &self,
+        input: &Map<String, Value>,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Value, PipelineError> {
+        let (request, format, quality) = self.prepare(input)?;
+        let components = self
+            .components
+            .lock()
+            .map_err(|_| PipelineError::Execution("the model is unusable after a panic".into()))?;
+        let models = FluxModels {
+            text: &components.text,
+            transformer: &components.transformer,
+            vae: &components.vae,
+            scheduler: &components.scheduler,
+            device: &components.device,
+            dtype: components.dtype,
+        };
+        let generated = generate(&models, &request, on_step)?;
+        let started = std::time::Instant::now();
+        let images = to_rgb_images(&generated.images)?;
+        let mut encoded = Vec::with_capacity(images.len());
+        for image in &images {
+            let bytes = encode_image(image, format, quality)?;
+            encoded.push(json!({
+                "base64": to_base64(&bytes),
+                "mime_type": format.mime(),
+                "format": format.name(),
+                "width": image.width(),
+                "height": image.height(),
+            }));
+        }
+        Ok(json!({
+            "model": self.model_name,
+            "images": encoded,
+            "seed": request.seed,
+            "width": request.width,
+            "height": request.height,
+            "timings": {
+                "text_encoding_s": generated.timings.text_encoding_s,
+                "denoising_s": generated.timings.denoising_s,
+                "vae_decode_s": generated.timings.vae_s,
+                "encode_s": started.elapsed().as_secs_f64(),
+            },
+        }))
+    }
+}
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // splitmix64 of the clock: a seed in torch's 32-bit range.
+    let mut z = nanos.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) & 0xffff_ffff
+}
+
+/// An RGB image resized to (width, height) as a (1, 3, H, W) tensor in [-1, 1]
+/// (diffusers' preprocessing: /255, ×2 − 1; Lanczos resize when sizes differ).
+fn image_tensor(image: &RgbImage, width: usize, height: usize) -> Result<Tensor, PipelineError> {
+    let resized;
+    let image = if image.width() as usize != width || image.height() as usize != height {
+        resized = image::imageops::resize(
+            image,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
+        &resized
+    } else {
+        image
+    };
+    let data: Vec<f32> = image
+        .as_raw()
+        .iter()
+        .map(|v| f32::from(*v) / 255.0 * 2.0 - 1.0)
+        .collect();
+    Tensor::from_vec(data, (1, height, width, 3), &Device::Cpu)
+        .and_then(|t| t.permute((0, 3, 1, 2)))
+        .and_then(|t| t.contiguous())
+        .map_err(|e| PipelineError::Execution(e.to_string()))
+}
+
+/// (B, H, W, 3) floats in [0, 1] → RGB images, rounding as diffusers' `numpy_to_pil`.
+pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
+    let run = |e: candle_core::Error| PipelineError::Execution(e.to_string());
+    let (b, h, w, _) = images.dims4().map_err(run)?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let pixels: Vec<f32> = images
+            .get(i)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(run)?;
+        let bytes: Vec<u8> = pixels
+            .iter()
+            .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        let image = RgbImage::from_raw(w as u32, h as u32, bytes)
+            .ok_or_else(|| PipelineError::Execution("image buffer size mismatch".into()))?;
+        out.push(image);
+    }
+    Ok(out)
+}
+
+impl Pipeline for FluxPipeline {
+    fn interface(&self) -> &ModelInterface {
+        &self.interface
+    }
+
+    fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {
+        let PredictInput::Fields(input) = request.input else {
+            return Err(PipelineError::invalid(
+                "input",
+                ProblemKind::Malformed,
+                "FLUX takes an object of fields (prompt, width, ...), not a table",
+            ));
+        };
+        Ok(Prediction::Json(self.run(&input, &mut |_, _| true)?))
+    }
+}

@@ -1,0 +1,92 @@
+//! Prompt encoding as FluxPipeline does it: CLIP ids padded/truncated to 77 with
+//! the end-of-text id (pooled output), T5 ids padded with 0 to
+//! `max_sequence_length` (every hidden state; no attention mask, as diffusers).
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use kiln_models::clip::ClipTextModel;
+use kiln_models::t5::T5Encoder;
+use tokenizers::Tokenizer;
+
+use crate::error::PipelineError;
+
+/// CLIP's fixed context length.
+pub const CLIP_LENGTH: usize = 77;
+
+/// A tokenizer with the pipeline's padding and truncation rules.
+pub struct PromptTokenizer {
+    tokenizer: Tokenizer,
+    pad: u32,
+    eos: u32,
+}
+
+impl PromptTokenizer {
+    /// Load `tokenizer.json` from a folder; `pad`/`eos` are the ids to pad and end with.
+    pub fn load(folder: &Path, pad: u32, eos: u32) -> Result<Self, String> {
+        let path = folder.join("tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(PromptTokenizer {
+            tokenizer,
+            pad,
+            eos,
+        })
+    }
+
+    /// Token ids of exactly `length`: special tokens added, truncated keeping the
+    /// final end token, padded with `pad`.
+    pub fn ids(&self, text: &str, length: usize) -> Result<Vec<u32>, PipelineError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| PipelineError::Execution(format!("tokenizer failed: {e}")))?;
+        let mut ids = encoding.get_ids().to_vec();
+        if ids.len() > length {
+            ids.truncate(length - 1);
+            ids.push(self.eos);
+        }
+        ids.resize(length, self.pad);
+        Ok(ids)
+    }
+}
+
+/// The two text conditionings FLUX takes.
+pub struct PromptEmbeddings {
+    /// T5 hidden states, (1, max_sequence_length, joint_dim).
+    pub sequence: Tensor,
+    /// CLIP pooled output, (1, pooled_dim).
+    pub pooled: Tensor,
+}
+
+/// Both text encoders with their tokenizers.
+pub struct TextEncoders {
+    pub clip_tokenizer: PromptTokenizer,
+    pub clip: ClipTextModel,
+    pub t5_tokenizer: PromptTokenizer,
+    pub t5: T5Encoder,
+}
+
+impl TextEncoders {
+    /// Encode one prompt.
+    pub fn encode(
+        &self,
+        prompt: &str,
+        max_sequence_length: usize,
+        device: &Device,
+    ) -> Result<PromptEmbeddings, PipelineError> {
+        let run =
+            |e: candle_core::Error| PipelineError::Execution(format!("text encoder failed: {e}"));
+        let clip_ids = self.clip_tokenizer.ids(prompt, CLIP_LENGTH)?;
+        let clip_ids = Tensor::from_vec(clip_ids, (1, CLIP_LENGTH), device).map_err(run)?;
+        let pooled = self
+            .clip
+            .forward(&clip_ids, self.clip.eos_token_id())
+            .map_err(run)?
+            .pooled;
+        let t5_ids = self.t5_tokenizer.ids(prompt, max_sequence_length)?;
+        let t5_ids = Tensor::from_vec(t5_ids, (1, max_sequence_length), device).map_err(run)?;
+        let sequence = self.t5.forward(&t5_ids).map_err(run)?;
+        Ok(PromptEmbeddings { sequence, pooled })
+    }
+}

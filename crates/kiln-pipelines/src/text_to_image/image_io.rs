@@ -1,0 +1,160 @@
+//! Images in and out of text-to-image pipelines: decoding base64, data URLs or
+//! files inside allowed folders, and encoding PNG/JPEG/WebP.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use image::{DynamicImage, ImageFormat, RgbImage};
+
+use crate::error::{PipelineError, ProblemKind};
+
+/// Largest accepted input image, in pixels (decompression-bomb guard).
+pub const MAX_INPUT_PIXELS: u64 = 64 * 1024 * 1024;
+
+fn invalid(field: &str, message: String) -> PipelineError {
+    PipelineError::invalid(field, ProblemKind::Constraint, message)
+}
+
+/// Folders input files may be read from (`KILN_INPUT_DIRS`, `:`-separated).
+pub fn allowed_input_dirs() -> Vec<PathBuf> {
+    std::env::var("KILN_INPUT_DIRS")
+        .map(|v| {
+            v.split(':')
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn read_confined(field: &str, path: &Path, allowed: &[PathBuf]) -> Result<Vec<u8>, PipelineError> {
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    let inside = allowed
+        .iter()
+        .filter_map(|dir| dir.canonicalize().ok())
+        .any(|dir| canonical.starts_with(dir));
+    if !inside {
+        return Err(invalid(
+            field,
+            format!(
+                "{} is outside the folders inputs may be read from (KILN_INPUT_DIRS)",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::read(&canonical)
+        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))
+}
+
+/// Decode an input image given as base64, a `data:` URL or a path in `allowed`.
+pub fn decode_image(
+    field: &str,
+    text: &str,
+    allowed: &[PathBuf],
+) -> Result<RgbImage, PipelineError> {
+    let bytes = if let Some(rest) = text.strip_prefix("data:") {
+        let (_, data) = rest.split_once(";base64,").ok_or_else(|| {
+            invalid(
+                field,
+                "data URLs must be base64 (data:image/png;base64,...)".into(),
+            )
+        })?;
+        STANDARD
+            .decode(data.trim())
+            .map_err(|e| invalid(field, format!("invalid base64 in data URL: {e}")))?
+    } else if text.starts_with('/') || text.starts_with("./") || text.starts_with("file://") {
+        read_confined(
+            field,
+            Path::new(text.trim_start_matches("file://")),
+            allowed,
+        )?
+    } else {
+        STANDARD.decode(text.trim()).map_err(|e| {
+            invalid(
+                field,
+                format!("not base64, a data URL or an allowed file path ({e})"),
+            )
+        })?
+    };
+    let reader = image::ImageReader::new(Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| invalid(field, format!("cannot read the image: {e}")))?;
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| invalid(field, format!("undecodable image: {e}")))?;
+    if u64::from(w) * u64::from(h) > MAX_INPUT_PIXELS {
+        return Err(invalid(
+            field,
+            format!("image is {w}x{h}, larger than {MAX_INPUT_PIXELS} pixels"),
+        ));
+    }
+    let image = image::load_from_memory(&bytes)
+        .map_err(|e| invalid(field, format!("undecodable image: {e}")))?;
+    Ok(image.to_rgb8())
+}
+
+/// Output encodings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl OutputFormat {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "png" => Some(OutputFormat::Png),
+            "jpeg" | "jpg" => Some(OutputFormat::Jpeg),
+            "webp" => Some(OutputFormat::Webp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg => "jpeg",
+            OutputFormat::Webp => "webp",
+        }
+    }
+
+    pub fn mime(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg => "image/jpeg",
+            OutputFormat::Webp => "image/webp",
+        }
+    }
+}
+
+/// Encode an RGB image; `quality` (1–100) applies to JPEG (WebP is lossless here).
+pub fn encode_image(
+    image: &RgbImage,
+    format: OutputFormat,
+    quality: u8,
+) -> Result<Vec<u8>, PipelineError> {
+    let mut out = Cursor::new(Vec::new());
+    let result = match format {
+        OutputFormat::Png => image.write_to(&mut out, ImageFormat::Png),
+        OutputFormat::Webp => {
+            DynamicImage::ImageRgb8(image.clone()).write_to(&mut out, ImageFormat::WebP)
+        }
+        OutputFormat::Jpeg => {
+            let encoder =
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
+            image.write_with_encoder(encoder)
+        }
+    };
+    result.map_err(|e| PipelineError::Execution(format!("encoding {}: {e}", format.name())))?;
+    Ok(out.into_inner())
+}
+
+/// Base64 of bytes (standard alphabet, padded).
+pub fn to_base64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
