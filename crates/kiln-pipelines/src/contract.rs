@@ -57,10 +57,30 @@ pub enum Prediction {
     Json(Value),
 }
 
+/// Progress of a long prediction: `step` of `total` steps done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub step: usize,
+    pub total: usize,
+}
+
+/// Receives progress; returning `false` asks the pipeline to stop (cancellation).
+pub type ProgressFn<'a> = &'a mut dyn FnMut(Progress) -> bool;
+
 /// A loaded model that validates its inputs and predicts.
 pub trait Pipeline: Send + Sync {
     fn interface(&self) -> &ModelInterface;
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError>;
+
+    /// Predict, reporting progress between steps and stopping when told to.
+    /// Pipelines without steps report nothing.
+    fn predict_with_progress(
+        &self,
+        request: PredictRequest,
+        _progress: ProgressFn,
+    ) -> Result<Prediction, PipelineError> {
+        self.predict(request)
+    }
 }
 
 type LoadFn = fn(&ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError>;
@@ -84,4 +104,16 @@ pub fn load_pipeline(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, Pipelin
 /// The pipeline kinds this build can load.
 pub fn known_pipelines() -> Vec<&'static str> {
     PIPELINES.iter().map(|(name, _)| *name).collect()
+}
+
+/// A manifest for a model folder that has none (a diffusers FLUX folder, ...), so
+/// `kiln models register --from` can publish it. `None` when the folder is not
+/// recognised.
+pub fn describe_model_folder(
+    dir: &std::path::Path,
+) -> Result<Option<kiln_registry::Manifest>, String> {
+    if flux::is_flux_folder(dir) {
+        return flux::manifest_for_folder(dir).map(Some);
+    }
+    Ok(None)
 }

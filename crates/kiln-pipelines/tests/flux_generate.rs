@@ -145,3 +145,33 @@ fn image_to_image_matches_diffusers() {
         .unwrap();
     check_case(&v, "img2img", Some((init, strength)));
 }
+
+#[test]
+fn token_ids_match_transformers_exactly() {
+    let v = variant("tiny-dev");
+    let prompts = v.index["cases"]["tokens"]["inputs"]["prompts"]
+        .as_array()
+        .unwrap();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let prompt = prompt.as_str().unwrap();
+        let expected = |which: &str| -> Vec<u32> {
+            v.references[&format!("tokens.p{i}.{which}")]
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::U32)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(
+            v.components.text.clip_tokenizer.ids(prompt, 77).unwrap(),
+            expected("clip_input_ids"),
+            "CLIP {prompt:?}"
+        );
+        assert_eq!(
+            v.components.text.t5_tokenizer.ids(prompt, 32).unwrap(),
+            expected("t5_input_ids"),
+            "T5 {prompt:?}"
+        );
+    }
+}

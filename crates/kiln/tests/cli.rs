@@ -350,3 +350,68 @@ fn serve_registered_models_by_alias_and_pick_with_a_header() {
     .unwrap();
     assert!(meta.contains("\"versions\":[\"1\"]"), "{meta}");
 }
+
+#[test]
+fn a_registered_flux_folder_generates_a_png() {
+    let home = tempfile::tempdir().unwrap();
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux/tiny-dev");
+    let out = ok(
+        home.path(),
+        &[
+            "models",
+            "register",
+            "test.images.flux",
+            "--from",
+            folder.to_str().unwrap(),
+            "--alias",
+            "champion",
+        ],
+    );
+    assert!(
+        out.contains("registered models:/test.images.flux/1"),
+        "{out}"
+    );
+    let show = ok(home.path(), &["models", "show", "test.images.flux"]);
+    assert!(show.contains("text_to_image/flux"), "{show}");
+    let png = home.path().join("cat.png");
+    let result: serde_json::Value = serde_json::from_str(&ok(
+        home.path(),
+        &[
+            "predict",
+            "models:/test.images.flux@champion",
+            "-i",
+            "prompt=a photo of a cat",
+            "-i",
+            "width=64",
+            "-i",
+            "height=48",
+            "-i",
+            "num_inference_steps=2",
+            "-i",
+            "seed=42",
+            "-o",
+            png.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(result["seed"], 42);
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(result["images"][0]["width"], 64);
+    assert_eq!(result["images"][0]["height"], 48);
+    let err = fails(
+        home.path(),
+        &[
+            "predict",
+            "test.images.flux",
+            "-i",
+            "prompt=x",
+            "-i",
+            "width=1000",
+        ],
+    );
+    assert!(
+        err.contains("width: must be a multiple of 16, got 1000; nearest valid: 992 or 1008"),
+        "{err}"
+    );
+}

@@ -81,7 +81,24 @@ pub fn run(home: &Path, command: ModelsCommand) -> Result<()> {
         ModelsCommand::Register { name, from, alias } => {
             let name = ModelName::parse(&name)?;
             let alias = alias.as_deref().map(Alias::parse).transpose()?;
-            let published = registry.register_folder(&name, &from, alias.as_ref())?;
+            let published = if from.join(kiln_registry::MANIFEST_FILE).is_file() {
+                registry.register_folder(&name, &from, alias.as_ref())?
+            } else {
+                let manifest = kiln_pipelines::describe_model_folder(&from)
+                    .map_err(anyhow::Error::msg)?
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{}: no manifest.json and not a recognised model folder (a diffusers FLUX folder with model_index.json, or a Kiln model folder)",
+                            from.display()
+                        )
+                    })?;
+                eprintln!(
+                    "detected a {} model; copying {} into the registry",
+                    manifest.pipeline,
+                    from.display()
+                );
+                registry.register(&name, manifest, Some(&from), alias.as_ref())?
+            };
             let version = published.version.unwrap_or_default();
             println!(
                 "registered models:/{name}/{version} ({} files)",

@@ -14,6 +14,7 @@ use super::generate::{FluxModels, GenerationRequest, generate};
 use crate::contract::{
     InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction,
 };
+use crate::contract::{Progress, ProgressFn};
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
 use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
@@ -212,6 +213,30 @@ fn nearest_multiples(value: i64) -> String {
     }
 }
 
+/// A manifest for a FLUX model folder being registered: the pipeline kind, the
+/// variant's defaults and a `fast` preset, described from its transformer config.
+pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
+    let config_path = dir.join("transformer/config.json");
+    let has_guidance = match std::fs::read_to_string(&config_path) {
+        Ok(text) => serde_json::from_str::<Value>(&text)
+            .map_err(|e| format!("{}: {e}", config_path.display()))?["guidance_embeds"]
+            .as_bool()
+            .unwrap_or(false),
+        Err(_) => true,
+    };
+    let defaults = VariantDefaults::for_guidance_model(has_guidance);
+    let mut manifest = Manifest::new(PIPELINE_KIND);
+    let variant = if has_guidance { "dev" } else { "schnell" };
+    manifest.description = format!("FLUX.1 [{variant}] text-to-image and image-to-image");
+    manifest.config = json!({"variant": variant, "max_pixels": DEFAULT_MAX_PIXELS});
+    manifest.presets.insert(
+        "fast".into(),
+        json!({"num_inference_steps": (defaults.steps / 2).max(1), "width": 512, "height": 512}),
+    );
+    manifest.signature = input_schema(defaults, &["fast".to_string()]).json_schema("Input");
+    Ok(manifest)
+}
+
 /// A loaded FLUX model.
 pub struct FluxPipeline {
     components: Mutex<FluxComponents>,
@@ -282,17 +307,25 @@ impl FluxPipeline {
         input: &Map<String, Value>,
     ) -> Result<(GenerationRequest, OutputFormat, u8), PipelineError> {
         let mut merged = Map::new();
-        if let Some(name) = input.get("preset").and_then(Value::as_str) {
-            if let Some(Value::Object(preset)) = self.presets.get(name) {
-                merged.extend(preset.clone());
-            }
+        if let Some(name) = input.get("preset").and_then(Value::as_str)
+            && let Some(Value::Object(preset)) = self.presets.get(name)
+        {
+            merged.extend(preset.clone());
         }
         merged.extend(input.clone());
-        let values = self.schema().validate(&merged)?;
+        // Schema problems and the size rules below are reported together.
+        let mut problems = Vec::new();
+        let values = match self.schema().validate(&merged) {
+            Ok(values) => values,
+            Err(PipelineError::InvalidInput(found)) => {
+                problems = found;
+                merged.clone()
+            }
+            Err(other) => return Err(other),
+        };
         let get_i = |k: &str| values.get(k).and_then(Value::as_i64);
         let get_f = |k: &str| values.get(k).and_then(Value::as_f64);
         let get_s = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
-        let mut problems = Vec::new();
         let ratio = get_s("aspect_ratio").unwrap_or_else(|| "1:1".into());
         let (ratio_w, ratio_h) = size_for_aspect_ratio(&ratio).unwrap_or((1024, 1024));
         let mut size = |key: &str, fallback: usize| -> usize {
@@ -325,7 +358,7 @@ impl FluxPipeline {
                 ),
             ));
         }
-        let init_image = match get_s("image") {
+        let init_image = match get_s("image").filter(|_| problems.is_empty()) {
             Some(text) => match decode_image("image", &text, &allowed_input_dirs()) {
                 Ok(image) => Some(image),
                 Err(PipelineError::InvalidInput(mut p)) => {
@@ -490,5 +523,17 @@ impl Pipeline for FluxPipeline {
             ));
         };
         Ok(Prediction::Json(self.run(&input, &mut |_, _| true)?))
+    }
+
+    fn predict_with_progress(
+        &self,
+        request: PredictRequest,
+        progress: ProgressFn,
+    ) -> Result<Prediction, PipelineError> {
+        let PredictInput::Fields(input) = request.input else {
+            return self.predict(request);
+        };
+        let mut report = |step, total| progress(Progress { step, total });
+        Ok(Prediction::Json(self.run(&input, &mut report)?))
     }
 }
