@@ -2,7 +2,7 @@
 //! adapters and quantised weights will attach), normalisations with diffusers'
 //! exact formulas, and attention with an optional query-chunked path.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// `y = x W^T + b` over the last dimension.
@@ -49,16 +49,13 @@ impl Module for Linear {
     }
 }
 
-/// LayerNorm over the last dimension without learned scale/shift (computed in f32).
+/// LayerNorm over the last dimension without learned scale/shift, using candle's
+/// fused kernel (statistics in f32 for f32 inputs).
 pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered
-        .broadcast_div(&(variance + eps)?.sqrt()?)?
-        .to_dtype(dtype)
+    let dim = x.dim(D::Minus1)?;
+    let ones = Tensor::ones(dim, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
+    candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, eps as f32)
 }
 
 /// LayerNorm with optional weight and bias.
@@ -118,11 +115,11 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x32 = x.to_dtype(DType::F32)?;
-        let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x32.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight.to_dtype(x.dtype())?,
+            self.eps as f32,
+        )
     }
 }
 
@@ -134,7 +131,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: Option<usize>) -> Re
     let scale = 1.0 / (head_dim as f64).sqrt();
     let k_t = k.t()?.contiguous()?;
     let one = |q: &Tensor| -> Result<Tensor> {
-        let scores = (q.contiguous()?.matmul(&k_t)? * scale)?;
+        let scores = (q * scale)?.contiguous()?.matmul(&k_t)?;
         let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
         probabilities.matmul(&v.contiguous()?)
     };

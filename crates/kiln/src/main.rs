@@ -30,8 +30,11 @@ enum Command {
     /// Generalized linear models.
     #[command(subcommand)]
     Glm(commands::glm::GlmCommand),
-    /// Run a model on a CSV file and print its predictions as JSON.
+    /// Run a model once (`-i key=value`, `-o out.png`, or `--data rows.csv`).
     Predict(commands::predict::PredictArgs),
+    /// Time pipelines for the comparison scripts in bench/.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
 }
 
 fn init_logging() {
@@ -62,5 +65,6 @@ fn main() -> Result<()> {
         Command::Models(command) => commands::models::run(&home, command),
         Command::Glm(command) => commands::glm::run(&home, command),
         Command::Predict(args) => commands::predict::run(&home, args),
+        Command::Bench(command) => commands::bench::run(command),
     }
 }

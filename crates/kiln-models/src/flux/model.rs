@@ -49,47 +49,44 @@ impl Module for MlpEmbedder {
     }
 }
 
-/// RoPE tables: `cos`/`sin` of shape (seq, head_dim), pairs interleaved.
+/// RoPE tables: `cos`/`sin` of shape (seq, head_dim / 2), one angle per
+/// interleaved pair, computed in f64 as diffusers does.
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
-    /// From position ids (seq × axes) as f64, theta 10000, per-axis dims.
+    /// From position ids (seq × axes), theta 10000, per-axis dims.
     pub fn new(ids: &[[f64; 3]], axes: &[usize], theta: f64, device: &Device) -> Result<Self> {
-        let head_dim: usize = axes.iter().sum();
-        let mut cos = Vec::with_capacity(ids.len() * head_dim);
-        let mut sin = Vec::with_capacity(ids.len() * head_dim);
+        let half: usize = axes.iter().sum::<usize>() / 2;
+        let mut cos = Vec::with_capacity(ids.len() * half);
+        let mut sin = Vec::with_capacity(ids.len() * half);
         for position in ids {
             for (axis, &dim) in axes.iter().enumerate() {
                 for i in 0..dim / 2 {
                     let freq = 1.0 / theta.powf((2 * i) as f64 / dim as f64);
-                    let angle = position[axis] * freq;
-                    let (s, c) = angle.sin_cos();
-                    cos.extend([c as f32, c as f32]);
-                    sin.extend([s as f32, s as f32]);
+                    let (s, c) = (position[axis] * freq).sin_cos();
+                    cos.push(c as f32);
+                    sin.push(s as f32);
                 }
             }
         }
         Ok(Rope {
-            cos: Tensor::from_vec(cos, (ids.len(), head_dim), device)?,
-            sin: Tensor::from_vec(sin, (ids.len(), head_dim), device)?,
+            cos: Tensor::from_vec(cos, (ids.len(), half), device)?,
+            sin: Tensor::from_vec(sin, (ids.len(), half), device)?,
         })
     }
 
-    /// Rotate `x` of shape (batch, heads, seq, head_dim).
+    /// Rotate interleaved pairs of `x` (batch, heads, seq, head_dim) with candle's
+    /// fused kernel: `(x0·c − x1·s, x1·c + x0·s)`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, s, d) = x.dims4()?;
-        let pairs = x.reshape((b, h, s, d / 2, 2))?;
-        let real = pairs.narrow(D::Minus1, 0, 1)?;
-        let imag = pairs.narrow(D::Minus1, 1, 1)?;
-        let rotated = Tensor::cat(&[imag.neg()?, real], D::Minus1)?.reshape((b, h, s, d))?;
         let dtype = x.dtype();
-        let cos = self.cos.to_dtype(dtype)?;
-        let sin = self.sin.to_dtype(dtype)?;
-        x.broadcast_mul(&cos)?
-            .broadcast_add(&rotated.broadcast_mul(&sin)?)
+        candle_nn::rotary_emb::rope_i(
+            &x.contiguous()?,
+            &self.cos.to_dtype(dtype)?,
+            &self.sin.to_dtype(dtype)?,
+        )
     }
 }
 

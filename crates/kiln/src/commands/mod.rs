@@ -1,5 +1,6 @@
 //! One module per `kiln` subcommand.
 
+pub mod bench;
 pub mod glm;
 pub mod models;
 pub mod predict;

@@ -122,7 +122,10 @@ pub fn generate(
                     ),
                 ));
             }
-            let posterior = models.vae.encode(image).map_err(run)?;
+            let posterior = models
+                .vae
+                .encode(&image.to_device(device).map_err(run)?)
+                .map_err(run)?;
             let eps = randn(&mut generator, posterior.mean.dims4().map_err(run)?, device)?;
             let sample = (&posterior.mean + posterior.std.mul(&eps).map_err(run)?).map_err(run)?;
             let image_latents = ((sample - shift).map_err(run)? * scaling).map_err(run)?;

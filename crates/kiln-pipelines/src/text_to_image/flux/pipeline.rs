@@ -248,13 +248,21 @@ pub struct FluxPipeline {
 
 /// Load a `text_to_image/flux` model from its folder.
 pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
-    let device = Device::Cpu;
-    let components = FluxComponents::load(&model.dir, &device, DType::F32).map_err(|message| {
-        PipelineError::Load {
-            model: model.display_name(),
-            message,
+    let load_error = |message: String| PipelineError::Load {
+        model: model.display_name(),
+        message,
+    };
+    // KILN_DEVICE (cpu, cuda, cuda:N, auto) and KILN_DTYPE (f32, f16, bf16).
+    let device =
+        kiln_engine::device::select_device(&std::env::var("KILN_DEVICE").unwrap_or_default())
+            .map_err(|e| load_error(e.to_string()))?;
+    let dtype = match std::env::var("KILN_DTYPE") {
+        Ok(name) => {
+            kiln_engine::device::parse_dtype(&name).map_err(|e| load_error(e.to_string()))?
         }
-    })?;
+        Err(_) => DType::F32,
+    };
+    let components = FluxComponents::load(&model.dir, &device, dtype).map_err(load_error)?;
     Ok(Arc::new(FluxPipeline::new(
         components,
         &model.manifest,

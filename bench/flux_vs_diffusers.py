@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Benchmark: Kiln vs diffusers on the same mid-size random FLUX pipeline.
+
+Builds a random FLUX.1-dev-shaped pipeline (transformer hidden 768 = 6 heads x
+128, 2 double + 4 single blocks, RoPE axes (16, 56, 56); small CLIP/T5 with the
+tokenizers of fixtures/flux/tiny-dev; a 4-level 16-channel VAE), saves it in the
+diffusers layout, then times, in separate processes so peak memory is each
+side's own:
+  * one transformer forward at 256x256 and 512x512 (256 / 1024 image tokens,
+    64 text tokens), median of --runs after a warm-up;
+  * one whole generation (4 steps, text encoding, VAE decode) at the same sizes.
+Prints both sides and the Kiln/diffusers time ratio (lower is better).
+
+Setup (not part of CI; torch's CUDA wheel is the only one on PyPI, it runs on CPU):
+    python3 -m venv /tmp/bench-venv
+    /tmp/bench-venv/bin/pip install torch diffusers transformers safetensors sentencepiece
+    cargo build --release -p kiln
+Run:
+    /tmp/bench-venv/bin/python bench/flux_vs_diffusers.py [--runs 3] [--sizes 256,512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "fixtures" / "flux" / "tiny-dev"
+TEXT_TOKENS = 64
+STEPS = 4
+
+
+def build(folder: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+        num_attention_heads=6, joint_attention_dim=256, pooled_projection_dim=128,
+        guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=698, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=696, eos_token_id=697, projection_dim=128,
+    ))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=300, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
+        latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    with torch.no_grad():
+        for model in (transformer, clip, t5, vae):
+            for name, p in model.named_parameters():
+                if p.ndim == 1 and ("norm" in name or "scale" in name):
+                    p.copy_(1.0 + 0.02 * torch.randn_like(p))
+                else:
+                    p.copy_(0.02 * torch.randn_like(p))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(TINY / "scheduler")
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=CLIPTokenizer.from_pretrained(TINY / "tokenizer"),
+        text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(TINY / "tokenizer_2"), transformer=transformer,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def median_time(fn, runs: int) -> float:
+    fn()
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def diffusers_worker(folder: Path, sizes: list[int], runs: int) -> dict:
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    transformer = pipe.transformer
+    cfg = transformer.config
+    results = []
+    for size in sizes:
+        tokens = (size // 16) ** 2
+        img = torch.randn(1, tokens, cfg.in_channels)
+        txt = torch.randn(1, TEXT_TOKENS, cfg.joint_attention_dim)
+        pooled = torch.randn(1, cfg.pooled_projection_dim)
+        grid = size // 16
+        img_ids = torch.zeros(grid, grid, 3)
+        img_ids[..., 1] = torch.arange(grid)[:, None]
+        img_ids[..., 2] = torch.arange(grid)[None, :]
+        img_ids = img_ids.reshape(-1, 3)
+        txt_ids = torch.zeros(TEXT_TOKENS, 3)
+        t = torch.tensor([0.5])
+        g = torch.tensor([3.5])
+
+        def forward():
+            with torch.no_grad():
+                transformer(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                            img_ids=img_ids, txt_ids=txt_ids, guidance=g, return_dict=False)
+
+        def generate():
+            pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, guidance_scale=3.5,
+                 max_sequence_length=TEXT_TOKENS, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+
+        results.append({"size": size, "forward_s": median_time(forward, runs), "generate_s": median_time(generate, runs)})
+    return {"results": results, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "torch_threads": torch.get_num_threads()}
+
+
+def kiln_binary() -> Path:
+    for candidate in (REPO / "target/release/kiln", REPO / "target/debug/kiln"):
+        if candidate.exists():
+            if "debug" in str(candidate):
+                print("warning: using a debug build of kiln", file=sys.stderr)
+            return candidate
+    sys.exit("build kiln first: cargo build --release -p kiln")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.worker == "diffusers":
+        print(json.dumps(diffusers_worker(args.model, sizes, args.runs)))
+        return
+    folder = Path(tempfile.mkdtemp(prefix="kiln-flux-bench-"))
+    try:
+        build(folder)
+        diffusers = json.loads(subprocess.run(
+            [sys.executable, __file__, "--worker", "diffusers", "--model", str(folder), "--sizes", args.sizes,
+             "--runs", str(args.runs)], check=True, capture_output=True, text=True).stdout)
+        kiln = json.loads(subprocess.run(
+            [str(kiln_binary()), "bench", "flux", "--model", str(folder), "--sizes", args.sizes, "--runs",
+             str(args.runs), "--steps", str(STEPS), "--max-sequence-length", str(TEXT_TOKENS)],
+            check=True, capture_output=True, text=True).stdout)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"FLUX mid-size (hidden 768, 2+4 blocks), {TEXT_TOKENS} text tokens, {STEPS}-step generations, "
+          f"median of {args.runs}, torch threads {diffusers['torch_threads']}")
+    print(f"{'size':>5} | {'stage':>10} | {'kiln s':>8} | {'diffusers s':>11} | {'ratio':>6}")
+    for ours, theirs in zip(kiln["results"], diffusers["results"]):
+        for stage in ("forward_s", "generate_s"):
+            ratio = ours[stage] / theirs[stage]
+            print(f"{ours['size']:>5} | {stage[:-2]:>10} | {ours[stage]:>8.3f} | {theirs[stage]:>11.3f} | {ratio:>5.2f}x")
+    print(f"peak RSS: kiln {kiln['peak_rss_mib']:.0f} MiB, diffusers {diffusers['peak_rss_mib']:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps({"kiln": kiln, "diffusers": diffusers}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+//! `kiln bench flux`: time one FLUX transformer forward and whole generations on a
+//! model folder, for `bench/flux_vs_diffusers.py` to compare with diffusers on the
+//! same weights. Prints JSON (median seconds, peak resident memory).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Subcommand};
+use kiln_pipelines::text_to_image::flux::{
+    FluxComponents, FluxModels, GenerationRequest, generate,
+};
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Transformer forward and full generation timings for a FLUX folder.
+    Flux(FluxBenchArgs),
+}
+
+#[derive(Args)]
+pub struct FluxBenchArgs {
+    /// A FLUX model folder (diffusers layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Square image sizes to time, in pixels.
+    #[arg(long, value_delimiter = ',', default_value = "256,512")]
+    sizes: Vec<usize>,
+    /// Denoising steps per generation.
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// T5 tokens.
+    #[arg(long, default_value_t = 64)]
+    max_sequence_length: usize,
+    /// Timed repetitions (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn time<F: FnMut() -> Result<()>>(runs: usize, mut f: F) -> Result<f64> {
+    f()?;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let started = Instant::now();
+        f()?;
+        samples.push(started.elapsed().as_secs_f64());
+    }
+    Ok(median(samples))
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    let BenchCommand::Flux(args) = command;
+    let device = Device::Cpu;
+    let components =
+        FluxComponents::load(&args.model, &device, DType::F32).map_err(anyhow::Error::msg)?;
+    let config = components.transformer.config().clone();
+    let mut results = Vec::new();
+    for &size in &args.sizes {
+        let tokens = (size / 16) * (size / 16);
+        let img = Tensor::randn(0f32, 1.0, (1, tokens, config.in_channels), &device)?;
+        let txt = Tensor::randn(
+            0f32,
+            1.0,
+            (1, args.max_sequence_length, config.joint_attention_dim),
+            &device,
+        )?;
+        let pooled = Tensor::randn(0f32, 1.0, (1, config.pooled_projection_dim), &device)?;
+        let ids = kiln_models::flux::position_ids(args.max_sequence_length, size / 16, size / 16);
+        let timestep = Tensor::new(&[0.5f32], &device)?;
+        let guidance = Tensor::new(&[3.5f32], &device)?;
+        let forward_s = time(args.runs, || {
+            components.transformer.forward(
+                &img,
+                &txt,
+                &ids,
+                &timestep,
+                config.guidance_embeds.then_some(&guidance),
+                &pooled,
+            )?;
+            Ok(())
+        })
+        .context("transformer forward")?;
+        let models = FluxModels {
+            text: &components.text,
+            transformer: &components.transformer,
+            vae: &components.vae,
+            scheduler: &components.scheduler,
+            device: &components.device,
+            dtype: components.dtype,
+        };
+        let request = GenerationRequest {
+            prompt: "a photo of a cat".into(),
+            negative_prompt: None,
+            width: size,
+            height: size,
+            steps: args.steps,
+            guidance_scale: 3.5,
+            true_cfg_scale: 1.0,
+            seed: 0,
+            num_outputs: 1,
+            max_sequence_length: args.max_sequence_length,
+            init_image: None,
+        };
+        let mut stages = Vec::new();
+        let generate_s = time(args.runs, || {
+            stages.push(generate(&models, &request, &mut |_, _| true)?.timings);
+            Ok(())
+        })
+        .context("generation")?;
+        let last = stages.last().cloned().unwrap_or_default();
+        results.push(json!({
+            "size": size, "forward_s": forward_s, "generate_s": generate_s,
+            "stages": {"text_s": last.text_encoding_s, "denoise_s": last.denoising_s, "vae_s": last.vae_s},
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"results": results, "peak_rss_mib": peak_rss_mib()}))?
+    );
+    Ok(())
+}
