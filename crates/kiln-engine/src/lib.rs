@@ -2,6 +2,7 @@
 //! generator, safetensors weight loading with layout key adapters, and the layers
 //! and attention the models share, on candle.
 
+pub mod conv;
 pub mod device;
 pub mod error;
 pub mod nn;

@@ -49,6 +49,7 @@ fn request(inputs: &Value) -> GenerationRequest {
         num_outputs: 1,
         max_sequence_length: inputs["max_sequence_length"].as_u64().unwrap() as usize,
         init_image: None,
+        vae_tile: None,
     }
 }
 

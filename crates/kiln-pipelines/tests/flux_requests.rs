@@ -220,3 +220,21 @@ fn missing_component_files_are_named() {
     .to_string();
     assert!(err.contains("text_encoder_2"), "{err}");
 }
+
+#[test]
+fn vae_tiling_is_a_request_option_that_keeps_small_images_identical() {
+    let p = pipeline();
+    let request =
+        json!({"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 4});
+    let plain = predict(&*p, request.clone()).unwrap();
+    let mut tiled_request = request;
+    tiled_request["vae_tiling"] = json!(true);
+    let tiled = predict(&*p, tiled_request).unwrap();
+    // One 512-pixel tile covers a 64x64 image: tiling must not change it.
+    assert_eq!(plain["images"][0]["base64"], tiled["images"][0]["base64"]);
+    let found = problems(predict(&*p, json!({"prompt": "x", "vae_tiling": "yes"})));
+    assert!(
+        found[0].starts_with("vae_tiling: should be bool type"),
+        "{found:?}"
+    );
+}

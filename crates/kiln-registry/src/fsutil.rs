@@ -66,8 +66,9 @@ impl WriterLock {
     }
 }
 
-/// Every regular file under `root`, as paths relative to it, sorted.
-/// Symlinks are refused so that a registered model cannot point outside its folder.
+/// Every regular file under `root`, as paths relative to it, sorted. Symlinks to
+/// files are followed (the HF cache links snapshot files to blobs) and their
+/// contents copied; symlinks to folders and special files are refused.
 pub fn list_files(root: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut pending = vec![PathBuf::new()];
@@ -80,9 +81,11 @@ pub fn list_files(root: &Path) -> Result<Vec<PathBuf>> {
                 .file_type()
                 .map_err(|e| Error::io("stat", entry.path(), e))?;
             let child = relative.join(entry.file_name());
+            let followed_file =
+                kind.is_symlink() && fs::metadata(entry.path()).is_ok_and(|m| m.is_file());
             if kind.is_dir() {
                 pending.push(child);
-            } else if kind.is_file() {
+            } else if kind.is_file() || followed_file {
                 out.push(child);
             } else {
                 return Err(Error::UnsafeArtifactPath(child.display().to_string()));
@@ -91,6 +94,34 @@ pub fn list_files(root: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// A Hugging Face cache repository folder (`models--owner--name`, with `refs/` and
+/// `snapshots/`) resolves to the snapshot its `refs/main` names (or the only
+/// snapshot); any other folder is returned as it is.
+pub fn hf_cache_snapshot(dir: &Path) -> PathBuf {
+    let snapshots = dir.join("snapshots");
+    if !snapshots.is_dir() {
+        return dir.to_path_buf();
+    }
+    if let Ok(revision) = fs::read_to_string(dir.join("refs/main")) {
+        let candidate = snapshots.join(revision.trim());
+        if revision.trim().chars().all(|c| c.is_ascii_hexdigit()) && candidate.is_dir() {
+            return candidate;
+        }
+    }
+    let mut entries: Vec<PathBuf> = fs::read_dir(&snapshots)
+        .map(|e| {
+            e.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    entries.sort();
+    match entries.as_slice() {
+        [only] => only.clone(),
+        _ => dir.to_path_buf(),
+    }
 }
 
 /// Check that a manifest-relative path stays inside its folder.
@@ -128,6 +159,28 @@ mod tests {
             sha256_file(&path).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn hf_cache_folders_resolve_to_their_snapshot_and_links_are_followed() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--acme--tiny");
+        let snapshot = repo.join("snapshots/abc123");
+        fs::create_dir_all(&snapshot).unwrap();
+        fs::create_dir_all(repo.join("refs")).unwrap();
+        fs::create_dir_all(repo.join("blobs")).unwrap();
+        fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        fs::write(repo.join("blobs/deadbeef"), b"weights").unwrap();
+        std::os::unix::fs::symlink("../../blobs/deadbeef", snapshot.join("model.safetensors"))
+            .unwrap();
+        assert_eq!(hf_cache_snapshot(&repo), snapshot);
+        assert_eq!(
+            list_files(&snapshot).unwrap(),
+            vec![PathBuf::from("model.safetensors")]
+        );
+        let plain = cache.path().join("plain");
+        fs::create_dir_all(&plain).unwrap();
+        assert_eq!(hf_cache_snapshot(&plain), plain);
     }
 
     #[test]

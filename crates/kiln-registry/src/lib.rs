@@ -20,7 +20,7 @@ mod reference;
 mod store;
 
 pub use error::{Error, Result};
-pub use fsutil::sha256_file;
+pub use fsutil::{hf_cache_snapshot, sha256_file};
 pub use manifest::{FileEntry, MANIFEST_FILE, Manifest};
 pub use name::{Alias, ModelName};
 pub use reference::{ModelRef, VersionSelector};

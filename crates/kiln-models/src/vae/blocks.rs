@@ -3,7 +3,8 @@
 //! single-head mid-block attention and UNetMidBlock2D.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder, conv2d, group_norm};
+use candle_nn::{GroupNorm, VarBuilder, group_norm};
+use kiln_engine::conv::Conv2d;
 use kiln_engine::nn::{Linear, attention};
 
 /// diffusers builds every VAE norm with this epsilon.
@@ -22,12 +23,7 @@ pub fn conv(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
-    let config = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    conv2d(in_channels, out_channels, kernel, config, vb)
+    Conv2d::load(&vb, in_channels, out_channels, kernel, stride, padding)
 }
 
 pub fn norm(vb: VarBuilder, groups: usize, channels: usize) -> Result<GroupNorm> {

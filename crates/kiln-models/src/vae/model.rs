@@ -3,7 +3,8 @@
 //! overlapping blended tiles (diffusers' `tiled_decode`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
+use kiln_engine::conv::Conv2d;
 
 use super::blocks::{Downsample, MidBlock, ResnetBlock, Upsample, conv, norm};
 use super::config::VaeConfig;

@@ -114,6 +114,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             num_outputs: 1,
             max_sequence_length: args.max_sequence_length,
             init_image: None,
+            vae_tile: None,
         };
         let mut stages = Vec::new();
         let generate_s = time(args.runs, || {

@@ -80,6 +80,7 @@ pub fn run(home: &Path, command: ModelsCommand) -> Result<()> {
     match command {
         ModelsCommand::Register { name, from, alias } => {
             let name = ModelName::parse(&name)?;
+            let from = kiln_registry::hf_cache_snapshot(&from);
             let alias = alias.as_deref().map(Alias::parse).transpose()?;
             let published = if from.join(kiln_registry::MANIFEST_FILE).is_file() {
                 registry.register_folder(&name, &from, alias.as_ref())?

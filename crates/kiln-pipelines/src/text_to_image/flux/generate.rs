@@ -29,6 +29,9 @@ pub struct GenerationRequest {
     pub max_sequence_length: usize,
     /// img2img: the init image as (1, 3, H, W) in [-1, 1], and the strength.
     pub init_image: Option<(Tensor, f64)>,
+    /// Decode the VAE in tiles of this many pixels (bounded memory), one image at
+    /// a time; `None` decodes the whole batch at once.
+    pub vae_tile: Option<usize>,
 }
 
 /// Per-stage wall time, reported with every result.
@@ -214,7 +217,11 @@ pub fn generate(
     )
     .map_err(run)?;
     let latents = ((latents / scaling).map_err(run)? + shift).map_err(run)?;
-    let decoded = models.vae.decode(&latents).map_err(run)?;
+    let decoded = match request.vae_tile {
+        Some(tile) => models.vae.decode_tiled(&latents, tile),
+        None => models.vae.decode(&latents),
+    }
+    .map_err(run)?;
     let images = ((decoded / 2.0).map_err(run)? + 0.5)
         .and_then(|t| t.clamp(0f32, 1f32))
         .and_then(|t| t.permute((0, 2, 3, 1)))

@@ -190,6 +190,12 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
             int(1, 100),
             Some(json!(90)),
         ),
+        field(
+            "vae_tiling",
+            "Decode in 512-pixel tiles, one image at a time, to bound memory on large images",
+            FieldKind::Boolean,
+            Some(json!(false)),
+        ),
     ];
     if !presets.is_empty() {
         let names: Vec<&str> = presets.iter().map(String::as_str).collect();
@@ -402,6 +408,8 @@ impl FluxPipeline {
                 num_outputs: get_i("num_outputs").unwrap_or(1) as usize,
                 max_sequence_length: get_i("max_sequence_length").unwrap_or(512) as usize,
                 init_image,
+                vae_tile: (values.get("vae_tiling").and_then(Value::as_bool) == Some(true))
+                    .then_some(512),
             },
             format,
             quality,
