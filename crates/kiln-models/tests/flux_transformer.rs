@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
 use kiln_engine::{AdaptedWeights, WeightFiles};
 use kiln_models::flux::{FluxConfig, FluxLayout, FluxTransformer};
@@ -29,26 +30,9 @@ fn references(variant: &str) -> HashMap<String, Tensor> {
 }
 
 fn compare(name: &str, ours: &Tensor, theirs: &Tensor) {
-    assert_eq!(ours.dims(), theirs.dims(), "{name}: shape");
-    let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
-    let dot: f64 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let cosine_distance = 1.0 - dot / (na * nb);
-    let max_abs = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        cosine_distance <= 1e-5 && max_abs <= 1e-4,
-        "{name}: cosine distance {cosine_distance:e}, max abs diff {max_abs:e}"
-    );
+    if let Err(problem) = parity::check(name, ours, theirs, Tolerance::INTERMEDIATE) {
+        panic!("{problem}");
+    }
 }
 
 fn config(variant: &str) -> FluxConfig {

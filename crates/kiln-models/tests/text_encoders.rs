@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
 use kiln_engine::{AdaptedWeights, KeyAdapter, WeightFiles};
 use kiln_models::clip::{ClipTextConfig, ClipTextModel};
@@ -32,26 +33,9 @@ fn config<T: serde::de::DeserializeOwned>(component: &str) -> T {
 }
 
 fn compare(name: &str, ours: &Tensor, theirs: &Tensor) {
-    assert_eq!(ours.dims(), theirs.dims(), "{name}: shape");
-    let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
-    let dot: f64 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let norms: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt()
-        * b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let distance = 1.0 - dot / norms;
-    let max_abs = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        distance <= 1e-5 && max_abs <= 1e-4,
-        "{name}: cosine distance {distance:e}, max abs {max_abs:e}"
-    );
+    if let Err(problem) = parity::check(name, ours, theirs, Tolerance::INTERMEDIATE) {
+        panic!("{problem}");
+    }
 }
 
 #[test]

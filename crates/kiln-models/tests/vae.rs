@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
 use kiln_engine::{AdaptedWeights, Source, WeightFiles};
 use kiln_models::vae::{AutoencoderKl, VaeConfig, VaeLayout, bfl_vae_adapter, detect_vae_layout};
@@ -51,32 +52,19 @@ fn references(file: &str) -> HashMap<String, Tensor> {
 }
 
 /// (cosine distance, max abs diff).
-fn distance(ours: &Tensor, theirs: &Tensor) -> (f64, f32) {
-    let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
-    let dot: f64 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let max_abs = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
-    (1.0 - dot / (na * nb), max_abs)
+fn distance(ours: &Tensor, theirs: &Tensor) -> (f64, f64) {
+    let c = parity::compare(ours, theirs).unwrap();
+    (c.cosine_distance, c.max_abs)
 }
 
 fn compare(name: &str, ours: &Tensor, theirs: &Tensor) {
-    assert_eq!(ours.dims(), theirs.dims(), "{name}: shape");
-    let (cosine_distance, max_abs) = distance(ours, theirs);
-    eprintln!("{name}: cosine distance {cosine_distance:e}, max abs diff {max_abs:e}");
-    assert!(
-        cosine_distance <= 1e-5 && max_abs <= 1e-4,
-        "{name}: cosine distance {cosine_distance:e}, max abs diff {max_abs:e}"
-    );
+    match parity::check(name, ours, theirs, Tolerance::INTERMEDIATE) {
+        Ok(c) => eprintln!(
+            "{name}: cosine distance {:e}, max abs diff {:e}",
+            c.cosine_distance, c.max_abs
+        ),
+        Err(problem) => panic!("{problem}"),
+    }
 }
 
 fn config() -> VaeConfig {

@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use kiln_engine::weights::load_all;
-use kiln_pipelines::text_to_image::flux::{
-    FluxComponents, FluxModels, GenerationRequest, generate,
-};
+use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest, generate};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -69,14 +67,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 fn run(v: &Variant, request: &GenerationRequest) -> Tensor {
     let c = &v.components;
-    let models = FluxModels {
-        text: &c.text,
-        transformer: &c.transformer,
-        vae: &c.vae,
-        scheduler: &c.scheduler,
-        device: &c.device,
-        dtype: c.dtype,
-    };
+    let models = c.models();
     let mut steps = 0;
     let out = generate(&models, request, &mut |_, _| {
         steps += 1;

@@ -8,9 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
-use kiln_pipelines::text_to_image::flux::{
-    FluxComponents, FluxModels, GenerationRequest, generate,
-};
+use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest, generate};
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -94,14 +92,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             Ok(())
         })
         .context("transformer forward")?;
-        let models = FluxModels {
-            text: &components.text,
-            transformer: &components.transformer,
-            vae: &components.vae,
-            scheduler: &components.scheduler,
-            device: &components.device,
-            dtype: components.dtype,
-        };
+        let models = components.models();
         let request = GenerationRequest {
             prompt: "a photo of a cat".into(),
             negative_prompt: None,

@@ -15,6 +15,7 @@ use kiln_models::t5::{T5Config, T5Encoder};
 use kiln_models::vae::{AutoencoderKl, VaeConfig, detect_vae_layout};
 use serde::de::DeserializeOwned;
 
+use super::generate::FluxModels;
 use super::prompt::{PromptTokenizer, TextEncoders};
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 
@@ -78,6 +79,18 @@ fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
 }
 
 impl FluxComponents {
+    /// Borrow the parts the sampling loop needs.
+    pub fn models(&self) -> FluxModels<'_> {
+        FluxModels {
+            text: &self.text,
+            transformer: &self.transformer,
+            vae: &self.vae,
+            scheduler: &self.scheduler,
+            device: &self.device,
+            dtype: self.dtype,
+        }
+    }
+
     /// Load every component of the model folder at `dir`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, String> {
         let transformer_path = transformer_weights(dir)?;

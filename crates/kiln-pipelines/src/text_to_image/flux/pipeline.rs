@@ -10,7 +10,7 @@ use kiln_registry::{Manifest, ResolvedModel};
 use serde_json::{Map, Value, json};
 
 use super::components::FluxComponents;
-use super::generate::{FluxModels, GenerationRequest, generate};
+use super::generate::{GenerationRequest, generate};
 use crate::contract::{
     InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction,
 };
@@ -427,14 +427,7 @@ impl FluxPipeline {
             .components
             .lock()
             .map_err(|_| PipelineError::Execution("the model is unusable after a panic".into()))?;
-        let models = FluxModels {
-            text: &components.text,
-            transformer: &components.transformer,
-            vae: &components.vae,
-            scheduler: &components.scheduler,
-            device: &components.device,
-            dtype: components.dtype,
-        };
+        let models = components.models();
         let generated = generate(&models, &request, on_step)?;
         let started = std::time::Instant::now();
         let images = to_rgb_images(&generated.images)?;
