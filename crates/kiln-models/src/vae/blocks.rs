@@ -3,8 +3,9 @@
 //! single-head mid-block attention and UNetMidBlock2D.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder, group_norm};
+use candle_nn::VarBuilder;
 use kiln_engine::conv::Conv2d;
+use kiln_engine::group_norm::GroupNorm;
 use kiln_engine::nn::{Linear, attention};
 
 /// diffusers builds every VAE norm with this epsilon.
@@ -27,7 +28,7 @@ pub fn conv(
 }
 
 pub fn norm(vb: VarBuilder, groups: usize, channels: usize) -> Result<GroupNorm> {
-    group_norm(groups, channels, NORM_EPS, vb)
+    GroupNorm::load(&vb, groups, channels, NORM_EPS)
 }
 
 /// diffusers' `ResnetBlock2D` without time embedding: norm1 → SiLU → conv1 →

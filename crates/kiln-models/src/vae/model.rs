@@ -3,8 +3,9 @@
 //! overlapping blended tiles (diffusers' `tiled_decode`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use kiln_engine::conv::Conv2d;
+use kiln_engine::group_norm::GroupNorm;
 
 use super::blocks::{Downsample, MidBlock, ResnetBlock, Upsample, conv, norm};
 use super::config::VaeConfig;
