@@ -5,10 +5,11 @@
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// `y = x W^T + b` over the last dimension.
+/// `y = x W^T + b` over the last dimension. The weight is kept transposed
+/// (in × out, contiguous) so every forward is a plain row-major GEMM.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight_t: Tensor,
     bias: Option<Tensor>,
 }
 
@@ -21,15 +22,20 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Self::from_parts(weight, bias)
     }
 
-    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+    /// From an (out × in) weight as stored in checkpoints.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Linear {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight as (out × in), as checkpoints store it (a transposed view).
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight_t.t()
     }
 }
 
@@ -38,9 +44,9 @@ impl Module for Linear {
         let y = match x.dims() {
             [b, s, d] => x
                 .reshape((b * s, *d))?
-                .matmul(&self.weight.t()?)?
+                .matmul(&self.weight_t)?
                 .reshape((*b, *s, ()))?,
-            _ => x.broadcast_matmul(&self.weight.t()?)?,
+            _ => x.broadcast_matmul(&self.weight_t)?,
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),

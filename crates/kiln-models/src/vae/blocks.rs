@@ -143,7 +143,7 @@ fn projection(vb: VarBuilder, channels: usize) -> Result<Linear> {
         ),
     };
     let bias = vb.get(channels, "bias")?;
-    Ok(Linear::from_parts(weight, Some(bias)))
+    Linear::from_parts(weight, Some(bias))
 }
 
 /// The mid block's attention (diffusers `Attention` built from the deprecated
