@@ -171,17 +171,8 @@ pub fn conv2d_im2col(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> R
 mod tests {
     use super::*;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        crate::parity::compare(a, b).unwrap().max_abs
     }
 
     #[test]

@@ -132,16 +132,7 @@ mod tests {
         let x = (Tensor::randn(0f32, 2.0, (2, 12, 7, 5), &device).unwrap() + 3.0).unwrap();
         let ours = norm.forward(&x).unwrap();
         let theirs = norm.fallback.forward(&x).unwrap();
-        let diff = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::parity::compare(&ours, &theirs).unwrap().max_abs;
         assert!(diff < 1e-5, "{diff}");
     }
 }

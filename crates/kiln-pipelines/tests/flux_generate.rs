@@ -51,18 +51,8 @@ fn request(inputs: &Value) -> GenerationRequest {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    kiln_engine::parity::compare(a, b).unwrap().max_abs
 }
 
 fn run(v: &Variant, request: &GenerationRequest) -> Tensor {

@@ -7,6 +7,26 @@ use candle_nn::VarBuilder;
 use kiln_engine::conv::Conv2d;
 use kiln_engine::group_norm::GroupNorm;
 
+/// `count` ResnetBlocks (`resnets.0..`), the first taking `input` channels.
+fn resnet_stack(
+    vb: &VarBuilder,
+    count: usize,
+    input: usize,
+    output: usize,
+    groups: usize,
+) -> Result<Vec<ResnetBlock>> {
+    (0..count)
+        .map(|j| {
+            ResnetBlock::load(
+                vb.pp("resnets").pp(j),
+                if j == 0 { input } else { output },
+                output,
+                groups,
+            )
+        })
+        .collect()
+}
+
 use super::blocks::{Downsample, MidBlock, ResnetBlock, Upsample, conv, norm};
 use super::config::VaeConfig;
 
@@ -46,16 +66,7 @@ impl Encoder {
         let mut output = channels[0];
         for (i, &out) in channels.iter().enumerate() {
             let vb = vb.pp("down_blocks").pp(i);
-            let mut resnets = Vec::with_capacity(config.layers_per_block);
-            for j in 0..config.layers_per_block {
-                let input = if j == 0 { output } else { out };
-                resnets.push(ResnetBlock::load(
-                    vb.pp("resnets").pp(j),
-                    input,
-                    out,
-                    groups,
-                )?);
-            }
+            let resnets = resnet_stack(&vb, config.layers_per_block, output, out, groups)?;
             let downsample = if i + 1 < levels {
                 Some(Downsample::load(vb.pp("downsamplers").pp("0"), out)?)
             } else {
@@ -132,16 +143,7 @@ impl Decoder {
         let mut previous = top;
         for (i, &out) in reversed.iter().enumerate() {
             let vb = vb.pp("up_blocks").pp(i);
-            let mut resnets = Vec::with_capacity(config.layers_per_block + 1);
-            for j in 0..=config.layers_per_block {
-                let input = if j == 0 { previous } else { out };
-                resnets.push(ResnetBlock::load(
-                    vb.pp("resnets").pp(j),
-                    input,
-                    out,
-                    groups,
-                )?);
-            }
+            let resnets = resnet_stack(&vb, config.layers_per_block + 1, previous, out, groups)?;
             let upsample = if i + 1 < levels {
                 Some(Upsample::load(vb.pp("upsamplers").pp("0"), out)?)
             } else {
