@@ -7,6 +7,7 @@
 pub mod contract;
 pub mod error;
 pub mod frame;
+pub mod rows;
 pub mod schema;
 pub mod tabular;
 pub mod tensor;
@@ -18,5 +19,6 @@ pub use contract::{
 };
 pub use error::{FieldProblem, PipelineError, ProblemKind};
 pub use frame::{ColumnSpec, ColumnType, Frame, RawFrame, Signature};
+pub use rows::predict_any;
 pub use schema::{FieldKind, FieldSpec, InputSchema};
 pub use tensor::{DataType, Tensor, TensorData};

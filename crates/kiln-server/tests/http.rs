@@ -619,3 +619,87 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         "the listener should be closed"
     );
 }
+
+fn tiny_flux_spec() -> ModelSpec {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux/tiny-dev");
+    let manifest = kiln_pipelines::text_to_image::flux::manifest_for_folder(&dir).unwrap();
+    let model = ResolvedModel {
+        name: None,
+        version: Some(1),
+        dir,
+        manifest,
+    };
+    ModelSpec {
+        name: "test.images.flux".into(),
+        version: Some(1),
+        reference: "fixtures/flux/tiny-dev".into(),
+        loader: Box::new(move || {
+            kiln_pipelines::text_to_image::flux::load(&model).map_err(|e| e.to_string())
+        }),
+    }
+}
+
+#[tokio::test]
+async fn image_pipelines_answer_tabular_protocols_one_row_per_request() {
+    let server = start(vec![tiny_flux_spec()], 1 << 20).await;
+    let addr = server.addr;
+    // The Databricks pattern: dataframe_split columns are the request fields.
+    let reply = post_json(
+        addr,
+        "/invocations",
+        &json!({"dataframe_split": {
+            "columns": ["prompt", "width", "height", "num_inference_steps", "seed"],
+            "data": [["a photo of a cat", 32, 32, 1, 7], ["a dog", 48, 32, 1, 8]]}}),
+    )
+    .await;
+    let body = reply.json();
+    assert_eq!(reply.status, 200, "{body}");
+    let predictions = body["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 2);
+    assert_eq!(predictions[1]["width"], 48);
+    assert_eq!(predictions[0]["seed"], 7);
+    assert!(
+        predictions[0]["images"][0]["base64"]
+            .as_str()
+            .unwrap()
+            .len()
+            > 100
+    );
+
+    // KServe v2: BYTES tensors carry text, converted by the schema's types.
+    let reply = post_json(
+        addr,
+        "/v2/models/test.images.flux/infer",
+        &json!({"inputs": [
+            {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a photo of a cat"]},
+            {"name": "width", "datatype": "BYTES", "shape": [1], "data": ["32"]},
+            {"name": "height", "datatype": "INT64", "shape": [1], "data": [32]},
+            {"name": "num_inference_steps", "datatype": "INT32", "shape": [1], "data": [1]},
+            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [7]}]}),
+    )
+    .await;
+    let body = reply.json();
+    assert_eq!(reply.status, 200, "{body}");
+    let output: Value =
+        serde_json::from_str(body["outputs"][0]["data"][0].as_str().unwrap()).unwrap();
+    assert_eq!(
+        output[0]["images"][0]["base64"], predictions[0]["images"][0]["base64"],
+        "same seed, same image"
+    );
+
+    // Validation errors keep the protocol's shape and name the field.
+    let reply = post_json(
+        addr,
+        "/invocations",
+        &json!({"dataframe_split": {"columns": ["prompt", "width"], "data": [["a cat", 1000]]}}),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("width: must be a multiple of 16")
+    );
+    server.stop().await;
+}

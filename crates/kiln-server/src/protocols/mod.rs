@@ -56,7 +56,7 @@ pub async fn predict(model: &ServedModel, request: PredictRequest) -> Result<Pre
         return Err(ApiError::InvalidParameters(problems));
     }
     let pipeline = Arc::clone(&pipeline);
-    tokio::task::spawn_blocking(move || pipeline.predict(request))
+    tokio::task::spawn_blocking(move || kiln_pipelines::predict_any(&*pipeline, request))
         .await
         .map_err(|e| ApiError::Internal(format!("the prediction task failed: {e}")))?
         .map_err(ApiError::from)
