@@ -140,3 +140,271 @@ def kiln_server():
             yield KilnServer(host=HOST, port=port, model=DEFAULT_MODEL, home=home)
         finally:
             _stop(proc)
+
+
+# --------------------------------------------------------------------------
+# `kiln serve --config` servers for the serving-protocol tests
+# (tests/python/test_serving_protocols.py): RunPod, Cog, OpenAI over FLUX.
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+API_KEY = "test-key"
+FLUX_MODEL = "flux-schnell"
+FLUX_SCHNELL_DIR = REPO_ROOT / "fixtures" / "flux" / "tiny-schnell"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string here
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def serve_config_toml(server: dict, jobs: dict, models: list[dict]) -> str:
+    """The `kiln serve --config` file: [server], [jobs], [[models]]."""
+    lines = ["[server]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in server.items()]
+    lines += ["", "[jobs]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in jobs.items()]
+    for model in models:
+        lines += ["", "[[models]]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in model.items()]
+    return "\n".join(lines) + "\n"
+
+
+def flux_model_entry(**overrides) -> dict:
+    """A [[models]] entry serving the tiny random FLUX.1-schnell fixture."""
+    entry = {
+        "name": FLUX_MODEL,
+        "source": str(FLUX_SCHNELL_DIR),
+        "max_queue": 8,
+        "concurrency": 1,
+        "execution_timeout": "5m",
+    }
+    entry.update(overrides)
+    return entry
+
+
+class KilnProcess:
+    """One `kiln serve --config CONFIG.toml` with its own KILN_HOME.
+
+    It can be SIGKILLed and started again on the same KILN_HOME, config and port
+    (the durability tests do that). stdout/stderr of every run are appended to
+    files in the work directory and shown when start-up fails.
+    """
+
+    def __init__(self, binary: Path, workdir: Path, port: int, config_text: str):
+        self.binary = binary
+        self.workdir = workdir
+        self.home = workdir / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.host = HOST
+        self.port = port
+        self.config_path = workdir / "kiln.toml"
+        self.config_path.write_text(config_text)
+        self.stdout_path = workdir / "stdout.log"
+        self.stderr_path = workdir / "stderr.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def auth_headers(self) -> dict:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    @property
+    def command(self) -> list[str]:
+        return [str(self.binary), "serve", "--config", str(self.config_path)]
+
+    def start(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            timeout = float(os.environ.get("KILN_READY_TIMEOUT", "120"))
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            banner = f"\n==== start #{self.starts}: {' '.join(self.command)}\n".encode()
+            out.write(banner)
+            err.write(banner)
+            out.flush()
+            err.flush()
+            self.proc = subprocess.Popen(
+                self.command,
+                env=dict(os.environ, KILN_HOME=str(self.home)),
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+        try:
+            _wait_ready(self.proc, f"{self.base_url}/v2/health/ready", timeout)
+        except RuntimeError as e:
+            _stop(self.proc)
+            stderr = _read(self.stderr_path)
+            print(f"\n---- kiln serve failed to start: {e}")
+            print(f"---- command: KILN_HOME={self.home} {' '.join(self.command)}")
+            print("---- config ----\n" + _read(self.config_path))
+            print("---- kiln stdout ----\n" + _read(self.stdout_path))
+            print("---- kiln stderr ----\n" + stderr)
+            pytest.fail(
+                f"kiln serve --config failed to start (start #{self.starts}): {e}\n"
+                f"---- config ----\n{_read(self.config_path)}"
+                f"---- kiln stderr (tail) ----\n{stderr[-4000:]}",
+                pytrace=False,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks, no flushing; what a crash looks like."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+    def stderr_tail(self, n: int = 3000) -> str:
+        return _read(self.stderr_path)[-n:]
+
+
+@pytest.fixture(scope="session")
+def kiln_serve():
+    """Factory: `kiln_serve(model_overrides={...}, jobs={...}, name=...)` writes a
+    config (by default one flux-schnell model, see flux_model_entry; pass
+    `models=[...]` for other [[models]] lists), starts `kiln serve --config` on a
+    free port with a fresh KILN_HOME, waits for /v2/health/ready and returns the
+    KilnProcess. Every server is stopped at the end of the session at the latest
+    (tests may stop theirs earlier)."""
+    binary = kiln_bin()
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        pytest.fail(
+            f"kiln binary not found at {binary}; build it with `cargo build` "
+            "or point KILN_BIN at it",
+            pytrace=False,
+        )
+    started: list[KilnProcess] = []
+
+    def start(
+        *,
+        models: list[dict] | None = None,
+        model_overrides: dict | None = None,
+        jobs: dict | None = None,
+        api_keys: list[str] | None = None,
+        name: str = "serve",
+    ) -> KilnProcess:
+        if models is None:
+            models = [flux_model_entry(**(model_overrides or {}))]
+        workdir = Path(tempfile.mkdtemp(prefix=f"kiln-pytest-{name}-"))
+        port = free_port()
+        server = {
+            "host": HOST,
+            "port": port,
+            "api_keys": [API_KEY] if api_keys is None else api_keys,
+        }
+        jobs_section = {"result_ttl": "30m", "on_restart": "requeue"}
+        jobs_section.update(jobs or {})
+        text = serve_config_toml(server, jobs_section, models)
+        process = KilnProcess(binary, workdir, port, text)
+        started.append(process)
+        process.start()
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+        shutil.rmtree(process.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def flux_server(kiln_serve) -> KilnProcess:
+    """The shared server for the protocol tests: tiny FLUX.1-schnell as
+    "flux-schnell", API key "test-key", max_queue 8, concurrency 1."""
+    return kiln_serve(name="flux")
+
+
+class WebhookSink:
+    """A loopback HTTP server that records every POST (webhook deliveries)."""
+
+    def __init__(self):
+        self.deliveries: list[dict] = []
+        self._cond = threading.Condition()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+                with sink._cond:
+                    sink.deliveries.append(
+                        {
+                            "path": self.path,
+                            "headers": dict(self.headers),
+                            "body": body,
+                            "at": time.monotonic(),
+                        }
+                    )
+                    sink._cond.notify_all()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer((HOST, 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://{HOST}:{self._server.server_address[1]}{path}"
+
+    def received(self, path: str | None = None) -> list[dict]:
+        with self._cond:
+            return [d for d in self.deliveries if path is None or d["path"] == path]
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> list[dict]:
+        """Wait until predicate(list of deliveries) is true; return the deliveries."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(list(self.deliveries)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"webhook condition not met within {timeout:.0f}s; "
+                        f"received {len(self.deliveries)} deliveries: "
+                        + json.dumps(
+                            [{"path": d["path"], "body": d["body"]} for d in self.deliveries]
+                        )[:3000]
+                    )
+                self._cond.wait(min(left, 0.5))
+            return list(self.deliveries)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def webhook_sink():
+    sink = WebhookSink()
+    try:
+        yield sink
+    finally:
+        sink.close()

@@ -57,6 +57,9 @@ pub enum PipelineError {
     /// The computation itself failed (not the caller's fault).
     #[error("prediction failed: {0}")]
     Execution(String),
+    /// The progress callback asked the pipeline to stop (cancellation or timeout).
+    #[error("stopped before finishing")]
+    Stopped,
 }
 
 impl PipelineError {

@@ -14,8 +14,8 @@ pub mod tensor;
 pub mod text_to_image;
 
 pub use contract::{
-    ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction, Progress, ProgressFn,
-    describe_model_folder, load_pipeline,
+    InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction, Progress,
+    ProgressFn, describe_model_folder, load_pipeline,
 };
 pub use error::{FieldProblem, PipelineError, ProblemKind};
 pub use frame::{ColumnSpec, ColumnType, Frame, RawFrame, Signature};

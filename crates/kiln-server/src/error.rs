@@ -31,6 +31,15 @@ pub enum ApiError {
     ModelNotReady(String),
     #[error("model {model:?} failed to load: {message}")]
     ModelFailed { model: String, message: String },
+    /// The model's queue is at its bound.
+    #[error("the queue for model {model:?} is full ({limit} jobs); retry later")]
+    QueueFull { model: String, limit: usize },
+    /// No or a wrong API key.
+    #[error("a valid API key is required (Authorization: Bearer <key>)")]
+    Unauthorized,
+    /// An unknown or expired job.
+    #[error("job {0:?} does not exist (unknown id, or its results have expired)")]
+    JobNotFound(String),
     /// A failure that is not the caller's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -53,6 +62,20 @@ impl From<PipelineError> for ApiError {
     }
 }
 
+impl From<crate::jobs::SubmitError> for ApiError {
+    fn from(error: crate::jobs::SubmitError) -> Self {
+        use crate::jobs::SubmitError;
+        match error {
+            SubmitError::QueueFull { model, limit } => ApiError::QueueFull { model, limit },
+            SubmitError::Duplicate(id) => {
+                ApiError::BadRequest(format!("a job with id {id:?} already exists"))
+            }
+            SubmitError::UnknownModel(model) => ApiError::ModelNotFound(model),
+            SubmitError::Store(e) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl ApiError {
     /// The HTTP status every protocol here agrees on.
     pub fn status(&self) -> StatusCode {
@@ -66,8 +89,25 @@ impl ApiError {
             ApiError::ModelNotReady(_) | ApiError::ModelFailed { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// Seconds a client should wait before retrying a 429.
+    pub const RETRY_AFTER_SECONDS: u64 = 5;
+
+    /// Add `Retry-After` to 429 responses.
+    pub fn with_retry_after(&self, mut response: Response) -> Response {
+        if matches!(self, ApiError::QueueFull { .. }) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(Self::RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 
     /// MLflow's `{"error_code", "message"}` body.
@@ -77,7 +117,11 @@ impl ApiError {
             ApiError::InvalidInput(_)
             | ApiError::BadRequest(_)
             | ApiError::UnsupportedMediaType { .. } => "BAD_REQUEST",
-            ApiError::PayloadTooLarge { .. } => "REQUEST_LIMIT_EXCEEDED",
+            ApiError::PayloadTooLarge { .. } | ApiError::QueueFull { .. } => {
+                "REQUEST_LIMIT_EXCEEDED"
+            }
+            ApiError::Unauthorized => "UNAUTHENTICATED",
+            ApiError::JobNotFound(_) => "RESOURCE_DOES_NOT_EXIST",
             ApiError::ModelNotFound(_) => "RESOURCE_DOES_NOT_EXIST",
             ApiError::ModelNotReady(_) | ApiError::ModelFailed { .. } => "TEMPORARILY_UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL_ERROR",
@@ -86,19 +130,26 @@ impl ApiError {
             ApiError::InvalidInput(_) => format!("Failed to enforce schema of data: {self}"),
             _ => self.to_string(),
         };
-        (
+        let response = (
             self.status(),
             axum::Json(json!({"error_code": code, "message": message})),
         )
-            .into_response()
+            .into_response();
+        self.with_retry_after(response)
     }
 
     /// KServe / Open Inference Protocol `{"error": "..."}` body.
     pub fn kserve(self) -> Response {
-        (
+        self.simple()
+    }
+
+    /// A plain `{"error": "..."}` body (KServe, RunPod).
+    pub fn simple(self) -> Response {
+        let response = (
             self.status(),
             axum::Json(json!({"error": self.to_string()})),
         )
-            .into_response()
+            .into_response();
+        self.with_retry_after(response)
     }
 }

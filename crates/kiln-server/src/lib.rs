@@ -1,9 +1,13 @@
-//! Kiln's HTTP server: protocol adapters (MLflow/SageMaker scoring, KServe v1/v2),
-//! truthful health and readiness, body limits, Prometheus metrics and graceful
-//! shutdown. Protocols never touch tensors beyond their wire codecs; pipelines do
-//! the work.
+//! Kiln's HTTP server: protocol adapters (MLflow/SageMaker scoring, KServe v1/v2,
+//! RunPod serverless, Replicate Cog, OpenAI), durable jobs, scheduling and
+//! scale-to-zero, API keys, truthful health and readiness, body limits,
+//! Prometheus metrics and graceful shutdown. Protocols never touch tensors beyond
+//! their wire codecs; pipelines do the work.
 
+pub mod auth;
+pub mod config;
 pub mod error;
+pub mod jobs;
 pub mod metrics;
 pub mod protocols;
 pub mod state;
@@ -16,48 +20,27 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use kiln_pipelines::Pipeline;
 use tokio::net::TcpListener;
 
+pub use config::{LoadPolicy, Mount, ServeConfig};
 pub use error::ApiError;
-pub use state::{AppState, LoadState, ServedModel};
+pub use state::{AppState, LoadState, Loader, ModelSettings, ServedModel};
 
-use protocols::{kserve, mlflow};
-
-/// Loads one model's pipeline (may take long: runs on a blocking thread).
-pub type Loader = Box<dyn FnOnce() -> Result<Arc<dyn Pipeline>, String> + Send>;
+use config::ProtocolMounts;
+use jobs::{JobStore, Jobs};
+use protocols::{cog, kserve, mlflow, openai, runpod};
 
 /// A model to serve and how to load it.
 pub struct ModelSpec {
     pub name: String,
     pub version: Option<u64>,
     pub reference: String,
+    pub settings: ModelSettings,
     pub loader: Loader,
 }
 
-/// Network and limit settings.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    pub host: String,
-    pub port: u16,
-    /// Largest accepted request body in bytes (413 beyond).
-    pub body_limit: usize,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            host: "127.0.0.1".into(),
-            port: 8080,
-            body_limit: 32 * 1024 * 1024,
-        }
-    }
-}
-
-/// Every route, wired to shared state.
-pub fn router(state: Arc<AppState>) -> Router {
+fn mlflow_routes() -> Router<Arc<AppState>> {
     Router::new()
-        // MLflow scoring server and SageMaker.
         .route("/ping", get(mlflow::ping))
         .route("/health", get(mlflow::ping))
         .route("/version", get(mlflow::version))
@@ -66,7 +49,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/models/{name}/invocations",
             post(mlflow::model_invocations),
         )
-        // KServe Open Inference Protocol v2.
+}
+
+fn kserve_routes() -> Router<Arc<AppState>> {
+    Router::new()
         .route("/v2", get(kserve::server_metadata))
         .route("/v2/health/live", get(kserve::live))
         .route("/v2/health/ready", get(kserve::ready))
@@ -85,12 +71,88 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(kserve::version_infer),
         )
-        // KServe v1.
         .route(
             "/v1/models/{name}",
             get(kserve::v1_model).post(kserve::v1_predict),
         )
-        .route("/metrics", get(metrics::metrics_endpoint))
+}
+
+fn runpod_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/run", post(runpod::run))
+        .route("/runsync", post(runpod::runsync))
+        .route("/status/{id}", get(runpod::status).post(runpod::status))
+        .route("/stream/{id}", get(runpod::stream).post(runpod::stream))
+        .route("/cancel/{id}", post(runpod::cancel))
+        .route("/retry/{id}", post(runpod::retry))
+        .route("/purge-queue", post(runpod::purge_queue))
+        .route("/v2/{model}/run", post(runpod::model_run))
+        .route("/v2/{model}/runsync", post(runpod::model_runsync))
+        .route(
+            "/v2/{model}/status/{id}",
+            get(runpod::model_status).post(runpod::model_status),
+        )
+        .route(
+            "/v2/{model}/stream/{id}",
+            get(runpod::model_stream).post(runpod::model_stream),
+        )
+        .route("/v2/{model}/cancel/{id}", post(runpod::model_cancel))
+        .route("/v2/{model}/retry/{id}", post(runpod::model_retry))
+        .route("/v2/{model}/purge-queue", post(runpod::model_purge_queue))
+        .route("/v2/{model}/health", get(runpod::model_health))
+}
+
+fn cog_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/", get(cog::root))
+        .route("/health-check", get(cog::health_check))
+        .route("/openapi.json", get(cog::openapi))
+        .route("/predictions", post(cog::predict))
+        .route(
+            "/predictions/{id}",
+            axum::routing::put(cog::predict_idempotent),
+        )
+        .route("/predictions/{id}/cancel", post(cog::cancel))
+        .route("/shutdown", post(cog::shutdown))
+}
+
+fn openai_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/models", get(openai::models))
+        .route("/v1/images/generations", post(openai::image_generations))
+}
+
+fn mount(
+    app: Router<Arc<AppState>>,
+    at: &config::Mount,
+    routes: Router<Arc<AppState>>,
+) -> Router<Arc<AppState>> {
+    match at.prefix() {
+        None => app,
+        Some("/") => app.merge(routes),
+        Some(prefix) => app.nest(prefix, routes),
+    }
+}
+
+/// Every enabled protocol at its mount point, wired to shared state.
+pub fn router(state: Arc<AppState>, mounts: &ProtocolMounts) -> Router {
+    let mut app = Router::new();
+    app = mount(app, &mounts.mlflow, mlflow_routes());
+    app = mount(app, &mounts.kserve, kserve_routes());
+    app = mount(app, &mounts.runpod, runpod_routes());
+    app = mount(app, &mounts.cog, cog_routes());
+    app = mount(app, &mounts.openai, openai_routes());
+    // Probes work whichever protocols are mounted.
+    if mounts.kserve.prefix() != Some("/") {
+        app = app
+            .route("/v2/health/live", get(kserve::live))
+            .route("/v2/health/ready", get(kserve::ready));
+    }
+    app.route("/metrics", get(metrics::metrics_endpoint))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
@@ -103,49 +165,84 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
+    mounts: ProtocolMounts,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Jobs(#[from] jobs::StoreError),
 }
 
 impl Server {
-    /// Bind the listener, then start loading every model on blocking threads;
-    /// readiness turns true when all have loaded.
-    pub async fn bind(config: &ServerConfig, models: Vec<ModelSpec>) -> std::io::Result<Server> {
-        let listener = TcpListener::bind((config.host.as_str(), config.port)).await?;
-        let mut served = Vec::with_capacity(models.len());
-        let mut loaders = Vec::with_capacity(models.len());
-        for spec in models {
-            let model = Arc::new(ServedModel::new(spec.name, spec.version, spec.reference));
-            served.push(Arc::clone(&model));
-            loaders.push((model, spec.loader));
-        }
+    /// Bind the listener, open the job store (re-queueing jobs a previous run
+    /// left), start the workers, then load every eager model on blocking
+    /// threads; readiness turns true when those have loaded.
+    pub async fn bind(config: &ServeConfig, models: Vec<ModelSpec>) -> Result<Server, StartError> {
+        let address = format!("{}:{}", config.server.host, config.server.port);
+        let listener = TcpListener::bind((config.server.host.as_str(), config.server.port))
+            .await
+            .map_err(|source| StartError::Bind {
+                address: address.clone(),
+                source,
+            })?;
+        let store = match &config.jobs.database {
+            Some(path) => JobStore::open(path)?,
+            None => JobStore::in_memory()?,
+        };
+        let queues: Vec<(String, usize)> = models
+            .iter()
+            .map(|m| (m.name.clone(), m.settings.max_queue))
+            .collect();
+        let jobs = Jobs::new(store, config.jobs.clone(), &queues);
+        let served: Vec<Arc<ServedModel>> = models
+            .into_iter()
+            .map(|spec| {
+                Arc::new(ServedModel::new(
+                    spec.name,
+                    spec.version,
+                    spec.reference,
+                    spec.settings,
+                    spec.loader,
+                ))
+            })
+            .collect();
         let state = Arc::new(AppState {
             models: served,
             metrics: metrics::Metrics::new(),
-            body_limit: config.body_limit,
+            body_limit: usize::try_from(config.server.body_limit).unwrap_or(usize::MAX),
             started: Instant::now(),
+            memory_budget: config.server.memory_budget,
+            api_keys: config.server.api_keys.clone(),
+            jobs,
+            started_at_ms: jobs::now_ms(),
+            shutdown: tokio::sync::Notify::new(),
         });
-        for (model, loader) in loaders {
-            let state = Arc::clone(&state);
-            tokio::task::spawn_blocking(move || {
-                let started = Instant::now();
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(loader))
-                    .unwrap_or_else(|_| Err("the loader panicked".into()));
-                let seconds = started.elapsed().as_secs_f64();
-                state
-                    .metrics
-                    .model_loaded(&model.name, seconds, outcome.is_ok());
-                match outcome {
-                    Ok(pipeline) => {
-                        tracing::info!(model = %model.name, reference = %model.reference, seconds, "model loaded");
-                        model.set_state(LoadState::Ready(pipeline));
-                    }
-                    Err(message) => {
-                        tracing::error!(model = %model.name, reference = %model.reference, %message, "model failed to load");
-                        model.set_state(LoadState::Failed(message));
-                    }
-                }
-            });
+        let recovered = state.jobs.recover()?;
+        if recovered > 0 {
+            tracing::info!(jobs = recovered, "re-queued jobs from the previous run");
         }
-        Ok(Server { state, listener })
+        Jobs::start(&state);
+        for model in &state.models {
+            if model.settings.load == LoadPolicy::Eager {
+                let state = Arc::clone(&state);
+                let model = Arc::clone(model);
+                tokio::spawn(async move {
+                    let _ = state.ensure_loaded(&model).await;
+                });
+            }
+        }
+        Ok(Server {
+            state,
+            listener,
+            mounts: config.protocols.clone(),
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -156,14 +253,24 @@ impl Server {
         Arc::clone(&self.state)
     }
 
-    /// Serve until `shutdown` resolves, then stop accepting and finish in-flight requests.
+    /// Serve until `shutdown` resolves (or a client asks through Cog's
+    /// `/shutdown`), then stop accepting and finish in-flight requests.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let app = router(self.state);
+        let state = Arc::clone(&self.state);
+        let app = router(self.state, &self.mounts);
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown => {},
+                _ = state.shutdown.notified() => {
+                    tracing::info!("shutdown requested over HTTP: finishing in-flight requests");
+                },
+            }
+        };
         axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(stop)
             .await
     }
 }

@@ -37,6 +37,12 @@ pub struct ModelLabels {
     pub model: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    model: String,
+    status: String,
+}
+
 /// Attached to a response by a handler so the metrics layer can label it by model.
 #[derive(Clone, Debug)]
 pub struct ModelLabel(pub String);
@@ -46,6 +52,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00005, 2.0, 16))
 }
 
+fn job_histogram() -> Histogram {
+    // 1 ms .. ~9 h
+    Histogram::new(exponential_buckets(0.001, 2.0, 25))
+}
+
 /// All of Kiln's series.
 pub struct Metrics {
     registry: Registry,
@@ -53,6 +64,12 @@ pub struct Metrics {
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     load_seconds: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     loaded: Family<ModelLabels, Gauge>,
+    unloads: Family<ModelLabels, Counter>,
+    jobs: Family<JobLabels, Counter>,
+    queue_depth: Family<ModelLabels, Gauge>,
+    queue_wait: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    execution: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    steps: Family<ModelLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,12 +107,54 @@ impl Metrics {
             "1 while a model is loaded and ready",
             loaded.clone(),
         );
+        let unloads = Family::<ModelLabels, Counter>::default();
+        let jobs = Family::<JobLabels, Counter>::default();
+        let queue_depth = Family::<ModelLabels, Gauge>::default();
+        let queue_wait = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            job_histogram,
+        );
+        let execution = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            job_histogram,
+        );
+        let steps = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "model_unloads",
+            "Models unloaded (idle or memory budget)",
+            unloads.clone(),
+        );
+        registry.register(
+            "jobs",
+            "Jobs that reached a final state, by model and state",
+            jobs.clone(),
+        );
+        registry.register("queue_depth", "Jobs waiting per model", queue_depth.clone());
+        registry.register(
+            "job_queue_wait_seconds",
+            "Time jobs spent queued before running",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "job_execution_seconds",
+            "Time jobs spent running",
+            execution.clone(),
+        );
+        registry.register(
+            "denoising_steps",
+            "Denoising steps run (rate() gives steps per second)",
+            steps.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
             load_seconds,
             loaded,
+            unloads,
+            jobs,
+            queue_depth,
+            queue_wait,
+            execution,
+            steps,
         }
     }
 
@@ -106,6 +165,57 @@ impl Metrics {
         };
         self.load_seconds.get_or_create(&labels).set(seconds);
         self.loaded.get_or_create(&labels).set(i64::from(ok));
+    }
+
+    /// Record an unload.
+    pub fn model_unloaded(&self, model: &str) {
+        let labels = ModelLabels {
+            model: model.to_string(),
+        };
+        self.loaded.get_or_create(&labels).set(0);
+        self.unloads.get_or_create(&labels).inc();
+    }
+
+    /// A job left the queue after `waited` seconds.
+    pub fn job_started(&self, model: &str, waited: f64) {
+        self.queue_wait
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .observe(waited);
+    }
+
+    /// A job reached a final state after running `seconds`.
+    pub fn job_finished(&self, model: &str, status: &str, seconds: f64) {
+        self.jobs
+            .get_or_create(&JobLabels {
+                model: model.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.execution
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// One denoising step ran.
+    pub fn denoising_step(&self, model: &str) {
+        self.steps
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    /// Jobs waiting for `model` now.
+    pub fn queue_depth(&self, model: &str, depth: usize) {
+        self.queue_depth
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .set(depth as i64);
     }
 
     fn record(&self, route: &str, method: &str, status: u16, model: &str, seconds: f64) {

@@ -1,17 +1,56 @@
-//! Served models and their load state; readiness is true only when every model
-//! has loaded.
+//! Served models and their life: eager or lazy loading, leases that bound
+//! concurrency, idle unloading (scale to zero) and least-recently-used eviction
+//! under a memory budget. Readiness is true once every eagerly loaded model has
+//! loaded and none has failed.
 
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
-use kiln_pipelines::Pipeline;
+use kiln_pipelines::{ModelInterface, Pipeline};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::LoadPolicy;
 use crate::error::ApiError;
+use crate::jobs::Jobs;
 use crate::metrics::Metrics;
+
+/// Loads one model's pipeline (may take long: runs on a blocking thread). Called
+/// again after the model was unloaded.
+pub type Loader = Arc<dyn Fn() -> Result<Arc<dyn Pipeline>, String> + Send + Sync>;
+
+/// How a model is scheduled.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    /// Predictions run at once (jobs and direct requests together).
+    pub concurrency: usize,
+    /// Queued jobs beyond which submissions get 429.
+    pub max_queue: usize,
+    pub execution_timeout: Option<Duration>,
+    /// Unload after this long unused.
+    pub idle_unload: Option<Duration>,
+    pub load: LoadPolicy,
+    /// Estimated bytes the loaded model takes (its weight files), for the budget.
+    pub memory_bytes: u64,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        ModelSettings {
+            concurrency: 1,
+            max_queue: 64,
+            execution_timeout: None,
+            idle_unload: None,
+            load: LoadPolicy::Eager,
+            memory_bytes: 0,
+        }
+    }
+}
 
 /// Where a served model is in its life.
 #[derive(Clone)]
 pub enum LoadState {
+    Unloaded,
     Loading,
     Ready(Arc<dyn Pipeline>),
     Failed(String),
@@ -25,7 +64,16 @@ pub struct ServedModel {
     pub version: Option<u64>,
     /// The reference it was started with, for logs and `/v2/models` metadata.
     pub reference: String,
+    pub settings: ModelSettings,
+    loader: Loader,
     state: RwLock<LoadState>,
+    /// Kept after unloading, so schemas can be served without the weights.
+    interface: OnceLock<ModelInterface>,
+    ever_loaded: AtomicBool,
+    load_lock: tokio::sync::Mutex<()>,
+    slots: Arc<Semaphore>,
+    in_use: AtomicUsize,
+    last_used: Mutex<Instant>,
 }
 
 impl ServedModel {
@@ -33,12 +81,23 @@ impl ServedModel {
         name: impl Into<String>,
         version: Option<u64>,
         reference: impl Into<String>,
+        settings: ModelSettings,
+        loader: Loader,
     ) -> Self {
+        let concurrency = settings.concurrency.max(1);
         ServedModel {
             name: name.into(),
             version,
             reference: reference.into(),
-            state: RwLock::new(LoadState::Loading),
+            settings,
+            loader,
+            state: RwLock::new(LoadState::Unloaded),
+            interface: OnceLock::new(),
+            ever_loaded: AtomicBool::new(false),
+            load_lock: tokio::sync::Mutex::new(()),
+            slots: Arc::new(Semaphore::new(concurrency)),
+            in_use: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
         }
     }
 
@@ -50,26 +109,62 @@ impl ServedModel {
         }
     }
 
-    pub fn set_state(&self, state: LoadState) {
+    fn set_state(&self, state: LoadState) {
         match self.state.write() {
             Ok(mut guard) => *guard = state,
             Err(poisoned) => *poisoned.into_inner() = state,
         }
     }
 
+    /// Loaded and able to predict now.
     pub fn is_ready(&self) -> bool {
         matches!(self.state(), LoadState::Ready(_))
     }
 
-    /// The loaded pipeline, or why there is none.
-    pub fn pipeline(&self) -> Result<Arc<dyn Pipeline>, ApiError> {
+    /// Whether this model lets the server report ready: loaded, or lazy and
+    /// loadable (or loaded once before), and never failed.
+    pub fn allows_readiness(&self) -> bool {
         match self.state() {
-            LoadState::Ready(pipeline) => Ok(pipeline),
-            LoadState::Loading => Err(ApiError::ModelNotReady(self.name.clone())),
-            LoadState::Failed(message) => Err(ApiError::ModelFailed {
+            LoadState::Ready(_) => true,
+            LoadState::Failed(_) => false,
+            LoadState::Unloaded | LoadState::Loading => {
+                self.settings.load == LoadPolicy::Lazy || self.ever_loaded.load(Ordering::SeqCst)
+            }
+        }
+    }
+
+    /// The model's interface, once it has been loaded at least once.
+    pub fn interface(&self) -> Option<&ModelInterface> {
+        self.interface.get()
+    }
+
+    /// The interface, or "not ready" when the model has never loaded.
+    pub fn interface_or_not_ready(&self) -> Result<&ModelInterface, ApiError> {
+        if let LoadState::Failed(message) = self.state() {
+            return Err(ApiError::ModelFailed {
                 model: self.name.clone(),
                 message,
-            }),
+            });
+        }
+        self.interface()
+            .ok_or_else(|| ApiError::ModelNotReady(self.name.clone()))
+    }
+
+    /// Predictions running on this model now.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::SeqCst)
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
+
+    fn touch(&self) {
+        if let Ok(mut last) = self.last_used.lock() {
+            *last = Instant::now();
         }
     }
 
@@ -81,18 +176,62 @@ impl ServedModel {
     }
 }
 
+/// A model in use: holds one of its concurrency slots and keeps it from being
+/// evicted until dropped.
+pub struct ModelLease {
+    pub pipeline: Arc<dyn Pipeline>,
+    _use: InUse,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Counts a prediction as running on a model while it lives.
+struct InUse(Arc<ServedModel>);
+
+impl InUse {
+    fn new(model: &Arc<ServedModel>) -> Self {
+        model.in_use.fetch_add(1, Ordering::SeqCst);
+        InUse(Arc::clone(model))
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_use.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Shared state behind every route.
 pub struct AppState {
     pub models: Vec<Arc<ServedModel>>,
     pub metrics: Metrics,
     pub body_limit: usize,
     pub started: Instant,
+    /// Bytes all loaded models may take together.
+    pub memory_budget: Option<u64>,
+    /// API keys; empty means no authentication.
+    pub api_keys: Vec<String>,
+    pub jobs: Jobs,
+    /// Unix milliseconds when the server started.
+    pub started_at_ms: i64,
+    /// Signalled by Cog's `POST /shutdown`.
+    pub shutdown: tokio::sync::Notify,
 }
 
 impl AppState {
-    /// True once every served model has loaded.
+    /// Unix milliseconds when the server started.
+    pub fn started_unix_ms(&self) -> i64 {
+        self.started_at_ms
+    }
+
+    /// Ask the server to stop gracefully.
+    pub fn request_shutdown(&self) {
+        self.shutdown.notify_one();
+    }
+
+    /// True once every eager model has loaded and none has failed.
     pub fn ready(&self) -> bool {
-        self.models.iter().all(|m| m.is_ready())
+        self.models.iter().all(|m| m.allows_readiness())
     }
 
     /// Look a model up by the name clients use.
@@ -104,11 +243,146 @@ impl AppState {
             .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
     }
 
-    /// The model `/invocations` uses when none is named: the first served.
+    /// The model used when a request names none: the first served.
     pub fn default_model(&self) -> Result<Arc<ServedModel>, ApiError> {
         self.models
             .first()
             .cloned()
             .ok_or_else(|| ApiError::ModelNotFound("(no models are served)".into()))
+    }
+
+    /// Take a concurrency slot on `model`, loading it first when it is not loaded
+    /// (scale from zero). With `wait_for_startup` false, an eager model still on
+    /// its first load answers "not ready" at once (synchronous protocols' 503).
+    pub async fn lease(
+        &self,
+        model: &Arc<ServedModel>,
+        wait_for_startup: bool,
+    ) -> Result<ModelLease, ApiError> {
+        if !wait_for_startup
+            && model.settings.load == LoadPolicy::Eager
+            && !model.ever_loaded.load(Ordering::SeqCst)
+        {
+            if let LoadState::Failed(message) = model.state() {
+                return Err(ApiError::ModelFailed {
+                    model: model.name.clone(),
+                    message,
+                });
+            }
+            return Err(ApiError::ModelNotReady(model.name.clone()));
+        }
+        let slot = Arc::clone(&model.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Internal("the model's slots are closed".into()))?;
+        let in_use = InUse::new(model);
+        let pipeline = self.ensure_loaded(model).await?;
+        model.touch();
+        Ok(ModelLease {
+            pipeline,
+            _use: in_use,
+            _slot: slot,
+        })
+    }
+
+    /// Load `model` unless it is loaded; concurrent callers share one load.
+    pub async fn ensure_loaded(
+        &self,
+        model: &Arc<ServedModel>,
+    ) -> Result<Arc<dyn Pipeline>, ApiError> {
+        let failed = |message: String| ApiError::ModelFailed {
+            model: model.name.clone(),
+            message,
+        };
+        if let LoadState::Ready(pipeline) = model.state() {
+            return Ok(pipeline);
+        }
+        let _loading = model.load_lock.lock().await;
+        match model.state() {
+            LoadState::Ready(pipeline) => return Ok(pipeline),
+            LoadState::Failed(message) => return Err(failed(message)),
+            LoadState::Unloaded | LoadState::Loading => {}
+        }
+        self.make_room_for(model);
+        model.set_state(LoadState::Loading);
+        let loader = Arc::clone(&model.loader);
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader()))
+                .unwrap_or_else(|_| Err("the loader panicked".into()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the loading task failed: {e}")));
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics
+            .model_loaded(&model.name, seconds, outcome.is_ok());
+        match outcome {
+            Ok(pipeline) => {
+                tracing::info!(model = %model.name, reference = %model.reference, seconds, "model loaded");
+                let _ = model.interface.set(pipeline.interface().clone());
+                model.ever_loaded.store(true, Ordering::SeqCst);
+                model.touch();
+                model.set_state(LoadState::Ready(Arc::clone(&pipeline)));
+                Ok(pipeline)
+            }
+            Err(message) => {
+                tracing::error!(model = %model.name, reference = %model.reference, %message, "model failed to load");
+                model.set_state(LoadState::Failed(message.clone()));
+                Err(failed(message))
+            }
+        }
+    }
+
+    /// Drop a loaded model's weights (predictions holding a lease finish first,
+    /// since they keep their own reference); the next request loads it again.
+    pub fn unload(&self, model: &ServedModel, why: &str) {
+        if model.is_ready() {
+            model.set_state(LoadState::Unloaded);
+            self.metrics.model_unloaded(&model.name);
+            tracing::info!(model = %model.name, why, "model unloaded");
+        }
+    }
+
+    /// Evict least-recently-used idle models until `model` fits the budget.
+    fn make_room_for(&self, model: &ServedModel) {
+        let Some(budget) = self.memory_budget else {
+            return;
+        };
+        loop {
+            let loaded: u64 = self
+                .models
+                .iter()
+                .filter(|m| m.is_ready() && m.name != model.name)
+                .map(|m| m.settings.memory_bytes)
+                .sum();
+            if loaded + model.settings.memory_bytes <= budget {
+                return;
+            }
+            let victim = self
+                .models
+                .iter()
+                .filter(|m| m.is_ready() && m.name != model.name && m.in_use() == 0)
+                .max_by_key(|m| m.idle_for());
+            match victim {
+                Some(victim) => self.unload(victim, "memory budget"),
+                None => {
+                    tracing::warn!(model = %model.name, budget, loaded, "loading over the memory budget: every loaded model is busy");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Unload models idle past their `idle_unload`.
+    pub fn unload_idle(&self) {
+        for model in &self.models {
+            if let Some(limit) = model.settings.idle_unload
+                && model.is_ready()
+                && model.in_use() == 0
+                && model.idle_for() >= limit
+            {
+                self.unload(model, "idle");
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use kiln_pipelines::{
     InputSchema, Pipeline, PipelineError, PredictRequest, Prediction, RawFrame, Signature, Tensor,
 };
 use kiln_registry::ResolvedModel;
-use kiln_server::{ModelSpec, Server, ServerConfig};
+use kiln_server::{ModelSettings, ModelSpec, ServeConfig, Server};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -139,13 +139,21 @@ fn glm_pipeline() -> Arc<dyn Pipeline> {
     load(&model).unwrap()
 }
 
+fn test_config(body_limit: usize) -> ServeConfig {
+    let mut config = ServeConfig::default();
+    config.server.port = 0;
+    config.server.body_limit = body_limit as u64;
+    config
+}
+
 fn glm_spec(name: &str) -> ModelSpec {
     let pipeline = glm_pipeline();
     ModelSpec {
         name: name.into(),
         version: Some(3),
         reference: format!("models:/{name}/3"),
-        loader: Box::new(move || Ok(pipeline)),
+        settings: ModelSettings::default(),
+        loader: Arc::new(move || Ok(Arc::clone(&pipeline))),
     }
 }
 
@@ -169,11 +177,7 @@ impl Running {
 }
 
 async fn start(models: Vec<ModelSpec>, body_limit: usize) -> Running {
-    let config = ServerConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        body_limit,
-    };
+    let config = test_config(body_limit);
     let server = Server::bind(&config, models).await.unwrap();
     let addr = server.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -470,20 +474,18 @@ impl Pipeline for SlowPipeline {
 #[tokio::test]
 async fn readiness_is_false_until_every_model_has_loaded() {
     let (release, gate) = mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
     let slow = ModelSpec {
         name: "test.slow.model".into(),
         version: None,
         reference: "test".into(),
-        loader: Box::new(move || {
-            gate.recv().map_err(|e| e.to_string())?;
+        settings: ModelSettings::default(),
+        loader: Arc::new(move || {
+            gate.lock().unwrap().recv().map_err(|e| e.to_string())?;
             Ok(Arc::new(SlowPipeline::new(Duration::ZERO)) as Arc<dyn Pipeline>)
         }),
     };
-    let config = ServerConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        body_limit: 1 << 20,
-    };
+    let config = test_config(1 << 20);
     let server = Server::bind(&config, vec![glm_spec(MODEL), slow])
         .await
         .unwrap();
@@ -536,13 +538,10 @@ async fn a_failed_load_keeps_the_server_unready_and_says_why() {
         name: "test.broken.model".into(),
         version: None,
         reference: "test".into(),
-        loader: Box::new(|| Err("weights are corrupt".into())),
+        settings: ModelSettings::default(),
+        loader: Arc::new(|| Err("weights are corrupt".into())),
     };
-    let config = ServerConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        body_limit: 1 << 20,
-    };
+    let config = test_config(1 << 20);
     let server = Server::bind(&config, vec![broken]).await.unwrap();
     let addr = server.local_addr().unwrap();
     let task = tokio::spawn(server.run(std::future::pending()));
@@ -573,7 +572,8 @@ async fn a_panicking_prediction_fails_alone() {
         name: "test.slow.model".into(),
         version: None,
         reference: "test".into(),
-        loader: Box::new(|| Ok(Arc::new(SlowPipeline::new(Duration::ZERO)) as Arc<dyn Pipeline>)),
+        settings: ModelSettings::default(),
+        loader: Arc::new(|| Ok(Arc::new(SlowPipeline::new(Duration::ZERO)) as Arc<dyn Pipeline>)),
     };
     let server = start(vec![slow], 1 << 20).await;
     let reply = post_json(
@@ -600,7 +600,8 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         name: "test.slow.model".into(),
         version: None,
         reference: "test".into(),
-        loader: Box::new(|| {
+        settings: ModelSettings::default(),
+        loader: Arc::new(|| {
             Ok(Arc::new(SlowPipeline::new(Duration::from_millis(600))) as Arc<dyn Pipeline>)
         }),
     };
@@ -633,7 +634,8 @@ fn tiny_flux_spec() -> ModelSpec {
         name: "test.images.flux".into(),
         version: Some(1),
         reference: "fixtures/flux/tiny-dev".into(),
-        loader: Box::new(move || {
+        settings: ModelSettings::default(),
+        loader: Arc::new(move || {
             kiln_pipelines::text_to_image::flux::load(&model).map_err(|e| e.to_string())
         }),
     }

@@ -2,6 +2,7 @@
 
 mod builtin;
 mod commands;
+mod resolve;
 
 use std::path::PathBuf;
 
@@ -22,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve models over HTTP (MLflow/SageMaker scoring, KServe v1/v2).
+    /// Serve models over HTTP (MLflow/SageMaker, KServe, RunPod, Cog, OpenAI).
     Serve(commands::serve::ServeArgs),
     /// Manage the model registry.
     #[command(subcommand)]

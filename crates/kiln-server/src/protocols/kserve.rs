@@ -69,8 +69,7 @@ fn labelled(mut response: Response, model: &str) -> Response {
 }
 
 fn metadata(model: &ServedModel) -> Result<Value, ApiError> {
-    let pipeline = model.pipeline()?;
-    let interface = pipeline.interface();
+    let interface = model.interface_or_not_ready()?;
     let inputs: Vec<Value> = match &interface.inputs {
         InputSpec::Columns(signature) => signature
             .inputs
@@ -184,7 +183,7 @@ async fn respond_infer(
         let model = versioned(state, name, version)?;
         let body = body_or_error(state, body)?;
         let request = InferRequest::parse(headers, &body)?;
-        let prediction = predict(&model, request.predict).await?;
+        let prediction = predict(state, &model, request.predict).await?;
         request.outputs.render(&model, request.id, prediction)
     }
     .await;
@@ -399,7 +398,7 @@ pub async fn v1_predict(
             input: PredictInput::Frame(RawFrame::from_instances("instances", instances)?),
             params,
         };
-        let prediction = predict(&model, request).await?;
+        let prediction = predict(&state, &model, request).await?;
         Ok::<_, ApiError>(
             Json(json!({"predictions": prediction_json(&prediction)})).into_response(),
         )

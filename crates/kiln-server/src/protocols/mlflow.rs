@@ -78,14 +78,14 @@ pub async fn model_invocations(
 
 async fn score(
     state: &AppState,
-    model: &ServedModel,
+    model: &Arc<ServedModel>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
         let body = body_or_error(state, body)?;
         let request = parse_request(headers, &body)?;
-        predict(model, request).await
+        predict(state, model, request).await
     }
     .await;
     let mut response = match result {
@@ -129,6 +129,16 @@ fn parse_json(body: &[u8]) -> Result<PredictRequest, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadRequest(format!("Invalid input: the body is not valid JSON ({e})"))
     })?;
+    parse_json_value(value)
+}
+
+/// Whether a JSON object is in MLflow's input shape (one of its input keys).
+pub fn is_mlflow_input(object: &Map<String, Value>) -> bool {
+    INPUT_KEYS.iter().any(|k| object.contains_key(*k))
+}
+
+/// Turn a parsed `/invocations` JSON document into a request.
+pub fn parse_json_value(value: Value) -> Result<PredictRequest, ApiError> {
     let Value::Object(mut object) = value else {
         return Err(ApiError::BadRequest(
             "Invalid input: the body must be a JSON object with one of dataframe_split, dataframe_records, instances, inputs".into(),

@@ -1,8 +1,11 @@
 //! Protocol adapters: each turns its wire format into a `PredictRequest` and maps
 //! the common `Prediction` and `ApiError` back to its own shapes.
 
+pub mod cog;
 pub mod kserve;
 pub mod mlflow;
+pub mod openai;
+pub mod runpod;
 pub mod tensor_codec;
 
 use std::sync::Arc;
@@ -10,10 +13,13 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
-use kiln_pipelines::{PipelineError, PredictRequest, Prediction};
+use kiln_pipelines::{
+    InputSpec, ModelInterface, PipelineError, PredictInput, PredictRequest, Prediction, ProblemKind,
+};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::jobs::{InputProblem, Job, LiveJob, Protocol};
 use crate::state::{AppState, ServedModel};
 
 /// The body, or 413 when it exceeded the configured limit.
@@ -48,15 +54,18 @@ pub fn media_type(headers: &HeaderMap) -> Option<String> {
 
 /// Validate params (as the protocol's parameter error), then predict off the async
 /// executor so slow models never stall other requests.
-pub async fn predict(model: &ServedModel, request: PredictRequest) -> Result<Prediction, ApiError> {
-    let pipeline = model.pipeline()?;
+pub async fn predict(
+    state: &AppState,
+    model: &Arc<ServedModel>,
+    request: PredictRequest,
+) -> Result<Prediction, ApiError> {
+    let lease = state.lease(model, false).await?;
     if let Err(PipelineError::InvalidInput(problems)) =
-        pipeline.interface().params.validate(&request.params)
+        lease.pipeline.interface().params.validate(&request.params)
     {
         return Err(ApiError::InvalidParameters(problems));
     }
-    let pipeline = Arc::clone(&pipeline);
-    tokio::task::spawn_blocking(move || kiln_pipelines::predict_any(&*pipeline, request))
+    tokio::task::spawn_blocking(move || kiln_pipelines::predict_any(&*lease.pipeline, request))
         .await
         .map_err(|e| ApiError::Internal(format!("the prediction task failed: {e}")))?
         .map_err(ApiError::from)
@@ -86,5 +95,71 @@ pub fn prediction_json(prediction: &Prediction) -> Value {
                 )
             }
         },
+    }
+}
+
+/// Schema problems with a job's input, when the model's interface is known and
+/// takes fields (checked before queueing so clients hear of them at once).
+pub fn validation_problems(model: &ServedModel, input: &Value) -> Option<Vec<InputProblem>> {
+    let (Some(interface), Value::Object(fields)) = (model.interface(), input) else {
+        return None;
+    };
+    let InputSpec::Fields(schema) = &interface.inputs else {
+        return None;
+    };
+    match schema.validate(fields) {
+        Err(PipelineError::InvalidInput(problems)) => Some(
+            problems
+                .iter()
+                .map(InputProblem::from_field_problem)
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// A job's JSON input as a request for this pipeline: an object of fields for
+/// field-shaped pipelines; for tabular ones, an MLflow-style object
+/// (`dataframe_split`, `dataframe_records`, `instances`, `inputs`), a list of
+/// records, or one record.
+pub fn request_from_json(
+    interface: &ModelInterface,
+    input: &Value,
+) -> Result<PredictRequest, Vec<InputProblem>> {
+    let malformed = |message: String| {
+        vec![InputProblem::from_field_problem(
+            &kiln_pipelines::FieldProblem::new("input", ProblemKind::Malformed, message),
+        )]
+    };
+    match (&interface.inputs, input) {
+        (InputSpec::Fields(_), Value::Object(fields)) => Ok(PredictRequest {
+            input: PredictInput::Fields(fields.clone()),
+            params: Map::new(),
+        }),
+        (InputSpec::Fields(_), _) => Err(malformed("input must be an object of fields".into())),
+        (InputSpec::Columns(_), input) => {
+            let document = match input {
+                Value::Object(object) if mlflow::is_mlflow_input(object) => input.clone(),
+                Value::Object(_) => serde_json::json!({"dataframe_records": [input]}),
+                Value::Array(_) => serde_json::json!({"dataframe_records": input}),
+                _ => return Err(malformed("input must be records or a table".into())),
+            };
+            mlflow::parse_json_value(document).map_err(|e| match e {
+                ApiError::InvalidInput(problems) => problems
+                    .iter()
+                    .map(InputProblem::from_field_problem)
+                    .collect(),
+                other => malformed(other.to_string()),
+            })
+        }
+    }
+}
+
+/// The body a job's webhook carries, in the protocol it came in through.
+pub fn webhook_body(job: &Job, live: Option<&LiveJob>) -> Value {
+    match job.protocol {
+        Protocol::RunPod => runpod::status_body(job),
+        Protocol::Cog => cog::prediction_body(job, live),
+        Protocol::OpenAi => openai::job_body(job),
     }
 }

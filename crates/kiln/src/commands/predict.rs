@@ -10,7 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_pipelines::contract::InputSpec;
 use kiln_pipelines::{PredictInput, PredictRequest, Prediction, Progress, RawFrame, load_pipeline};
-use kiln_registry::{ModelRef, Registry, Verification};
+use kiln_registry::Registry;
 use serde_json::{Map, Value};
 
 #[derive(Args)]
@@ -99,8 +99,7 @@ fn save_images(result: &mut Value, output: &Path) -> Result<()> {
 }
 
 pub fn run(home: &Path, args: PredictArgs) -> Result<()> {
-    let resolved =
-        Registry::open(home).resolve(&ModelRef::parse(&args.model)?, Verification::Full)?;
+    let resolved = crate::resolve::resolve_model(&Registry::open(home), &args.model)?;
     let pipeline = load_pipeline(&resolved)?;
     let params = pairs(&args.params, "parameters")?;
     let input = match (&pipeline.interface().inputs, &args.data) {

@@ -1,42 +1,75 @@
-//! `kiln serve`: resolve the model references, then serve them until Ctrl-C/SIGTERM.
+//! `kiln serve`: read the configuration (a TOML file, environment, flags),
+//! resolve the models, then serve them until Ctrl-C, SIGTERM or Cog's `/shutdown`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_pipelines::load_pipeline;
-use kiln_registry::{ModelRef, Registry, ResolvedModel, Verification};
-use kiln_server::{ModelSpec, Server, ServerConfig, shutdown_signal};
+use kiln_registry::{Registry, ResolvedModel};
+use kiln_server::config::{LoadPolicy, ModelEntry, ServeConfig, parse_bytes};
+use kiln_server::{ModelSettings, ModelSpec, Server, shutdown_signal};
 
 use crate::builtin;
+use crate::resolve::{folder_bytes, resolve_model};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Address to bind; 127.0.0.1 keeps Kiln private to this machine.
-    #[arg(long, default_value = "127.0.0.1", env = "KILN_HOST")]
-    host: String,
-    /// Port (8080 is SageMaker's and KServe's convention).
-    #[arg(long, default_value_t = 8080, env = "PORT")]
-    port: u16,
-    /// Largest request body in bytes; larger requests get 413.
-    #[arg(long, default_value_t = 32 * 1024 * 1024)]
-    body_limit: usize,
-    /// Models to serve: `models:/cat.sch.model/3`, `models:/cat.sch.model@alias`,
-    /// `cat.sch.model` (latest) or a model folder. None: the built-in example GLM.
+    /// TOML configuration: listener, API keys, protocols, jobs and models
+    /// (see docs/serving.md). Flags and the environment override it.
+    #[arg(long, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to bind (default 127.0.0.1, private to this machine; env KILN_HOST).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port (default 8080, SageMaker's and KServe's convention; env PORT).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Largest request body, e.g. 32MiB; larger requests get 413.
+    #[arg(long)]
+    body_limit: Option<String>,
+    /// Models to serve besides the configuration's: `models:/cat.sch.model/3`,
+    /// `models:/cat.sch.model@alias`, `cat.sch.model` (latest) or a model folder.
+    /// None at all: the built-in example GLM.
     models: Vec<String>,
 }
 
-fn model_spec(resolved: ResolvedModel, reference: String) -> ModelSpec {
-    let name = resolved.display_name();
-    ModelSpec {
-        name,
-        version: resolved.version,
-        reference,
-        loader: Box::new(move || load_pipeline(&resolved).map_err(|e| e.to_string())),
+/// Generative pipelines run one job at a time by default; others one per core.
+fn default_concurrency(resolved: &ResolvedModel) -> usize {
+    if resolved.manifest.pipeline.starts_with("text_to_image") {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 }
 
-fn default_spec(home: PathBuf) -> ModelSpec {
+fn model_spec(config: &ServeConfig, entry: &ModelEntry, resolved: ResolvedModel) -> ModelSpec {
+    let settings = ModelSettings {
+        concurrency: entry
+            .concurrency
+            .unwrap_or_else(|| default_concurrency(&resolved)),
+        max_queue: entry.max_queue.unwrap_or(config.jobs.max_queue),
+        execution_timeout: entry.execution_timeout.or(config.jobs.execution_timeout),
+        idle_unload: entry.idle_unload,
+        load: entry.load.unwrap_or(LoadPolicy::Eager),
+        memory_bytes: folder_bytes(&resolved.dir),
+    };
+    let name = entry
+        .name
+        .clone()
+        .unwrap_or_else(|| resolved.display_name());
+    let resolved = Arc::new(resolved);
+    ModelSpec {
+        name,
+        version: resolved.version,
+        reference: entry.source.clone(),
+        settings,
+        loader: Arc::new(move || load_pipeline(&resolved).map_err(|e| e.to_string())),
+    }
+}
+
+fn default_spec(config: &ServeConfig, home: PathBuf) -> ModelSpec {
     ModelSpec {
         name: builtin::DEFAULT_MODEL.into(),
         version: None,
@@ -45,51 +78,87 @@ fn default_spec(home: PathBuf) -> ModelSpec {
             builtin::DEFAULT_MODEL,
             builtin::DEFAULT_ALIAS
         ),
-        loader: Box::new(move || {
+        settings: ModelSettings {
+            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_queue: config.jobs.max_queue,
+            ..ModelSettings::default()
+        },
+        loader: Arc::new(move || {
             let resolved = builtin::ensure_default_model(&home).map_err(|e| format!("{e:#}"))?;
             load_pipeline(&resolved).map_err(|e| e.to_string())
         }),
     }
 }
 
-pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
-    let registry = Registry::open(home);
-    let mut specs = Vec::new();
+fn read_config(home: &Path, args: &ServeArgs) -> Result<ServeConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            ServeConfig::from_toml(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("in {}", path.display()))?
+        }
+        None => ServeConfig::default(),
+    };
+    config
+        .apply_env(|key| std::env::var(key).ok())
+        .map_err(anyhow::Error::msg)?;
+    if let Some(host) = &args.host {
+        config.server.host = host.clone();
+    }
+    if let Some(port) = args.port {
+        config.server.port = port;
+    }
+    if let Some(limit) = &args.body_limit {
+        config.server.body_limit =
+            parse_bytes(limit).map_err(|e| anyhow::anyhow!("--body-limit: {e}"))?;
+    }
+    if config.jobs.database.is_none() {
+        config.jobs.database = Some(home.join("jobs.sqlite"));
+    }
     for text in &args.models {
-        let reference = ModelRef::parse(text)?;
-        let resolved = registry
-            .resolve(&reference, Verification::Full)
-            .with_context(|| format!("cannot serve {text}"))?;
-        if specs
-            .iter()
-            .any(|s: &ModelSpec| s.name == resolved.display_name())
-        {
+        config.models.push(ModelEntry {
+            name: None,
+            source: text.clone(),
+            concurrency: None,
+            max_queue: None,
+            execution_timeout: None,
+            idle_unload: None,
+            load: None,
+        });
+    }
+    Ok(config)
+}
+
+pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
+    let config = read_config(home, &args)?;
+    let registry = Registry::open(home);
+    let mut specs: Vec<ModelSpec> = Vec::new();
+    for entry in &config.models {
+        let resolved = resolve_model(&registry, &entry.source)
+            .with_context(|| format!("cannot serve {}", entry.source))?;
+        let spec = model_spec(&config, entry, resolved);
+        if specs.iter().any(|s| s.name == spec.name) {
             anyhow::bail!(
-                "{} is given twice; serve one version per name",
-                resolved.display_name()
+                "{} is given twice; serve one version per name (set `name` in the configuration)",
+                spec.name
             );
         }
-        specs.push(model_spec(resolved, text.clone()));
+        specs.push(spec);
     }
     if specs.is_empty() {
-        specs.push(default_spec(home.to_path_buf()));
+        specs.push(default_spec(&config, home.to_path_buf()));
     }
-    let config = ServerConfig {
-        host: args.host,
-        port: args.port,
-        body_limit: args.body_limit,
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-        let server = Server::bind(&config, specs)
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+        let server = Server::bind(&config, specs).await?;
         let address = server.local_addr()?;
-        tracing::info!(%address, models = ?names, "kiln is listening (ready once every model has loaded)");
+        tracing::info!(%address, models = ?names, auth = !config.server.api_keys.is_empty(), "kiln is listening (ready once every eager model has loaded)");
         server.run(shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

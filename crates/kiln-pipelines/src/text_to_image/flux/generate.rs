@@ -204,7 +204,7 @@ pub fn generate(
         .to_dtype(models.dtype)
         .map_err(run)?;
         if !on_step(done + 1, total) {
-            return Err(PipelineError::Execution("cancelled".into()));
+            return Err(PipelineError::Stopped);
         }
     }
     let denoising_s = started.elapsed().as_secs_f64();

@@ -1,0 +1,104 @@
+//! API keys: when any is configured, every route except the health checks needs
+//! `Authorization: Bearer <key>` (a bare key is accepted too, as some RunPod
+//! clients send it). Keys are compared through their SHA-256 digests in constant
+//! time, so timing reveals nothing about a key.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Paths that answer without a key: liveness and readiness probes.
+pub fn is_health_path(path: &str) -> bool {
+    path == "/ping"
+        || path.ends_with("/health")
+        || path.ends_with("/health-check")
+        || path.contains("/v2/health/")
+}
+
+fn digest(text: &[u8]) -> [u8; 32] {
+    Sha256::digest(text).into()
+}
+
+/// Equal digests, compared without an early exit.
+fn same_key(given: &[u8], expected: &str) -> bool {
+    let (a, b) = (digest(given), digest(expected.as_bytes()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// Whether the request carries one of `keys`.
+pub fn authorized(keys: &[String], authorization: Option<&HeaderValue>) -> bool {
+    let Some(value) = authorization.map(HeaderValue::as_bytes) else {
+        return false;
+    };
+    let token = value
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.strip_prefix(b"bearer "))
+        .unwrap_or(value);
+    let mut matched = false;
+    for key in keys {
+        matched |= same_key(token, key);
+    }
+    matched
+}
+
+/// Middleware: refuse requests without a valid key, in the protocol's error shape.
+pub async fn require_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.api_keys.is_empty()
+        || is_health_path(request.uri().path())
+        || authorized(
+            &state.api_keys,
+            request.headers().get(header::AUTHORIZATION),
+        )
+    {
+        return next.run(request).await;
+    }
+    let path = request.uri().path();
+    let mut response =
+        if path.contains("/v1/images") || path.ends_with("/v1/models") || path.contains("/v1/chat")
+        {
+            crate::protocols::openai::error(ApiError::Unauthorized)
+        } else if path.ends_with("/invocations") {
+            ApiError::Unauthorized.mlflow()
+        } else {
+            ApiError::Unauthorized.simple()
+        };
+    *response.status_mut() = StatusCode::UNAUTHORIZED;
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_and_bare_keys_match_only_configured_keys() {
+        let keys = vec!["s3cret".to_string(), "other".to_string()];
+        let header = |v: &str| HeaderValue::from_str(v).unwrap();
+        assert!(authorized(&keys, Some(&header("Bearer s3cret"))));
+        assert!(authorized(&keys, Some(&header("other"))));
+        assert!(!authorized(&keys, Some(&header("Bearer s3cre"))));
+        assert!(!authorized(&keys, Some(&header("Basic s3cret"))));
+        assert!(!authorized(&keys, None));
+        assert!(is_health_path("/v2/health/ready"));
+        assert!(is_health_path("/v2/flux/health"));
+        assert!(is_health_path("/health-check"));
+        assert!(!is_health_path("/v1/models"));
+    }
+}

@@ -1,0 +1,697 @@
+//! Durable jobs: every accepted job is committed to SQLite before the client hears
+//! of it, queued per model under a bound, run by that model's workers with
+//! progress, cancellation and an execution timeout, and kept for a TTL. Protocol
+//! adapters (RunPod, Cog, OpenAI) submit jobs and render them in their shapes.
+
+pub mod store;
+mod webhook;
+mod worker;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{Notify, watch};
+
+use crate::config::JobsSection;
+use crate::state::AppState;
+pub use store::{JobStore, StoreError};
+pub use worker::progress_logs;
+
+/// A job's state, with RunPod's names (the other protocols map from these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobStatus {
+    InQueue,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::InQueue,
+        JobStatus::InProgress,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+        JobStatus::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::InQueue => "IN_QUEUE",
+            JobStatus::InProgress => "IN_PROGRESS",
+            JobStatus::Completed => "COMPLETED",
+            JobStatus::Failed => "FAILED",
+            JobStatus::Cancelled => "CANCELLED",
+            JobStatus::TimedOut => "TIMED_OUT",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobStatus::InQueue | JobStatus::InProgress)
+    }
+}
+
+/// Which protocol a job came in through; decides its webhook and output shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    RunPod,
+    Cog,
+    OpenAi,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::RunPod => "runpod",
+            Protocol::Cog => "cog",
+            Protocol::OpenAi => "openai",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Protocol> {
+        [Protocol::RunPod, Protocol::Cog, Protocol::OpenAi]
+            .into_iter()
+            .find(|p| p.as_str() == text)
+    }
+}
+
+/// One broken rule of the input, kept so each protocol can word it its own way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputProblem {
+    pub field: String,
+    /// `missing`, `unknown`, `type`, `constraint` or `malformed`.
+    pub rule: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub found: Option<String>,
+}
+
+impl InputProblem {
+    pub fn from_field_problem(problem: &kiln_pipelines::FieldProblem) -> Self {
+        use kiln_pipelines::ProblemKind;
+        let (rule, expected, found) = match &problem.kind {
+            ProblemKind::Missing => ("missing", None, None),
+            ProblemKind::Unknown => ("unknown", None, None),
+            ProblemKind::Type { expected, found } => {
+                ("type", Some(expected.clone()), Some(found.clone()))
+            }
+            ProblemKind::Constraint => ("constraint", None, None),
+            ProblemKind::Malformed => ("malformed", None, None),
+        };
+        InputProblem {
+            field: problem.field.clone(),
+            rule: rule.into(),
+            message: problem.message.clone(),
+            expected,
+            found,
+        }
+    }
+}
+
+/// Why a job did not complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobError {
+    /// The input broke the model's schema.
+    Invalid { problems: Vec<InputProblem> },
+    /// Anything else: load failure, execution error, timeout, cancellation.
+    Failed { message: String },
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Invalid { problems } => {
+                let text: Vec<String> = problems
+                    .iter()
+                    .map(|p| format!("{}: {}", p.field, p.message))
+                    .collect();
+                write!(f, "invalid input: {}", text.join("; "))
+            }
+            JobError::Failed { message } => f.write_str(message),
+        }
+    }
+}
+
+/// Per-job choices made at submission.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobOptions {
+    /// URL that receives the job's state (RunPod: at the end; Cog: per event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    /// Cog's `webhook_events_filter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_events: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_timeout_ms: Option<u64>,
+    /// How long results are kept after the job ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Submitted by a synchronous call (shorter default TTL).
+    #[serde(default)]
+    pub sync: bool,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub model: String,
+    pub protocol: Protocol,
+    pub input: Value,
+    pub options: JobOptions,
+    pub status: JobStatus,
+    pub output: Option<Value>,
+    pub error: Option<JobError>,
+    /// Progress lines (Cog's `logs`).
+    pub logs: String,
+    pub retries: u32,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
+impl Job {
+    /// Milliseconds spent queued (RunPod `delayTime`).
+    pub fn delay_ms(&self) -> i64 {
+        match self.started_at {
+            Some(started) => started - self.created_at,
+            None if self.status.is_final() => {
+                self.completed_at.unwrap_or(self.created_at) - self.created_at
+            }
+            None => now_ms() - self.created_at,
+        }
+    }
+
+    /// Milliseconds spent running (RunPod `executionTime`).
+    pub fn execution_ms(&self) -> i64 {
+        match (self.started_at, self.completed_at) {
+            (Some(started), Some(done)) => done - started,
+            (Some(started), None) => now_ms() - started,
+            _ => 0,
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue for model {model:?} is full ({limit} jobs); retry later")]
+    QueueFull { model: String, limit: usize },
+    #[error("a job with id {0:?} already exists")]
+    Duplicate(String),
+    #[error("model {0:?} is not served here")]
+    UnknownModel(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An event in a running job's life, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    Started,
+    Progress { step: usize, total: usize },
+    Finished,
+}
+
+/// In-memory companion of a queued or running job: cancellation flag, progress
+/// events, and a channel that wakes anyone waiting on it.
+pub struct LiveJob {
+    cancelled: AtomicBool,
+    events: Mutex<Vec<JobEvent>>,
+    /// How many events `/stream` has handed out.
+    streamed: Mutex<usize>,
+    changed: watch::Sender<u64>,
+    last_webhook: Mutex<Option<std::time::Instant>>,
+}
+
+impl LiveJob {
+    fn new() -> Self {
+        LiveJob {
+            cancelled: AtomicBool::new(false),
+            events: Mutex::new(Vec::new()),
+            streamed: Mutex::new(0),
+            changed: watch::Sender::new(0),
+            last_webhook: Mutex::new(None),
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn push(&self, event: JobEvent) {
+        if let Ok(mut events) = self.events.lock() {
+            events.push(event);
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Events so far.
+    pub fn events(&self) -> Vec<JobEvent> {
+        self.events.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Events not yet handed to a `/stream` reader, marking them read.
+    pub fn take_unstreamed(&self) -> Vec<JobEvent> {
+        let events = self.events();
+        match self.streamed.lock() {
+            Ok(mut streamed) => {
+                let fresh = events.get(*streamed..).unwrap_or_default().to_vec();
+                *streamed = events.len();
+                fresh
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// A receiver that wakes on every event.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// One model's queue of job ids.
+struct ModelQueue {
+    pending: Mutex<VecDeque<String>>,
+    ready: Notify,
+    limit: usize,
+}
+
+/// The job system: store, per-model queues, live jobs and webhook delivery.
+pub struct Jobs {
+    pub store: JobStore,
+    pub settings: JobsSection,
+    queues: HashMap<String, Arc<ModelQueue>>,
+    live: Mutex<HashMap<String, Arc<LiveJob>>>,
+    webhooks: webhook::Sender,
+}
+
+impl Jobs {
+    /// A job system for these models (name, queue bound).
+    pub fn new(store: JobStore, settings: JobsSection, models: &[(String, usize)]) -> Jobs {
+        let queues = models
+            .iter()
+            .map(|(name, limit)| {
+                (
+                    name.clone(),
+                    Arc::new(ModelQueue {
+                        pending: Mutex::new(VecDeque::new()),
+                        ready: Notify::new(),
+                        limit: *limit,
+                    }),
+                )
+            })
+            .collect();
+        let webhooks = webhook::Sender::new(settings.webhook_retries, settings.webhook_retry_delay);
+        Jobs {
+            store,
+            settings,
+            queues,
+            live: Mutex::new(HashMap::new()),
+            webhooks,
+        }
+    }
+
+    fn queue(&self, model: &str) -> Option<&Arc<ModelQueue>> {
+        self.queues.get(model)
+    }
+
+    /// Jobs waiting for `model`.
+    pub fn queue_depth(&self, model: &str) -> usize {
+        self.queue(model)
+            .and_then(|q| q.pending.lock().ok().map(|p| p.len()))
+            .unwrap_or(0)
+    }
+
+    /// The live companion of a queued or running job.
+    pub fn live(&self, id: &str) -> Option<Arc<LiveJob>> {
+        self.live.lock().ok().and_then(|l| l.get(id).cloned())
+    }
+
+    fn track(&self, id: &str) -> Arc<LiveJob> {
+        let live = Arc::new(LiveJob::new());
+        if let Ok(mut map) = self.live.lock() {
+            map.insert(id.to_string(), Arc::clone(&live));
+        }
+        live
+    }
+
+    /// Accept a job: committed to the store, then queued. Refused when the
+    /// model's queue is at its bound.
+    pub fn submit(
+        &self,
+        id: Option<String>,
+        model: &str,
+        protocol: Protocol,
+        input: Value,
+        options: JobOptions,
+    ) -> Result<Job, SubmitError> {
+        let queue = self
+            .queue(model)
+            .ok_or_else(|| SubmitError::UnknownModel(model.into()))?;
+        let mut pending = queue.pending.lock().map_err(|_| SubmitError::QueueFull {
+            model: model.into(),
+            limit: queue.limit,
+        })?;
+        if pending.len() >= queue.limit {
+            return Err(SubmitError::QueueFull {
+                model: model.into(),
+                limit: queue.limit,
+            });
+        }
+        let id = match id {
+            Some(id) => {
+                if self.store.exists(&id)? {
+                    return Err(SubmitError::Duplicate(id));
+                }
+                id
+            }
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let job = Job {
+            id: id.clone(),
+            model: model.into(),
+            protocol,
+            input,
+            options,
+            status: JobStatus::InQueue,
+            output: None,
+            error: None,
+            logs: String::new(),
+            retries: 0,
+            created_at: now_ms(),
+            started_at: None,
+            completed_at: None,
+        };
+        self.store.insert(&job)?;
+        self.track(&id);
+        pending.push_back(id);
+        drop(pending);
+        queue.ready.notify_one();
+        Ok(job)
+    }
+
+    /// Record a job that fails before it is queued (its input broke the schema).
+    pub fn reject(
+        &self,
+        model: &str,
+        protocol: Protocol,
+        input: Value,
+        options: JobOptions,
+        error: JobError,
+    ) -> Result<Job, StoreError> {
+        let now = now_ms();
+        let ttl = self.ttl_ms(&options);
+        let job = Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            model: model.into(),
+            protocol,
+            input,
+            options,
+            status: JobStatus::InQueue,
+            output: None,
+            error: None,
+            logs: String::new(),
+            retries: 0,
+            created_at: now,
+            started_at: None,
+            completed_at: None,
+        };
+        self.store.insert(&job)?;
+        self.store.finish(
+            &job.id,
+            JobStatus::Failed,
+            None,
+            Some(&error),
+            "",
+            now,
+            now + ttl,
+        )?;
+        self.get(&job.id)?
+            .ok_or_else(|| StoreError::from(rusqlite::Error::QueryReturnedNoRows))
+    }
+
+    /// The job as stored now, unless unknown or expired.
+    pub fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        self.store.get(id, now_ms())
+    }
+
+    /// Wait until the job ends or `timeout` passes; returns its state then.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<Job>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut changes = self.live(id).map(|l| l.subscribe());
+            let job = self.get(id)?;
+            match (&job, &mut changes) {
+                (Some(job), Some(changes)) if !job.status.is_final() => {
+                    if tokio::time::timeout_at(deadline, changes.changed())
+                        .await
+                        .is_err()
+                    {
+                        return self.get(id);
+                    }
+                }
+                _ => return Ok(job),
+            }
+        }
+    }
+
+    /// Cancel a job that has not ended: a queued one never runs, a running one
+    /// stops at its next step. Returns the job as it is afterwards.
+    pub fn cancel(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let Some(job) = self.get(id)? else {
+            return Ok(None);
+        };
+        if job.status.is_final() {
+            return Ok(Some(job));
+        }
+        let now = now_ms();
+        let error = JobError::Failed {
+            message: "cancelled".into(),
+        };
+        if self.store.finish(
+            id,
+            JobStatus::Cancelled,
+            None,
+            Some(&error),
+            &job.logs,
+            now,
+            now + self.ttl_ms(&job.options),
+        )? {
+            if let Some(queue) = self.queue(&job.model)
+                && let Ok(mut pending) = queue.pending.lock()
+            {
+                pending.retain(|queued| queued != id);
+            }
+            if let Some(live) = self.live(id) {
+                live.cancelled.store(true, Ordering::SeqCst);
+                live.push(JobEvent::Finished);
+            }
+        }
+        let job = self.get(id)?;
+        if let Some(job) = &job {
+            self.deliver_final(job);
+        }
+        Ok(job)
+    }
+
+    /// Queue a FAILED or TIMED_OUT job again. `Ok(None)` when it is unknown,
+    /// `Ok(Some(false))` when it is in another state.
+    pub fn retry(&self, id: &str) -> Result<Option<bool>, SubmitError> {
+        let Some(job) = self.get(id)? else {
+            return Ok(None);
+        };
+        let Some(queue) = self.queue(&job.model) else {
+            return Ok(Some(false));
+        };
+        let mut pending = queue.pending.lock().map_err(|_| SubmitError::QueueFull {
+            model: job.model.clone(),
+            limit: queue.limit,
+        })?;
+        if pending.len() >= queue.limit {
+            return Err(SubmitError::QueueFull {
+                model: job.model.clone(),
+                limit: queue.limit,
+            });
+        }
+        if !self.store.retry(id)? {
+            return Ok(Some(false));
+        }
+        self.track(id);
+        pending.push_back(id.to_string());
+        drop(pending);
+        queue.ready.notify_one();
+        Ok(Some(true))
+    }
+
+    /// Cancel every queued job of `model`; returns how many.
+    pub fn purge_queue(&self, model: &str) -> Result<usize, StoreError> {
+        let ids: Vec<String> = match self.queue(model) {
+            Some(queue) => queue
+                .pending
+                .lock()
+                .map(|mut p| p.drain(..).collect())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut removed = 0;
+        for id in ids {
+            if self.cancel(&id)?.is_some() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn ttl_ms(&self, options: &JobOptions) -> i64 {
+        let default = if options.sync {
+            self.settings.sync_result_ttl
+        } else {
+            self.settings.result_ttl
+        };
+        options.ttl_ms.unwrap_or(default.as_millis() as u64) as i64
+    }
+
+    /// Re-queue jobs left by a previous run (per the restart policy). Call once,
+    /// before the workers start.
+    pub fn recover(&self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let queued = self.store.recover(
+            self.settings.on_restart,
+            now,
+            self.settings.result_ttl.as_millis() as i64,
+        )?;
+        let mut count = 0;
+        for job in queued {
+            match self.queue(&job.model) {
+                Some(queue) => {
+                    self.track(&job.id);
+                    if let Ok(mut pending) = queue.pending.lock() {
+                        pending.push_back(job.id.clone());
+                        count += 1;
+                    }
+                    queue.ready.notify_one();
+                }
+                None => {
+                    let error = JobError::Failed {
+                        message: format!("model {:?} is no longer served", job.model),
+                    };
+                    self.store.finish(
+                        &job.id,
+                        JobStatus::Failed,
+                        None,
+                        Some(&error),
+                        "",
+                        now,
+                        now + self.ttl_ms(&job.options),
+                    )?;
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// Start each model's workers and the housekeeping task (TTL purge, idle
+    /// unloading). Runs until the runtime stops.
+    pub fn start(state: &Arc<AppState>) {
+        for model in &state.models {
+            for _ in 0..model.settings.concurrency.max(1) {
+                tokio::spawn(worker::run(Arc::clone(state), Arc::clone(model)));
+            }
+        }
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                state.unload_idle();
+                match state.jobs.store.delete_expired(now_ms()) {
+                    Ok(ids) => {
+                        if let Ok(mut live) = state.jobs.live.lock() {
+                            for id in &ids {
+                                live.remove(id);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot purge expired jobs"),
+                }
+                for model in &state.models {
+                    state
+                        .metrics
+                        .queue_depth(&model.name, state.jobs.queue_depth(&model.name));
+                }
+            }
+        });
+    }
+
+    /// Send the job's final webhook, if it has one.
+    fn deliver_final(&self, job: &Job) {
+        let wanted = match (&job.options.webhook_events, job.protocol) {
+            (Some(filter), Protocol::Cog) => filter.iter().any(|e| e == "completed"),
+            _ => true,
+        };
+        if wanted && let Some(url) = &job.options.webhook {
+            let body = crate::protocols::webhook_body(job, self.live(&job.id).as_deref());
+            self.webhooks.send(url.clone(), body, true);
+        }
+    }
+
+    /// Send a Cog `logs` webhook for progress, at most one per 500 ms.
+    fn deliver_progress(&self, job: &Job, live: &LiveJob) {
+        if job.protocol != Protocol::Cog || job.options.webhook.is_none() {
+            return;
+        }
+        let due = match live.last_webhook.lock() {
+            Ok(mut last) => {
+                let due = last.is_none_or(|t| t.elapsed() >= Duration::from_millis(500));
+                if due {
+                    *last = Some(std::time::Instant::now());
+                }
+                due
+            }
+            Err(_) => false,
+        };
+        if due {
+            self.deliver_event(job, "logs");
+        }
+    }
+
+    /// Send a non-final Cog webhook event when the job's filter wants it.
+    fn deliver_event(&self, job: &Job, event: &str) {
+        let wanted = match &job.options.webhook_events {
+            Some(filter) => filter.iter().any(|e| e == event),
+            None => true,
+        };
+        if job.protocol == Protocol::Cog
+            && wanted
+            && let Some(url) = &job.options.webhook
+        {
+            let body = crate::protocols::webhook_body(job, self.live(&job.id).as_deref());
+            self.webhooks.send(url.clone(), body, false);
+        }
+    }
+}

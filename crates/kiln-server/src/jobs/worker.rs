@@ -1,0 +1,243 @@
+//! A model's worker: takes the next queued job, leases the model (loading it if it
+//! was unloaded), runs the pipeline off the async executor with per-step progress,
+//! stops it on cancellation or timeout, and records the final state.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_pipelines::{PipelineError, Progress};
+use serde_json::Value;
+
+use super::{InputProblem, Job, JobError, JobEvent, JobStatus, LiveJob, now_ms};
+use crate::protocols::{prediction_json, request_from_json};
+use crate::state::{AppState, ServedModel};
+
+/// How a job ended.
+struct Outcome {
+    status: JobStatus,
+    output: Option<Value>,
+    error: Option<JobError>,
+}
+
+impl Outcome {
+    fn failed(message: impl Into<String>) -> Self {
+        Outcome {
+            status: JobStatus::Failed,
+            output: None,
+            error: Some(JobError::Failed {
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// Serve `model`'s queue forever.
+pub(super) async fn run(state: Arc<AppState>, model: Arc<ServedModel>) {
+    let Some(queue) = state.jobs.queue(&model.name).cloned() else {
+        return;
+    };
+    loop {
+        let next = queue.pending.lock().ok().and_then(|mut p| p.pop_front());
+        match next {
+            Some(id) => run_one(&state, &model, &id).await,
+            None => queue.ready.notified().await,
+        }
+    }
+}
+
+/// Progress as Cog-style log lines.
+pub fn progress_logs(events: &[JobEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Progress { step, total } => Some(format!("step {step}/{total}\n")),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
+    let jobs = &state.jobs;
+    match jobs.store.start(id, now_ms()) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(job_id = id, error = %e, "cannot start job");
+            return;
+        }
+    }
+    let job = match jobs.get(id) {
+        Ok(Some(job)) => job,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(job_id = id, error = %e, "cannot read job");
+            return;
+        }
+    };
+    let live = jobs.live(id).unwrap_or_else(|| jobs.track(id));
+    live.push(JobEvent::Started);
+    jobs.deliver_event(&job, "start");
+    state
+        .metrics
+        .job_started(&model.name, job.delay_ms().max(0) as f64 / 1000.0);
+    tracing::info!(job_id = id, model = %model.name, protocol = job.protocol.as_str(), "job started");
+
+    let started = Instant::now();
+    let outcome = execute(state, model, &job, &live).await;
+    let seconds = started.elapsed().as_secs_f64();
+
+    let now = now_ms();
+    let logs = progress_logs(&live.events());
+    let recorded = jobs.store.finish(
+        id,
+        outcome.status,
+        outcome.output.as_ref(),
+        outcome.error.as_ref(),
+        &logs,
+        now,
+        now + jobs.ttl_ms(&job.options),
+    );
+    match recorded {
+        Ok(true) => {
+            state
+                .metrics
+                .job_finished(&model.name, outcome.status.as_str(), seconds);
+            match &outcome.error {
+                None => tracing::info!(job_id = id, model = %model.name, seconds, "job completed"),
+                Some(error) => {
+                    tracing::warn!(job_id = id, model = %model.name, status = outcome.status.as_str(), %error, "job did not complete")
+                }
+            }
+            live.push(JobEvent::Finished);
+            if let Ok(Some(job)) = jobs.get(id) {
+                jobs.deliver_final(&job);
+            }
+        }
+        Ok(false) => {
+            tracing::info!(job_id = id, model = %model.name, "job had already ended (cancelled)");
+        }
+        Err(e) => tracing::error!(job_id = id, error = %e, "cannot record the job's result"),
+    }
+}
+
+async fn execute(
+    state: &Arc<AppState>,
+    model: &Arc<ServedModel>,
+    job: &Job,
+    live: &Arc<LiveJob>,
+) -> Outcome {
+    let lease = match state.lease(model, true).await {
+        Ok(lease) => lease,
+        Err(e) => return Outcome::failed(e.to_string()),
+    };
+    let request = match request_from_json(lease.pipeline.interface(), &job.input) {
+        Ok(request) => request,
+        Err(problems) => {
+            return Outcome {
+                status: JobStatus::Failed,
+                output: None,
+                error: Some(JobError::Invalid { problems }),
+            };
+        }
+    };
+    let timeout = job
+        .options
+        .execution_timeout_ms
+        .map(Duration::from_millis)
+        .or(model.settings.execution_timeout)
+        .or(state.jobs.settings.execution_timeout);
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let task = {
+        let live = Arc::clone(live);
+        let state = Arc::clone(state);
+        let model_name = model.name.clone();
+        let running = Job {
+            status: JobStatus::InProgress,
+            ..job.clone()
+        };
+        tokio::task::spawn_blocking(move || {
+            // The lease lives as long as the computation, so a timed-out job
+            // still holds its slot until it really stops.
+            let lease = lease;
+            let mut on_progress = |progress: Progress| {
+                live.push(JobEvent::Progress {
+                    step: progress.step,
+                    total: progress.total,
+                });
+                state.metrics.denoising_step(&model_name);
+                state.jobs.deliver_progress(&running, &live);
+                !live.is_cancelled() && deadline.is_none_or(|d| Instant::now() < d)
+            };
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                lease
+                    .pipeline
+                    .predict_with_progress(request, &mut on_progress)
+            }))
+        })
+    };
+    let joined = match timeout {
+        // Pipelines without steps cannot be stopped: give up waiting instead.
+        Some(limit) => match tokio::time::timeout(limit + Duration::from_secs(1), task).await {
+            Ok(joined) => joined,
+            Err(_) => return timed_out(limit),
+        },
+        None => task.await,
+    };
+    match joined {
+        Ok(Ok(Ok(prediction))) => Outcome {
+            status: JobStatus::Completed,
+            output: Some(prediction_json(&prediction)),
+            error: None,
+        },
+        Ok(Ok(Err(PipelineError::Stopped))) => {
+            if live.is_cancelled() {
+                Outcome {
+                    status: JobStatus::Cancelled,
+                    output: None,
+                    error: Some(JobError::Failed {
+                        message: "cancelled".into(),
+                    }),
+                }
+            } else {
+                timed_out(timeout.unwrap_or_default())
+            }
+        }
+        Ok(Ok(Err(PipelineError::InvalidInput(problems)))) => Outcome {
+            status: JobStatus::Failed,
+            output: None,
+            error: Some(JobError::Invalid {
+                problems: problems
+                    .iter()
+                    .map(InputProblem::from_field_problem)
+                    .collect(),
+            }),
+        },
+        Ok(Ok(Err(error))) => Outcome::failed(error.to_string()),
+        Ok(Err(panic)) => Outcome::failed(format!(
+            "the pipeline panicked: {}",
+            panic_message(panic.as_ref())
+        )),
+        Err(e) => Outcome::failed(format!("the job's task failed: {e}")),
+    }
+}
+
+fn timed_out(limit: Duration) -> Outcome {
+    Outcome {
+        status: JobStatus::TimedOut,
+        output: None,
+        error: Some(JobError::Failed {
+            message: format!(
+                "the job ran past its execution timeout of {}",
+                humantime::format_duration(limit)
+            ),
+        }),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}

@@ -1,0 +1,576 @@
+//! Replicate Cog's container HTTP API for the first served model: `GET /`,
+//! `/health-check`, `/openapi.json` from the pipeline's input schema,
+//! `POST /predictions` (sync; `Prefer: respond-async` → 202 with webhooks;
+//! `Accept: text/event-stream` → server-sent events), idempotent
+//! `PUT /predictions/{id}`, `POST /predictions/{id}/cancel` and `POST /shutdown`.
+//! Invalid input is a 422 with `detail`; a full queue is a 409.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use kiln_pipelines::InputSpec;
+use serde_json::{Map, Value, json};
+
+use super::{body_or_error, validation_problems};
+use crate::error::ApiError;
+use crate::jobs::{
+    InputProblem, Job, JobError, JobEvent, JobOptions, JobStatus, LiveJob, Protocol, progress_logs,
+};
+use crate::metrics::ModelLabel;
+use crate::state::{AppState, LoadState};
+
+/// Cog's event names for `webhook_events_filter`.
+const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
+
+fn detail(status: StatusCode, detail: Value) -> Response {
+    (status, Json(json!({ "detail": detail }))).into_response()
+}
+
+fn error(e: ApiError) -> Response {
+    match e {
+        ApiError::QueueFull { .. } => e.with_retry_after(detail(
+            StatusCode::CONFLICT,
+            json!("Already running a prediction: the queue is full"),
+        )),
+        ApiError::InvalidInput(_) | ApiError::BadRequest(_) => detail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!([{"loc": ["body"], "msg": e.to_string(), "type": "value_error"}]),
+        ),
+        other => {
+            let status = other.status();
+            detail(status, json!(other.to_string()))
+        }
+    }
+}
+
+fn unprocessable(problems: &[InputProblem]) -> Response {
+    let items: Vec<Value> = problems
+        .iter()
+        .map(|p| {
+            let kind = match p.rule.as_str() {
+                "missing" => "missing",
+                "unknown" => "extra_forbidden",
+                "type" => "type_error",
+                _ => "value_error",
+            };
+            json!({"loc": ["body", "input", p.field], "msg": p.message, "type": kind})
+        })
+        .collect();
+    detail(StatusCode::UNPROCESSABLE_ENTITY, Value::Array(items))
+}
+
+fn timestamp(ms: Option<i64>) -> Value {
+    match ms {
+        Some(ms) if ms >= 0 => json!(
+            humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_millis(ms as u64))
+                .to_string()
+        ),
+        _ => Value::Null,
+    }
+}
+
+fn cog_status(status: JobStatus) -> &'static str {
+    match status {
+        JobStatus::InQueue => "starting",
+        JobStatus::InProgress => "processing",
+        JobStatus::Completed => "succeeded",
+        JobStatus::Failed | JobStatus::TimedOut => "failed",
+        JobStatus::Cancelled => "canceled",
+    }
+}
+
+/// Images as data URLs (Cog's file outputs); other outputs unchanged.
+pub fn render_output(output: &Value) -> Value {
+    match output.get("images").and_then(Value::as_array) {
+        Some(images) => images
+            .iter()
+            .map(|i| {
+                json!(format!(
+                    "data:{};base64,{}",
+                    i["mime_type"]
+                        .as_str()
+                        .unwrap_or("application/octet-stream"),
+                    i["base64"].as_str().unwrap_or_default()
+                ))
+            })
+            .collect(),
+        None => output.clone(),
+    }
+}
+
+/// A prediction in Cog's response shape.
+pub fn prediction_body(job: &Job, live: Option<&LiveJob>) -> Value {
+    let logs = match (job.status.is_final(), live) {
+        (false, Some(live)) => progress_logs(&live.events()),
+        _ => job.logs.clone(),
+    };
+    let predict_time = match (job.started_at, job.completed_at) {
+        (Some(started), Some(done)) => json!({"predict_time": (done - started) as f64 / 1000.0}),
+        _ => json!({}),
+    };
+    let error = match (&job.error, job.status) {
+        (_, JobStatus::Cancelled) | (None, _) => Value::Null,
+        (Some(JobError::Invalid { problems }), _) => json!(
+            problems
+                .iter()
+                .map(|p| format!("{}: {}", p.field, p.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        (Some(e), _) => json!(e.to_string()),
+    };
+    let mut body = json!({
+        "id": job.id,
+        "input": job.input,
+        "output": job.output.as_ref().map(render_output),
+        "logs": logs,
+        "error": error,
+        "status": cog_status(job.status),
+        "metrics": predict_time,
+        "created_at": timestamp(Some(job.created_at)),
+        "started_at": timestamp(job.started_at),
+        "completed_at": timestamp(job.completed_at),
+    });
+    if let Some(webhook) = &job.options.webhook {
+        body["webhook"] = json!(webhook);
+    }
+    body
+}
+
+/// `GET /`: the discovery document.
+pub async fn root() -> Response {
+    Json(json!({
+        "cog_version": concat!("kiln-", env!("CARGO_PKG_VERSION")),
+        "docs_url": "/docs",
+        "openapi_url": "/openapi.json",
+        "shutdown_url": "/shutdown",
+        "healthcheck_url": "/health-check",
+        "predictions_url": "/predictions",
+        "predictions_idempotent_url": "/predictions/{prediction_id}",
+        "predictions_cancel_url": "/predictions/{prediction_id}/cancel",
+    }))
+    .into_response()
+}
+
+/// `GET /health-check`: always 200, the status in the body.
+pub async fn health_check(State(state): State<Arc<AppState>>) -> Response {
+    let model = state.default_model().ok();
+    let (status, setup_status, logs) = match model.as_ref().map(|m| m.state()) {
+        Some(LoadState::Failed(message)) => ("SETUP_FAILED", "failed", message),
+        _ if !state.ready() => ("STARTING", "processing", String::new()),
+        _ => match &model {
+            Some(model) if state.jobs.queue_depth(&model.name) >= model.settings.max_queue => {
+                ("BUSY", "succeeded", String::new())
+            }
+            _ => ("READY", "succeeded", String::new()),
+        },
+    };
+    let started = state.started_unix_ms();
+    Json(json!({
+        "status": status,
+        "setup": {
+            "started_at": timestamp(Some(started)),
+            "completed_at": if setup_status == "processing" { Value::Null } else { timestamp(Some(started)) },
+            "status": setup_status,
+            "logs": logs,
+        },
+    }))
+    .into_response()
+}
+
+/// `GET /openapi.json`, with `Input` from the model's schema.
+pub async fn openapi(State(state): State<Arc<AppState>>) -> Response {
+    let model = match state.default_model() {
+        Ok(model) => model,
+        Err(e) => return error(e),
+    };
+    let interface = match model.interface_or_not_ready() {
+        Ok(interface) => interface,
+        Err(e) => return error(e),
+    };
+    let (input, output) = match &interface.inputs {
+        InputSpec::Fields(schema) => {
+            let images = interface.outputs.inputs.iter().any(|c| c.name == "images");
+            let output = if images {
+                json!({"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}})
+            } else {
+                json!({"title": "Output"})
+            };
+            (schema.json_schema("Input"), output)
+        }
+        InputSpec::Columns(signature) => {
+            let properties: Map<String, Value> = signature
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(order, c)| (c.name.clone(), json!({"title": c.name, "x-order": order})))
+                .collect();
+            let required: Vec<&str> = signature
+                .inputs
+                .iter()
+                .filter(|c| c.required)
+                .map(|c| c.name.as_str())
+                .collect();
+            (
+                json!({"title": "Input", "type": "object", "properties": properties, "required": required}),
+                json!({"title": "Output"}),
+            )
+        }
+    };
+    let status = json!({"title": "Status", "description": "An enumeration.", "enum": ["starting", "processing", "succeeded", "canceled", "failed"], "type": "string"});
+    let request = json!({
+        "title": "PredictionRequest", "type": "object",
+        "properties": {
+            "id": {"title": "Id", "type": "string"},
+            "input": {"$ref": "#/components/schemas/Input"},
+            "webhook": {"title": "Webhook", "type": "string", "format": "uri", "maxLength": 65536, "minLength": 1},
+            "webhook_events_filter": {"type": "array", "items": {"$ref": "#/components/schemas/WebhookEvent"}, "default": EVENTS},
+        },
+    });
+    let response = json!({
+        "title": "PredictionResponse", "type": "object",
+        "properties": {
+            "id": {"title": "Id", "type": "string"},
+            "input": {"$ref": "#/components/schemas/Input"},
+            "output": {"$ref": "#/components/schemas/Output"},
+            "logs": {"title": "Logs", "type": "string", "default": ""},
+            "error": {"title": "Error", "type": "string"},
+            "status": {"$ref": "#/components/schemas/Status"},
+            "metrics": {"title": "Metrics", "type": "object"},
+            "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
+            "started_at": {"title": "Started At", "type": "string", "format": "date-time"},
+            "completed_at": {"title": "Completed At", "type": "string", "format": "date-time"},
+        },
+    });
+    let prediction_op = |summary: &str| {
+        json!({
+            "summary": summary,
+            "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}},
+            "responses": {
+                "200": {"description": "Successful Response", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}},
+                "422": {"description": "Validation Error"},
+            },
+        })
+    };
+    Json(json!({
+        "openapi": "3.0.2",
+        "info": {"title": "Cog", "version": "0.1.0", "description": format!("{} served by Kiln", model.name)},
+        "paths": {
+            "/": {"get": {"summary": "Root"}},
+            "/health-check": {"get": {"summary": "Healthcheck"}},
+            "/predictions": {"post": prediction_op("Predict")},
+            "/predictions/{prediction_id}": {"put": prediction_op("Predict Idempotent")},
+            "/predictions/{prediction_id}/cancel": {"post": {"summary": "Cancel"}},
+            "/shutdown": {"post": {"summary": "Start Shutdown"}},
+        },
+        "components": {"schemas": {
+            "Input": input,
+            "Output": output,
+            "Status": status,
+            "WebhookEvent": {"title": "WebhookEvent", "enum": EVENTS, "type": "string"},
+            "PredictionRequest": request,
+            "PredictionResponse": response,
+        }},
+    }))
+    .into_response()
+}
+
+struct CogRequest {
+    id: Option<String>,
+    input: Value,
+    options: JobOptions,
+}
+
+fn parse(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<CogRequest, Response> {
+    let body = body_or_error(state, body).map_err(error)?;
+    let invalid = |loc: &str, msg: String| {
+        detail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!([{"loc": ["body", loc], "msg": msg, "type": "value_error"}]),
+        )
+    };
+    let document: Map<String, Value> = if body.is_empty() {
+        Map::new()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| invalid("body", format!("the body is not a JSON object: {e}")))?
+    };
+    let input = match document.get("input") {
+        None | Some(Value::Null) => json!({}),
+        Some(input @ Value::Object(_)) => input.clone(),
+        Some(_) => return Err(invalid("input", "input must be an object".into())),
+    };
+    let id = match document.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) if !id.is_empty() && id.len() <= 128 => Some(id.clone()),
+        Some(_) => {
+            return Err(invalid(
+                "id",
+                "id must be a non-empty string of at most 128 characters".into(),
+            ));
+        }
+    };
+    let webhook = match document.get("webhook") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(url)) => Some(url.clone()),
+        Some(_) => return Err(invalid("webhook", "webhook must be a URL".into())),
+    };
+    let webhook_events = match document.get("webhook_events_filter") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(events)) => {
+            let mut names = Vec::new();
+            for event in events {
+                match event.as_str() {
+                    Some(name) if EVENTS.contains(&name) => names.push(name.to_string()),
+                    _ => {
+                        return Err(invalid(
+                            "webhook_events_filter",
+                            format!("unknown event {event}; events are {}", EVENTS.join(", ")),
+                        ));
+                    }
+                }
+            }
+            Some(names)
+        }
+        Some(_) => {
+            return Err(invalid(
+                "webhook_events_filter",
+                "must be a list of events".into(),
+            ));
+        }
+    };
+    Ok(CogRequest {
+        id,
+        input,
+        options: JobOptions {
+            webhook,
+            webhook_events,
+            execution_timeout_ms: None,
+            ttl_ms: None,
+            sync: false,
+        },
+    })
+}
+
+fn wants_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+        })
+}
+
+fn wants_events(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+fn labelled(mut response: Response, model: &str) -> Response {
+    response
+        .extensions_mut()
+        .insert(ModelLabel(model.to_string()));
+    response
+}
+
+async fn predict_inner(
+    state: Arc<AppState>,
+    path_id: Option<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let model = match state.default_model() {
+        Ok(model) => model,
+        Err(e) => return error(e),
+    };
+    let mut request = match parse(&state, body) {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    if let Some(id) = path_id {
+        // Idempotent PUT: the same id again answers with the prediction as it is.
+        match state.jobs.get(&id) {
+            Ok(Some(job)) => {
+                let live = state.jobs.live(&id);
+                return labelled(
+                    (
+                        StatusCode::ACCEPTED,
+                        Json(prediction_body(&job, live.as_deref())),
+                    )
+                        .into_response(),
+                    &model.name,
+                );
+            }
+            Ok(None) => request.id = Some(id),
+            Err(e) => return error(ApiError::Internal(e.to_string())),
+        }
+    }
+    if let Some(problems) = validation_problems(&model, &request.input) {
+        return unprocessable(&problems);
+    }
+    let asynchronous = wants_async(&headers);
+    request.options.sync = !asynchronous;
+    let job = match state.jobs.submit(
+        request.id,
+        &model.name,
+        Protocol::Cog,
+        request.input,
+        request.options,
+    ) {
+        Ok(job) => job,
+        Err(e) => return error(ApiError::from(e)),
+    };
+    if asynchronous {
+        return labelled(
+            (StatusCode::ACCEPTED, Json(prediction_body(&job, None))).into_response(),
+            &model.name,
+        );
+    }
+    if wants_events(&headers) {
+        return labelled(events(state, job.id).into_response(), &model.name);
+    }
+    let done = loop {
+        match state.jobs.wait(&job.id, Duration::from_secs(3600)).await {
+            Ok(Some(done)) if done.status.is_final() => break done,
+            Ok(Some(_)) => continue,
+            Ok(None) => return error(ApiError::JobNotFound(job.id)),
+            Err(e) => return error(ApiError::Internal(e.to_string())),
+        }
+    };
+    if let Some(JobError::Invalid { problems }) = &done.error {
+        return unprocessable(problems);
+    }
+    labelled(
+        Json(prediction_body(&done, None)).into_response(),
+        &model.name,
+    )
+}
+
+/// Server-sent events for one prediction: `start`, one `log` per step, `output`
+/// and `completed`.
+fn events(
+    state: Arc<AppState>,
+    id: String,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let cursor = 0usize;
+    let stream = futures_util::stream::unfold(
+        (state, id, cursor, false),
+        |(state, id, mut cursor, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let live = state.jobs.live(&id);
+                let mut changes = live.as_ref().map(|l| l.subscribe());
+                let events = live.as_ref().map(|l| l.events()).unwrap_or_default();
+                if let Some(event) = events.get(cursor) {
+                    cursor += 1;
+                    let job = state.jobs.get(&id).ok().flatten();
+                    let body = |job: &Option<Job>| {
+                        job.as_ref()
+                            .map(|j| prediction_body(j, live.as_deref()))
+                            .unwrap_or(Value::Null)
+                    };
+                    let item = match event {
+                        JobEvent::Started => {
+                            Event::default().event("start").data(body(&job).to_string())
+                        }
+                        JobEvent::Progress { step, total } => Event::default()
+                            .event("log")
+                            .data(format!("step {step}/{total}")),
+                        JobEvent::Finished => {
+                            // Output and completion together: the job is final now.
+                            let output = job
+                                .as_ref()
+                                .and_then(|j| j.output.as_ref())
+                                .map(render_output)
+                                .unwrap_or(Value::Null);
+                            let completed = Event::default()
+                                .event("completed")
+                                .data(body(&job).to_string());
+                            let output = Event::default().event("output").data(output.to_string());
+                            return Some((
+                                futures_util::stream::iter(vec![Ok(output), Ok(completed)]),
+                                (state, id, cursor, true),
+                            ));
+                        }
+                    };
+                    return Some((
+                        futures_util::stream::iter(vec![Ok(item)]),
+                        (state, id, cursor, false),
+                    ));
+                }
+                match &mut changes {
+                    Some(changes) => {
+                        if tokio::time::timeout(Duration::from_secs(15), changes.changed())
+                            .await
+                            .is_err()
+                        {
+                            continue;
+                        }
+                    }
+                    None => {
+                        // No live record: the job ended before we looked.
+                        let job = state.jobs.get(&id).ok().flatten();
+                        let body = job
+                            .as_ref()
+                            .map(|j| prediction_body(j, None))
+                            .unwrap_or(Value::Null);
+                        let completed = Event::default().event("completed").data(body.to_string());
+                        return Some((
+                            futures_util::stream::iter(vec![Ok(completed)]),
+                            (state, id, cursor, true),
+                        ));
+                    }
+                }
+            }
+        },
+    );
+    Sse::new(futures_util::StreamExt::flatten(stream))
+}
+
+/// `POST /predictions`.
+pub async fn predict(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    predict_inner(state, None, headers, body).await
+}
+
+/// `PUT /predictions/{id}`.
+pub async fn predict_idempotent(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    predict_inner(state, Some(id), headers, body).await
+}
+
+/// `POST /predictions/{id}/cancel`.
+pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match state.jobs.cancel(&id) {
+        Ok(Some(_)) => Json(json!({})).into_response(),
+        Ok(None) => detail(StatusCode::NOT_FOUND, json!("Not Found")),
+        Err(e) => error(ApiError::Internal(e.to_string())),
+    }
+}
+
+/// `POST /shutdown`: stop accepting, finish in-flight requests, exit.
+pub async fn shutdown(State(state): State<Arc<AppState>>) -> Response {
+    state.request_shutdown();
+    Json(json!({})).into_response()
+}

@@ -1,0 +1,284 @@
+//! OpenAI-compatible endpoints: `GET /v1/models` and `POST /v1/images/generations`
+//! (`prompt`, `model`, `n`, `size: "WxH"`, `response_format`; the pipeline's own
+//! fields such as `seed` or `num_inference_steps` are accepted as extra fields).
+//! Errors use OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::{body_or_error, validation_problems};
+use crate::error::ApiError;
+use crate::jobs::{InputProblem, Job, JobError, JobOptions, JobStatus, Protocol};
+use crate::metrics::ModelLabel;
+use crate::state::AppState;
+
+/// An OpenAI-shaped error response.
+pub fn error_response(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": param, "code": code}})),
+    )
+        .into_response()
+}
+
+/// Map Kiln's errors onto OpenAI's types.
+pub fn error(e: ApiError) -> Response {
+    let status = e.status();
+    let message = e.to_string();
+    let response = match &e {
+        ApiError::ModelNotFound(_) => error_response(
+            status,
+            &message,
+            "invalid_request_error",
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        ApiError::QueueFull { .. } => error_response(
+            status,
+            &message,
+            "rate_limit_error",
+            None,
+            Some("rate_limit_exceeded"),
+        ),
+        ApiError::Unauthorized => error_response(
+            status,
+            &message,
+            "invalid_request_error",
+            None,
+            Some("invalid_api_key"),
+        ),
+        ApiError::ModelNotReady(_) | ApiError::ModelFailed { .. } | ApiError::Internal(_) => {
+            error_response(status, &message, "server_error", None, None)
+        }
+        _ => error_response(status, &message, "invalid_request_error", None, None),
+    };
+    e.with_retry_after(response)
+}
+
+/// The wire name of a pipeline field (OpenAI's `n` and `size` stand for
+/// `num_outputs` and `width`/`height`).
+fn wire_name(field: &str) -> &str {
+    match field {
+        "num_outputs" => "n",
+        "width" | "height" => "size",
+        other => other,
+    }
+}
+
+fn invalid(problems: &[InputProblem]) -> Response {
+    let message = problems
+        .iter()
+        .map(|p| format!("{}: {}", wire_name(&p.field), p.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let param = problems.first().map(|p| wire_name(&p.field).to_string());
+    error_response(
+        StatusCode::BAD_REQUEST,
+        &message,
+        "invalid_request_error",
+        param.as_deref(),
+        Some("invalid_value"),
+    )
+}
+
+fn bad_param(param: &str, message: String) -> Response {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        &message,
+        "invalid_request_error",
+        Some(param),
+        Some("invalid_value"),
+    )
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let created = state.started_unix_ms() / 1000;
+    let data: Vec<Value> = state
+        .models
+        .iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": created, "owned_by": "kiln"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// OpenAI's image request as the pipeline's fields.
+fn image_fields(
+    mut body: Map<String, Value>,
+) -> Result<(Option<String>, bool, Map<String, Value>), Response> {
+    let model = match body.remove("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(model)) => Some(model),
+        Some(_) => return Err(bad_param("model", "model must be a string".into())),
+    };
+    let as_url = match body.remove("response_format") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(format)) if format == "b64_json" => false,
+        Some(Value::String(format)) if format == "url" => true,
+        Some(other) => {
+            return Err(bad_param(
+                "response_format",
+                format!("response_format must be \"b64_json\" or \"url\", not {other}"),
+            ));
+        }
+    };
+    // Accepted for compatibility; they have no meaning for open models.
+    for ignored in ["quality", "style", "user", "background", "moderation"] {
+        body.remove(ignored);
+    }
+    if let Some(n) = body.remove("n")
+        && !n.is_null()
+    {
+        body.insert("num_outputs".into(), n);
+    }
+    match body.remove("size") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(size)) if size == "auto" => {}
+        Some(Value::String(size)) => {
+            let parsed = size.split_once('x').and_then(|(w, h)| {
+                Some((w.trim().parse::<u64>().ok()?, h.trim().parse::<u64>().ok()?))
+            });
+            let Some((width, height)) = parsed else {
+                return Err(bad_param(
+                    "size",
+                    format!("size must look like \"1024x1024\", not {size:?}"),
+                ));
+            };
+            if width % 16 != 0 || height % 16 != 0 {
+                return Err(bad_param(
+                    "size",
+                    format!("size {size:?}: width and height must be multiples of 16"),
+                ));
+            }
+            body.insert("width".into(), json!(width));
+            body.insert("height".into(), json!(height));
+        }
+        Some(_) => {
+            return Err(bad_param(
+                "size",
+                "size must be a string like \"1024x1024\"".into(),
+            ));
+        }
+    }
+    Ok((model, as_url, body))
+}
+
+/// The response body for a finished image job (base64 images).
+pub fn job_body(job: &Job) -> Value {
+    images_body(job, false)
+}
+
+fn images_body(job: &Job, as_url: bool) -> Value {
+    let images = job
+        .output
+        .as_ref()
+        .and_then(|o| o.get("images"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let data: Vec<Value> = images
+        .iter()
+        .map(|i| {
+            let b64 = i["base64"].as_str().unwrap_or_default();
+            if as_url {
+                json!({"url": format!("data:{};base64,{b64}", i["mime_type"].as_str().unwrap_or("image/png"))})
+            } else {
+                json!({"b64_json": b64})
+            }
+        })
+        .collect();
+    let mut body = json!({
+        "created": job.created_at / 1000,
+        "data": data,
+    });
+    if let Some(seed) = job.output.as_ref().and_then(|o| o.get("seed")) {
+        body["seed"] = seed.clone();
+    }
+    body
+}
+
+/// `POST /v1/images/generations`.
+pub async fn image_generations(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(&state, body) {
+        Ok(body) => body,
+        Err(e) => return error(e),
+    };
+    let document: Map<String, Value> = match serde_json::from_slice(&body) {
+        Ok(document) => document,
+        Err(e) => {
+            return error(ApiError::BadRequest(format!(
+                "the body must be a JSON object: {e}"
+            )));
+        }
+    };
+    let (model_name, as_url, fields) = match image_fields(document) {
+        Ok(parts) => parts,
+        Err(response) => return response,
+    };
+    let model = match model_name {
+        Some(name) => state.model(&name),
+        None => state.default_model(),
+    };
+    let model = match model {
+        Ok(model) => model,
+        Err(e) => return error(e),
+    };
+    let input = Value::Object(fields);
+    if let Some(problems) = validation_problems(&model, &input) {
+        return invalid(&problems);
+    }
+    let options = JobOptions {
+        sync: true,
+        ..JobOptions::default()
+    };
+    let job = match state
+        .jobs
+        .submit(None, &model.name, Protocol::OpenAi, input, options)
+    {
+        Ok(job) => job,
+        Err(e) => return error(ApiError::from(e)),
+    };
+    let done = loop {
+        match state.jobs.wait(&job.id, Duration::from_secs(3600)).await {
+            Ok(Some(done)) if done.status.is_final() => break done,
+            Ok(Some(_)) => continue,
+            Ok(None) => return error(ApiError::JobNotFound(job.id)),
+            Err(e) => return error(ApiError::Internal(e.to_string())),
+        }
+    };
+    let mut response = match (&done.status, &done.error) {
+        (JobStatus::Completed, _) => Json(images_body(&done, as_url)).into_response(),
+        (_, Some(JobError::Invalid { problems })) => invalid(problems),
+        (status, error) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &error
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| status.as_str().to_string()),
+            "server_error",
+            None,
+            None,
+        ),
+    };
+    response
+        .extensions_mut()
+        .insert(ModelLabel(model.name.clone()));
+    response
+}
