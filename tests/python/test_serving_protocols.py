@@ -102,9 +102,7 @@ def wait_final(server, job_id: str, timeout: float = 180.0) -> dict:
         if body.get("status") in FINAL_STATES:
             return body
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"job {job_id} not final after {timeout:.0f}s: {short(body)}"
-            )
+            raise AssertionError(f"job {job_id} not final after {timeout:.0f}s: {short(body)}")
         time.sleep(0.1)
 
 
@@ -190,7 +188,7 @@ def data_uri_bytes(uri: str, mime: str = "image/png") -> bytes:
     assert isinstance(uri, str) and uri.startswith(prefix), (
         f"expected a {prefix}... data URI, got {uri[:60]!r}"
     )
-    return decode_b64(uri[len(prefix):])
+    return decode_b64(uri[len(prefix) :])
 
 
 def assert_runpod_image(obj: dict, size=(32, 32), fmt="PNG", what="image") -> bytes:
@@ -640,9 +638,9 @@ def read_sse(response: requests.Response) -> list[tuple[str, object]]:
         elif line.startswith(":"):
             continue
         elif line.startswith("event:"):
-            name = line[len("event:"):].strip()
+            name = line[len("event:") :].strip()
         elif line.startswith("data:"):
-            data_lines.append(line[len("data:"):].lstrip(" "))
+            data_lines.append(line[len("data:") :].lstrip(" "))
     if data_lines:
         events.append((name, "\n".join(data_lines)))
     return events
@@ -732,7 +730,7 @@ def test_cog_put_is_idempotent(flux_server, webhook_sink):
         first = requests.put(url, json=body, headers=headers, timeout=30)
         second = requests.put(url, json=body, headers=headers, timeout=30)
     for r in (first, second):
-        assert r.status_code == 202, f"PUT /predictions/{{id}}: HTTP {r.status_code}: {r.text[:300]}"
+        assert r.status_code == 202, f"PUT {url}: HTTP {r.status_code}: {r.text[:300]}"
         assert r.json().get("id") == pred_id, r.text[:300]
     webhook_sink.wait_for(lambda _: webhook_sink.received("/put"), timeout=180)
     time.sleep(1.0)
@@ -933,9 +931,7 @@ def test_jobs_survive_sigkill(kiln_serve, on_restart):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             before = {i: rp_status(server, i)["status"] for i in ids}
-            if "IN_PROGRESS" in before.values() or all(
-                s in FINAL_STATES for s in before.values()
-            ):
+            if "IN_PROGRESS" in before.values() or all(s in FINAL_STATES for s in before.values()):
                 break
             time.sleep(0.02)
         server.kill()
@@ -996,9 +992,9 @@ def test_overload_gives_429_with_retry_after(kiln_serve):
         for r in rejected:
             retry_after = r.headers.get("Retry-After")
             assert retry_after, f"429 without Retry-After: {dict(r.headers)}"
-            assert (
-                retry_after.isdigit() or email.utils.parsedate_to_datetime(retry_after)
-            ), f"Retry-After is neither seconds nor an HTTP date: {retry_after!r}"
+            assert retry_after.isdigit() or email.utils.parsedate_to_datetime(retry_after), (
+                f"Retry-After is neither seconds nor an HTTP date: {retry_after!r}"
+            )
         for job_id in accepted:
             final = wait_final(server, job_id, timeout=300)
             assert final["status"] == "COMPLETED", f"accepted job {job_id}: {short(final)}"

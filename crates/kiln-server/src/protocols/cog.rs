@@ -36,10 +36,15 @@ fn detail(status: StatusCode, detail: Value) -> Response {
 
 fn error(e: ApiError) -> Response {
     match e {
-        ApiError::QueueFull { .. } => e.with_retry_after(detail(
-            StatusCode::CONFLICT,
-            json!("Already running a prediction: the queue is full"),
-        )),
+        ApiError::QueueFull { .. } => e.with_retry_after(
+            (
+                StatusCode::CONFLICT,
+                Json(
+                    json!({"error": "At capacity - all prediction slots busy", "status": "failed"}),
+                ),
+            )
+                .into_response(),
+        ),
         ApiError::InvalidInput(_) | ApiError::BadRequest(_) => detail(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!([{"loc": ["body"], "msg": e.to_string(), "type": "value_error"}]),
@@ -289,13 +294,16 @@ struct CogRequest {
     options: JobOptions,
 }
 
-fn parse(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<CogRequest, Response> {
-    let body = body_or_error(state, body).map_err(error)?;
+fn parse(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<CogRequest, Box<Response>> {
+    let body = body_or_error(state, body).map_err(|e| Box::new(error(e)))?;
     let invalid = |loc: &str, msg: String| {
-        detail(
+        Box::new(detail(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!([{"loc": ["body", loc], "msg": msg, "type": "value_error"}]),
-        )
+        ))
     };
     let document: Map<String, Value> = if body.is_empty() {
         Map::new()
@@ -397,7 +405,7 @@ async fn predict_inner(
     };
     let mut request = match parse(&state, body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if let Some(id) = path_id {
         // Idempotent PUT: the same id again answers with the prediction as it is.
@@ -458,8 +466,9 @@ async fn predict_inner(
     )
 }
 
-/// Server-sent events for one prediction: `start`, one `log` per step, `output`
-/// and `completed`.
+/// Server-sent events for one prediction, as coglet sends them: `start`, one
+/// `log` per step (`{"data", "source"}`), `output` (`{"chunk", "index"}`) and
+/// `completed` (the whole prediction).
 fn events(
     state: Arc<AppState>,
     id: String,
@@ -487,9 +496,10 @@ fn events(
                         JobEvent::Started => {
                             Event::default().event("start").data(body(&job).to_string())
                         }
-                        JobEvent::Progress { step, total } => Event::default()
-                            .event("log")
-                            .data(format!("step {step}/{total}")),
+                        JobEvent::Progress { step, total } => Event::default().event("log").data(
+                            json!({"data": format!("step {step}/{total}\n"), "source": "stdout"})
+                                .to_string(),
+                        ),
                         JobEvent::Finished => {
                             // Output and completion together: the job is final now.
                             let output = job
@@ -500,7 +510,9 @@ fn events(
                             let completed = Event::default()
                                 .event("completed")
                                 .data(body(&job).to_string());
-                            let output = Event::default().event("output").data(output.to_string());
+                            let output = Event::default()
+                                .event("output")
+                                .data(json!({"chunk": output, "index": 0}).to_string());
                             return Some((
                                 futures_util::stream::iter(vec![Ok(output), Ok(completed)]),
                                 (state, id, cursor, true),

@@ -116,24 +116,35 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// An image request: the model asked for, whether to answer with URLs, and the
+/// pipeline's fields.
+struct ImageRequest {
+    model: Option<String>,
+    as_url: bool,
+    fields: Map<String, Value>,
+}
+
 /// OpenAI's image request as the pipeline's fields.
-fn image_fields(
-    mut body: Map<String, Value>,
-) -> Result<(Option<String>, bool, Map<String, Value>), Response> {
+fn image_fields(mut body: Map<String, Value>) -> Result<ImageRequest, Box<Response>> {
     let model = match body.remove("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(model)) => Some(model),
-        Some(_) => return Err(bad_param("model", "model must be a string".into())),
+        Some(_) => {
+            return Err(Box::new(bad_param(
+                "model",
+                "model must be a string".into(),
+            )));
+        }
     };
     let as_url = match body.remove("response_format") {
         None | Some(Value::Null) => false,
         Some(Value::String(format)) if format == "b64_json" => false,
         Some(Value::String(format)) if format == "url" => true,
         Some(other) => {
-            return Err(bad_param(
+            return Err(Box::new(bad_param(
                 "response_format",
                 format!("response_format must be \"b64_json\" or \"url\", not {other}"),
-            ));
+            )));
         }
     };
     // Accepted for compatibility; they have no meaning for open models.
@@ -153,28 +164,32 @@ fn image_fields(
                 Some((w.trim().parse::<u64>().ok()?, h.trim().parse::<u64>().ok()?))
             });
             let Some((width, height)) = parsed else {
-                return Err(bad_param(
+                return Err(Box::new(bad_param(
                     "size",
                     format!("size must look like \"1024x1024\", not {size:?}"),
-                ));
+                )));
             };
             if width % 16 != 0 || height % 16 != 0 {
-                return Err(bad_param(
+                return Err(Box::new(bad_param(
                     "size",
                     format!("size {size:?}: width and height must be multiples of 16"),
-                ));
+                )));
             }
             body.insert("width".into(), json!(width));
             body.insert("height".into(), json!(height));
         }
         Some(_) => {
-            return Err(bad_param(
+            return Err(Box::new(bad_param(
                 "size",
                 "size must be a string like \"1024x1024\"".into(),
-            ));
+            )));
         }
     }
-    Ok((model, as_url, body))
+    Ok(ImageRequest {
+        model,
+        as_url,
+        fields: body,
+    })
 }
 
 /// The response body for a finished image job (base64 images).
@@ -228,9 +243,13 @@ pub async fn image_generations(
             )));
         }
     };
-    let (model_name, as_url, fields) = match image_fields(document) {
-        Ok(parts) => parts,
-        Err(response) => return response,
+    let ImageRequest {
+        model: model_name,
+        as_url,
+        fields,
+    } = match image_fields(document) {
+        Ok(request) => request,
+        Err(response) => return *response,
     };
     let model = match model_name {
         Some(name) => state.model(&name),

@@ -330,14 +330,20 @@ pub async fn model_status(
 }
 
 fn stream_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
+    if let Err(e) = find(state, model, id) {
+        return error(e);
+    }
+    // Without a live record (after a restart) there is nothing left to stream:
+    // the SDK's stream() ends on a final status with an empty stream, and the
+    // output stays available from /status.
+    let events = match state.jobs.live(id) {
+        Some(live) => live.take_unstreamed(),
+        None => Vec::new(),
+    };
+    // Read after the events: a Finished event means the final state is stored.
     let job = match find(state, model, id) {
         Ok(job) => job,
         Err(e) => return error(e),
-    };
-    let events = match state.jobs.live(id) {
-        Some(live) => live.take_unstreamed(),
-        None if job.status == JobStatus::Completed => vec![JobEvent::Finished],
-        None => Vec::new(),
     };
     let mut stream = Vec::new();
     for event in events {

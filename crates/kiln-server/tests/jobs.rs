@@ -1,0 +1,702 @@
+//! The job system over real HTTP: RunPod, Cog and OpenAI endpoints on a step
+//! pipeline whose speed the tests control, plus the tiny FLUX model for image
+//! shapes. Covers queue bounds, cancellation, timeouts, panics, retries, restart
+//! recovery, webhooks, server-sent events, lazy loading, idle unloading, LRU
+//! eviction and API keys.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Reply, Running, flux_spec, http, post_json, start_with, test_config};
+use kiln_pipelines::contract::{InputSpec, ModelInterface};
+use kiln_pipelines::{
+    FieldKind, FieldSpec, InputSchema, Pipeline, PipelineError, PredictInput, PredictRequest,
+    Prediction, Progress, ProgressFn, Signature,
+};
+use kiln_server::{LoadPolicy, ModelSettings, ModelSpec, ServeConfig};
+use serde_json::{Value, json};
+
+/// Runs `steps` steps of `delay_ms` each, reporting progress; panics on request.
+struct StepPipeline {
+    interface: ModelInterface,
+}
+
+impl StepPipeline {
+    fn new() -> Self {
+        let int = |name: &str, default: i64| FieldSpec {
+            name: name.into(),
+            description: String::new(),
+            kind: FieldKind::Integer {
+                minimum: Some(0),
+                maximum: Some(10_000),
+            },
+            default: Some(json!(default)),
+        };
+        StepPipeline {
+            interface: ModelInterface {
+                pipeline: "test/steps".into(),
+                inputs: InputSpec::Fields(InputSchema {
+                    fields: vec![
+                        int("steps", 3),
+                        int("delay_ms", 0),
+                        FieldSpec {
+                            name: "panic".into(),
+                            description: String::new(),
+                            kind: FieldKind::Boolean,
+                            default: Some(json!(false)),
+                        },
+                    ],
+                }),
+                params: InputSchema::default(),
+                outputs: Signature {
+                    inputs: vec![],
+                    outputs: vec![],
+                },
+            },
+        }
+    }
+}
+
+impl Pipeline for StepPipeline {
+    fn interface(&self) -> &ModelInterface {
+        &self.interface
+    }
+
+    fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {
+        self.predict_with_progress(request, &mut |_| true)
+    }
+
+    fn predict_with_progress(
+        &self,
+        request: PredictRequest,
+        progress: ProgressFn,
+    ) -> Result<Prediction, PipelineError> {
+        let PredictInput::Fields(fields) = request.input else {
+            return Err(PipelineError::Execution("fields expected".into()));
+        };
+        let InputSpec::Fields(schema) = &self.interface.inputs else {
+            unreachable!("built with fields")
+        };
+        let input = schema.validate(&fields)?;
+        if input["panic"] == json!(true) {
+            panic!("asked to panic");
+        }
+        let steps = input["steps"].as_u64().unwrap_or(0) as usize;
+        let delay = Duration::from_millis(input["delay_ms"].as_u64().unwrap_or(0));
+        for step in 1..=steps {
+            std::thread::sleep(delay);
+            if !progress(Progress { step, total: steps }) {
+                return Err(PipelineError::Stopped);
+            }
+        }
+        Ok(Prediction::Json(json!({"done": steps})))
+    }
+}
+
+fn step_spec(name: &str, settings: ModelSettings, loads: Option<Arc<AtomicUsize>>) -> ModelSpec {
+    ModelSpec {
+        name: name.into(),
+        version: None,
+        reference: "test".into(),
+        settings,
+        loader: Arc::new(move || {
+            if let Some(loads) = &loads {
+                loads.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Arc::new(StepPipeline::new()) as Arc<dyn Pipeline>)
+        }),
+    }
+}
+
+async fn get(server: &Running, path: &str) -> Reply {
+    http(server.addr, "GET", path, &[], b"").await
+}
+
+/// Poll RunPod `/status` until the job is final.
+async fn final_status(server: &Running, id: &str) -> Value {
+    for _ in 0..500 {
+        let body = get(server, &format!("/status/{id}")).await.json();
+        let status = body["status"].as_str().unwrap_or_default().to_string();
+        if !["IN_QUEUE", "IN_PROGRESS"].contains(&status.as_str()) {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("job {id} never finished");
+}
+
+async fn wait_for_status(server: &Running, id: &str, wanted: &str) {
+    for _ in 0..500 {
+        if get(server, &format!("/status/{id}")).await.json()["status"] == wanted {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("job {id} never reached {wanted}");
+}
+
+async fn run(server: &Running, input: Value) -> String {
+    let reply = post_json(server.addr, "/run", &json!({ "input": input })).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "IN_QUEUE");
+    reply.json()["id"].as_str().unwrap().to_string()
+}
+
+fn settings(max_queue: usize) -> ModelSettings {
+    ModelSettings {
+        max_queue,
+        ..ModelSettings::default()
+    }
+}
+
+#[tokio::test]
+async fn runpod_jobs_run_report_progress_and_fail_alone() {
+    let server = start_with(
+        &test_config(1 << 20),
+        vec![step_spec("steps", settings(16), None)],
+    )
+    .await;
+
+    let id = run(&server, json!({"steps": 3})).await;
+    let done = final_status(&server, &id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert_eq!(done["output"], json!({"done": 3}));
+    assert!(
+        done["delayTime"].is_i64() && done["executionTime"].is_i64(),
+        "{done}"
+    );
+    let stream = get(&server, &format!("/stream/{id}")).await.json();
+    assert_eq!(
+        stream["stream"],
+        json!([{"output": {"step": 1, "total": 3}}, {"output": {"step": 2, "total": 3}},
+               {"output": {"step": 3, "total": 3}}, {"output": {"done": 3}}])
+    );
+    assert_eq!(
+        get(&server, &format!("/stream/{id}")).await.json()["stream"],
+        json!([])
+    );
+
+    // Schema errors fail the job at once, in rp_validator's words.
+    let reply = post_json(
+        server.addr,
+        "/run",
+        &json!({"input": {"steps": "many", "colour": 1}}),
+    )
+    .await;
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    let failed = final_status(&server, &id).await;
+    assert_eq!(failed["status"], "FAILED");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("Unexpected input. colour is not a valid input option."),
+        "{error}"
+    );
+    assert!(error.contains("steps should be"), "{error}");
+
+    // A panicking job fails alone; the next one runs.
+    let id = run(&server, json!({"panic": true})).await;
+    let failed = final_status(&server, &id).await;
+    assert_eq!(failed["status"], "FAILED");
+    assert!(
+        failed["error"].as_str().unwrap().contains("asked to panic"),
+        "{failed}"
+    );
+    // ... and can be retried (it panics again, but goes through the queue).
+    let retried = post_json(server.addr, &format!("/retry/{id}"), &json!({})).await;
+    assert_eq!(retried.json(), json!({"id": id, "status": "IN_QUEUE"}));
+    let again = final_status(&server, &id).await;
+    assert_eq!(again["status"], "FAILED");
+    assert_eq!(again["retries"], 1);
+    let id = run(&server, json!({"steps": 1})).await;
+    assert_eq!(final_status(&server, &id).await["status"], "COMPLETED");
+    let not_retryable = post_json(server.addr, &format!("/retry/{id}"), &json!({})).await;
+    assert_eq!(not_retryable.status, 400);
+
+    // runsync answers with the result; the /v2/{model} mount is the same endpoint.
+    let reply = post_json(
+        server.addr,
+        "/v2/steps/runsync",
+        &json!({"input": {"steps": 2}}),
+    )
+    .await;
+    assert_eq!(reply.json()["status"], "COMPLETED", "{}", reply.text());
+    assert_eq!(reply.json()["output"], json!({"done": 2}));
+    assert_eq!(get(&server, "/status/no-such-job").await.status, 404);
+    // Results are kept for the job's TTL, then gone.
+    let reply = post_json(
+        server.addr,
+        "/run",
+        &json!({"input": {"steps": 1}, "policy": {"ttl": 400}}),
+    )
+    .await;
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(final_status(&server, &id).await["status"], "COMPLETED");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(get(&server, &format!("/status/{id}")).await.status, 404);
+    assert_eq!(get(&server, "/v2/nosuchmodel/status/x").await.status, 404);
+    let missing_input = post_json(server.addr, "/run", &json!({"prompt": "x"})).await;
+    assert_eq!(missing_input.status, 400);
+    assert!(
+        missing_input.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("input")
+    );
+
+    let health = get(&server, "/v2/steps/health").await.json();
+    assert_eq!(
+        health["jobs"]["completed"], 3,
+        "{health} (the expired job is purged)"
+    );
+    assert_eq!(health["jobs"]["failed"], 2, "{health}");
+    assert_eq!(health["jobs"]["retried"], 1, "{health}");
+    assert_eq!(health["workers"], json!({"idle": 1, "running": 0}));
+    let metrics = get(&server, "/metrics").await.text();
+    assert!(
+        metrics.contains("kiln_jobs_total{model=\"steps\",status=\"COMPLETED\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_denoising_steps_total{model=\"steps\"}"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn queues_are_bounded_and_cancel_timeout_and_purge_stop_jobs() {
+    let server = start_with(
+        &test_config(1 << 20),
+        vec![step_spec("steps", settings(2), None)],
+    )
+    .await;
+    // One running, two queued: the fourth is refused with Retry-After.
+    let running = run(&server, json!({"steps": 1000, "delay_ms": 5})).await;
+    wait_for_status(&server, &running, "IN_PROGRESS").await;
+    let queued_a = run(&server, json!({"steps": 1})).await;
+    let queued_b = run(&server, json!({"steps": 1})).await;
+    let refused = post_json(server.addr, "/run", &json!({"input": {"steps": 1}})).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("5"));
+
+    // Cancelling a queued job keeps it from running; cancelling the running one
+    // stops it at its next step and frees the worker.
+    let cancelled = post_json(server.addr, &format!("/cancel/{queued_a}"), &json!({})).await;
+    assert_eq!(
+        cancelled.json(),
+        json!({"id": queued_a, "status": "CANCELLED"})
+    );
+    let cancelled = post_json(server.addr, &format!("/cancel/{running}"), &json!({})).await;
+    assert_eq!(cancelled.json()["status"], "CANCELLED");
+    assert_eq!(
+        final_status(&server, &queued_b).await["status"],
+        "COMPLETED"
+    );
+    assert_eq!(
+        final_status(&server, &queued_a).await["status"],
+        "CANCELLED"
+    );
+    let stream = get(&server, &format!("/stream/{running}")).await.json();
+    assert_eq!(stream["status"], "CANCELLED");
+
+    // Execution timeout from the request's policy.
+    let reply = post_json(
+        server.addr,
+        "/run",
+        &json!({"input": {"steps": 1000, "delay_ms": 5}, "policy": {"executionTimeout": 100}}),
+    )
+    .await;
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    let timed_out = final_status(&server, &id).await;
+    assert_eq!(timed_out["status"], "TIMED_OUT", "{timed_out}");
+    assert!(timed_out["error"].as_str().unwrap().contains("timeout"));
+
+    // purge-queue cancels everything still waiting.
+    let blocker = run(&server, json!({"steps": 1000, "delay_ms": 5})).await;
+    wait_for_status(&server, &blocker, "IN_PROGRESS").await;
+    let waiting = [run(&server, json!({})).await, run(&server, json!({})).await];
+    let purged = post_json(server.addr, "/purge-queue", &json!({})).await;
+    assert_eq!(purged.json(), json!({"removed": 2, "status": "completed"}));
+    for id in &waiting {
+        assert_eq!(final_status(&server, id).await["status"], "CANCELLED");
+    }
+    post_json(server.addr, &format!("/cancel/{blocker}"), &json!({})).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn accepted_jobs_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(1 << 20);
+    config.jobs.database = Some(dir.path().join("jobs.sqlite"));
+    // First life: the model never finishes loading, so jobs stay queued or
+    // running when the server goes away.
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = Arc::clone(&released);
+    let stuck = ModelSpec {
+        loader: Arc::new(move || {
+            while !gate.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err("the first life is over".into())
+        }),
+        ..step_spec("steps", settings(16), None)
+    };
+    let first = kiln_server::Server::bind(&config, vec![stuck])
+        .await
+        .unwrap();
+    let addr = first.local_addr().unwrap();
+    let task = tokio::spawn(first.run(std::future::pending()));
+    let mut ids = Vec::new();
+    for steps in 1..=3 {
+        let reply = post_json(addr, "/run", &json!({"input": {"steps": steps}})).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        ids.push(reply.json()["id"].as_str().unwrap().to_string());
+    }
+    task.abort();
+    let _ = task.await;
+
+    // Second life on the same database: every accepted job completes.
+    let server = start_with(&config, vec![step_spec("steps", settings(16), None)]).await;
+    for (i, id) in ids.iter().enumerate() {
+        let done = final_status(&server, id).await;
+        assert_eq!(done["status"], "COMPLETED", "{done}");
+        assert_eq!(done["output"], json!({"done": i + 1}));
+    }
+    // The first life's stuck worker gives up now; its late write cannot touch
+    // jobs that already reached a final state.
+    released.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for id in &ids {
+        assert_eq!(final_status(&server, id).await["status"], "COMPLETED");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn models_load_lazily_unload_when_idle_and_are_evicted_under_a_budget() {
+    let (loads_a, loads_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let lazy = |idle: Option<Duration>| ModelSettings {
+        load: LoadPolicy::Lazy,
+        idle_unload: idle,
+        memory_bytes: 100,
+        ..ModelSettings::default()
+    };
+    let mut config: ServeConfig = test_config(1 << 20);
+    config.server.memory_budget = Some(150);
+    let server = start_with(
+        &config,
+        vec![
+            step_spec("a", lazy(None), Some(Arc::clone(&loads_a))),
+            step_spec(
+                "b",
+                lazy(Some(Duration::from_millis(300))),
+                Some(Arc::clone(&loads_b)),
+            ),
+        ],
+    )
+    .await;
+    // Ready before anything loaded: lazy models load on first use.
+    assert_eq!(loads_a.load(Ordering::SeqCst), 0);
+    assert_eq!(get(&server, "/v2/models/a/ready").await.status, 503);
+    let reply = post_json(server.addr, "/v2/a/runsync", &json!({"input": {}})).await;
+    assert_eq!(reply.json()["status"], "COMPLETED", "{}", reply.text());
+    assert_eq!(loads_a.load(Ordering::SeqCst), 1);
+    assert_eq!(get(&server, "/v2/models/a/ready").await.status, 200);
+
+    // Loading b needs a's room: a is evicted.
+    let reply = post_json(server.addr, "/v2/b/runsync", &json!({"input": {}})).await;
+    assert_eq!(reply.json()["status"], "COMPLETED");
+    assert_eq!(get(&server, "/v2/models/a/ready").await.status, 503);
+    assert_eq!(get(&server, "/v2/models/b/ready").await.status, 200);
+
+    // b unloads after 300 ms idle; the next request loads it again.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(get(&server, "/v2/models/b/ready").await.status, 503);
+    let reply = post_json(server.addr, "/v2/b/runsync", &json!({"input": {}})).await;
+    assert_eq!(reply.json()["status"], "COMPLETED");
+    assert_eq!(loads_b.load(Ordering::SeqCst), 2);
+    let metrics = get(&server, "/metrics").await.text();
+    assert!(
+        metrics.contains("kiln_model_unloads_total{model=\"a\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_model_unloads_total{model=\"b\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+/// A loopback HTTP receiver that records webhook bodies.
+async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let sender = sender.clone();
+            async move {
+                let _ = sender.send(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, receiver)
+}
+
+async fn next_hook(receiver: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+        .await
+        .expect("no webhook arrived")
+        .expect("receiver closed")
+}
+
+#[tokio::test]
+async fn cog_predictions_sync_async_idempotent_events_and_webhooks() {
+    let server = start_with(
+        &test_config(1 << 20),
+        vec![step_spec("steps", settings(4), None)],
+    )
+    .await;
+    let addr = server.addr;
+    let root = get(&server, "/").await.json();
+    assert_eq!(root["predictions_url"], "/predictions");
+    assert_eq!(
+        get(&server, "/health-check").await.json()["status"],
+        "READY"
+    );
+    let openapi = get(&server, "/openapi.json").await.json();
+    assert_eq!(
+        openapi["components"]["schemas"]["Input"]["properties"]["steps"]["x-order"],
+        0
+    );
+
+    let sync = post_json(addr, "/predictions", &json!({"input": {"steps": 2}})).await;
+    let body = sync.json();
+    assert_eq!(sync.status, 200, "{body}");
+    assert_eq!(body["status"], "succeeded");
+    assert_eq!(body["output"], json!({"done": 2}));
+    assert_eq!(body["logs"], "step 1/2\nstep 2/2\n");
+    assert!(body["metrics"]["predict_time"].is_f64());
+    for key in ["created_at", "started_at", "completed_at"] {
+        assert!(body[key].as_str().unwrap().ends_with('Z'), "{key}: {body}");
+    }
+
+    let invalid = post_json(addr, "/predictions", &json!({"input": {"steps": -1}})).await;
+    assert_eq!(invalid.status, 422);
+    assert_eq!(
+        invalid.json()["detail"][0]["loc"],
+        json!(["body", "input", "steps"])
+    );
+
+    // Async with a filtered webhook: only "completed" is delivered.
+    let (url, mut hooks) = webhook_receiver().await;
+    let accepted = http(
+        addr,
+        "POST",
+        "/predictions",
+        &[("Content-Type", "application/json"), ("Prefer", "respond-async")],
+        json!({"id": "p-1", "input": {"steps": 2}, "webhook": url, "webhook_events_filter": ["completed"]})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    assert_eq!(accepted.json()["status"], "starting");
+    let hook = next_hook(&mut hooks).await;
+    assert_eq!(hook["id"], "p-1");
+    assert_eq!(hook["status"], "succeeded");
+    assert_eq!(hook["output"], json!({"done": 2}));
+
+    // PUT with an existing id answers with that prediction, running nothing new.
+    let again = http(
+        addr,
+        "PUT",
+        "/predictions/p-1",
+        &[
+            ("Content-Type", "application/json"),
+            ("Prefer", "respond-async"),
+        ],
+        br#"{"input": {"steps": 9}}"#,
+    )
+    .await;
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()["input"], json!({"steps": 2}));
+
+    // A running async prediction can be cancelled; unknown ids are 404.
+    let accepted = http(
+        addr,
+        "PUT",
+        "/predictions/p-2",
+        &[
+            ("Content-Type", "application/json"),
+            ("Prefer", "respond-async"),
+        ],
+        br#"{"input": {"steps": 1000, "delay_ms": 5}}"#,
+    )
+    .await;
+    assert_eq!(accepted.status, 202);
+    wait_for_status(&server, "p-2", "IN_PROGRESS").await;
+    assert_eq!(
+        post_json(addr, "/predictions/p-2/cancel", &json!({}))
+            .await
+            .json(),
+        json!({})
+    );
+    assert_eq!(
+        post_json(addr, "/predictions/nope/cancel", &json!({}))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(final_status(&server, "p-2").await["status"], "CANCELLED");
+
+    // Server-sent events: start, one log per step, output, completed.
+    let events = http(
+        addr,
+        "POST",
+        "/predictions",
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+        ],
+        br#"{"input": {"steps": 2}}"#,
+    )
+    .await;
+    let text = events.text();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        names,
+        ["start", "log", "log", "output", "completed"],
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"data: {"data":"step 2/2\n","source":"stdout"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"data: {"chunk":{"done":2},"index":0}"#),
+        "{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn openai_images_and_api_keys() {
+    let mut config = test_config(1 << 20);
+    config.server.api_keys = vec!["k-123".into()];
+    let server = start_with(&config, vec![flux_spec("tiny-schnell", "flux")]).await;
+    let addr = server.addr;
+    let auth = [
+        ("Content-Type", "application/json"),
+        ("Authorization", "Bearer k-123"),
+    ];
+    // Health answers without a key; everything else needs one.
+    assert_eq!(get(&server, "/ping").await.status, 200);
+    let refused = get(&server, "/v1/models").await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        post_json(addr, "/run", &json!({"input": {}})).await.status,
+        401
+    );
+    let wrong = http(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", "Bearer k-12")],
+        b"",
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+
+    let models = http(addr, "GET", "/v1/models", &auth, b"").await.json();
+    assert_eq!(models["data"][0]["id"], "flux");
+    let request = json!({"model": "flux", "prompt": "a cat", "n": 2, "size": "32x32",
+                         "response_format": "b64_json", "seed": 7, "num_inference_steps": 1});
+    let reply = http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &auth,
+        request.to_string().as_bytes(),
+    )
+    .await;
+    let body = reply.json();
+    assert_eq!(reply.status, 200, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert_eq!(body["seed"], 7);
+    let again = http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &auth,
+        request.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(again.json()["data"], body["data"], "same seed, same images");
+
+    let bad = json!({"model": "flux", "prompt": "a cat", "size": "33x32"});
+    let reply = http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &auth,
+        bad.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["param"], "size");
+    let bad = json!({"model": "flux", "prompt": "a cat", "n": 9});
+    let reply = http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &auth,
+        bad.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["param"], "n");
+    let unknown = json!({"model": "dall-e-3", "prompt": "a cat"});
+    let reply = http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &auth,
+        unknown.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "model_not_found");
+
+    // RunPod's image output is the FLUX shorts handler's shape.
+    let reply = http(
+        addr,
+        "POST",
+        "/v2/flux/runsync",
+        &auth,
+        json!({"input": {"prompt": "a cat", "width": 32, "height": 48, "num_inference_steps": 1, "seed": 3}})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    let output = &reply.json()["output"];
+    assert_eq!(output["status"], "success", "{output}");
+    assert_eq!(output["prompt"], "a cat");
+    assert_eq!(output["model"], "flux");
+    assert_eq!(output["image"]["width"], 32);
+    assert_eq!(output["image"]["height"], 48);
+    assert!(output["image"]["image_base64"].as_str().unwrap().len() > 100);
+    assert!(output.get("images").is_none());
+    server.stop().await;
+}
