@@ -328,6 +328,13 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses() {
+        let config = ServeConfig::from_toml(include_str!("../../../examples/kiln.toml")).unwrap();
+        assert_eq!(config.models[0].name.as_deref(), Some("flux-schnell"));
+        assert_eq!(config.models[0].idle_unload, Some(Duration::from_secs(900)));
+    }
+
+    #[test]
     fn mistakes_name_the_key() {
         let err = ServeConfig::from_toml("[server]\nprot = 1\n").unwrap_err();
         assert!(err.contains("prot"), "{err}");
