@@ -311,7 +311,12 @@ def kiln_serve():
             "port": port,
             "api_keys": [API_KEY] if api_keys is None else api_keys,
         }
-        jobs_section = {"result_ttl": "30m", "on_restart": "requeue"}
+        jobs_section = {
+            "result_ttl": "30m",
+            "on_restart": "requeue",
+            # The tests receive webhooks on loopback, which Kiln refuses by default.
+            "webhook_private_addresses": True,
+        }
         jobs_section.update(jobs or {})
         text = serve_config_toml(server, jobs_section, models)
         process = KilnProcess(binary, workdir, port, text)

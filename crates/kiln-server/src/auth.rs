@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -14,12 +14,19 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Paths that answer without a key: liveness and readiness probes.
-pub fn is_health_path(path: &str) -> bool {
-    path == "/ping"
-        || path.ends_with("/health")
-        || path.ends_with("/health-check")
-        || path.contains("/v2/health/")
+/// Route templates that answer without a key: liveness and readiness probes.
+/// Matched against the route's template (`/v2/{model}/health`), never the raw
+/// path, so `/predictions/health` is not mistaken for a probe.
+pub fn is_health_route(template: &str) -> bool {
+    [
+        "/ping",
+        "/health",
+        "/health-check",
+        "/v2/health/live",
+        "/v2/health/ready",
+    ]
+    .iter()
+    .any(|probe| template.ends_with(probe))
 }
 
 fn digest(text: &[u8]) -> [u8; 32] {
@@ -57,8 +64,12 @@ pub async fn require_key(
     request: Request,
     next: Next,
 ) -> Response {
+    let probe = request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|route| is_health_route(route.as_str()));
     if state.api_keys.is_empty()
-        || is_health_path(request.uri().path())
+        || probe
         || authorized(
             &state.api_keys,
             request.headers().get(header::AUTHORIZATION),
@@ -96,9 +107,11 @@ mod tests {
         assert!(!authorized(&keys, Some(&header("Bearer s3cre"))));
         assert!(!authorized(&keys, Some(&header("Basic s3cret"))));
         assert!(!authorized(&keys, None));
-        assert!(is_health_path("/v2/health/ready"));
-        assert!(is_health_path("/v2/flux/health"));
-        assert!(is_health_path("/health-check"));
-        assert!(!is_health_path("/v1/models"));
+        assert!(is_health_route("/v2/health/ready"));
+        assert!(is_health_route("/v2/{model}/health"));
+        assert!(is_health_route("/cog/health-check"));
+        assert!(!is_health_route("/v1/models"));
+        assert!(!is_health_route("/predictions/{id}"));
+        assert!(!is_health_route("/status/{id}"));
     }
 }

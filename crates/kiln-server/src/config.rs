@@ -142,6 +142,9 @@ pub struct JobsSection {
     pub webhook_retries: u32,
     #[serde(deserialize_with = "duration")]
     pub webhook_retry_delay: Duration,
+    /// Allow webhooks to loopback, private and link-local addresses (off: a
+    /// request could otherwise make Kiln call internal services).
+    pub webhook_private_addresses: bool,
 }
 
 impl Default for JobsSection {
@@ -155,6 +158,7 @@ impl Default for JobsSection {
             execution_timeout: None,
             webhook_retries: 2,
             webhook_retry_delay: Duration::from_secs(10),
+            webhook_private_addresses: false,
         }
     }
 }
@@ -191,7 +195,23 @@ pub struct ModelEntry {
 impl ServeConfig {
     /// Parse a TOML document; errors name the line and the key.
     pub fn from_toml(text: &str) -> Result<ServeConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let config: ServeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Rules serde cannot express.
+    pub fn check(&self) -> Result<(), String> {
+        if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err("server.api_keys: keys must not be empty".into());
+        }
+        if self.jobs.max_queue == 0 || self.models.iter().any(|m| m.max_queue == Some(0)) {
+            return Err("max_queue must be at least 1".into());
+        }
+        if self.models.iter().any(|m| m.concurrency == Some(0)) {
+            return Err("concurrency must be at least 1".into());
+        }
+        Ok(())
     }
 
     /// Apply environment overrides: `KILN_HOST`, `PORT`, `KILN_API_KEYS`
@@ -340,6 +360,10 @@ mod tests {
         assert!(err.contains("prot"), "{err}");
         let err = ServeConfig::from_toml("[jobs]\nresult_ttl = \"soon\"\n").unwrap_err();
         assert!(err.contains("soon"), "{err}");
+        let err = ServeConfig::from_toml("[server]\napi_keys = [\"\"]\n").unwrap_err();
+        assert!(err.contains("api_keys"), "{err}");
+        let err = ServeConfig::from_toml("[jobs]\nmax_queue = 0\n").unwrap_err();
+        assert!(err.contains("max_queue"), "{err}");
         let err = ServeConfig::from_toml("[protocols]\ncog = \"cog/\"\n").unwrap_err();
         assert!(err.contains("must start with"), "{err}");
         assert!(parse_bytes("12 parsecs").is_err());

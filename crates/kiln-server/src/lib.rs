@@ -215,7 +215,7 @@ impl Server {
             .collect();
         let state = Arc::new(AppState {
             models: served,
-            metrics: metrics::Metrics::new(),
+            metrics: Arc::new(metrics::Metrics::new()),
             body_limit: usize::try_from(config.server.body_limit).unwrap_or(usize::MAX),
             started: Instant::now(),
             memory_budget: config.server.memory_budget,

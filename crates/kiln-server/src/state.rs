@@ -71,6 +71,9 @@ pub struct ServedModel {
     interface: OnceLock<ModelInterface>,
     ever_loaded: AtomicBool,
     load_lock: tokio::sync::Mutex<()>,
+    /// Ticks when a load finishes (for callers waiting on a load they did not start).
+    load_done: tokio::sync::watch::Sender<u64>,
+    failed_at: Mutex<Option<Instant>>,
     slots: Arc<Semaphore>,
     in_use: AtomicUsize,
     last_used: Mutex<Instant>,
@@ -95,6 +98,8 @@ impl ServedModel {
             interface: OnceLock::new(),
             ever_loaded: AtomicBool::new(false),
             load_lock: tokio::sync::Mutex::new(()),
+            load_done: tokio::sync::watch::Sender::new(0),
+            failed_at: Mutex::new(None),
             slots: Arc::new(Semaphore::new(concurrency)),
             in_use: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
@@ -150,6 +155,21 @@ impl ServedModel {
             .ok_or_else(|| ApiError::ModelNotReady(self.name.clone()))
     }
 
+    /// A failed load is tried again after a pause when the model is lazy or had
+    /// loaded before (a transient failure on reload); an eager model that never
+    /// loaded stays failed, and readiness says so.
+    fn may_retry_load(&self) -> bool {
+        let retriable =
+            self.settings.load == LoadPolicy::Lazy || self.ever_loaded.load(Ordering::SeqCst);
+        let waited = self
+            .failed_at
+            .lock()
+            .ok()
+            .and_then(|t| t.map(|t| t.elapsed()))
+            .is_none_or(|elapsed| elapsed >= LOAD_RETRY_PAUSE);
+        retriable && waited
+    }
+
     /// Predictions running on this model now.
     pub fn in_use(&self) -> usize {
         self.in_use.load(Ordering::SeqCst)
@@ -201,10 +221,40 @@ impl Drop for InUse {
     }
 }
 
+/// How long a failed (re)load waits before the next request may try again.
+const LOAD_RETRY_PAUSE: Duration = Duration::from_secs(10);
+
+/// Run the loader on this (blocking) thread and record the outcome on the model.
+fn load_now(model: &ServedModel, metrics: &Metrics) -> Result<Arc<dyn Pipeline>, String> {
+    let started = Instant::now();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (model.loader)()))
+        .unwrap_or_else(|_| Err("the loader panicked".into()));
+    let seconds = started.elapsed().as_secs_f64();
+    metrics.model_loaded(&model.name, seconds, outcome.is_ok());
+    match &outcome {
+        Ok(pipeline) => {
+            tracing::info!(model = %model.name, reference = %model.reference, seconds, "model loaded");
+            let _ = model.interface.set(pipeline.interface().clone());
+            model.ever_loaded.store(true, Ordering::SeqCst);
+            model.touch();
+            model.set_state(LoadState::Ready(Arc::clone(pipeline)));
+        }
+        Err(message) => {
+            tracing::error!(model = %model.name, reference = %model.reference, %message, "model failed to load");
+            if let Ok(mut failed_at) = model.failed_at.lock() {
+                *failed_at = Some(Instant::now());
+            }
+            model.set_state(LoadState::Failed(message.clone()));
+        }
+    }
+    model.load_done.send_modify(|v| *v += 1);
+    outcome
+}
+
 /// Shared state behind every route.
 pub struct AppState {
     pub models: Vec<Arc<ServedModel>>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub body_limit: usize,
     pub started: Instant,
     /// Bytes all loaded models may take together.
@@ -285,7 +335,8 @@ impl AppState {
         })
     }
 
-    /// Load `model` unless it is loaded; concurrent callers share one load.
+    /// Load `model` unless it is loaded; concurrent callers share one load. The
+    /// load finishes and records its outcome even if every caller goes away.
     pub async fn ensure_loaded(
         &self,
         model: &Arc<ServedModel>,
@@ -294,53 +345,59 @@ impl AppState {
             model: model.name.clone(),
             message,
         };
-        if let LoadState::Ready(pipeline) = model.state() {
-            return Ok(pipeline);
-        }
-        let _loading = model.load_lock.lock().await;
-        match model.state() {
-            LoadState::Ready(pipeline) => return Ok(pipeline),
-            LoadState::Failed(message) => return Err(failed(message)),
-            LoadState::Unloaded | LoadState::Loading => {}
-        }
-        self.make_room_for(model);
-        model.set_state(LoadState::Loading);
-        let loader = Arc::clone(&model.loader);
-        let started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader()))
-                .unwrap_or_else(|_| Err("the loader panicked".into()))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("the loading task failed: {e}")));
-        let seconds = started.elapsed().as_secs_f64();
-        self.metrics
-            .model_loaded(&model.name, seconds, outcome.is_ok());
-        match outcome {
-            Ok(pipeline) => {
-                tracing::info!(model = %model.name, reference = %model.reference, seconds, "model loaded");
-                let _ = model.interface.set(pipeline.interface().clone());
-                model.ever_loaded.store(true, Ordering::SeqCst);
-                model.touch();
-                model.set_state(LoadState::Ready(Arc::clone(&pipeline)));
-                Ok(pipeline)
+        loop {
+            if let LoadState::Ready(pipeline) = model.state() {
+                return Ok(pipeline);
             }
-            Err(message) => {
-                tracing::error!(model = %model.name, reference = %model.reference, %message, "model failed to load");
-                model.set_state(LoadState::Failed(message.clone()));
-                Err(failed(message))
+            let mut finished = model.load_done.subscribe();
+            let guard = model.load_lock.lock().await;
+            match model.state() {
+                LoadState::Ready(pipeline) => return Ok(pipeline),
+                LoadState::Failed(message) if !model.may_retry_load() => {
+                    return Err(failed(message));
+                }
+                LoadState::Loading => {
+                    // A load whose caller went away is still running: wait for it.
+                    drop(guard);
+                    let _ = finished.changed().await;
+                    continue;
+                }
+                LoadState::Failed(_) | LoadState::Unloaded => {}
             }
+            self.make_room_for(model);
+            model.set_state(LoadState::Loading);
+            let (loading, metrics) = (Arc::clone(model), Arc::clone(&self.metrics));
+            let outcome = tokio::task::spawn_blocking(move || load_now(&loading, &metrics))
+                .await
+                .unwrap_or_else(|e| Err(format!("the loading task failed: {e}")));
+            drop(guard);
+            return outcome.map_err(failed);
         }
     }
 
-    /// Drop a loaded model's weights (predictions holding a lease finish first,
-    /// since they keep their own reference); the next request loads it again.
-    pub fn unload(&self, model: &ServedModel, why: &str) {
-        if model.is_ready() {
-            model.set_state(LoadState::Unloaded);
-            self.metrics.model_unloaded(&model.name);
-            tracing::info!(model = %model.name, why, "model unloaded");
+    /// Drop a loaded, idle model's weights; the next request loads it again.
+    /// False when it is not loaded or is in use.
+    pub fn unload(&self, model: &ServedModel, why: &str) -> bool {
+        let previous = {
+            let mut state = match model.state.write() {
+                Ok(state) => state,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if !matches!(*state, LoadState::Ready(_)) || model.in_use() != 0 {
+                return false;
+            }
+            std::mem::replace(&mut *state, LoadState::Unloaded)
+        };
+        self.metrics.model_unloaded(&model.name);
+        tracing::info!(model = %model.name, why, "model unloaded");
+        // Freeing gigabytes of weights is slow: keep it off the async threads.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || drop(previous));
+            }
+            Err(_) => drop(previous),
         }
+        true
     }
 
     /// Evict least-recently-used idle models until `model` fits the budget.
@@ -352,7 +409,8 @@ impl AppState {
             let loaded: u64 = self
                 .models
                 .iter()
-                .filter(|m| m.is_ready() && m.name != model.name)
+                .filter(|m| m.name != model.name)
+                .filter(|m| matches!(m.state(), LoadState::Ready(_) | LoadState::Loading))
                 .map(|m| m.settings.memory_bytes)
                 .sum();
             if loaded + model.settings.memory_bytes <= budget {
@@ -364,8 +422,8 @@ impl AppState {
                 .filter(|m| m.is_ready() && m.name != model.name && m.in_use() == 0)
                 .max_by_key(|m| m.idle_for());
             match victim {
-                Some(victim) => self.unload(victim, "memory budget"),
-                None => {
+                Some(victim) if self.unload(victim, "memory budget") => {}
+                _ => {
                     tracing::warn!(model = %model.name, budget, loaded, "loading over the memory budget: every loaded model is busy");
                     return;
                 }

@@ -229,12 +229,13 @@ async fn runpod_jobs_run_report_progress_and_fail_alone() {
     let reply = post_json(
         server.addr,
         "/run",
-        &json!({"input": {"steps": 1}, "policy": {"ttl": 400}}),
+        &json!({"input": {"steps": 1}, "policy": {"ttl": 1000}}),
     )
     .await;
     let id = reply.json()["id"].as_str().unwrap().to_string();
     assert_eq!(final_status(&server, &id).await["status"], "COMPLETED");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // (A TTL is at least one second; the purge runs every second.)
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(get(&server, &format!("/status/{id}")).await.status, 404);
     assert_eq!(get(&server, "/v2/nosuchmodel/status/x").await.status, 404);
     let missing_input = post_json(server.addr, "/run", &json!({"prompt": "x"})).await;
@@ -459,11 +460,10 @@ async fn next_hook(receiver: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -
 
 #[tokio::test]
 async fn cog_predictions_sync_async_idempotent_events_and_webhooks() {
-    let server = start_with(
-        &test_config(1 << 20),
-        vec![step_spec("steps", settings(4), None)],
-    )
-    .await;
+    let mut config = test_config(1 << 20);
+    // The receiver below is on loopback, which webhooks may not reach by default.
+    config.jobs.webhook_private_addresses = true;
+    let server = start_with(&config, vec![step_spec("steps", settings(4), None)]).await;
     let addr = server.addr;
     let root = get(&server, "/").await.json();
     assert_eq!(root["predictions_url"], "/predictions");
@@ -609,6 +609,18 @@ async fn openai_images_and_api_keys() {
         post_json(addr, "/run", &json!({"input": {}})).await.status,
         401
     );
+    // Paths that merely end like a probe are not probes.
+    let sneaky = http(
+        addr,
+        "PUT",
+        "/predictions/health",
+        &[("Content-Type", "application/json")],
+        br#"{"input": {"prompt": "x"}}"#,
+    )
+    .await;
+    assert_eq!(sneaky.status, 401);
+    assert_eq!(get(&server, "/status/health").await.status, 401);
+    assert_eq!(get(&server, "/v2/flux/health").await.status, 200);
     let wrong = http(
         addr,
         "GET",

@@ -263,6 +263,14 @@ impl LiveJob {
         self.cancelled.load(Ordering::SeqCst)
     }
 
+    /// Whether the job has reached a final state.
+    pub fn is_finished(&self) -> bool {
+        self.events
+            .lock()
+            .map(|e| e.contains(&JobEvent::Finished))
+            .unwrap_or(true)
+    }
+
     fn push(&self, event: JobEvent) {
         if let Ok(mut events) = self.events.lock() {
             events.push(event);
@@ -293,6 +301,9 @@ impl LiveJob {
         self.changed.subscribe()
     }
 }
+
+/// The longest a request may ask results to be kept (RunPod `policy.ttl`).
+const MAX_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// One model's queue of job ids.
 struct ModelQueue {
@@ -326,7 +337,11 @@ impl Jobs {
                 )
             })
             .collect();
-        let webhooks = webhook::Sender::new(settings.webhook_retries, settings.webhook_retry_delay);
+        let webhooks = webhook::Sender::new(
+            settings.webhook_retries,
+            settings.webhook_retry_delay,
+            settings.webhook_private_addresses,
+        );
         Jobs {
             store,
             settings,
@@ -493,15 +508,16 @@ impl Jobs {
         let error = JobError::Failed {
             message: "cancelled".into(),
         };
-        if self.store.finish(
+        let cancelled = self.store.finish(
             id,
             JobStatus::Cancelled,
             None,
             Some(&error),
             &job.logs,
             now,
-            now + self.ttl_ms(&job.options),
-        )? {
+            self.expiry(&job.options, now),
+        )?;
+        if cancelled {
             if let Some(queue) = self.queue(&job.model)
                 && let Ok(mut pending) = queue.pending.lock()
             {
@@ -513,7 +529,7 @@ impl Jobs {
             }
         }
         let job = self.get(id)?;
-        if let Some(job) = &job {
+        if cancelled && let Some(job) = &job {
             self.deliver_final(job);
         }
         Ok(job)
@@ -558,22 +574,42 @@ impl Jobs {
                 .unwrap_or_default(),
             None => Vec::new(),
         };
+        // Every drained id is cancelled even if one fails, so none is stranded.
         let mut removed = 0;
+        let mut first_error = None;
         for id in ids {
-            if self.cancel(&id)?.is_some() {
-                removed += 1;
+            match self.cancel(&id) {
+                Ok(Some(_)) => removed += 1,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(job_id = %id, error = %e, "cannot cancel a purged job");
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(removed)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(removed),
+        }
     }
 
+    /// How long a finished job's results are kept: the request's TTL within
+    /// [1 s, 7 days], else the configured default.
     fn ttl_ms(&self, options: &JobOptions) -> i64 {
         let default = if options.sync {
             self.settings.sync_result_ttl
         } else {
             self.settings.result_ttl
         };
-        options.ttl_ms.unwrap_or(default.as_millis() as u64) as i64
+        match options.ttl_ms {
+            Some(ms) => ms.clamp(1_000, MAX_TTL_MS) as i64,
+            None => i64::try_from(default.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// When a job finishing at `now` expires.
+    fn expiry(&self, options: &JobOptions, now: i64) -> i64 {
+        now.saturating_add(self.ttl_ms(options))
     }
 
     /// Re-queue jobs left by a previous run (per the restart policy). Call once,
@@ -607,7 +643,7 @@ impl Jobs {
                         Some(&error),
                         "",
                         now,
-                        now + self.ttl_ms(&job.options),
+                        self.expiry(&job.options, now),
                     )?;
                 }
             }
@@ -648,6 +684,38 @@ impl Jobs {
         });
     }
 
+    /// Record a job as FAILED from outside its normal path (a worker fault).
+    fn fail(&self, id: &str, message: String) {
+        let now = now_ms();
+        let options = self
+            .get(id)
+            .ok()
+            .flatten()
+            .map(|j| j.options)
+            .unwrap_or_default();
+        let error = JobError::Failed { message };
+        match self.store.finish(
+            id,
+            JobStatus::Failed,
+            None,
+            Some(&error),
+            "",
+            now,
+            self.expiry(&options, now),
+        ) {
+            Ok(true) => {
+                if let Some(live) = self.live(id) {
+                    live.push(JobEvent::Finished);
+                }
+                if let Ok(Some(job)) = self.get(id) {
+                    self.deliver_final(&job);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(job_id = id, error = %e, "cannot record a failed job"),
+        }
+    }
+
     /// Send the job's final webhook, if it has one.
     fn deliver_final(&self, job: &Job) {
         let wanted = match (&job.options.webhook_events, job.protocol) {
@@ -662,7 +730,8 @@ impl Jobs {
 
     /// Send a Cog `logs` webhook for progress, at most one per 500 ms.
     fn deliver_progress(&self, job: &Job, live: &LiveJob) {
-        if job.protocol != Protocol::Cog || job.options.webhook.is_none() {
+        // A timed-out computation that is still winding down reports nothing more.
+        if job.protocol != Protocol::Cog || job.options.webhook.is_none() || live.is_finished() {
             return;
         }
         let due = match live.last_webhook.lock() {

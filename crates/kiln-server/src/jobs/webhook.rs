@@ -1,49 +1,118 @@
 //! Webhook delivery: POST a job's JSON to the URL its submitter gave. Final events
-//! are retried on failure (connection errors, 429 and 5xx) a configured number of
-//! times; intermediate ones are sent once. Delivery never blocks a job.
+//! are retried on failure (connection errors, 429 and 5xx) with growing pauses;
+//! intermediate ones are sent once. Delivery never blocks a job. Only http(s)
+//! URLs are called, redirects are not followed, and unless configured otherwise
+//! a URL whose host resolves to a loopback, private, link-local or otherwise
+//! internal address is refused (the address checked is the address connected to).
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::Value;
 
 /// Sends webhooks in the background.
 pub struct Sender {
-    client: reqwest::Client,
     retries: u32,
     delay: Duration,
+    allow_private: bool,
+}
+
+/// Whether an address is internal: loopback, private, link-local, CGNAT,
+/// unspecified, broadcast, multicast or IPv6 unique-local.
+pub fn is_internal(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || (a == 100 && (64..128).contains(&b))
+                || a == 0
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Resolve the webhook's host to one address it may be sent to.
+async fn checked_address(url: &reqwest::Url, allow_private: bool) -> Result<SocketAddr, String> {
+    let host = url.host_str().ok_or("the URL has no host")?;
+    let port = url.port_or_known_default().ok_or("the URL has no port")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let first = *addresses
+        .first()
+        .ok_or_else(|| format!("{host} has no address"))?;
+    if !allow_private && addresses.iter().any(|a| is_internal(a.ip())) {
+        return Err(format!(
+            "{host} resolves to an internal address ({}); set jobs.webhook_private_addresses = true to allow it",
+            first.ip()
+        ));
+    }
+    Ok(first)
 }
 
 impl Sender {
-    pub fn new(retries: u32, delay: Duration) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default();
+    pub fn new(retries: u32, delay: Duration, allow_private: bool) -> Self {
         Sender {
-            client,
             retries,
             delay,
+            allow_private,
         }
     }
 
-    /// Deliver `body` to `url` (only http and https URLs are called).
+    /// Deliver `body` to `url`.
     pub fn send(&self, url: String, body: Value, retry: bool) {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        let Ok(parsed) = reqwest::Url::parse(&url) else {
+            tracing::warn!(%url, "webhook skipped: not a URL");
+            return;
+        };
+        if !matches!(parsed.scheme(), "http" | "https") {
             tracing::warn!(%url, "webhook skipped: only http(s) URLs are called");
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let client = self.client.clone();
         let attempts = if retry { self.retries + 1 } else { 1 };
-        let delay = self.delay;
+        let (delay, allow_private) = (self.delay, self.allow_private);
         runtime.spawn(async move {
+            let address = match checked_address(&parsed, allow_private).await {
+                Ok(address) => address,
+                Err(reason) => {
+                    tracing::warn!(%url, %reason, "webhook refused");
+                    return;
+                }
+            };
+            // Connect to the address that was checked, whatever DNS says later.
+            let mut builder = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
+            if let Some(host) = parsed.host_str() {
+                builder = builder.resolve(host, address);
+            }
+            let Ok(client) = builder.build() else {
+                return;
+            };
             for attempt in 1..=attempts {
                 let outcome = client
-                    .post(&url)
+                    .post(parsed.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body.to_string())
                     .send()
@@ -64,9 +133,44 @@ impl Sender {
                     return;
                 }
                 if attempt < attempts {
-                    tokio::time::sleep(delay).await;
+                    tokio::time::sleep(delay * attempt).await;
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for internal in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(internal.parse().unwrap()), "{internal}");
+        }
+        for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+            assert!(!is_internal(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[tokio::test]
+    async fn loopback_webhooks_are_refused_unless_allowed() {
+        let url = reqwest::Url::parse("http://127.0.0.1:9/hook").unwrap();
+        let refused = checked_address(&url, false).await.unwrap_err();
+        assert!(refused.contains("internal address"), "{refused}");
+        assert!(checked_address(&url, true).await.is_ok());
     }
 }

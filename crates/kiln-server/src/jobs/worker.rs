@@ -12,6 +12,9 @@ use super::{InputProblem, Job, JobError, JobEvent, JobStatus, LiveJob, now_ms};
 use crate::protocols::{prediction_json, request_from_json};
 use crate::state::{AppState, ServedModel};
 
+/// The longest execution timeout honoured (a week); longer means "a week".
+const MAX_EXECUTION_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// How a job ended.
 struct Outcome {
     status: JobStatus,
@@ -37,9 +40,27 @@ pub(super) async fn run(state: Arc<AppState>, model: Arc<ServedModel>) {
         return;
     };
     loop {
-        let next = queue.pending.lock().ok().and_then(|mut p| p.pop_front());
+        let (next, more) = match queue.pending.lock() {
+            Ok(mut pending) => (pending.pop_front(), !pending.is_empty()),
+            Err(_) => (None, false),
+        };
         match next {
-            Some(id) => run_one(&state, &model, &id).await,
+            Some(id) => {
+                // Wake-ups coalesce: pass one on while work remains.
+                if more {
+                    queue.ready.notify_one();
+                }
+                let running = std::panic::AssertUnwindSafe(run_one(&state, &model, &id));
+                if futures_util::FutureExt::catch_unwind(running)
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(job_id = %id, model = %model.name, "the worker panicked running this job");
+                    state
+                        .jobs
+                        .fail(&id, "internal error: the worker panicked".into());
+                }
+            }
             None => queue.ready.notified().await,
         }
     }
@@ -62,7 +83,14 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
-            tracing::error!(job_id = id, error = %e, "cannot start job");
+            // Still IN_QUEUE in the store: put it back and try again shortly.
+            tracing::error!(job_id = id, error = %e, "cannot start job; re-queueing it");
+            if let Some(queue) = jobs.queue(&model.name)
+                && let Ok(mut pending) = queue.pending.lock()
+            {
+                pending.push_back(id.to_string());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
             return;
         }
     }
@@ -70,7 +98,7 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
         Ok(Some(job)) => job,
         Ok(None) => return,
         Err(e) => {
-            tracing::error!(job_id = id, error = %e, "cannot read job");
+            jobs.fail(id, format!("internal error: cannot read the job: {e}"));
             return;
         }
     };
@@ -86,17 +114,25 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
     let outcome = execute(state, model, &job, &live).await;
     let seconds = started.elapsed().as_secs_f64();
 
-    let now = now_ms();
     let logs = progress_logs(&live.events());
-    let recorded = jobs.store.finish(
-        id,
-        outcome.status,
-        outcome.output.as_ref(),
-        outcome.error.as_ref(),
-        &logs,
-        now,
-        now + jobs.ttl_ms(&job.options),
-    );
+    // A result is only as durable as its write: retry a failing store briefly.
+    let mut recorded = Err(super::StoreError::from(rusqlite::Error::InvalidQuery));
+    for attempt in 0..5 {
+        let now = now_ms();
+        recorded = jobs.store.finish(
+            id,
+            outcome.status,
+            outcome.output.as_ref(),
+            outcome.error.as_ref(),
+            &logs,
+            now,
+            jobs.expiry(&job.options, now),
+        );
+        if recorded.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+    }
     match recorded {
         Ok(true) => {
             state
@@ -116,7 +152,10 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
         Ok(false) => {
             tracing::info!(job_id = id, model = %model.name, "job had already ended (cancelled)");
         }
-        Err(e) => tracing::error!(job_id = id, error = %e, "cannot record the job's result"),
+        Err(e) => {
+            tracing::error!(job_id = id, error = %e, "cannot record the job's result");
+            live.push(JobEvent::Finished);
+        }
     }
 }
 
@@ -143,10 +182,11 @@ async fn execute(
     let timeout = job
         .options
         .execution_timeout_ms
-        .map(Duration::from_millis)
+        .map(|ms| Duration::from_millis(ms.min(MAX_EXECUTION_MS)))
         .or(model.settings.execution_timeout)
-        .or(state.jobs.settings.execution_timeout);
-    let deadline = timeout.map(|t| Instant::now() + t);
+        .or(state.jobs.settings.execution_timeout)
+        .map(|t| t.min(Duration::from_millis(MAX_EXECUTION_MS)));
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let task = {
         let live = Arc::clone(live);
         let state = Arc::clone(state);

@@ -22,7 +22,8 @@ use serde_json::{Map, Value, json};
 use super::{body_or_error, validation_problems};
 use crate::error::ApiError;
 use crate::jobs::{
-    InputProblem, Job, JobError, JobEvent, JobOptions, JobStatus, LiveJob, Protocol, progress_logs,
+    InputProblem, Job, JobError, JobEvent, JobOptions, JobStatus, LiveJob, Protocol, SubmitError,
+    progress_logs,
 };
 use crate::metrics::ModelLabel;
 use crate::state::{AppState, LoadState};
@@ -438,6 +439,21 @@ async fn predict_inner(
         request.options,
     ) {
         Ok(job) => job,
+        // A concurrent PUT with the same id won the race: answer as for a repeat.
+        Err(SubmitError::Duplicate(id)) => {
+            return match state.jobs.get(&id) {
+                Ok(Some(job)) => labelled(
+                    (
+                        StatusCode::ACCEPTED,
+                        Json(prediction_body(&job, state.jobs.live(&id).as_deref())),
+                    )
+                        .into_response(),
+                    &model.name,
+                ),
+                Ok(None) => error(ApiError::JobNotFound(id)),
+                Err(e) => error(ApiError::Internal(e.to_string())),
+            };
+        }
         Err(e) => return error(ApiError::from(e)),
     };
     if asynchronous {
