@@ -998,5 +998,29 @@ def test_overload_gives_429_with_retry_after(kiln_serve):
         for job_id in accepted:
             final = wait_final(server, job_id, timeout=300)
             assert final["status"] == "COMPLETED", f"accepted job {job_id}: {short(final)}"
+
+        # Memory stays bounded: hundreds of refused submissions against a full
+        # queue leave the server's resident set where it was.
+        blocker = rp_post(server, "run", {"input": {**job_input, "num_inference_steps": 100}})
+        assert blocker.status_code == 200, blocker.text
+        for i in range(2):
+            rp_post(server, "run", {"input": {**job_input, "seed": 100 + i}})
+        before = rss_kib(server.proc.pid)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            codes = list(pool.map(lambda i: submit(1000 + i).status_code, range(400)))
+        after = rss_kib(server.proc.pid)
+        assert codes.count(429) >= 390, f"a full queue must refuse: {sorted(set(codes))}"
+        assert after - before < 32 * 1024, f"RSS grew {before} -> {after} KiB under refused load"
+        rp_post(server, "purge-queue", {})
+        rp_post(server, f"cancel/{blocker.json()['id']}", {})
     finally:
         server.stop()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (Linux)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc status")

@@ -145,6 +145,10 @@ pub struct JobsSection {
     /// Allow webhooks to loopback, private and link-local addresses (off: a
     /// request could otherwise make Kiln call internal services).
     pub webhook_private_addresses: bool,
+    /// At shutdown, how long running jobs may take to finish and record their
+    /// results before the process exits (they run again at the next start).
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for JobsSection {
@@ -159,6 +163,7 @@ impl Default for JobsSection {
             webhook_retries: 2,
             webhook_retry_delay: Duration::from_secs(10),
             webhook_private_addresses: false,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

@@ -260,6 +260,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = Arc::clone(&self.state);
+        let state_for_drain = Arc::clone(&self.state);
         let app = router(self.state, &self.mounts);
         let stop = async move {
             tokio::select! {
@@ -271,7 +272,10 @@ impl Server {
         };
         axum::serve(self.listener, app)
             .with_graceful_shutdown(stop)
-            .await
+            .await?;
+        let grace = state_for_drain.jobs.settings.shutdown_grace;
+        state_for_drain.jobs.drain(grace).await;
+        Ok(())
     }
 }
 

@@ -712,3 +712,23 @@ async fn openai_images_and_api_keys() {
     assert!(output.get("images").is_none());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_lets_running_jobs_record_their_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(1 << 20);
+    config.jobs.database = Some(dir.path().join("jobs.sqlite"));
+    let server = start_with(&config, vec![step_spec("steps", settings(16), None)]).await;
+    let running = run(&server, json!({"steps": 20, "delay_ms": 20})).await;
+    wait_for_status(&server, &running, "IN_PROGRESS").await;
+    let queued = run(&server, json!({"steps": 1})).await;
+    server.stop().await;
+
+    // The running job finished during the grace period; the queued one waited.
+    let server = start_with(&config, vec![step_spec("steps", settings(16), None)]).await;
+    let done = get(&server, &format!("/status/{running}")).await.json();
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert!(done.get("retries").is_none(), "it ran once: {done}");
+    assert_eq!(final_status(&server, &queued).await["status"], "COMPLETED");
+    server.stop().await;
+}

@@ -319,9 +319,41 @@ pub struct Jobs {
     queues: HashMap<String, Arc<ModelQueue>>,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
     webhooks: webhook::Sender,
+    /// Jobs this process is running now.
+    running: std::sync::atomic::AtomicUsize,
+    /// Set at shutdown: workers take no new jobs.
+    draining: AtomicBool,
+    drained: Notify,
 }
 
 impl Jobs {
+    /// Stop taking new jobs and wait (up to `grace`) for running ones to record
+    /// their results; jobs still queued stay queued for the next start.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        for queue in self.queues.values() {
+            queue.ready.notify_waiters();
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.running.load(Ordering::SeqCst) > 0 {
+            let wait = self.drained.notified();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                tracing::warn!(
+                    running = self.running.load(Ordering::SeqCst),
+                    "shutdown grace period over: unfinished jobs run again at the next start"
+                );
+                break;
+            }
+        }
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// A job system for these models (name, queue bound).
     pub fn new(store: JobStore, settings: JobsSection, models: &[(String, usize)]) -> Jobs {
         let queues = models
@@ -348,6 +380,9 @@ impl Jobs {
             queues,
             live: Mutex::new(HashMap::new()),
             webhooks,
+            running: std::sync::atomic::AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            drained: Notify::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! stops it on cancellation or timeout, and records the final state.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use kiln_pipelines::{PipelineError, Progress};
@@ -40,6 +41,9 @@ pub(super) async fn run(state: Arc<AppState>, model: Arc<ServedModel>) {
         return;
     };
     loop {
+        if state.jobs.is_draining() {
+            return;
+        }
         let (next, more) = match queue.pending.lock() {
             Ok(mut pending) => (pending.pop_front(), !pending.is_empty()),
             Err(_) => (None, false),
@@ -50,6 +54,7 @@ pub(super) async fn run(state: Arc<AppState>, model: Arc<ServedModel>) {
                 if more {
                     queue.ready.notify_one();
                 }
+                state.jobs.running.fetch_add(1, Ordering::SeqCst);
                 let running = std::panic::AssertUnwindSafe(run_one(&state, &model, &id));
                 if futures_util::FutureExt::catch_unwind(running)
                     .await
@@ -60,6 +65,8 @@ pub(super) async fn run(state: Arc<AppState>, model: Arc<ServedModel>) {
                         .jobs
                         .fail(&id, "internal error: the worker panicked".into());
                 }
+                state.jobs.running.fetch_sub(1, Ordering::SeqCst);
+                state.jobs.drained.notify_waiters();
             }
             None => queue.ready.notified().await,
         }
@@ -146,6 +153,9 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
             }
             live.push(JobEvent::Finished);
             if let Ok(Some(job)) = jobs.get(id) {
+                if job.status == JobStatus::Completed {
+                    jobs.deliver_event(&job, "output");
+                }
                 jobs.deliver_final(&job);
             }
         }
