@@ -6,6 +6,7 @@ pub mod conv;
 pub mod device;
 pub mod error;
 pub mod group_norm;
+pub mod lora;
 pub mod nn;
 pub mod parity;
 pub mod rng;

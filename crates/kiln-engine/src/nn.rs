@@ -1,16 +1,24 @@
-//! Building blocks shared by the model code: linear layers (the seam where LoRA
-//! adapters and quantised weights will attach), normalisations with diffusers'
-//! exact formulas, and attention with an optional query-chunked path.
+//! Building blocks shared by the model code: linear layers (where LoRA adapters
+//! attach, and later quantised weights), normalisations with diffusers' exact
+//! formulas, and attention with an optional query-chunked path.
+
+use std::sync::Arc;
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::lora::{LowRank, apply_active};
+
 /// `y = x W^T + b` over the last dimension. The weight is kept transposed
-/// (in × out, contiguous) so every forward is a plain row-major GEMM.
+/// (in × out, contiguous) so every forward is a plain row-major GEMM. A linear
+/// loaded from a checkpoint carries its name, which LoRA adapters target.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight_t: Tensor,
     bias: Option<Tensor>,
+    name: Option<Arc<str>>,
+    /// The weight before fused LoRAs were merged in, for an exact unfuse.
+    unfused: Option<Tensor>,
 }
 
 impl Linear {
@@ -22,7 +30,9 @@ impl Linear {
         } else {
             None
         };
-        Self::from_parts(weight, bias)
+        let mut linear = Self::from_parts(weight, bias)?;
+        linear.name = Some(Arc::from(vb.prefix()));
+        Ok(linear)
     }
 
     /// From an (out × in) weight as stored in checkpoints.
@@ -30,7 +40,49 @@ impl Linear {
         Ok(Linear {
             weight_t: weight.t()?.contiguous()?,
             bias,
+            name: None,
+            unfused: None,
         })
+    }
+
+    /// The checkpoint name LoRA adapters target (`transformer_blocks.0.attn.to_q`).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight_t.dims()[0]
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight_t.dims()[1]
+    }
+
+    /// Fused mode: add `scale · B A` to the weight (the original is kept).
+    pub fn merge(&mut self, update: &LowRank) -> Result<()> {
+        if update.in_dim() != self.in_dim() || update.out_dim() != self.out_dim() {
+            candle_core::bail!(
+                "LoRA update is {}×{} but {} is {}×{}",
+                update.out_dim(),
+                update.in_dim(),
+                self.name().unwrap_or("the layer"),
+                self.out_dim(),
+                self.in_dim()
+            );
+        }
+        if self.unfused.is_none() {
+            self.unfused = Some(self.weight_t.clone());
+        }
+        let delta_t = update.delta()?.t()?.to_dtype(self.weight_t.dtype())?;
+        self.weight_t = (&self.weight_t + delta_t)?.contiguous()?;
+        Ok(())
+    }
+
+    /// Undo every merge exactly, restoring the stored original weight.
+    pub fn unmerge(&mut self) {
+        if let Some(original) = self.unfused.take() {
+            self.weight_t = original;
+        }
     }
 
     /// The weight as (out × in), as checkpoints store it (a transposed view).
@@ -42,10 +94,22 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match x.dims() {
-            [b, s, d] => x
-                .reshape((b * s, *d))?
-                .matmul(&self.weight_t)?
-                .reshape((*b, *s, ()))?,
+            [b, s, d] => {
+                let rows = x.reshape((b * s, *d))?;
+                let y = rows.matmul(&self.weight_t)?;
+                let y = match &self.name {
+                    Some(name) => apply_active(name, &rows, y)?,
+                    None => y,
+                };
+                y.reshape((*b, *s, ()))?
+            }
+            [_, _] => {
+                let y = x.matmul(&self.weight_t)?;
+                match &self.name {
+                    Some(name) => apply_active(name, x, y)?,
+                    None => y,
+                }
+            }
             _ => x.broadcast_matmul(&self.weight_t)?,
         };
         match &self.bias {

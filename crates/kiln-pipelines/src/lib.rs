@@ -7,6 +7,7 @@
 pub mod contract;
 pub mod error;
 pub mod frame;
+pub mod lora;
 pub mod rows;
 pub mod schema;
 pub mod tabular;

@@ -48,6 +48,7 @@ fn request(inputs: &Value) -> GenerationRequest {
         max_sequence_length: inputs["max_sequence_length"].as_u64().unwrap() as usize,
         init_image: None,
         vae_tile: None,
+        adapters: None,
     }
 }
 

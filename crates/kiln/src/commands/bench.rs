@@ -106,6 +106,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             max_sequence_length: args.max_sequence_length,
             init_image: None,
             vae_tile: None,
+            adapters: None,
         };
         let mut stages = Vec::new();
         let generate_s = time(args.runs, || {

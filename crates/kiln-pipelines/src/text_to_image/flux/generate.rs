@@ -32,6 +32,8 @@ pub struct GenerationRequest {
     /// Decode the VAE in tiles of this many pixels (bounded memory), one image at
     /// a time; `None` decodes the whole batch at once.
     pub vae_tile: Option<usize>,
+    /// LoRA adapters active for this request only (runtime mode).
+    pub adapters: Option<std::sync::Arc<kiln_engine::lora::AdapterSet>>,
 }
 
 /// Per-stage wall time, reported with every result.
@@ -77,7 +79,7 @@ fn randn(
 }
 
 /// Run one generation.
-pub fn generate(
+fn generate_with_active_adapters(
     models: &FluxModels,
     request: &GenerationRequest,
     on_step: StepCallback,
@@ -233,5 +235,17 @@ pub fn generate(
             denoising_s,
             vae_s: started.elapsed().as_secs_f64(),
         },
+    })
+}
+
+/// Generate images for `request` (its LoRA adapters, if any, are active only for
+/// this call on this thread).
+pub fn generate(
+    models: &FluxModels,
+    request: &GenerationRequest,
+    on_step: StepCallback,
+) -> Result<Generated, PipelineError> {
+    kiln_engine::lora::with_adapters(request.adapters.clone(), || {
+        generate_with_active_adapters(models, request, on_step)
     })
 }

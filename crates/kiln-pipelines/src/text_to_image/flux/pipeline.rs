@@ -410,6 +410,7 @@ impl FluxPipeline {
                 init_image,
                 vae_tile: (values.get("vae_tiling").and_then(Value::as_bool) == Some(true))
                     .then_some(512),
+                adapters: None,
             },
             format,
             quality,

@@ -1,0 +1,376 @@
+//! LoRA file formats, detected from tensor names and read into one shape: a list
+//! of modules, each a down (A, rank × in) and up (B, out × rank) matrix, an
+//! optional alpha, and the module's name in diffusers' or BFL's naming.
+//!
+//! - diffusers / PEFT: `transformer.<module>.lora_A.weight` / `lora_B` (older
+//!   diffusers: `.lora.down.weight` / `.lora.up.weight`), optional `.alpha`;
+//! - kohya (sd-scripts): `lora_unet_<bfl_module_with_underscores>.lora_down.weight`
+//!   / `lora_up` / `alpha`;
+//! - ai-toolkit / BFL: `diffusion_model.<bfl module>.lora_A.weight` / `lora_B`
+//!   (or `lora_down` / `lora_up`);
+//! - XLabs: `double_blocks.N.processor.qkv_lora1.down.weight` / `up`.
+//!
+//! LyCORIS (LoHa, LoKr) files are recognised and refused with a clear message.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+
+use super::LoraError;
+
+/// How a file names its modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFormat {
+    Peft,
+    Kohya,
+    AiToolkit,
+    XLabs,
+}
+
+impl LoraFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraFormat::Peft => "diffusers/PEFT",
+            LoraFormat::Kohya => "kohya",
+            LoraFormat::AiToolkit => "ai-toolkit/BFL",
+            LoraFormat::XLabs => "XLabs",
+        }
+    }
+}
+
+/// Which model naming a module name is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// diffusers' names (`transformer_blocks.0.attn.to_q`), for the transformer.
+    Diffusers,
+    /// Black Forest Labs' names (`double_blocks.0.img_attn.qkv`).
+    Bfl,
+    /// A component Kiln's FLUX LoRA support does not target (text encoders, a UNet).
+    Other,
+}
+
+/// One adapted module.
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    pub name: String,
+    pub naming: Naming,
+    /// A: rank × in.
+    pub down: Tensor,
+    /// B: out × rank.
+    pub up: Tensor,
+    pub alpha: Option<f64>,
+}
+
+impl LoraModule {
+    pub fn rank(&self) -> usize {
+        self.down.dims().first().copied().unwrap_or(0)
+    }
+
+    /// alpha / rank, or 1 without alpha (diffusers' default: alpha = rank).
+    pub fn scale(&self) -> f64 {
+        match self.alpha {
+            Some(alpha) if self.rank() > 0 => alpha / self.rank() as f64,
+            _ => 1.0,
+        }
+    }
+}
+
+/// A parsed LoRA file.
+#[derive(Debug, Clone)]
+pub struct LoraFile {
+    pub format: LoraFormat,
+    pub modules: Vec<LoraModule>,
+}
+
+const DOWN: [&str; 4] = [
+    ".lora_A.weight",
+    ".lora_down.weight",
+    ".lora.down.weight",
+    ".down.weight",
+];
+const UP: [&str; 4] = [
+    ".lora_B.weight",
+    ".lora_up.weight",
+    ".lora.up.weight",
+    ".up.weight",
+];
+
+#[derive(Default)]
+struct Parts {
+    down: Option<Tensor>,
+    up: Option<Tensor>,
+    alpha: Option<f64>,
+}
+
+fn detect(names: &[&String]) -> Result<LoraFormat, LoraError> {
+    if names
+        .iter()
+        .any(|n| n.contains("hada_w1") || n.contains("hada_w2"))
+    {
+        return Err(LoraError::Unsupported(
+            "this is a LyCORIS LoHa file; Kiln applies LoRA (low-rank A/B) adapters only".into(),
+        ));
+    }
+    if names
+        .iter()
+        .any(|n| n.contains("lokr_w1") || n.contains("lokr_w2"))
+    {
+        return Err(LoraError::Unsupported(
+            "this is a LyCORIS LoKr file; Kiln applies LoRA (low-rank A/B) adapters only".into(),
+        ));
+    }
+    if names
+        .iter()
+        .any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te"))
+    {
+        return Ok(LoraFormat::Kohya);
+    }
+    if names.iter().any(|n| n.contains(".processor.")) {
+        return Ok(LoraFormat::XLabs);
+    }
+    if names
+        .iter()
+        .any(|n| n.starts_with("diffusion_model.") || n.starts_with("model.diffusion_model."))
+    {
+        return Ok(LoraFormat::AiToolkit);
+    }
+    if names.iter().any(|n| {
+        ["transformer.", "unet.", "text_encoder.", "text_encoder_2."]
+            .iter()
+            .any(|p| n.starts_with(p))
+    }) {
+        return Ok(LoraFormat::Peft);
+    }
+    let sample: Vec<&str> = names.iter().take(3).map(|s| s.as_str()).collect();
+    Err(LoraError::UnknownFormat(format!(
+        "no known LoRA naming (diffusers/PEFT, kohya, ai-toolkit, XLabs) in tensors like {sample:?}"
+    )))
+}
+
+/// A kohya module name (`double_blocks_0_img_attn_qkv`) in BFL's dotted naming.
+fn kohya_to_bfl(name: &str) -> Option<String> {
+    let block = |rest: &str, kind: &str| -> Option<String> {
+        let (index, tail) = rest.split_once('_')?;
+        index.parse::<usize>().ok()?;
+        let tail = match tail {
+            "img_attn_qkv" => "img_attn.qkv",
+            "img_attn_proj" => "img_attn.proj",
+            "img_mlp_0" => "img_mlp.0",
+            "img_mlp_2" => "img_mlp.2",
+            "img_mod_lin" => "img_mod.lin",
+            "txt_attn_qkv" => "txt_attn.qkv",
+            "txt_attn_proj" => "txt_attn.proj",
+            "txt_mlp_0" => "txt_mlp.0",
+            "txt_mlp_2" => "txt_mlp.2",
+            "txt_mod_lin" => "txt_mod.lin",
+            "linear1" => "linear1",
+            "linear2" => "linear2",
+            "modulation_lin" => "modulation.lin",
+            _ => return None,
+        };
+        Some(format!("{kind}.{index}.{tail}"))
+    };
+    if let Some(rest) = name.strip_prefix("double_blocks_") {
+        return block(rest, "double_blocks");
+    }
+    if let Some(rest) = name.strip_prefix("single_blocks_") {
+        return block(rest, "single_blocks");
+    }
+    let top = match name {
+        "img_in" => "img_in",
+        "txt_in" => "txt_in",
+        "time_in_in_layer" => "time_in.in_layer",
+        "time_in_out_layer" => "time_in.out_layer",
+        "vector_in_in_layer" => "vector_in.in_layer",
+        "vector_in_out_layer" => "vector_in.out_layer",
+        "guidance_in_in_layer" => "guidance_in.in_layer",
+        "guidance_in_out_layer" => "guidance_in.out_layer",
+        "final_layer_linear" => "final_layer.linear",
+        "final_layer_adaLN_modulation_1" => "final_layer.adaLN_modulation.1",
+        _ => return None,
+    };
+    Some(top.to_string())
+}
+
+/// An XLabs processor name in BFL's naming.
+fn xlabs_to_bfl(module: &str) -> Option<String> {
+    let (block, processor) = module.split_once(".processor.")?;
+    let tail = match processor {
+        "qkv_lora1" => "img_attn.qkv",
+        "proj_lora1" => "img_attn.proj",
+        "qkv_lora2" => "txt_attn.qkv",
+        "proj_lora2" => "txt_attn.proj",
+        "qkv_lora" => "linear1",
+        "proj_lora" => "linear2",
+        _ => return None,
+    };
+    Some(format!("{block}.{tail}"))
+}
+
+fn module_name(format: LoraFormat, module: &str) -> (String, Naming) {
+    let other = || (module.to_string(), Naming::Other);
+    match format {
+        LoraFormat::Peft => match module.strip_prefix("transformer.") {
+            Some(name) => (name.to_string(), Naming::Diffusers),
+            None => other(),
+        },
+        LoraFormat::AiToolkit => {
+            let name = module
+                .strip_prefix("model.diffusion_model.")
+                .or_else(|| module.strip_prefix("diffusion_model."));
+            match name {
+                Some(name) => (name.to_string(), Naming::Bfl),
+                None => other(),
+            }
+        }
+        LoraFormat::Kohya => match module.strip_prefix("lora_unet_").and_then(kohya_to_bfl) {
+            Some(name) => (name, Naming::Bfl),
+            None => other(),
+        },
+        LoraFormat::XLabs => match xlabs_to_bfl(module) {
+            Some(name) => (name, Naming::Bfl),
+            None => other(),
+        },
+    }
+}
+
+/// Group a file's tensors into modules.
+pub fn parse(tensors: BTreeMap<String, Tensor>) -> Result<LoraFile, LoraError> {
+    let names: Vec<&String> = tensors.keys().collect();
+    if names.is_empty() {
+        return Err(LoraError::UnknownFormat("the file holds no tensors".into()));
+    }
+    let format = detect(&names)?;
+    let mut modules: BTreeMap<String, Parts> = BTreeMap::new();
+    for (name, tensor) in tensors {
+        if let Some((module, _)) = DOWN
+            .iter()
+            .find_map(|s| name.strip_suffix(s).map(|m| (m.to_string(), *s)))
+        {
+            modules.entry(module).or_default().down = Some(tensor);
+        } else if let Some(module) = UP.iter().find_map(|s| name.strip_suffix(s)) {
+            modules.entry(module.to_string()).or_default().up = Some(tensor);
+        } else if let Some(module) = name.strip_suffix(".alpha") {
+            let alpha = tensor
+                .to_dtype(candle_core::DType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f64>())
+                .ok()
+                .and_then(|v| v.first().copied())
+                .filter(|a| a.is_finite() && *a > 0.0)
+                .ok_or_else(|| LoraError::Malformed(format!("{name} is not a positive scalar")))?;
+            modules.entry(module.to_string()).or_default().alpha = Some(alpha);
+        }
+        // Other tensors (e.g. dora_scale, bias) are ignored; unmatched modules are reported.
+    }
+    let mut out = Vec::with_capacity(modules.len());
+    for (module, parts) in modules {
+        let (Some(down), Some(up)) = (parts.down, parts.up) else {
+            return Err(LoraError::Malformed(format!(
+                "module {module} lacks its {} matrix",
+                "down (A) or up (B)"
+            )));
+        };
+        let (rank, _) = down
+            .dims2()
+            .map_err(|_| LoraError::Malformed(format!("{module}: A must be a matrix")))?;
+        let (_, up_rank) = up
+            .dims2()
+            .map_err(|_| LoraError::Malformed(format!("{module}: B must be a matrix")))?;
+        if rank != up_rank || rank == 0 {
+            return Err(LoraError::Malformed(format!(
+                "{module}: A has rank {rank} but B has rank {up_rank}"
+            )));
+        }
+        let (name, naming) = module_name(format, &module);
+        out.push(LoraModule {
+            name,
+            naming,
+            down,
+            up,
+            alpha: parts.alpha,
+        });
+    }
+    Ok(LoraFile {
+        format,
+        modules: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn t(rows: usize, cols: usize) -> Tensor {
+        Tensor::zeros((rows, cols), DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn formats_are_detected_and_named() {
+        let kohya = BTreeMap::from([
+            (
+                "lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight".to_string(),
+                t(2, 8),
+            ),
+            (
+                "lora_unet_double_blocks_3_img_attn_qkv.lora_up.weight".to_string(),
+                t(24, 2),
+            ),
+            (
+                "lora_unet_double_blocks_3_img_attn_qkv.alpha".to_string(),
+                Tensor::new(4f32, &Device::Cpu).unwrap(),
+            ),
+        ]);
+        let file = parse(kohya).unwrap();
+        assert_eq!(file.format, LoraFormat::Kohya);
+        assert_eq!(file.modules[0].name, "double_blocks.3.img_attn.qkv");
+        assert_eq!(file.modules[0].naming, Naming::Bfl);
+        assert_eq!(file.modules[0].scale(), 2.0);
+
+        let peft = BTreeMap::from([
+            (
+                "transformer.single_transformer_blocks.0.proj_out.lora_A.weight".to_string(),
+                t(2, 8),
+            ),
+            (
+                "transformer.single_transformer_blocks.0.proj_out.lora_B.weight".to_string(),
+                t(4, 2),
+            ),
+        ]);
+        let file = parse(peft).unwrap();
+        assert_eq!(file.format, LoraFormat::Peft);
+        assert_eq!(file.modules[0].name, "single_transformer_blocks.0.proj_out");
+        assert_eq!(file.modules[0].scale(), 1.0);
+
+        let xlabs = BTreeMap::from([
+            (
+                "double_blocks.1.processor.qkv_lora2.down.weight".to_string(),
+                t(2, 8),
+            ),
+            (
+                "double_blocks.1.processor.qkv_lora2.up.weight".to_string(),
+                t(24, 2),
+            ),
+        ]);
+        assert_eq!(
+            parse(xlabs).unwrap().modules[0].name,
+            "double_blocks.1.txt_attn.qkv"
+        );
+    }
+
+    #[test]
+    fn lycoris_unknown_and_broken_files_are_refused() {
+        let loha = BTreeMap::from([("lora_unet_x.hada_w1_a".to_string(), t(2, 2))]);
+        assert!(matches!(parse(loha), Err(LoraError::Unsupported(m)) if m.contains("LoHa")));
+        let unknown = BTreeMap::from([("model.weight".to_string(), t(2, 2))]);
+        assert!(matches!(parse(unknown), Err(LoraError::UnknownFormat(_))));
+        let half = BTreeMap::from([("transformer.x.lora_A.weight".to_string(), t(2, 2))]);
+        assert!(matches!(parse(half), Err(LoraError::Malformed(_))));
+        let ranks = BTreeMap::from([
+            ("transformer.x.lora_A.weight".to_string(), t(2, 2)),
+            ("transformer.x.lora_B.weight".to_string(), t(2, 3)),
+        ]);
+        assert!(matches!(parse(ranks), Err(LoraError::Malformed(m)) if m.contains("rank")));
+    }
+}

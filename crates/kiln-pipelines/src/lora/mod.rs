@@ -1,0 +1,192 @@
+//! LoRA support: reading adapter files defensively (safetensors only, size
+//! limited), detecting their format, and mapping their modules onto a model's
+//! layers, splitting updates aimed at BFL's fused layers (q|k|v, q|k|v|mlp)
+//! into the separate layers Kiln's FLUX uses. Adapters then apply at runtime
+//! (`kiln_engine::lora`), leaving base weights untouched.
+
+pub mod formats;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use kiln_engine::Source;
+use kiln_engine::lora::{AdapterSet, LowRank};
+use kiln_models::flux::{FluxConfig, bfl_adapter, linear_names};
+
+pub use formats::{LoraFile, LoraFormat, LoraModule, Naming, parse};
+
+/// Largest LoRA file read (bytes).
+pub const MAX_LORA_BYTES: u64 = 2 << 30;
+
+/// Why a LoRA could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("cannot read LoRA {path}: {message}")]
+    Unreadable { path: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("unknown LoRA format: {0}")]
+    UnknownFormat(String),
+    #[error("malformed LoRA: {0}")]
+    Malformed(String),
+    #[error("the LoRA matches no layer of this model ({0})")]
+    NoMatch(String),
+    #[error("LoRA module {module} does not fit the model: {message}")]
+    Shape { module: String, message: String },
+}
+
+/// Read a LoRA file: safetensors only (pickle checkpoints are refused), at most
+/// [`MAX_LORA_BYTES`].
+pub fn read(path: &Path) -> Result<LoraFile, LoraError> {
+    let unreadable = |message: String| LoraError::Unreadable {
+        path: path.display().to_string(),
+        message,
+    };
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if matches!(extension.as_str(), "ckpt" | "pt" | "pth" | "bin" | "pkl") {
+        return Err(LoraError::Unsupported(format!(
+            "{} is a pickle checkpoint; Kiln reads only .safetensors (pickle can run code)",
+            path.display()
+        )));
+    }
+    let size = std::fs::metadata(path)
+        .map_err(|e| unreadable(e.to_string()))?
+        .len();
+    if size > MAX_LORA_BYTES {
+        return Err(unreadable(format!(
+            "{size} bytes is over the {MAX_LORA_BYTES}-byte limit"
+        )));
+    }
+    let tensors = kiln_engine::weights::load_all(path, &Device::Cpu)
+        .map_err(|e| unreadable(format!("not a valid safetensors file ({e})")))?;
+    parse(tensors.into_iter().collect::<BTreeMap<_, _>>())
+}
+
+/// What applying a set of LoRAs did, for logs and response metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoraReport {
+    /// Model layers that received at least one update.
+    pub layers: usize,
+    /// File modules applied / not matching any layer.
+    pub matched: usize,
+    pub unmatched: Vec<String>,
+}
+
+/// Where each BFL module's rows go among the model's (diffusers-named) layers.
+fn bfl_targets(config: &FluxConfig) -> HashMap<String, Vec<(String, Source)>> {
+    let adapter = bfl_adapter(config, "");
+    let mut targets: HashMap<String, Vec<(String, Source)>> = HashMap::new();
+    for layer in linear_names(config) {
+        let source = adapter.source(&format!("{layer}.weight"));
+        let key = match &source {
+            Source::Key(key) | Source::Rows { key, .. } => Some(key.clone()),
+            Source::Concat(pieces) => pieces.iter().find_map(|p| match p {
+                Source::Key(key) | Source::Rows { key, .. } => Some(key.clone()),
+                Source::Concat(_) => None,
+            }),
+        };
+        if let Some(module) = key.as_deref().and_then(|k| k.strip_suffix(".weight")) {
+            targets
+                .entry(module.to_string())
+                .or_default()
+                .push((layer, source));
+        }
+    }
+    targets
+}
+
+/// The rows of a fused module's B that one layer takes.
+fn select_rows(up: &Tensor, source: &Source) -> candle_core::Result<Option<Tensor>> {
+    let rows = up.dims()[0];
+    match source {
+        Source::Key(_) => Ok(Some(up.clone())),
+        Source::Rows { start, len, .. } => {
+            if start + len > rows {
+                // e.g. an XLabs q|k|v update on a q|k|v|mlp layer: no rows for mlp.
+                return Ok(None);
+            }
+            up.narrow(0, *start, *len).map(Some)
+        }
+        Source::Concat(pieces) => {
+            let mut parts = Vec::with_capacity(pieces.len());
+            for piece in pieces {
+                match select_rows(up, piece)? {
+                    Some(part) => parts.push(part),
+                    None => return Ok(None),
+                }
+            }
+            Tensor::cat(&parts, 0).map(Some)
+        }
+    }
+}
+
+/// Adapters for a FLUX transformer from LoRA files with user scales.
+pub fn flux_adapters(
+    loras: &[(&LoraFile, f64)],
+    config: &FluxConfig,
+    dtype: DType,
+) -> Result<(AdapterSet, LoraReport), LoraError> {
+    let layers: HashSet<String> = linear_names(config).into_iter().collect();
+    let bfl = bfl_targets(config);
+    let mut set = AdapterSet::default();
+    let mut report = LoraReport::default();
+    for (file, user_scale) in loras {
+        let mut matched_here = 0;
+        for module in &file.modules {
+            let scale = module.scale() * user_scale;
+            let fit = |e: candle_core::Error| LoraError::Shape {
+                module: module.name.clone(),
+                message: e.to_string(),
+            };
+            let targets: Vec<(String, Tensor)> = match module.naming {
+                Naming::Diffusers if layers.contains(&module.name) => {
+                    vec![(module.name.clone(), module.up.clone())]
+                }
+                Naming::Bfl => match bfl.get(&module.name) {
+                    Some(targets) => {
+                        let mut out = Vec::new();
+                        for (layer, source) in targets {
+                            if let Some(up) = select_rows(&module.up, source).map_err(fit)? {
+                                out.push((layer.clone(), up));
+                            }
+                        }
+                        out
+                    }
+                    None => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            if targets.is_empty() {
+                report.unmatched.push(module.name.clone());
+                continue;
+            }
+            for (layer, up) in targets {
+                set.add(
+                    layer,
+                    LowRank::new(&module.down, &up, scale, dtype).map_err(fit)?,
+                );
+            }
+            matched_here += 1;
+        }
+        if matched_here == 0 {
+            let sample: Vec<&str> = file
+                .modules
+                .iter()
+                .take(3)
+                .map(|m| m.name.as_str())
+                .collect();
+            return Err(LoraError::NoMatch(format!(
+                "{} file with modules like {sample:?}",
+                file.format.name()
+            )));
+        }
+        report.matched += matched_here;
+    }
+    report.layers = set.layer_count();
+    Ok((set, report))
+}

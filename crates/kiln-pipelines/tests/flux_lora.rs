@@ -1,0 +1,212 @@
+//! LoRA parity against diffusers on the tiny FLUX.1 [dev] fixture
+//! (`fixtures/flux/generate_lora.py`): one LoRA at scale 0.7 from its PEFT,
+//! kohya and ai-toolkit files (the same tensors in three namings, the latter two
+//! on BFL's fused layers), and two LoRAs at different scales (diffusers'
+//! `set_adapters`). Final images (floats in [0, 1]) must match to max abs diff
+//! <= 1/255, the 8-bit rounding step; runtime adapters leave the base model
+//! untouched, so concurrent requests with different LoRAs each get their own image.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use kiln_engine::weights::load_all;
+use kiln_pipelines::lora::{self, LoraError, LoraFile, LoraFormat};
+use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest, generate};
+use serde_json::Value;
+
+const TOLERANCE: f64 = 1.0 / 255.0;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux")
+}
+
+struct Setup {
+    components: FluxComponents,
+    references: HashMap<String, Tensor>,
+    index: Value,
+}
+
+fn setup() -> Setup {
+    let dir = fixtures();
+    Setup {
+        components: FluxComponents::load(&dir.join("tiny-dev"), &Device::Cpu, DType::F32).unwrap(),
+        references: load_all(&dir.join("lora/references.safetensors"), &Device::Cpu).unwrap(),
+        index: serde_json::from_str(&std::fs::read_to_string(dir.join("lora/index.json")).unwrap())
+            .unwrap(),
+    }
+}
+
+fn file(name: &str) -> LoraFile {
+    lora::read(&fixtures().join(format!("lora/{name}.safetensors"))).unwrap()
+}
+
+fn request(setup: &Setup, loras: &[(&LoraFile, f64)]) -> GenerationRequest {
+    let call = &setup.index["call"];
+    let adapters = if loras.is_empty() {
+        None
+    } else {
+        let (set, report) =
+            lora::flux_adapters(loras, setup.components.transformer.config(), DType::F32).unwrap();
+        assert!(report.unmatched.is_empty(), "{report:?}");
+        Some(Arc::new(set))
+    };
+    GenerationRequest {
+        prompt: call["prompt"].as_str().unwrap().into(),
+        negative_prompt: None,
+        width: call["width"].as_u64().unwrap() as usize,
+        height: call["height"].as_u64().unwrap() as usize,
+        steps: call["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: call["guidance_scale"].as_f64().unwrap(),
+        true_cfg_scale: 1.0,
+        seed: setup.index["seed"].as_u64().unwrap(),
+        num_outputs: 1,
+        max_sequence_length: call["max_sequence_length"].as_u64().unwrap() as usize,
+        init_image: None,
+        vae_tile: None,
+        adapters,
+    }
+}
+
+fn image(setup: &Setup, request: &GenerationRequest) -> Tensor {
+    generate(&setup.components.models(), request, &mut |_, _| true)
+        .unwrap()
+        .images
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    kiln_engine::parity::compare(a, b).unwrap().max_abs
+}
+
+#[test]
+fn one_lora_in_every_naming_matches_diffusers() {
+    let setup = setup();
+    let expected = &setup.references["style_0.7"];
+    let base = image(&setup, &request(&setup, &[]));
+    assert!(max_abs_diff(&base, &setup.references["base"]) <= TOLERANCE);
+    assert!(
+        max_abs_diff(&base, expected) > 10.0 * TOLERANCE,
+        "the LoRA must visibly change the image for this test to mean anything"
+    );
+    for (name, format) in [
+        ("style_peft", LoraFormat::Peft),
+        ("style_kohya", LoraFormat::Kohya),
+        ("style_aitoolkit", LoraFormat::AiToolkit),
+    ] {
+        let lora = file(name);
+        assert_eq!(lora.format, format);
+        let got = image(&setup, &request(&setup, &[(&lora, 0.7)]));
+        let diff = max_abs_diff(&got, expected);
+        eprintln!("{name}: max abs diff vs diffusers {diff:.2e}");
+        assert!(diff <= TOLERANCE, "{name}: max abs diff {diff}");
+    }
+}
+
+#[test]
+fn two_loras_at_different_scales_match_set_adapters() {
+    let setup = setup();
+    let (style, detail) = (file("style_peft"), file("detail_peft"));
+    let got = image(&setup, &request(&setup, &[(&style, 0.8), (&detail, 1.3)]));
+    let diff = max_abs_diff(&got, &setup.references["style_0.8_detail_1.3"]);
+    eprintln!("two LoRAs: max abs diff vs diffusers {diff:.2e}");
+    assert!(diff <= TOLERANCE, "max abs diff {diff}");
+}
+
+#[test]
+fn concurrent_requests_with_different_loras_each_get_their_own_image() {
+    let setup = setup();
+    let (style, detail) = (file("style_peft"), file("detail_peft"));
+    let one = request(&setup, &[(&style, 0.7)]);
+    let two = request(&setup, &[(&style, 0.8), (&detail, 1.3)]);
+    let none = request(&setup, &[]);
+    let models = setup.components.models();
+    let images: Vec<Tensor> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [&one, &two, &none]
+            .into_iter()
+            .map(|r| {
+                let models = &models;
+                scope.spawn(move || generate(models, r, &mut |_, _| true).unwrap().images)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(max_abs_diff(&images[0], &setup.references["style_0.7"]) <= TOLERANCE);
+    assert!(max_abs_diff(&images[1], &setup.references["style_0.8_detail_1.3"]) <= TOLERANCE);
+    assert!(max_abs_diff(&images[2], &setup.references["base"]) <= TOLERANCE);
+}
+
+#[test]
+fn loras_that_do_not_fit_are_clear_errors() {
+    let setup = setup();
+    let config = setup.components.transformer.config();
+    // A LoRA for other layers only.
+    let stranger = lora::parse(
+        [
+            (
+                "transformer.some.other.layer.lora_A.weight".to_string(),
+                Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                "transformer.some.other.layer.lora_B.weight".to_string(),
+                Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap(),
+            ),
+        ]
+        .into(),
+    )
+    .unwrap();
+    let err = lora::flux_adapters(&[(&stranger, 1.0)], config, DType::F32).unwrap_err();
+    assert!(matches!(err, LoraError::NoMatch(_)), "{err}");
+    // Pickle and truncated files are refused before parsing.
+    let dir = tempfile::tempdir().unwrap();
+    let pickle = dir.path().join("lora.ckpt");
+    std::fs::write(&pickle, b"\x80\x04garbage").unwrap();
+    assert!(matches!(lora::read(&pickle), Err(LoraError::Unsupported(m)) if m.contains("pickle")));
+    let truncated = dir.path().join("cut.safetensors");
+    let bytes = std::fs::read(fixtures().join("lora/style_peft.safetensors")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(
+        lora::read(&truncated),
+        Err(LoraError::Unreadable { .. })
+    ));
+    // A LoRA whose shapes do not fit the layer fails the generation with the layer's name.
+    let wrong = lora::parse(
+        [
+            (
+                "transformer.proj_out.lora_A.weight".to_string(),
+                Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                "transformer.proj_out.lora_B.weight".to_string(),
+                Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap(),
+            ),
+        ]
+        .into(),
+    )
+    .unwrap();
+    let (set, _) = lora::flux_adapters(&[(&wrong, 1.0)], config, DType::F32).unwrap();
+    let mut bad = request(&setup, &[]);
+    bad.adapters = Some(Arc::new(set));
+    let err = match generate(&setup.components.models(), &bad, &mut |_, _| true) {
+        Ok(_) => panic!("a misfit LoRA must fail"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("proj_out"), "{err}");
+}
+
+#[test]
+fn the_lora_target_list_is_every_linear_of_the_transformer() {
+    let setup = setup();
+    let config = setup.components.transformer.config();
+    let files = kiln_engine::WeightFiles::open(&fixtures().join("tiny-dev/transformer")).unwrap();
+    let mut matrices: Vec<String> = files
+        .names()
+        .into_iter()
+        .filter(|n| n.ends_with(".weight") && files.shape(n).unwrap().len() == 2)
+        .map(|n| n.trim_end_matches(".weight").to_string())
+        .collect();
+    matrices.sort();
+    let mut targets = kiln_models::flux::linear_names(config);
+    targets.sort();
+    assert_eq!(targets, matrices);
+}
