@@ -246,6 +246,7 @@ pub struct LiveJob {
     streamed: Mutex<usize>,
     changed: watch::Sender<u64>,
     last_webhook: Mutex<Option<std::time::Instant>>,
+    webhook_channel: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(Value, bool)>>>,
 }
 
 impl LiveJob {
@@ -256,6 +257,7 @@ impl LiveJob {
             streamed: Mutex::new(0),
             changed: watch::Sender::new(0),
             last_webhook: Mutex::new(None),
+            webhook_channel: Mutex::new(None),
         }
     }
 
@@ -759,7 +761,7 @@ impl Jobs {
         };
         if wanted && let Some(url) = &job.options.webhook {
             let body = crate::protocols::webhook_body(job, self.live(&job.id).as_deref());
-            self.webhooks.send(url.clone(), body, true);
+            self.send_webhook(job, url, body, true);
         }
     }
 
@@ -795,7 +797,24 @@ impl Jobs {
             && let Some(url) = &job.options.webhook
         {
             let body = crate::protocols::webhook_body(job, self.live(&job.id).as_deref());
-            self.webhooks.send(url.clone(), body, false);
+            self.send_webhook(job, url, body, false);
+        }
+    }
+
+    /// Send through the job's ordered channel (created on first use), so its
+    /// events arrive in the order they happened; directly when it has no live
+    /// record.
+    fn send_webhook(&self, job: &Job, url: &str, body: Value, retry: bool) {
+        let Some(live) = self.live(&job.id) else {
+            self.webhooks.send(url.to_string(), body, retry);
+            return;
+        };
+        let Ok(mut channel) = live.webhook_channel.lock() else {
+            return;
+        };
+        let sender = channel.get_or_insert_with(|| self.webhooks.ordered(url.to_string()));
+        if sender.send((body, retry)).is_err() {
+            tracing::warn!(job_id = %job.id, "webhook channel closed");
         }
     }
 }

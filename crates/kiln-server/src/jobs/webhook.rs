@@ -76,67 +76,86 @@ impl Sender {
         }
     }
 
-    /// Deliver `body` to `url`.
-    pub fn send(&self, url: String, body: Value, retry: bool) {
-        let Ok(parsed) = reqwest::Url::parse(&url) else {
-            tracing::warn!(%url, "webhook skipped: not a URL");
-            return;
-        };
-        if !matches!(parsed.scheme(), "http" | "https") {
-            tracing::warn!(%url, "webhook skipped: only http(s) URLs are called");
-            return;
+    /// A channel whose messages (body, retry) are delivered to `url` one after
+    /// another, in order: one job's events never overtake each other.
+    pub fn ordered(&self, url: String) -> tokio::sync::mpsc::UnboundedSender<(Value, bool)> {
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(Value, bool)>();
+        let (retries, delay, allow_private) = (self.retries, self.delay, self.allow_private);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                while let Some((body, retry)) = receiver.recv().await {
+                    let attempts = if retry { retries + 1 } else { 1 };
+                    deliver(&url, body, attempts, delay, allow_private).await;
+                }
+            });
         }
+        sender
+    }
+
+    /// Deliver `body` to `url` in the background.
+    pub fn send(&self, url: String, body: Value, retry: bool) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let attempts = if retry { self.retries + 1 } else { 1 };
         let (delay, allow_private) = (self.delay, self.allow_private);
-        runtime.spawn(async move {
-            let address = match checked_address(&parsed, allow_private).await {
-                Ok(address) => address,
-                Err(reason) => {
-                    tracing::warn!(%url, %reason, "webhook refused");
-                    return;
-                }
-            };
-            // Connect to the address that was checked, whatever DNS says later.
-            let mut builder = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
-            if let Some(host) = parsed.host_str() {
-                builder = builder.resolve(host, address);
+        runtime.spawn(async move { deliver(&url, body, attempts, delay, allow_private).await });
+    }
+}
+
+/// POST `body` to `url`, up to `attempts` times with growing pauses.
+async fn deliver(url: &str, body: Value, attempts: u32, delay: Duration, allow_private: bool) {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        tracing::warn!(%url, "webhook skipped: not a URL");
+        return;
+    };
+    if !matches!(parsed.scheme(), "http" | "https") {
+        tracing::warn!(%url, "webhook skipped: only http(s) URLs are called");
+        return;
+    }
+    let address = match checked_address(&parsed, allow_private).await {
+        Ok(address) => address,
+        Err(reason) => {
+            tracing::warn!(%url, %reason, "webhook refused");
+            return;
+        }
+    };
+    // Connect to the address that was checked, whatever DNS says later.
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
+    if let Some(host) = parsed.host_str() {
+        builder = builder.resolve(host, address);
+    }
+    let Ok(client) = builder.build() else {
+        return;
+    };
+    for attempt in 1..=attempts {
+        let outcome = client
+            .post(parsed.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await;
+        let retryable = match &outcome {
+            Ok(response) if response.status().is_success() => return,
+            Ok(response) => {
+                let status = response.status();
+                tracing::warn!(%url, %status, attempt, "webhook refused");
+                status.as_u16() == 429 || status.is_server_error()
             }
-            let Ok(client) = builder.build() else {
-                return;
-            };
-            for attempt in 1..=attempts {
-                let outcome = client
-                    .post(parsed.clone())
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body.to_string())
-                    .send()
-                    .await;
-                let retryable = match &outcome {
-                    Ok(response) if response.status().is_success() => return,
-                    Ok(response) => {
-                        let status = response.status();
-                        tracing::warn!(%url, %status, attempt, "webhook refused");
-                        status.as_u16() == 429 || status.is_server_error()
-                    }
-                    Err(error) => {
-                        tracing::warn!(%url, %error, attempt, "webhook failed");
-                        true
-                    }
-                };
-                if !retryable {
-                    return;
-                }
-                if attempt < attempts {
-                    tokio::time::sleep(delay * attempt).await;
-                }
+            Err(error) => {
+                tracing::warn!(%url, %error, attempt, "webhook failed");
+                true
             }
-        });
+        };
+        if !retryable {
+            return;
+        }
+        if attempt < attempts {
+            tokio::time::sleep(delay * attempt).await;
+        }
     }
 }
 

@@ -154,7 +154,14 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
             live.push(JobEvent::Finished);
             if let Ok(Some(job)) = jobs.get(id) {
                 if job.status == JobStatus::Completed {
-                    jobs.deliver_event(&job, "output");
+                    // As Cog does: the output arrives while the prediction is
+                    // still "processing"; "completed" follows.
+                    let producing = Job {
+                        status: JobStatus::InProgress,
+                        completed_at: None,
+                        ..job.clone()
+                    };
+                    jobs.deliver_event(&producing, "output");
                 }
                 jobs.deliver_final(&job);
             }
