@@ -68,6 +68,13 @@ impl AdapterSet {
         self.layers.entry(layer.into()).or_default().push(update);
     }
 
+    /// Add every update of `other` (several LoRAs on one request).
+    pub fn extend(&mut self, other: AdapterSet) {
+        for (layer, updates) in other.layers {
+            self.layers.entry(layer).or_default().extend(updates);
+        }
+    }
+
     pub fn get(&self, layer: &str) -> Option<&[LowRank]> {
         self.layers.get(layer).map(Vec::as_slice)
     }

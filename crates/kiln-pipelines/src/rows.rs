@@ -27,6 +27,9 @@ fn coerce(kind: &FieldKind, cell: Value) -> Value {
             _ => None,
         },
         FieldKind::String { .. } | FieldKind::Choice { .. } => None,
+        FieldKind::List { .. } => serde_json::from_str::<Value>(text)
+            .ok()
+            .filter(Value::is_array),
     };
     parsed.unwrap_or(cell)
 }

@@ -32,6 +32,11 @@ pub enum FieldKind {
     Choice {
         choices: Vec<String>,
     },
+    /// A JSON list whose items the pipeline checks itself (e.g. LoRA entries).
+    List {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_items: Option<usize>,
+    },
 }
 
 impl FieldKind {
@@ -41,6 +46,7 @@ impl FieldKind {
             FieldKind::Number { .. } => "float",
             FieldKind::String { .. } | FieldKind::Choice { .. } => "str",
             FieldKind::Boolean => "bool",
+            FieldKind::List { .. } => "list",
         }
     }
 }
@@ -173,6 +179,13 @@ impl InputSchema {
                     property.insert("type".into(), json!("string"));
                     property.insert("enum".into(), json!(choices));
                 }
+                FieldKind::List { max_items } => {
+                    property.insert("type".into(), json!("array"));
+                    property.insert("items".into(), json!({"type": "object"}));
+                    if let Some(m) = max_items {
+                        property.insert("maxItems".into(), json!(m));
+                    }
+                }
             }
             if let Some(default) = field.default.as_ref().filter(|d| !d.is_null()) {
                 property.insert("default".into(), default.clone());
@@ -275,6 +288,16 @@ fn check_value(field: &FieldSpec, value: &Value) -> Result<Value, FieldProblem> 
                     choices.join(", ")
                 )))
             }
+        }
+        FieldKind::List { max_items } => {
+            let items = value.as_array().ok_or_else(type_error)?;
+            if let Some(max) = max_items.filter(|m| items.len() > *m) {
+                return Err(constraint(format!(
+                    "must have at most {max} items, got {}",
+                    items.len()
+                )));
+            }
+            Ok(value.clone())
         }
     }
 }

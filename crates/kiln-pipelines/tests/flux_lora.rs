@@ -210,3 +210,147 @@ fn the_lora_target_list_is_every_linear_of_the_transformer() {
     targets.sort();
     assert_eq!(targets, matrices);
 }
+
+fn predict(pipeline: &dyn kiln_pipelines::Pipeline, input: Value) -> Result<Value, String> {
+    use kiln_pipelines::{PredictInput, PredictRequest, Prediction};
+    let Value::Object(fields) = input else {
+        panic!("object")
+    };
+    match pipeline.predict(PredictRequest {
+        input: PredictInput::Fields(fields),
+        params: serde_json::Map::new(),
+    }) {
+        Ok(Prediction::Json(value)) => Ok(value),
+        Ok(Prediction::Tensors(_)) => panic!("FLUX returns JSON"),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn png_pixels(b64: &str) -> Vec<f32> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let image = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    image
+        .as_raw()
+        .iter()
+        .map(|v| f32::from(*v) / 255.0)
+        .collect()
+}
+
+#[test]
+fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
+    // The only test in this binary that reads KILN_LORA_DIRS.
+    // SAFETY: set before any thread of this test reads the environment.
+    unsafe { std::env::set_var("KILN_LORA_DIRS", fixtures().join("lora")) };
+    let dir = fixtures().join("tiny-dev");
+    let pipeline = kiln_pipelines::text_to_image::flux::load(&kiln_registry::ResolvedModel {
+        name: None,
+        version: None,
+        manifest: kiln_pipelines::text_to_image::flux::manifest_for_folder(&dir).unwrap(),
+        dir,
+    })
+    .unwrap();
+    let setup = setup();
+    let call = &setup.index["call"];
+    let base = serde_json::json!({
+        "prompt": call["prompt"], "width": call["width"], "height": call["height"],
+        "num_inference_steps": call["num_inference_steps"], "guidance_scale": call["guidance_scale"],
+        "max_sequence_length": call["max_sequence_length"], "seed": setup.index["seed"],
+    });
+    let with = |extra: Value| {
+        let mut input = base.clone();
+        input
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        input
+    };
+    let listed = predict(
+        &*pipeline,
+        with(serde_json::json!({"loras": [{"source": "style_peft.safetensors", "scale": 0.7}]})),
+    )
+    .unwrap();
+    let cog = predict(
+        &*pipeline,
+        with(serde_json::json!({"lora_weights": "style_kohya.safetensors", "lora_scale": 0.7})),
+    )
+    .unwrap();
+    let runpod = predict(&*pipeline, with(serde_json::json!({"lora_path": fixtures().join("lora/style_aitoolkit.safetensors").to_str().unwrap(), "lora_scale": 0.7}))).unwrap();
+    let reference: Vec<f32> = setup.references["style_0.7"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for output in [&listed, &cog, &runpod] {
+        let pixels = png_pixels(output["images"][0]["base64"].as_str().unwrap());
+        let worst = pixels
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // 8-bit PNG: rounding adds up to half a level to the 1/255 parity bound.
+        assert!(worst <= 1.5 / 255.0, "worst pixel error {worst}");
+        assert_eq!(
+            output["loras"][0]["unmatched_modules"],
+            serde_json::json!([])
+        );
+    }
+    assert_eq!(listed["loras"][0]["format"], "diffusers/PEFT");
+    assert_eq!(cog["loras"][0]["format"], "kohya");
+    assert_eq!(runpod["loras"][0]["format"], "ai-toolkit/BFL");
+    let two = predict(&*pipeline, with(serde_json::json!({"lora_weights": "style_peft.safetensors", "lora_scale": 0.8, "extra_lora": "detail_peft.safetensors", "extra_lora_scale": 1.3}))).unwrap();
+    let reference: Vec<f32> = setup.references["style_0.8_detail_1.3"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let pixels = png_pixels(two["images"][0]["base64"].as_str().unwrap());
+    let worst = pixels
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1.5 / 255.0, "two LoRAs: worst pixel error {worst}");
+
+    // Bad sources are errors naming the field.
+    let outside = predict(
+        &*pipeline,
+        with(serde_json::json!({"lora_weights": "/etc/passwd"})),
+    )
+    .unwrap_err();
+    assert!(
+        outside.contains("lora_weights") && outside.contains("KILN_LORA_DIRS"),
+        "{outside}"
+    );
+    let escape = predict(&*pipeline, with(serde_json::json!({"loras": [{"source": "../tiny-dev/transformer/diffusion_pytorch_model.safetensors"}]}))).unwrap_err();
+    assert!(
+        escape.contains("loras[0]") && escape.contains("outside"),
+        "{escape}"
+    );
+    let url = predict(
+        &*pipeline,
+        with(serde_json::json!({"lora_weights": "https://example.com/x.safetensors"})),
+    )
+    .unwrap_err();
+    assert!(url.contains("not available"), "{url}");
+    let missing = predict(
+        &*pipeline,
+        with(serde_json::json!({"loras": [{"scale": 1.0}]})),
+    )
+    .unwrap_err();
+    assert!(
+        missing.contains("loras[0]") && missing.contains("source"),
+        "{missing}"
+    );
+    let not_lora = predict(
+        &*pipeline,
+        with(serde_json::json!({"lora_weights": "references.safetensors"})),
+    )
+    .unwrap_err();
+    assert!(
+        not_lora.contains("lora_weights") && not_lora.contains("unknown LoRA format"),
+        "{not_lora}"
+    );
+}

@@ -91,7 +91,7 @@ fn every_problem_is_reported_with_field_and_rule() {
     );
     let found = problems(predict(&*p, json!({"prompt": "x", "image": "/etc/passwd"})));
     assert!(
-        found[0].contains("outside the folders inputs may be read from"),
+        found[0].contains("outside the folders files may be read from (KILN_INPUT_DIRS)"),
         "{found:?}"
     );
 }

@@ -5,6 +5,7 @@
 //! (`kiln_engine::lora`), leaving base weights untouched.
 
 pub mod formats;
+pub mod sources;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;

@@ -29,7 +29,15 @@ pub fn allowed_input_dirs() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-fn read_confined(field: &str, path: &Path, allowed: &[PathBuf]) -> Result<Vec<u8>, PipelineError> {
+/// `path` resolved (symlinks and `..` included) if it lies inside one of
+/// `allowed`; otherwise an error on `field` naming `setting`, the variable that
+/// lists the allowed folders.
+pub fn confined_path(
+    field: &str,
+    path: &Path,
+    allowed: &[PathBuf],
+    setting: &str,
+) -> Result<PathBuf, PipelineError> {
     let canonical = path
         .canonicalize()
         .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
@@ -41,11 +49,16 @@ fn read_confined(field: &str, path: &Path, allowed: &[PathBuf]) -> Result<Vec<u8
         return Err(invalid(
             field,
             format!(
-                "{} is outside the folders inputs may be read from (KILN_INPUT_DIRS)",
+                "{} is outside the folders files may be read from ({setting})",
                 path.display()
             ),
         ));
     }
+    Ok(canonical)
+}
+
+fn read_confined(field: &str, path: &Path, allowed: &[PathBuf]) -> Result<Vec<u8>, PipelineError> {
+    let canonical = confined_path(field, path, allowed, "KILN_INPUT_DIRS")?;
     std::fs::read(&canonical)
         .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))
 }

@@ -17,6 +17,7 @@ use crate::contract::{
 use crate::contract::{Progress, ProgressFn};
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
 use crate::frame::{ColumnSpec, ColumnType, Signature};
+use crate::lora;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::text_to_image::image_io::{
     OutputFormat, allowed_input_dirs, decode_image, encode_image, to_base64,
@@ -197,6 +198,42 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
             Some(json!(false)),
         ),
     ];
+    let scale = |name: &str, about: &str| field(name, about, num(-10.0, 10.0), Some(json!(1.0)));
+    let source = |name: &str, about: &str| {
+        field(
+            name,
+            about,
+            FieldKind::String {
+                min_length: Some(1),
+                max_length: Some(4096),
+            },
+            Some(Value::Null),
+        )
+    };
+    fields.extend([
+        field(
+            "loras",
+            "LoRAs to apply: [{\"source\": file in KILN_LORA_DIRS, \"scale\": 1.0}, ...]",
+            FieldKind::List {
+                max_items: Some(MAX_LORAS),
+            },
+            Some(Value::Null),
+        ),
+        source(
+            "lora_weights",
+            "A LoRA file (Cog's name); scaled by lora_scale",
+        ),
+        scale("lora_scale", "Scale of lora_weights / lora_path"),
+        source(
+            "extra_lora",
+            "A second LoRA (Cog's name); scaled by extra_lora_scale",
+        ),
+        scale("extra_lora_scale", "Scale of extra_lora"),
+        source(
+            "lora_path",
+            "A LoRA file (RunPod FLUX.2 handler's name); scaled by lora_scale",
+        ),
+    ]);
     if !presets.is_empty() {
         let names: Vec<&str> = presets.iter().map(String::as_str).collect();
         fields.push(field(
@@ -246,6 +283,10 @@ pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
 /// A loaded FLUX model.
 pub struct FluxPipeline {
     components: Mutex<FluxComponents>,
+    /// The transformer's config and dtype, for building LoRA adapters without
+    /// taking the components' lock.
+    transformer_config: kiln_models::flux::FluxConfig,
+    dtype: candle_core::DType,
     interface: ModelInterface,
     presets: Map<String, Value>,
     max_pixels: usize,
@@ -288,6 +329,8 @@ impl FluxPipeline {
             .unwrap_or(DEFAULT_MAX_PIXELS);
         let schema = input_schema(defaults, &preset_names);
         FluxPipeline {
+            transformer_config: components.transformer.config().clone(),
+            dtype: components.dtype,
             components: Mutex::new(components),
             interface: ModelInterface {
                 pipeline: PIPELINE_KIND.into(),
@@ -417,13 +460,68 @@ impl FluxPipeline {
         ))
     }
 
+    /// Resolve the request's LoRAs (`loras`, Cog's `lora_weights`/`extra_lora`,
+    /// RunPod's `lora_path`), read them through the cache, and attach runtime
+    /// adapters to `request`. Returns what was applied, for the response.
+    fn attach_loras(
+        &self,
+        input: &Map<String, Value>,
+        request: &mut GenerationRequest,
+    ) -> Result<Option<Value>, PipelineError> {
+        let wanted = lora_requests(input)?;
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let allowed = lora::sources::allowed_lora_dirs();
+        let cache = lora::sources::LoraCache::shared();
+        let mut files = Vec::with_capacity(wanted.len());
+        let mut problems = Vec::new();
+        for (field, source, scale) in &wanted {
+            match lora::sources::resolve_source(field, source, &allowed)
+                .and_then(|path| cache.get(field, &path))
+            {
+                Ok(file) => files.push((file, *scale)),
+                Err(PipelineError::InvalidInput(mut found)) => problems.append(&mut found),
+                Err(other) => return Err(other),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(PipelineError::InvalidInput(problems));
+        }
+        let mut reports = Vec::with_capacity(files.len());
+        let mut set = kiln_engine::lora::AdapterSet::default();
+        for ((file, scale), (field, source, _)) in files.iter().zip(&wanted) {
+            let (one, report) = lora::flux_adapters(
+                &[(file.as_ref(), *scale)],
+                &self.transformer_config,
+                self.dtype,
+            )
+            .map_err(|e| {
+                PipelineError::invalid(field.clone(), ProblemKind::Constraint, e.to_string())
+            })?;
+            set.extend(one);
+            tracing::info!(%source, format = file.format.name(), matched = report.matched, unmatched = report.unmatched.len(), "LoRA applied");
+            reports.push(json!({
+                "source": source,
+                "scale": scale,
+                "format": file.format.name(),
+                "matched_modules": report.matched,
+                "unmatched_modules": report.unmatched,
+                "layers": report.layers,
+            }));
+        }
+        request.adapters = Some(Arc::new(set));
+        Ok(Some(Value::Array(reports)))
+    }
+
     /// Generate with a per-step callback (progress; return false to cancel).
     pub fn run(
         &self,
         input: &Map<String, Value>,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Value, PipelineError> {
-        let (request, format, quality) = self.prepare(input)?;
+        let (mut request, format, quality) = self.prepare(input)?;
+        let lora_report = self.attach_loras(input, &mut request)?;
         let components = self
             .components
             .lock()
@@ -443,7 +541,7 @@ impl FluxPipeline {
                 "height": image.height(),
             }));
         }
-        Ok(json!({
+        let mut output = json!({
             "model": self.model_name,
             "images": encoded,
             "seed": request.seed,
@@ -455,7 +553,11 @@ impl FluxPipeline {
                 "vae_decode_s": generated.timings.vae_s,
                 "encode_s": started.elapsed().as_secs_f64(),
             },
-        }))
+        });
+        if let Some(report) = lora_report {
+            output["loras"] = report;
+        }
+        Ok(output)
     }
 }
 
@@ -545,5 +647,69 @@ impl Pipeline for FluxPipeline {
         };
         let mut report = |step, total| progress(Progress { step, total });
         Ok(Prediction::Json(self.run(&input, &mut report)?))
+    }
+}
+
+/// Most LoRAs one request may apply.
+const MAX_LORAS: usize = 4;
+
+/// (field, source, scale) for each LoRA the input asks for, in order.
+fn lora_requests(input: &Map<String, Value>) -> Result<Vec<(String, String, f64)>, PipelineError> {
+    let number = |key: &str| input.get(key).and_then(Value::as_f64).unwrap_or(1.0);
+    let text = |key: &str| {
+        input
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_string)
+    };
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    if let Some(Value::Array(items)) = input.get("loras") {
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("loras[{i}]");
+            let source = item
+                .get("source")
+                .or_else(|| item.get("path"))
+                .and_then(Value::as_str);
+            let scale = match item.get("scale") {
+                None | Some(Value::Null) => Some(1.0),
+                Some(v) => v.as_f64().filter(|s| s.is_finite() && s.abs() <= 10.0),
+            };
+            match (source, scale) {
+                (Some(source), Some(scale)) => out.push((field, source.to_string(), scale)),
+                (None, _) => problems.push(FieldProblem::new(
+                    field,
+                    ProblemKind::Malformed,
+                    "each LoRA is an object with \"source\" (a file) and an optional \"scale\"",
+                )),
+                (_, None) => problems.push(FieldProblem::new(
+                    field,
+                    ProblemKind::Constraint,
+                    "scale must be a number between -10 and 10",
+                )),
+            }
+        }
+    }
+    for (key, scale_key) in [
+        ("lora_weights", "lora_scale"),
+        ("lora_path", "lora_scale"),
+        ("extra_lora", "extra_lora_scale"),
+    ] {
+        if let Some(source) = text(key) {
+            out.push((key.to_string(), source, number(scale_key)));
+        }
+    }
+    if out.len() > MAX_LORAS {
+        problems.push(FieldProblem::new(
+            "loras",
+            ProblemKind::Constraint,
+            format!("at most {MAX_LORAS} LoRAs per request, got {}", out.len()),
+        ));
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(PipelineError::InvalidInput(problems))
     }
 }
