@@ -16,7 +16,9 @@ Setup (not part of CI; torch's CUDA wheel is the only one on PyPI, it runs on CP
     /tmp/bench-venv/bin/pip install torch diffusers transformers safetensors sentencepiece
     cargo build --release -p kiln
 Run:
-    /tmp/bench-venv/bin/python bench/flux_vs_diffusers.py [--runs 3] [--sizes 256,512]
+    /tmp/bench-venv/bin/python bench/flux_vs_diffusers.py [--runs 3] [--sizes 256,512] [--lora-rank 16]
+--lora-rank R also times the forward with a random rank-R LoRA on every linear
+layer, at runtime and fused, on both sides (diffusers needs `pip install peft`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,25 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(samples)
 
 
-def diffusers_worker(folder: Path, sizes: list[int], runs: int) -> dict:
+def add_random_lora(transformer, rank: int) -> None:
+    """A random rank-`rank` PEFT LoRA (alpha = rank) on every linear layer."""
+    import torch
+    from peft import LoraConfig
+
+    names = set()
+    for n, m in transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and "lora_" not in n:
+            # After an earlier adapter was deleted, peft's wrappers hold the layer as base_layer.
+            names.add(n.removesuffix(".base_layer"))
+    names = sorted(names)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names), adapter_name="bench")
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.02 * torch.randn_like(p))
+
+
+def diffusers_worker(folder: Path, sizes: list[int], runs: int, lora_rank: int = 0) -> dict:
     import torch
     from diffusers import FluxPipeline
 
@@ -119,7 +139,17 @@ def diffusers_worker(folder: Path, sizes: list[int], runs: int) -> dict:
             pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, guidance_scale=3.5,
                  max_sequence_length=TEXT_TOKENS, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
 
-        results.append({"size": size, "forward_s": median_time(forward, runs), "generate_s": median_time(generate, runs)})
+        row = {"size": size, "forward_s": median_time(forward, runs), "generate_s": median_time(generate, runs)}
+        if lora_rank:
+            add_random_lora(transformer, lora_rank)
+            runtime_s = median_time(forward, runs)
+            transformer.fuse_lora(adapter_names=["bench"])
+            fused_s = median_time(forward, runs)
+            transformer.unfuse_lora()
+            transformer.delete_adapters("bench")
+            row["lora"] = {"rank": lora_rank, "runtime_forward_s": runtime_s, "fused_forward_s": fused_s,
+                           "runtime_vs_none": runtime_s / row["forward_s"], "fused_vs_none": fused_s / row["forward_s"]}
+        results.append(row)
     return {"results": results, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch_threads": torch.get_num_threads()}
 
@@ -138,22 +168,26 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="also time the forward with a random LoRA of this rank on every linear (needs peft)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker == "diffusers":
-        print(json.dumps(diffusers_worker(args.model, sizes, args.runs)))
+        print(json.dumps(diffusers_worker(args.model, sizes, args.runs, args.lora_rank)))
         return
     folder = Path(tempfile.mkdtemp(prefix="kiln-flux-bench-"))
     try:
         build(folder)
         diffusers = json.loads(subprocess.run(
             [sys.executable, __file__, "--worker", "diffusers", "--model", str(folder), "--sizes", args.sizes,
-             "--runs", str(args.runs)], check=True, capture_output=True, text=True).stdout)
+             "--runs", str(args.runs), "--lora-rank", str(args.lora_rank)],
+            check=True, stdout=subprocess.PIPE, text=True).stdout)
         kiln = json.loads(subprocess.run(
             [str(kiln_binary()), "bench", "flux", "--model", str(folder), "--sizes", args.sizes, "--runs",
-             str(args.runs), "--steps", str(STEPS), "--max-sequence-length", str(TEXT_TOKENS)],
+             str(args.runs), "--steps", str(STEPS), "--max-sequence-length", str(TEXT_TOKENS),
+             "--lora-rank", str(args.lora_rank)],
             check=True, capture_output=True, text=True).stdout)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -164,6 +198,14 @@ def main() -> None:
         for stage in ("forward_s", "generate_s"):
             ratio = ours[stage] / theirs[stage]
             print(f"{ours['size']:>5} | {stage[:-2]:>10} | {ours[stage]:>8.3f} | {theirs[stage]:>11.3f} | {ratio:>5.2f}x")
+    if args.lora_rank:
+        print(f"LoRA rank {args.lora_rank} on every linear, transformer forward:")
+        print(f"{'size':>5} | {'mode':>8} | {'kiln s':>8} | {'vs none':>7} | {'diffusers s':>11} | {'vs none':>7} | {'kiln/diffusers':>14}")
+        for ours, theirs in zip(kiln["results"], diffusers["results"]):
+            for mode in ("runtime", "fused"):
+                k, d = ours["lora"][f"{mode}_forward_s"], theirs["lora"][f"{mode}_forward_s"]
+                print(f"{ours['size']:>5} | {mode:>8} | {k:>8.3f} | {ours['lora'][f'{mode}_vs_none']:>6.2f}x | "
+                      f"{d:>11.3f} | {theirs['lora'][f'{mode}_vs_none']:>6.2f}x | {k / d:>13.2f}x")
     print(f"peak RSS: kiln {kiln['peak_rss_mib']:.0f} MiB, diffusers {diffusers['peak_rss_mib']:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps({"kiln": kiln, "diffusers": diffusers}, indent=2))

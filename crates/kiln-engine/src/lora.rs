@@ -75,6 +75,19 @@ impl AdapterSet {
         }
     }
 
+    /// Fused mode: merge every update aimed at `linear` into its weight.
+    /// Returns whether any was.
+    pub fn merge_into(&self, linear: &mut crate::nn::Linear) -> Result<bool> {
+        let Some(updates) = linear.name().and_then(|name| self.layers.get(name)) else {
+            return Ok(false);
+        };
+        let updates = updates.clone();
+        for update in &updates {
+            linear.merge(update)?;
+        }
+        Ok(true)
+    }
+
     pub fn get(&self, layer: &str) -> Option<&[LowRank]> {
         self.layers.get(layer).map(Vec::as_slice)
     }

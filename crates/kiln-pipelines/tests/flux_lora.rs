@@ -354,3 +354,44 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
         "{not_lora}"
     );
 }
+
+#[test]
+fn fused_loras_match_runtime_ones_and_unfuse_exactly() {
+    let mut setup = setup();
+    let style = file("style_peft");
+    let base_before = image(&setup, &request(&setup, &[]));
+    let (set, _) = lora::flux_adapters(
+        &[(&style, 0.7)],
+        setup.components.transformer.config(),
+        DType::F32,
+    )
+    .unwrap();
+    let mut merged = 0;
+    setup
+        .components
+        .transformer
+        .for_each_linear(&mut |linear| {
+            merged += usize::from(set.merge_into(linear)?);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(merged, set.layer_count(), "every adapted layer was fused");
+    let fused = image(&setup, &request(&setup, &[]));
+    let diff = max_abs_diff(&fused, &setup.references["style_0.7"]);
+    eprintln!("fused: max abs diff vs diffusers {diff:.2e}");
+    assert!(diff <= TOLERANCE, "fused: {diff}");
+    setup
+        .components
+        .transformer
+        .for_each_linear(&mut |linear| {
+            linear.unmerge();
+            Ok(())
+        })
+        .unwrap();
+    let base_after = image(&setup, &request(&setup, &[]));
+    assert_eq!(
+        max_abs_diff(&base_before, &base_after),
+        0.0,
+        "unfuse restores the exact weights"
+    );
+}

@@ -477,3 +477,71 @@ mod tests {
         assert_eq!(ids[2 + 4], [0.0, 1.0, 1.0]);
     }
 }
+
+/// Visits every linear layer, mutably (fused LoRA merge and unmerge).
+type Visit<'a> = &'a mut dyn FnMut(&mut Linear) -> Result<()>;
+
+impl MlpEmbedder {
+    fn visit(&mut self, f: Visit) -> Result<()> {
+        f(&mut self.linear_1)?;
+        f(&mut self.linear_2)
+    }
+}
+
+impl FeedForward {
+    fn visit(&mut self, f: Visit) -> Result<()> {
+        f(&mut self.proj_in)?;
+        f(&mut self.proj_out)
+    }
+}
+
+impl QkvProjection {
+    fn visit(&mut self, f: Visit) -> Result<()> {
+        f(&mut self.q)?;
+        f(&mut self.k)?;
+        f(&mut self.v)
+    }
+}
+
+impl DoubleBlock {
+    fn visit(&mut self, f: Visit) -> Result<()> {
+        f(&mut self.norm1.linear)?;
+        f(&mut self.norm1_context.linear)?;
+        self.image.visit(f)?;
+        self.text.visit(f)?;
+        f(&mut self.to_out)?;
+        f(&mut self.to_add_out)?;
+        self.ff.visit(f)?;
+        self.ff_context.visit(f)
+    }
+}
+
+impl SingleBlock {
+    fn visit(&mut self, f: Visit) -> Result<()> {
+        f(&mut self.norm.linear)?;
+        self.qkv.visit(f)?;
+        f(&mut self.proj_mlp)?;
+        f(&mut self.proj_out)
+    }
+}
+
+impl FluxTransformer {
+    /// Call `f` on every linear layer (for fused LoRAs: merge, then unmerge).
+    pub fn for_each_linear(&mut self, f: Visit) -> Result<()> {
+        f(&mut self.x_embedder)?;
+        self.timestep_embedder.visit(f)?;
+        if let Some(guidance) = &mut self.guidance_embedder {
+            guidance.visit(f)?;
+        }
+        self.text_embedder.visit(f)?;
+        f(&mut self.context_embedder)?;
+        for block in &mut self.double_blocks {
+            block.visit(f)?;
+        }
+        for block in &mut self.single_blocks {
+            block.visit(f)?;
+        }
+        f(&mut self.norm_out)?;
+        f(&mut self.proj_out)
+    }
+}

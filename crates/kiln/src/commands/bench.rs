@@ -34,6 +34,30 @@ pub struct FluxBenchArgs {
     /// Timed repetitions (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Also time the forward with a random LoRA of this rank on every linear
+    /// layer, applied at runtime and fused (0: no LoRA timings).
+    #[arg(long, default_value_t = 0)]
+    lora_rank: usize,
+}
+
+/// A random rank-`rank` LoRA on every linear layer of the transformer.
+fn random_lora(
+    transformer: &mut kiln_models::flux::FluxTransformer,
+    rank: usize,
+) -> Result<kiln_engine::lora::AdapterSet> {
+    let mut set = kiln_engine::lora::AdapterSet::default();
+    transformer.for_each_linear(&mut |linear| {
+        if let Some(name) = linear.name() {
+            let down = Tensor::randn(0f32, 0.02, (rank, linear.in_dim()), &Device::Cpu)?;
+            let up = Tensor::randn(0f32, 0.02, (linear.out_dim(), rank), &Device::Cpu)?;
+            set.add(
+                name,
+                kiln_engine::lora::LowRank::new(&down, &up, 1.0, DType::F32)?,
+            );
+        }
+        Ok(())
+    })?;
+    Ok(set)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -63,8 +87,16 @@ fn time<F: FnMut() -> Result<()>>(runs: usize, mut f: F) -> Result<f64> {
 pub fn run(command: BenchCommand) -> Result<()> {
     let BenchCommand::Flux(args) = command;
     let device = Device::Cpu;
-    let components =
+    let mut components =
         FluxComponents::load(&args.model, &device, DType::F32).map_err(anyhow::Error::msg)?;
+    let lora = if args.lora_rank > 0 {
+        Some(std::sync::Arc::new(random_lora(
+            &mut components.transformer,
+            args.lora_rank,
+        )?))
+    } else {
+        None
+    };
     let config = components.transformer.config().clone();
     let mut results = Vec::new();
     for &size in &args.sizes {
@@ -92,6 +124,39 @@ pub fn run(command: BenchCommand) -> Result<()> {
             Ok(())
         })
         .context("transformer forward")?;
+        let mut lora_timings = json!(null);
+        if let Some(set) = &lora {
+            let forward = |components: &FluxComponents| -> Result<()> {
+                components.transformer.forward(
+                    &img,
+                    &txt,
+                    &ids,
+                    &timestep,
+                    config.guidance_embeds.then_some(&guidance),
+                    &pooled,
+                )?;
+                Ok(())
+            };
+            let runtime_s = time(args.runs, || {
+                kiln_engine::lora::with_adapters(Some(set.clone()), || forward(&components))
+            })
+            .context("forward with a runtime LoRA")?;
+            components
+                .transformer
+                .for_each_linear(&mut |linear| set.merge_into(linear).map(|_| ()))?;
+            let fused_s = time(args.runs, || forward(&components)).context("fused forward")?;
+            components.transformer.for_each_linear(&mut |linear| {
+                linear.unmerge();
+                Ok(())
+            })?;
+            lora_timings = json!({
+                "rank": args.lora_rank,
+                "runtime_forward_s": runtime_s,
+                "fused_forward_s": fused_s,
+                "runtime_vs_none": runtime_s / forward_s,
+                "fused_vs_none": fused_s / forward_s,
+            });
+        }
         let models = components.models();
         let request = GenerationRequest {
             prompt: "a photo of a cat".into(),
@@ -116,7 +181,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         .context("generation")?;
         let last = stages.last().cloned().unwrap_or_default();
         results.push(json!({
-            "size": size, "forward_s": forward_s, "generate_s": generate_s,
+            "size": size, "forward_s": forward_s, "generate_s": generate_s, "lora": lora_timings,
             "stages": {"text_s": last.text_encoding_s, "denoise_s": last.denoising_s, "vae_s": last.vae_s},
         }));
     }
