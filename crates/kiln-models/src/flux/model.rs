@@ -444,40 +444,6 @@ impl FluxTransformer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packing_round_trips() {
-        let device = Device::Cpu;
-        let latents = Tensor::arange(0f32, 2.0 * 16.0 * 4.0 * 6.0, &device)
-            .unwrap()
-            .reshape((2, 16, 4, 6))
-            .unwrap();
-        let packed = pack_latents(&latents).unwrap();
-        assert_eq!(packed.dims(), &[2, 6, 64]);
-        let back = unpack_latents(&packed, 4, 6).unwrap();
-        let diff = (back - latents)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
-    }
-
-    #[test]
-    fn position_ids_put_text_first_then_the_image_grid() {
-        let ids = position_ids(2, 2, 3);
-        assert_eq!(ids.len(), 8);
-        assert_eq!(ids[0], [0.0, 0.0, 0.0]);
-        assert_eq!(ids[2 + 4], [0.0, 1.0, 1.0]);
-    }
-}
-
 /// Visits every linear layer, mutably (fused LoRA merge and unmerge).
 type Visit<'a> = &'a mut dyn FnMut(&mut Linear) -> Result<()>;
 
@@ -543,5 +509,39 @@ impl FluxTransformer {
         }
         f(&mut self.norm_out)?;
         f(&mut self.proj_out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_round_trips() {
+        let device = Device::Cpu;
+        let latents = Tensor::arange(0f32, 2.0 * 16.0 * 4.0 * 6.0, &device)
+            .unwrap()
+            .reshape((2, 16, 4, 6))
+            .unwrap();
+        let packed = pack_latents(&latents).unwrap();
+        assert_eq!(packed.dims(), &[2, 6, 64]);
+        let back = unpack_latents(&packed, 4, 6).unwrap();
+        let diff = (back - latents)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+
+    #[test]
+    fn position_ids_put_text_first_then_the_image_grid() {
+        let ids = position_ids(2, 2, 3);
+        assert_eq!(ids.len(), 8);
+        assert_eq!(ids[0], [0.0, 0.0, 0.0]);
+        assert_eq!(ids[2 + 4], [0.0, 1.0, 1.0]);
     }
 }
