@@ -12,21 +12,14 @@ use std::time::SystemTime;
 
 use super::{LoraFile, read};
 use crate::error::{PipelineError, ProblemKind};
-use crate::text_to_image::image_io::confined_path;
+use crate::text_to_image::image_io::{confined_path, dirs_from_env};
 
 /// The setting naming the folders LoRA files may be read from.
 pub const LORA_DIRS: &str = "KILN_LORA_DIRS";
 
 /// Folders LoRA files may be read from.
 pub fn allowed_lora_dirs() -> Vec<PathBuf> {
-    std::env::var(LORA_DIRS)
-        .map(|v| {
-            v.split(':')
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from)
-                .collect()
-        })
-        .unwrap_or_default()
+    dirs_from_env(LORA_DIRS)
 }
 
 fn invalid(field: &str, message: String) -> PipelineError {

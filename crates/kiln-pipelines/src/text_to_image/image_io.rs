@@ -19,7 +19,12 @@ fn invalid(field: &str, message: String) -> PipelineError {
 
 /// Folders input files may be read from (`KILN_INPUT_DIRS`, `:`-separated).
 pub fn allowed_input_dirs() -> Vec<PathBuf> {
-    std::env::var("KILN_INPUT_DIRS")
+    dirs_from_env("KILN_INPUT_DIRS")
+}
+
+/// The `:`-separated folders in environment variable `name`.
+pub fn dirs_from_env(name: &str) -> Vec<PathBuf> {
+    std::env::var(name)
         .map(|v| {
             v.split(':')
                 .filter(|p| !p.is_empty())

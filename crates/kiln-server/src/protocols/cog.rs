@@ -465,13 +465,10 @@ async fn predict_inner(
     if wants_events(&headers) {
         return labelled(events(state, job.id).into_response(), &model.name);
     }
-    let done = loop {
-        match state.jobs.wait(&job.id, Duration::from_secs(3600)).await {
-            Ok(Some(done)) if done.status.is_final() => break done,
-            Ok(Some(_)) => continue,
-            Ok(None) => return error(ApiError::JobNotFound(job.id)),
-            Err(e) => return error(ApiError::Internal(e.to_string())),
-        }
+    let done = match state.jobs.wait_final(&job.id).await {
+        Ok(Some(done)) => done,
+        Ok(None) => return error(ApiError::JobNotFound(job.id)),
+        Err(e) => return error(ApiError::Internal(e.to_string())),
     };
     if let Some(JobError::Invalid { problems }) = &done.error {
         return unprocessable(problems);

@@ -4,7 +4,6 @@
 //! Errors use OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -274,13 +273,10 @@ pub async fn image_generations(
         Ok(job) => job,
         Err(e) => return error(ApiError::from(e)),
     };
-    let done = loop {
-        match state.jobs.wait(&job.id, Duration::from_secs(3600)).await {
-            Ok(Some(done)) if done.status.is_final() => break done,
-            Ok(Some(_)) => continue,
-            Ok(None) => return error(ApiError::JobNotFound(job.id)),
-            Err(e) => return error(ApiError::Internal(e.to_string())),
-        }
+    let done = match state.jobs.wait_final(&job.id).await {
+        Ok(Some(done)) => done,
+        Ok(None) => return error(ApiError::JobNotFound(job.id)),
+        Err(e) => return error(ApiError::Internal(e.to_string())),
     };
     let mut response = match (&done.status, &done.error) {
         (JobStatus::Completed, _) => Json(images_body(&done, as_url)).into_response(),

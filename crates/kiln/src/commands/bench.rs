@@ -112,7 +112,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         let ids = kiln_models::flux::position_ids(args.max_sequence_length, size / 16, size / 16);
         let timestep = Tensor::new(&[0.5f32], &device)?;
         let guidance = Tensor::new(&[3.5f32], &device)?;
-        let forward_s = time(args.runs, || {
+        let forward = |components: &FluxComponents| -> Result<()> {
             components.transformer.forward(
                 &img,
                 &txt,
@@ -122,21 +122,10 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 &pooled,
             )?;
             Ok(())
-        })
-        .context("transformer forward")?;
+        };
+        let forward_s = time(args.runs, || forward(&components)).context("transformer forward")?;
         let mut lora_timings = json!(null);
         if let Some(set) = &lora {
-            let forward = |components: &FluxComponents| -> Result<()> {
-                components.transformer.forward(
-                    &img,
-                    &txt,
-                    &ids,
-                    &timestep,
-                    config.guidance_embeds.then_some(&guidance),
-                    &pooled,
-                )?;
-                Ok(())
-            };
             let runtime_s = time(args.runs, || {
                 kiln_engine::lora::with_adapters(Some(set.clone()), || forward(&components))
             })
