@@ -269,6 +269,26 @@ def test_runpod_run_sync_returns_flux_output(runpod_endpoint):
     )
 
 
+def test_runpod_sdk_pointed_by_environment_variable(flux_server):
+    # The user's flow exactly: RUNPOD_ENDPOINT_BASE_URL set before `import runpod`.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, runpod\n"
+        f"runpod.api_key = {API_KEY!r}\n"
+        f"out = runpod.Endpoint({MODEL!r}).run_sync({json.dumps(fast_input('env', seed=5))}, timeout=120)\n"
+        "print(json.dumps({'width': out['image']['width'], 'seed': out['seed']}))\n"
+    )
+    env = dict(os.environ, RUNPOD_ENDPOINT_BASE_URL=f"{flux_server.base_url}/v2")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reply["seed"] == 5, reply
+    assert reply["width"] == fast_input("env", seed=5)["width"], reply
+
+
 def test_runpod_sdk_wraps_bare_input(runpod_endpoint):
     # Endpoint.run_sync({...}) without an "input" key sends {"input": {...}}.
     output = runpod_endpoint.run_sync(fast_input("blurry", seed=3), timeout=120)
