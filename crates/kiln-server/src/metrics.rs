@@ -47,6 +47,14 @@ struct JobLabels {
 #[derive(Clone, Debug)]
 pub struct ModelLabel(pub String);
 
+/// `response`, labelled with the model it served for the request metrics.
+pub fn labelled(mut response: Response, model: &str) -> Response {
+    response
+        .extensions_mut()
+        .insert(ModelLabel(model.to_string()));
+    response
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~1.6 s
     Histogram::new(exponential_buckets(0.00005, 2.0, 16))

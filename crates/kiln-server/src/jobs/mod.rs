@@ -34,6 +34,25 @@ struct ModelQueue {
     limit: usize,
 }
 
+impl ModelQueue {
+    /// The queue, locked, if it has room for one more job (held while the job
+    /// is recorded, so the bound is exact).
+    fn reserve(
+        &self,
+        model: &str,
+    ) -> Result<std::sync::MutexGuard<'_, VecDeque<String>>, SubmitError> {
+        let full = || SubmitError::QueueFull {
+            model: model.into(),
+            limit: self.limit,
+        };
+        let pending = self.pending.lock().map_err(|_| full())?;
+        if pending.len() >= self.limit {
+            return Err(full());
+        }
+        Ok(pending)
+    }
+}
+
 /// The job system: store, per-model queues, live jobs and webhook delivery.
 pub struct Jobs {
     pub store: JobStore,
@@ -145,16 +164,7 @@ impl Jobs {
         let queue = self
             .queue(model)
             .ok_or_else(|| SubmitError::UnknownModel(model.into()))?;
-        let mut pending = queue.pending.lock().map_err(|_| SubmitError::QueueFull {
-            model: model.into(),
-            limit: queue.limit,
-        })?;
-        if pending.len() >= queue.limit {
-            return Err(SubmitError::QueueFull {
-                model: model.into(),
-                limit: queue.limit,
-            });
-        }
+        let mut pending = queue.reserve(model)?;
         let id = match id {
             Some(id) => {
                 if self.store.exists(&id)? {
@@ -182,7 +192,6 @@ impl Jobs {
         options: JobOptions,
         error: JobError,
     ) -> Result<Job, StoreError> {
-        let ttl = self.ttl_ms(&options);
         let job = Job::queued(
             uuid::Uuid::new_v4().to_string(),
             model,
@@ -190,17 +199,8 @@ impl Jobs {
             input,
             options,
         );
-        let now = job.created_at;
         self.store.insert(&job)?;
-        self.store.finish(
-            &job.id,
-            JobStatus::Failed,
-            None,
-            Some(&error),
-            "",
-            now,
-            now + ttl,
-        )?;
+        self.record_failure(&job.id, &job.options, &error)?;
         self.get(&job.id)?
             .ok_or_else(|| StoreError::from(rusqlite::Error::QueryReturnedNoRows))
     }
@@ -289,16 +289,7 @@ impl Jobs {
         let Some(queue) = self.queue(&job.model) else {
             return Ok(Some(false));
         };
-        let mut pending = queue.pending.lock().map_err(|_| SubmitError::QueueFull {
-            model: job.model.clone(),
-            limit: queue.limit,
-        })?;
-        if pending.len() >= queue.limit {
-            return Err(SubmitError::QueueFull {
-                model: job.model.clone(),
-                limit: queue.limit,
-            });
-        }
+        let mut pending = queue.reserve(&job.model)?;
         if !self.store.retry(id)? {
             return Ok(Some(false));
         }
@@ -381,15 +372,7 @@ impl Jobs {
                     let error = JobError::Failed {
                         message: format!("model {:?} is no longer served", job.model),
                     };
-                    self.store.finish(
-                        &job.id,
-                        JobStatus::Failed,
-                        None,
-                        Some(&error),
-                        "",
-                        now,
-                        self.expiry(&job.options, now),
-                    )?;
+                    self.record_failure(&job.id, &job.options, &error)?;
                 }
             }
         }
@@ -429,9 +412,27 @@ impl Jobs {
         });
     }
 
+    /// Store a queued or running job as FAILED now; false if it had already ended.
+    fn record_failure(
+        &self,
+        id: &str,
+        options: &JobOptions,
+        error: &JobError,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        self.store.finish(
+            id,
+            JobStatus::Failed,
+            None,
+            Some(error),
+            "",
+            now,
+            self.expiry(options, now),
+        )
+    }
+
     /// Record a job as FAILED from outside its normal path (a worker fault).
     fn fail(&self, id: &str, message: String) {
-        let now = now_ms();
         let options = self
             .get(id)
             .ok()
@@ -439,15 +440,7 @@ impl Jobs {
             .map(|j| j.options)
             .unwrap_or_default();
         let error = JobError::Failed { message };
-        match self.store.finish(
-            id,
-            JobStatus::Failed,
-            None,
-            Some(&error),
-            "",
-            now,
-            self.expiry(&options, now),
-        ) {
+        match self.record_failure(id, &options, &error) {
             Ok(true) => {
                 if let Some(live) = self.live(id) {
                     live.push(JobEvent::Finished);
@@ -463,11 +456,9 @@ impl Jobs {
 
     /// Send the job's final webhook, if it has one.
     fn deliver_final(&self, job: &Job) {
-        let wanted = match (&job.options.webhook_events, job.protocol) {
-            (Some(filter), Protocol::Cog) => filter.iter().any(|e| e == "completed"),
-            _ => true,
-        };
-        if wanted && let Some(url) = &job.options.webhook {
+        if wants_event(job, "completed")
+            && let Some(url) = &job.options.webhook
+        {
             let body = crate::protocols::webhook_body(job, self.live(&job.id).as_deref());
             self.send_webhook(job, url, body, true);
         }
@@ -496,12 +487,8 @@ impl Jobs {
 
     /// Send a non-final Cog webhook event when the job's filter wants it.
     fn deliver_event(&self, job: &Job, event: &str) {
-        let wanted = match &job.options.webhook_events {
-            Some(filter) => filter.iter().any(|e| e == event),
-            None => true,
-        };
         if job.protocol == Protocol::Cog
-            && wanted
+            && wants_event(job, event)
             && let Some(url) = &job.options.webhook
         {
             let body = crate::protocols::webhook_body(job, self.live(&job.id).as_deref());
@@ -524,5 +511,14 @@ impl Jobs {
         if sender.send((body, retry)).is_err() {
             tracing::warn!(job_id = %job.id, "webhook channel closed");
         }
+    }
+}
+
+/// Whether the job's webhook takes `event` (Cog's `webhook_events_filter`;
+/// other protocols send their one final webhook always).
+fn wants_event(job: &Job, event: &str) -> bool {
+    match (&job.options.webhook_events, job.protocol) {
+        (Some(filter), Protocol::Cog) => filter.iter().any(|e| e == event),
+        _ => true,
     }
 }

@@ -25,7 +25,7 @@ use crate::jobs::{
     InputProblem, Job, JobError, JobEvent, JobOptions, JobStatus, LiveJob, Protocol, SubmitError,
     progress_logs,
 };
-use crate::metrics::ModelLabel;
+use crate::metrics::labelled;
 use crate::state::{AppState, LoadState};
 
 /// Cog's event names for `webhook_events_filter`.
@@ -385,13 +385,6 @@ fn wants_events(headers: &HeaderMap) -> bool {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"))
-}
-
-fn labelled(mut response: Response, model: &str) -> Response {
-    response
-        .extensions_mut()
-        .insert(ModelLabel(model.to_string()));
-    response
 }
 
 async fn predict_inner(

@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use super::tensor_codec::{HEADER_LENGTH, decode_input, encode_output};
 use super::{body_or_error, predict, prediction_json};
 use crate::error::ApiError;
-use crate::metrics::ModelLabel;
+use crate::metrics::labelled;
 use crate::state::{AppState, ServedModel};
 
 /// Request parameters that steer the protocol rather than the model.
@@ -59,13 +59,6 @@ fn versioned(
         }
         _ => Ok(model),
     }
-}
-
-fn labelled(mut response: Response, model: &str) -> Response {
-    response
-        .extensions_mut()
-        .insert(ModelLabel(model.to_string()));
-    response
 }
 
 fn metadata(model: &ServedModel) -> Result<Value, ApiError> {

@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 
 use super::{body_or_error, media_type, predict, prediction_json};
 use crate::error::ApiError;
-use crate::metrics::ModelLabel;
+use crate::metrics::labelled;
 use crate::state::{AppState, ServedModel};
 
 /// Header selecting the model for `/invocations` when several are served.
@@ -100,10 +100,7 @@ async fn score(
             attributes.clone(),
         );
     }
-    response
-        .extensions_mut()
-        .insert(ModelLabel(model.name.clone()));
-    response
+    labelled(response, &model.name)
 }
 
 /// Turn an `/invocations` body into a request, as MLflow's scoring server reads it.

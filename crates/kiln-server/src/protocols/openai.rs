@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use super::{body_or_error, validation_problems};
 use crate::error::ApiError;
 use crate::jobs::{InputProblem, Job, JobError, JobOptions, JobStatus, Protocol};
-use crate::metrics::ModelLabel;
+use crate::metrics::labelled;
 use crate::state::AppState;
 
 /// An OpenAI-shaped error response.
@@ -278,7 +278,7 @@ pub async fn image_generations(
         Ok(None) => return error(ApiError::JobNotFound(job.id)),
         Err(e) => return error(ApiError::Internal(e.to_string())),
     };
-    let mut response = match (&done.status, &done.error) {
+    let response = match (&done.status, &done.error) {
         (JobStatus::Completed, _) => Json(images_body(&done, as_url)).into_response(),
         (_, Some(JobError::Invalid { problems })) => invalid(problems),
         (status, error) => error_response(
@@ -292,8 +292,5 @@ pub async fn image_generations(
             None,
         ),
     };
-    response
-        .extensions_mut()
-        .insert(ModelLabel(model.name.clone()));
-    response
+    labelled(response, &model.name)
 }

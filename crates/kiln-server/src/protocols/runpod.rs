@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use super::{body_or_error, validation_problems};
 use crate::error::ApiError;
 use crate::jobs::{InputProblem, Job, JobError, JobEvent, JobOptions, JobStatus, Protocol};
-use crate::metrics::ModelLabel;
+use crate::metrics::labelled;
 use crate::state::{AppState, ServedModel};
 
 /// `/runsync` waits this long by default, and at most `MAX_WAIT_MS`.
@@ -200,13 +200,6 @@ fn submit(
         .jobs
         .submit(None, &model.name, Protocol::RunPod, input, options)
         .map_err(ApiError::from)
-}
-
-fn labelled(mut response: Response, model: &str) -> Response {
-    response
-        .extensions_mut()
-        .insert(ModelLabel(model.to_string()));
-    response
 }
 
 async fn run_inner(
