@@ -24,14 +24,19 @@ fn fixtures() -> PathBuf {
 
 struct Setup {
     components: FluxComponents,
+    /// The transformer's linear layers, as LoRAs target them.
+    layers: Vec<String>,
     references: HashMap<String, Tensor>,
     index: Value,
 }
 
 fn setup() -> Setup {
     let dir = fixtures();
+    let mut components =
+        FluxComponents::load(&dir.join("tiny-dev"), &Device::Cpu, DType::F32).unwrap();
     Setup {
-        components: FluxComponents::load(&dir.join("tiny-dev"), &Device::Cpu, DType::F32).unwrap(),
+        layers: components.transformer.linear_names().unwrap(),
+        components,
         references: load_all(&dir.join("lora/references.safetensors"), &Device::Cpu).unwrap(),
         index: serde_json::from_str(&std::fs::read_to_string(dir.join("lora/index.json")).unwrap())
             .unwrap(),
@@ -47,8 +52,13 @@ fn request(setup: &Setup, loras: &[(&LoraFile, f64)]) -> GenerationRequest {
     let adapters = if loras.is_empty() {
         None
     } else {
-        let (set, report) =
-            lora::flux_adapters(loras, setup.components.transformer.config(), DType::F32).unwrap();
+        let (set, report) = lora::flux_adapters(
+            loras,
+            &setup.layers,
+            setup.components.transformer.config(),
+            DType::F32,
+        )
+        .unwrap();
         assert!(report.unmatched.is_empty(), "{report:?}");
         Some(Arc::new(set))
     };
@@ -155,7 +165,8 @@ fn loras_that_do_not_fit_are_clear_errors() {
         .into(),
     )
     .unwrap();
-    let err = lora::flux_adapters(&[(&stranger, 1.0)], config, DType::F32).unwrap_err();
+    let err =
+        lora::flux_adapters(&[(&stranger, 1.0)], &setup.layers, config, DType::F32).unwrap_err();
     assert!(matches!(err, LoraError::NoMatch(_)), "{err}");
     // Pickle and truncated files are refused before parsing.
     let dir = tempfile::tempdir().unwrap();
@@ -184,7 +195,8 @@ fn loras_that_do_not_fit_are_clear_errors() {
         .into(),
     )
     .unwrap();
-    let (set, _) = lora::flux_adapters(&[(&wrong, 1.0)], config, DType::F32).unwrap();
+    let (set, _) =
+        lora::flux_adapters(&[(&wrong, 1.0)], &setup.layers, config, DType::F32).unwrap();
     let mut bad = request(&setup, &[]);
     bad.adapters = Some(Arc::new(set));
     let err = match generate(&setup.components.models(), &bad, &mut |_, _| true) {
@@ -197,7 +209,6 @@ fn loras_that_do_not_fit_are_clear_errors() {
 #[test]
 fn the_lora_target_list_is_every_linear_of_the_transformer() {
     let setup = setup();
-    let config = setup.components.transformer.config();
     let files = kiln_engine::WeightFiles::open(&fixtures().join("tiny-dev/transformer")).unwrap();
     let mut matrices: Vec<String> = files
         .names()
@@ -206,7 +217,7 @@ fn the_lora_target_list_is_every_linear_of_the_transformer() {
         .map(|n| n.trim_end_matches(".weight").to_string())
         .collect();
     matrices.sort();
-    let mut targets = kiln_models::flux::linear_names(config);
+    let mut targets = setup.layers.clone();
     targets.sort();
     assert_eq!(targets, matrices);
 }
@@ -362,6 +373,7 @@ fn fused_loras_match_runtime_ones_and_unfuse_exactly() {
     let base_before = image(&setup, &request(&setup, &[]));
     let (set, _) = lora::flux_adapters(
         &[(&style, 0.7)],
+        &setup.layers,
         setup.components.transformer.config(),
         DType::F32,
     )

@@ -234,61 +234,6 @@ pub fn bfl_adapter(config: &FluxConfig, prefix: &str) -> KeyAdapter {
     }
 }
 
-/// Every linear layer of a FLUX transformer by its (diffusers) name, the names
-/// LoRA adapters target. Must list what `FluxTransformer::load` builds.
-pub fn linear_names(config: &FluxConfig) -> Vec<String> {
-    let mut names: Vec<String> = [
-        "x_embedder",
-        "context_embedder",
-        "time_text_embed.timestep_embedder.linear_1",
-        "time_text_embed.timestep_embedder.linear_2",
-        "time_text_embed.text_embedder.linear_1",
-        "time_text_embed.text_embedder.linear_2",
-        "norm_out.linear",
-        "proj_out",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if config.guidance_embeds {
-        names.push("time_text_embed.guidance_embedder.linear_1".into());
-        names.push("time_text_embed.guidance_embedder.linear_2".into());
-    }
-    for i in 0..config.num_layers {
-        for name in [
-            "norm1.linear",
-            "norm1_context.linear",
-            "attn.to_q",
-            "attn.to_k",
-            "attn.to_v",
-            "attn.add_q_proj",
-            "attn.add_k_proj",
-            "attn.add_v_proj",
-            "attn.to_out.0",
-            "attn.to_add_out",
-            "ff.net.0.proj",
-            "ff.net.2",
-            "ff_context.net.0.proj",
-            "ff_context.net.2",
-        ] {
-            names.push(format!("transformer_blocks.{i}.{name}"));
-        }
-    }
-    for i in 0..config.num_single_layers {
-        for name in [
-            "norm.linear",
-            "attn.to_q",
-            "attn.to_k",
-            "attn.to_v",
-            "proj_mlp",
-            "proj_out",
-        ] {
-            names.push(format!("single_transformer_blocks.{i}.{name}"));
-        }
-    }
-    names
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

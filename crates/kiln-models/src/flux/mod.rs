@@ -6,5 +6,5 @@ mod layout;
 mod model;
 
 pub use config::FluxConfig;
-pub use layout::{FluxLayout, bfl_adapter, linear_names};
+pub use layout::{FluxLayout, bfl_adapter};
 pub use model::{FluxTransformer, pack_latents, position_ids, unpack_latents};

@@ -492,6 +492,16 @@ impl SingleBlock {
 }
 
 impl FluxTransformer {
+    /// The (diffusers) names of every linear layer: what LoRA adapters target.
+    pub fn linear_names(&mut self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        self.for_each_linear(&mut |linear| {
+            names.extend(linear.name().map(str::to_string));
+            Ok(())
+        })?;
+        Ok(names)
+    }
+
     /// Call `f` on every linear layer (for fused LoRAs: merge, then unmerge).
     pub fn for_each_linear(&mut self, f: Visit) -> Result<()> {
         f(&mut self.x_embedder)?;

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use kiln_engine::Source;
 use kiln_engine::lora::{AdapterSet, LowRank};
-use kiln_models::flux::{FluxConfig, bfl_adapter, linear_names};
+use kiln_models::flux::{FluxConfig, bfl_adapter};
 
 pub use formats::{LoraFile, LoraFormat, LoraModule, Naming, parse};
 
@@ -79,10 +79,10 @@ pub struct LoraReport {
 }
 
 /// Where each BFL module's rows go among the model's (diffusers-named) layers.
-fn bfl_targets(config: &FluxConfig) -> HashMap<String, Vec<(String, Source)>> {
+fn bfl_targets(layers: &[String], config: &FluxConfig) -> HashMap<String, Vec<(String, Source)>> {
     let adapter = bfl_adapter(config, "");
     let mut targets: HashMap<String, Vec<(String, Source)>> = HashMap::new();
-    for layer in linear_names(config) {
+    for layer in layers {
         let source = adapter.source(&format!("{layer}.weight"));
         let key = match &source {
             Source::Key(key) | Source::Rows { key, .. } => Some(key.clone()),
@@ -95,7 +95,7 @@ fn bfl_targets(config: &FluxConfig) -> HashMap<String, Vec<(String, Source)>> {
             targets
                 .entry(module.to_string())
                 .or_default()
-                .push((layer, source));
+                .push((layer.clone(), source));
         }
     }
     targets
@@ -126,14 +126,16 @@ fn select_rows(up: &Tensor, source: &Source) -> candle_core::Result<Option<Tenso
     }
 }
 
-/// Adapters for a FLUX transformer from LoRA files with user scales.
+/// Adapters for a FLUX transformer (its linear layers' names from
+/// `FluxTransformer::linear_names`, and its config) from LoRA files with user scales.
 pub fn flux_adapters(
     loras: &[(&LoraFile, f64)],
+    linear_names: &[String],
     config: &FluxConfig,
     dtype: DType,
 ) -> Result<(AdapterSet, LoraReport), LoraError> {
-    let layers: HashSet<String> = linear_names(config).into_iter().collect();
-    let bfl = bfl_targets(config);
+    let layers: HashSet<&String> = linear_names.iter().collect();
+    let bfl = bfl_targets(linear_names, config);
     let mut set = AdapterSet::default();
     let mut report = LoraReport::default();
     for (file, user_scale) in loras {

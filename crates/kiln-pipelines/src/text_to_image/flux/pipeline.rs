@@ -286,6 +286,8 @@ pub struct FluxPipeline {
     /// The transformer's config and dtype, for building LoRA adapters without
     /// taking the components' lock.
     transformer_config: kiln_models::flux::FluxConfig,
+    /// The transformer's linear layers by name (what LoRAs target).
+    lora_layers: Vec<String>,
     dtype: candle_core::DType,
     interface: ModelInterface,
     presets: Map<String, Value>,
@@ -318,7 +320,7 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
 }
 
 impl FluxPipeline {
-    pub fn new(components: FluxComponents, manifest: &Manifest, model_name: String) -> Self {
+    pub fn new(mut components: FluxComponents, manifest: &Manifest, model_name: String) -> Self {
         let defaults =
             VariantDefaults::for_guidance_model(components.transformer.config().guidance_embeds);
         let presets: Map<String, Value> = manifest.presets.clone().into_iter().collect();
@@ -330,6 +332,7 @@ impl FluxPipeline {
         let schema = input_schema(defaults, &preset_names);
         FluxPipeline {
             transformer_config: components.transformer.config().clone(),
+            lora_layers: components.transformer.linear_names().unwrap_or_default(),
             dtype: components.dtype,
             components: Mutex::new(components),
             interface: ModelInterface {
@@ -493,6 +496,7 @@ impl FluxPipeline {
         for ((file, scale), (field, source, _)) in files.iter().zip(&wanted) {
             let (one, report) = lora::flux_adapters(
                 &[(file.as_ref(), *scale)],
+                &self.lora_layers,
                 &self.transformer_config,
                 self.dtype,
             )
