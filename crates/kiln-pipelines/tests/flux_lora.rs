@@ -6,8 +6,10 @@
 //! <= 1/255, the 8-bit rounding step; runtime adapters leave the base model
 //! untouched, so concurrent requests with different LoRAs each get their own image.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -18,9 +20,7 @@ use serde_json::Value;
 
 const TOLERANCE: f64 = 1.0 / 255.0;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux")
-}
+use common::fixtures;
 
 struct Setup {
     components: FluxComponents,
@@ -345,7 +345,10 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
         with(serde_json::json!({"lora_weights": "https://example.com/x.safetensors"})),
     )
     .unwrap_err();
-    assert!(url.contains("not available"), "{url}");
+    assert!(
+        url.contains("lora_weights") && url.contains("not in the allowed hosts"),
+        "{url}"
+    );
     let missing = predict(
         &*pipeline,
         with(serde_json::json!({"loras": [{"scale": 1.0}]})),
@@ -364,6 +367,53 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
         not_lora.contains("lora_weights") && not_lora.contains("unknown LoRA format"),
         "{not_lora}"
     );
+}
+
+#[test]
+fn url_loras_apply_like_local_ones_and_bad_ones_fail_alone() {
+    let server = common::server();
+    let cache = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("tiny-dev");
+    let manifest = kiln_pipelines::text_to_image::flux::manifest_for_folder(&dir).unwrap();
+    let components = FluxComponents::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let mut pipeline = kiln_pipelines::text_to_image::flux::FluxPipeline::new(
+        components,
+        &manifest,
+        "tiny".into(),
+    );
+    pipeline.set_lora_settings(server.settings(cache.path()));
+    let setup = setup();
+    let call = &setup.index["call"];
+    let input = |lora: String| {
+        serde_json::json!({
+            "prompt": call["prompt"], "width": call["width"], "height": call["height"],
+            "num_inference_steps": call["num_inference_steps"], "guidance_scale": call["guidance_scale"],
+            "max_sequence_length": call["max_sequence_length"], "seed": setup.index["seed"],
+            "lora_weights": lora, "lora_scale": 0.7,
+        })
+    };
+    let refused = predict(&pipeline, input(server.url("/redirect/loopback"))).unwrap_err();
+    assert!(refused.contains("internal address"), "{refused}");
+    let output = predict(
+        &pipeline,
+        input(server.url("/files/style.safetensors?case=pipeline")),
+    )
+    .unwrap();
+    let reference: Vec<f32> = setup.references["style_0.7"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let pixels = png_pixels(output["images"][0]["base64"].as_str().unwrap());
+    let worst = pixels
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1.5 / 255.0, "worst pixel error {worst}");
+    let report = &output["loras"][0];
+    assert_eq!(report["format"], "diffusers/PEFT");
+    assert_eq!(report["sha256"].as_str().map(str::len), Some(64));
 }
 
 #[test]

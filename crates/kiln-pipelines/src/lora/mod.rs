@@ -63,6 +63,18 @@ pub fn read(path: &Path) -> Result<LoraFile, LoraError> {
             "{size} bytes is over the {MAX_LORA_BYTES}-byte limit"
         )));
     }
+    let mut magic = [0u8; 4];
+    if let Ok(mut file) = std::fs::File::open(path) {
+        use std::io::Read;
+        let _ = file.read(&mut magic);
+    }
+    // Pickle protocol 2+ starts with 0x80; torch.save's zip archives with "PK".
+    if magic[0] == 0x80 || magic == *b"PK\x03\x04" {
+        return Err(LoraError::Unsupported(format!(
+            "{} is a pickle (torch.save) checkpoint; Kiln reads only safetensors (pickle can run code)",
+            path.display()
+        )));
+    }
     let tensors = kiln_engine::weights::load_all(path, &Device::Cpu)
         .map_err(|e| unreadable(format!("not a valid safetensors file ({e})")))?;
     parse(tensors.into_iter().collect::<BTreeMap<_, _>>())

@@ -5,7 +5,7 @@
 //! a URL whose host resolves to a loopback, private, link-local or otherwise
 //! internal address is refused (the address checked is the address connected to).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -17,54 +17,16 @@ pub struct Sender {
     allow_private: bool,
 }
 
-/// Whether an address is internal: loopback, private, link-local, CGNAT,
-/// unspecified, broadcast, multicast or IPv6 unique-local.
-pub fn is_internal(address: IpAddr) -> bool {
-    match address {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || (a == 100 && (64..128).contains(&b))
-                || a == 0
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-        }
-    }
-}
-
 /// Resolve the webhook's host to one address it may be sent to.
 async fn checked_address(url: &reqwest::Url, allow_private: bool) -> Result<SocketAddr, String> {
-    let host = url.host_str().ok_or("the URL has no host")?;
-    let port = url.port_or_known_default().ok_or("the URL has no port")?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+    kiln_fetch::address::checked_address(url, allow_private)
         .await
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .collect();
-    let first = *addresses
-        .first()
-        .ok_or_else(|| format!("{host} has no address"))?;
-    if !allow_private && addresses.iter().any(|a| is_internal(a.ip())) {
-        return Err(format!(
-            "{host} resolves to an internal address ({}); set jobs.webhook_private_addresses = true to allow it",
-            first.ip()
-        ));
-    }
-    Ok(first)
+        .map_err(|e| match e {
+            kiln_fetch::FetchError::InternalAddress { .. } => {
+                format!("{e}; set jobs.webhook_private_addresses = true to allow it")
+            }
+            other => other.to_string(),
+        })
 }
 
 impl Sender {
@@ -163,33 +125,11 @@ async fn deliver(url: &str, body: Value, attempts: u32, delay: Duration, allow_p
 mod tests {
     use super::*;
 
-    #[test]
-    fn internal_addresses_are_recognised() {
-        for internal in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(is_internal(internal.parse().unwrap()), "{internal}");
-        }
-        for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
-            assert!(!is_internal(public.parse().unwrap()), "{public}");
-        }
-    }
-
     #[tokio::test]
     async fn loopback_webhooks_are_refused_unless_allowed() {
         let url = reqwest::Url::parse("http://127.0.0.1:9/hook").unwrap();
         let refused = checked_address(&url, false).await.unwrap_err();
-        assert!(refused.contains("internal address"), "{refused}");
+        assert!(refused.contains("webhook_private_addresses"), "{refused}");
         assert!(checked_address(&url, true).await.is_ok());
     }
 }

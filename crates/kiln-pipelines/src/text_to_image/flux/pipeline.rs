@@ -213,7 +213,7 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
     fields.extend([
         field(
             "loras",
-            "LoRAs to apply: [{\"source\": file in KILN_LORA_DIRS, \"scale\": 1.0}, ...]",
+            "LoRAs to apply: [{\"source\": file in KILN_LORA_DIRS, https URL, CivitAI URL or Hugging Face owner/repo[/file], \"scale\": 1.0}, ...]",
             FieldKind::List {
                 max_items: Some(MAX_LORAS),
             },
@@ -221,7 +221,7 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
         ),
         source(
             "lora_weights",
-            "A LoRA file (Cog's name); scaled by lora_scale",
+            "A LoRA: a file in KILN_LORA_DIRS, an https or CivitAI URL, or a Hugging Face id (Cog's name); scaled by lora_scale",
         ),
         scale("lora_scale", "Scale of lora_weights / lora_path"),
         source(
@@ -231,7 +231,7 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
         scale("extra_lora_scale", "Scale of extra_lora"),
         source(
             "lora_path",
-            "A LoRA file (RunPod FLUX.2 handler's name); scaled by lora_scale",
+            "A LoRA, as lora_weights (RunPod FLUX.2 handler's name); scaled by lora_scale",
         ),
     ]);
     if !presets.is_empty() {
@@ -288,6 +288,8 @@ pub struct FluxPipeline {
     transformer_config: kiln_models::flux::FluxConfig,
     /// The transformer's linear layers by name (what LoRAs target).
     lora_layers: Vec<String>,
+    /// Where LoRA sources may come from (read from the environment at load).
+    lora_settings: lora::sources::LoraSettings,
     dtype: candle_core::DType,
     interface: ModelInterface,
     presets: Map<String, Value>,
@@ -333,6 +335,7 @@ impl FluxPipeline {
         FluxPipeline {
             transformer_config: components.transformer.config().clone(),
             lora_layers: components.transformer.linear_names().unwrap_or_default(),
+            lora_settings: lora::sources::LoraSettings::from_env(),
             dtype: components.dtype,
             components: Mutex::new(components),
             interface: ModelInterface {
@@ -475,15 +478,14 @@ impl FluxPipeline {
         if wanted.is_empty() {
             return Ok(None);
         }
-        let allowed = lora::sources::allowed_lora_dirs();
         let cache = lora::sources::LoraCache::shared();
         let mut files = Vec::with_capacity(wanted.len());
         let mut problems = Vec::new();
         for (field, source, scale) in &wanted {
-            match lora::sources::resolve_source(field, source, &allowed)
-                .and_then(|path| cache.get(field, &path))
+            match lora::sources::locate(field, source, &self.lora_settings)
+                .and_then(|located| cache.get(field, &located.path).map(|file| (file, located)))
             {
-                Ok(file) => files.push((file, *scale)),
+                Ok((file, located)) => files.push((file, located, *scale)),
                 Err(PipelineError::InvalidInput(mut found)) => problems.append(&mut found),
                 Err(other) => return Err(other),
             }
@@ -493,7 +495,7 @@ impl FluxPipeline {
         }
         let mut reports = Vec::with_capacity(files.len());
         let mut set = kiln_engine::lora::AdapterSet::default();
-        for ((file, scale), (field, source, _)) in files.iter().zip(&wanted) {
+        for ((file, located, scale), (field, source, _)) in files.iter().zip(&wanted) {
             let (one, report) = lora::flux_adapters(
                 &[(file.as_ref(), *scale)],
                 &self.lora_layers,
@@ -505,17 +507,29 @@ impl FluxPipeline {
             })?;
             set.extend(one);
             tracing::info!(%source, format = file.format.name(), matched = report.matched, unmatched = report.unmatched.len(), "LoRA applied");
-            reports.push(json!({
+            let mut entry = json!({
                 "source": source,
                 "scale": scale,
                 "format": file.format.name(),
                 "matched_modules": report.matched,
                 "unmatched_modules": report.unmatched,
                 "layers": report.layers,
-            }));
+            });
+            if let Some(origin) = &located.origin {
+                entry["resolved"] = json!(origin);
+            }
+            if let Some(sha256) = &located.sha256 {
+                entry["sha256"] = json!(sha256);
+            }
+            reports.push(entry);
         }
         request.adapters = Some(Arc::new(set));
         Ok(Some(Value::Array(reports)))
+    }
+
+    /// Use `settings` for LoRA sources instead of the environment's.
+    pub fn set_lora_settings(&mut self, settings: lora::sources::LoraSettings) {
+        self.lora_settings = settings;
     }
 
     /// Generate with a per-step callback (progress; return false to cancel).

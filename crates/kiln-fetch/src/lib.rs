@@ -1,0 +1,63 @@
+//! Guarded downloads for Kiln: a [`Policy`] (allowed hosts, trusted private
+//! hosts, size limit, per-host tokens), HTTP GETs that check every redirect
+//! hop's address, the Hugging Face Hub via hf-hub, a single-flight helper so
+//! concurrent requests fetch once, and [`block_on`] for synchronous callers.
+
+pub mod address;
+pub mod download;
+pub mod hub;
+pub mod policy;
+pub mod single_flight;
+
+pub use download::{Downloaded, download_to, get_json, remote_size};
+pub use hub::Hub;
+pub use policy::Policy;
+pub use single_flight::SingleFlight;
+
+use std::net::IpAddr;
+
+/// Why a fetch failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FetchError {
+    #[error("bad URL: {0}")]
+    BadUrl(String),
+    #[error("host {host} is not in the allowed hosts ({})", if allowed.is_empty() { "none are configured".to_string() } else { allowed.join(", ") })]
+    HostNotAllowed { host: String, allowed: Vec<String> },
+    #[error("{host} resolves to an internal address ({address}); only trusted private hosts may")]
+    InternalAddress { host: String, address: IpAddr },
+    #[error("{url} is larger than the {limit}-byte limit")]
+    TooLarge { url: String, limit: u64 },
+    #[error("{url} answered {status}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    Status {
+        url: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("too many redirects from {0}")]
+    TooManyRedirects(String),
+    #[error("network error: {0}")]
+    Network(String),
+    #[error("Hugging Face Hub: {0}")]
+    Hub(String),
+    #[error("file error: {0}")]
+    Io(String),
+}
+
+/// Run `future` to completion from synchronous code, on a thread of its own
+/// (so it works whether or not the caller is inside an async runtime).
+pub fn block_on<T: Send>(
+    future: impl std::future::Future<Output = Result<T, FetchError>> + Send,
+) -> Result<T, FetchError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| FetchError::Io(format!("cannot start a download runtime: {e}")))?
+                    .block_on(future)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(FetchError::Network("the download thread panicked".into())))
+    })
+}

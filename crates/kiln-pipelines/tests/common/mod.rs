@@ -1,0 +1,204 @@
+//! A loopback HTTP server standing in for LoRA hosts in tests: plain files
+//! (with Range support), redirects (same host, and to `localhost`, which tests
+//! do not trust), an oversized file, a pickle, a 404, CivitAI's model API and
+//! download redirect, and the Hugging Face Hub's resolve and repo-info
+//! endpoints as hf-hub calls them. It counts hits per path and query and
+//! records Authorization headers.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::Response;
+use kiln_fetch::{Hub, Policy};
+use kiln_pipelines::lora::sources::LoraSettings;
+
+/// The commit the fake Hub reports.
+pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+pub struct LoraServer {
+    pub port: u16,
+    pub style: Vec<u8>,
+    hits: Mutex<HashMap<String, usize>>,
+    auth: Mutex<Vec<(String, String)>>,
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux")
+}
+
+impl LoraServer {
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base())
+    }
+
+    /// Requests seen for `path_and_query`.
+    pub fn hits(&self, path_and_query: &str) -> usize {
+        self.hits
+            .lock()
+            .unwrap()
+            .get(path_and_query)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Authorization headers seen, by path.
+    pub fn auth_for(&self, path: &str) -> Vec<String> {
+        self.auth
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
+    /// Settings trusting only this server's 127.0.0.1 (not `localhost`),
+    /// caching under `cache`.
+    pub fn settings(&self, cache: &Path) -> LoraSettings {
+        LoraSettings {
+            dirs: Vec::new(),
+            policy: Policy {
+                allowed_hosts: vec!["127.0.0.1".into()],
+                private_hosts: vec!["127.0.0.1".into()],
+                ..Policy::default()
+            },
+            cache_dir: cache.join("loras"),
+            disk_budget: 1 << 30,
+            hub: Hub {
+                endpoint: self.base(),
+                token: None,
+                cache: cache.join("hf"),
+                progress: false,
+            },
+            civitai: self.base(),
+        }
+    }
+}
+
+fn file_response(bytes: &[u8], headers: &HeaderMap) -> Response {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+    let builder = Response::builder()
+        .header("etag", "\"style-etag\"")
+        .header("x-repo-commit", COMMIT);
+    match range {
+        Some((start, end)) if start < bytes.len() => {
+            let end = end.min(bytes.len() - 1);
+            builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(
+                    header::CONTENT_RANGE,
+                    format!("bytes {start}-{end}/{}", bytes.len()),
+                )
+                .body(Body::from(bytes[start..=end].to_vec()))
+                .unwrap()
+        }
+        _ => builder.body(Body::from(bytes.to_vec())).unwrap(),
+    }
+}
+
+fn redirect(to: String) -> Response {
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(header::LOCATION, to)
+        .body(Body::empty())
+        .unwrap()
+}
+
+async fn handle(server: Arc<LoraServer>, uri: Uri, headers: HeaderMap) -> Response {
+    let path = uri.path().to_string();
+    let key = uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    *server.hits.lock().unwrap().entry(key).or_default() += 1;
+    if let Some(auth) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        server
+            .auth
+            .lock()
+            .unwrap()
+            .push((path.clone(), auth.to_string()));
+    }
+    let json = |value: serde_json::Value| {
+        Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(value.to_string()))
+            .unwrap()
+    };
+    match path.as_str() {
+        "/files/style.safetensors" => {
+            // Slow enough that concurrent requests overlap.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            file_response(&server.style, &headers)
+        }
+        "/redirect/ok" => redirect("/files/style.safetensors".into()),
+        "/redirect/loopback" => redirect(format!(
+            "http://localhost:{}/files/style.safetensors",
+            server.port
+        )),
+        "/redirect/loop" => redirect("/redirect/loop".into()),
+        "/big.safetensors" => Response::new(Body::from(vec![0u8; 4096])),
+        "/pickle.safetensors" => {
+            let mut bytes = vec![0x80, 0x02, b'}', b'q', 0x00];
+            bytes.resize(64, b'.');
+            Response::new(Body::from(bytes))
+        }
+        "/api/v1/models/77" => json(serde_json::json!({
+            "id": 77, "modelVersions": [{"id": 456}, {"id": 455}]
+        })),
+        "/api/download/models/456" => redirect("/files/style.safetensors".into()),
+        "/owner/repo/resolve/main/style.safetensors" => file_response(&server.style, &headers),
+        "/api/models/owner/repo/revision/main" => json(serde_json::json!({
+            "sha": COMMIT,
+            "siblings": [{"rfilename": "README.md"}, {"rfilename": "style.safetensors"}]
+        })),
+        _ => Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Body::from("no such file"))
+            .unwrap(),
+    }
+}
+
+/// The process-wide server (started on first use).
+pub fn server() -> &'static Arc<LoraServer> {
+    static SERVER: OnceLock<Arc<LoraServer>> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let server = Arc::new(LoraServer {
+            port: listener.local_addr().unwrap().port(),
+            style: std::fs::read(fixtures().join("lora/style_peft.safetensors")).unwrap(),
+            hits: Mutex::new(HashMap::new()),
+            auth: Mutex::new(Vec::new()),
+        });
+        let shared = Arc::clone(&server);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+                    handle(Arc::clone(&shared), uri, headers)
+                });
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        server
+    })
+}
