@@ -148,6 +148,33 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// Call `f` on every linear layer (LoRA targets; fused LoRAs merge here).
+    pub fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        for layer in &mut self.layers {
+            for linear in [
+                &mut layer.q,
+                &mut layer.k,
+                &mut layer.v,
+                &mut layer.out,
+                &mut layer.fc1,
+                &mut layer.fc2,
+            ] {
+                f(linear)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The linear layers' checkpoint names (`text_model.encoder.layers.0.self_attn.q_proj`).
+    pub fn linear_names(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        let _ = self.for_each_linear(&mut |linear| {
+            names.extend(linear.name().map(str::to_string));
+            Ok(())
+        });
+        names
+    }
+
     fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
         let values: Vec<f32> = (0..len)
             .flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 }))

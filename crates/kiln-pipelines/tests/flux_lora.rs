@@ -24,8 +24,8 @@ use common::fixtures;
 
 struct Setup {
     components: FluxComponents,
-    /// The transformer's linear layers, as LoRAs target them.
-    layers: Vec<String>,
+    /// The transformer's and CLIP's linear layers, as LoRAs target them.
+    targets: lora::FluxLoraTargets,
     references: HashMap<String, Tensor>,
     index: Value,
 }
@@ -35,7 +35,7 @@ fn setup() -> Setup {
     let mut components =
         FluxComponents::load(&dir.join("tiny-dev"), &Device::Cpu, DType::F32).unwrap();
     Setup {
-        layers: components.transformer.linear_names().unwrap(),
+        targets: components.lora_targets(),
         components,
         references: load_all(&dir.join("lora/references.safetensors"), &Device::Cpu).unwrap(),
         index: serde_json::from_str(&std::fs::read_to_string(dir.join("lora/index.json")).unwrap())
@@ -54,7 +54,7 @@ fn request(setup: &Setup, loras: &[(&LoraFile, f64)]) -> GenerationRequest {
     } else {
         let (set, report) = lora::flux_adapters(
             loras,
-            &setup.layers,
+            &setup.targets,
             setup.components.transformer.config(),
             DType::F32,
         )
@@ -103,10 +103,42 @@ fn one_lora_in_every_naming_matches_diffusers() {
         ("style_peft", LoraFormat::Peft),
         ("style_kohya", LoraFormat::Kohya),
         ("style_aitoolkit", LoraFormat::AiToolkit),
+        // B halved, alpha = 2 * rank in diffusers' adapter metadata header.
+        ("style_alpha_peft", LoraFormat::Peft),
     ] {
         let lora = file(name);
         assert_eq!(lora.format, format);
         let got = image(&setup, &request(&setup, &[(&lora, 0.7)]));
+        let diff = max_abs_diff(&got, expected);
+        eprintln!("{name}: max abs diff vs diffusers {diff:.2e}");
+        assert!(diff <= TOLERANCE, "{name}: max abs diff {diff}");
+    }
+}
+
+#[test]
+fn text_encoder_loras_match_diffusers_in_both_namings() {
+    let setup = setup();
+    let expected = &setup.references["te_0.9"];
+    for (name, format) in [
+        ("te_peft", LoraFormat::Peft),
+        ("te_kohya", LoraFormat::Kohya),
+    ] {
+        let lora = file(name);
+        assert_eq!(lora.format, format);
+        let (_, report) = lora::flux_adapters(
+            &[(&lora, 0.9)],
+            &setup.targets,
+            setup.components.transformer.config(),
+            DType::F32,
+        )
+        .unwrap();
+        assert!(
+            report.unmatched.is_empty(),
+            "{name}: {:?}",
+            report.unmatched
+        );
+        assert_eq!(report.layers, setup.targets.text_encoder.len());
+        let got = image(&setup, &request(&setup, &[(&lora, 0.9)]));
         let diff = max_abs_diff(&got, expected);
         eprintln!("{name}: max abs diff vs diffusers {diff:.2e}");
         assert!(diff <= TOLERANCE, "{name}: max abs diff {diff}");
@@ -166,7 +198,7 @@ fn loras_that_do_not_fit_are_clear_errors() {
     )
     .unwrap();
     let err =
-        lora::flux_adapters(&[(&stranger, 1.0)], &setup.layers, config, DType::F32).unwrap_err();
+        lora::flux_adapters(&[(&stranger, 1.0)], &setup.targets, config, DType::F32).unwrap_err();
     assert!(matches!(err, LoraError::NoMatch(_)), "{err}");
     // Pickle and truncated files are refused before parsing.
     let dir = tempfile::tempdir().unwrap();
@@ -196,7 +228,7 @@ fn loras_that_do_not_fit_are_clear_errors() {
     )
     .unwrap();
     let (set, _) =
-        lora::flux_adapters(&[(&wrong, 1.0)], &setup.layers, config, DType::F32).unwrap();
+        lora::flux_adapters(&[(&wrong, 1.0)], &setup.targets, config, DType::F32).unwrap();
     let mut bad = request(&setup, &[]);
     bad.adapters = Some(Arc::new(set));
     let err = match generate(&setup.components.models(), &bad, &mut |_, _| true) {
@@ -217,7 +249,7 @@ fn the_lora_target_list_is_every_linear_of_the_transformer() {
         .map(|n| n.trim_end_matches(".weight").to_string())
         .collect();
     matrices.sort();
-    let mut targets = setup.layers.clone();
+    let mut targets = setup.targets.transformer.clone();
     targets.sort();
     assert_eq!(targets, matrices);
 }
@@ -423,7 +455,7 @@ fn fused_loras_match_runtime_ones_and_unfuse_exactly() {
     let base_before = image(&setup, &request(&setup, &[]));
     let (set, _) = lora::flux_adapters(
         &[(&style, 0.7)],
-        &setup.layers,
+        &setup.targets,
         setup.components.transformer.config(),
         DType::F32,
     )

@@ -10,7 +10,13 @@
 //!   (or `lora_down` / `lora_up`);
 //! - XLabs: `double_blocks.N.processor.qkv_lora1.down.weight` / `up`.
 //!
-//! LyCORIS (LoHa, LoKr) files are recognised and refused with a clear message.
+//! Text-encoder modules (`text_encoder.` in diffusers' naming, `lora_te1_` in
+//! kohya's) target the CLIP text encoder. diffusers' `lora_adapter_metadata`
+//! header (PEFT's `lora_alpha`, `alpha_pattern`, `use_rslora`) sets the scale of
+//! modules without an `.alpha` tensor, as diffusers does when it loads the file.
+//!
+//! LyCORIS (LoHa, LoKr) and DoRA files are recognised and refused with a clear
+//! message rather than applied wrongly.
 
 use std::collections::BTreeMap;
 
@@ -45,7 +51,10 @@ pub enum Naming {
     Diffusers,
     /// Black Forest Labs' names (`double_blocks.0.img_attn.qkv`).
     Bfl,
-    /// A component Kiln's FLUX LoRA support does not target (text encoders, a UNet).
+    /// The (first) CLIP text encoder; the name is diffusers' (dotted, PEFT) or
+    /// kohya's (underscored): matched to layers through [`text_encoder_key`].
+    TextEncoder,
+    /// A component Kiln's FLUX LoRA support does not target (T5, a UNet).
     Other,
 }
 
@@ -73,6 +82,15 @@ impl LoraModule {
             _ => 1.0,
         }
     }
+}
+
+/// The form in which a text-encoder module name and a CLIP layer name are
+/// compared: without `text_model.`, dots as underscores.
+pub fn text_encoder_key(name: &str) -> String {
+    let name = name.replace('.', "_");
+    name.strip_prefix("text_model_")
+        .map(str::to_string)
+        .unwrap_or(name)
 }
 
 /// A parsed LoRA file.
@@ -117,6 +135,15 @@ fn detect(names: &[&String]) -> Result<LoraFormat, LoraError> {
     {
         return Err(LoraError::Unsupported(
             "this is a LyCORIS LoKr file; Kiln applies LoRA (low-rank A/B) adapters only".into(),
+        ));
+    }
+    if names
+        .iter()
+        .any(|n| n.contains("dora_scale") || n.contains("lora_magnitude_vector"))
+    {
+        return Err(LoraError::Unsupported(
+            "this is a DoRA file (it has magnitude vectors); Kiln applies plain LoRA adapters only"
+                .into(),
         ));
     }
     if names
@@ -210,10 +237,15 @@ fn xlabs_to_bfl(module: &str) -> Option<String> {
 fn module_name(format: LoraFormat, module: &str) -> (String, Naming) {
     let other = || (module.to_string(), Naming::Other);
     match format {
-        LoraFormat::Peft => match module.strip_prefix("transformer.") {
-            Some(name) => (name.to_string(), Naming::Diffusers),
-            None => other(),
-        },
+        LoraFormat::Peft => {
+            if let Some(name) = module.strip_prefix("transformer.") {
+                (name.to_string(), Naming::Diffusers)
+            } else if let Some(name) = module.strip_prefix("text_encoder.") {
+                (name.to_string(), Naming::TextEncoder)
+            } else {
+                other()
+            }
+        }
         LoraFormat::AiToolkit => {
             let name = module
                 .strip_prefix("model.diffusion_model.")
@@ -223,10 +255,15 @@ fn module_name(format: LoraFormat, module: &str) -> (String, Naming) {
                 None => other(),
             }
         }
-        LoraFormat::Kohya => match module.strip_prefix("lora_unet_").and_then(kohya_to_bfl) {
-            Some(name) => (name, Naming::Bfl),
-            None => other(),
-        },
+        LoraFormat::Kohya => {
+            if let Some(name) = module.strip_prefix("lora_unet_").and_then(kohya_to_bfl) {
+                (name, Naming::Bfl)
+            } else if let Some(name) = module.strip_prefix("lora_te1_") {
+                (name.to_string(), Naming::TextEncoder)
+            } else {
+                other()
+            }
+        }
         LoraFormat::XLabs => match xlabs_to_bfl(module) {
             Some(name) => (name, Naming::Bfl),
             None => other(),
@@ -234,8 +271,61 @@ fn module_name(format: LoraFormat, module: &str) -> (String, Naming) {
     }
 }
 
+/// The alpha diffusers' adapter metadata gives a PEFT module without an
+/// `.alpha` tensor (`component.rest`, e.g. `transformer.x.to_q`): the
+/// component's `alpha_pattern` entry matching the module's name (equal, or a
+/// dotted suffix of it), else its `lora_alpha`; with `use_rslora` the scale is
+/// alpha/sqrt(rank), expressed here as an alpha over rank.
+fn metadata_alpha(
+    metadata: &serde_json::Value,
+    module: &str,
+    rank: usize,
+) -> Result<Option<f64>, LoraError> {
+    let Some((component, rest)) = module.split_once('.') else {
+        return Ok(None);
+    };
+    let get = |key: &str| metadata.get(format!("{component}.{key}"));
+    if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(LoraError::Unsupported(
+            "this is a DoRA adapter (use_dora in its metadata); Kiln applies plain LoRA adapters only"
+                .into(),
+        ));
+    }
+    let pattern = get("alpha_pattern")
+        .and_then(|p| p.as_object())
+        .and_then(|patterns| {
+            patterns
+                .iter()
+                .find(|(key, _)| rest == key.as_str() || rest.ends_with(&format!(".{key}")))
+                .and_then(|(_, v)| v.as_f64())
+        });
+    let Some(alpha) = pattern.or_else(|| get("lora_alpha").and_then(|v| v.as_f64())) else {
+        return Ok(None);
+    };
+    if !alpha.is_finite() || alpha <= 0.0 {
+        return Err(LoraError::Malformed(format!(
+            "{component}.lora_alpha in the adapter metadata is not a positive number"
+        )));
+    }
+    let rslora = get("use_rslora").and_then(|v| v.as_bool()) == Some(true);
+    Ok(Some(if rslora {
+        alpha * (rank as f64).sqrt()
+    } else {
+        alpha
+    }))
+}
+
 /// Group a file's tensors into modules.
 pub fn parse(tensors: BTreeMap<String, Tensor>) -> Result<LoraFile, LoraError> {
+    parse_with_metadata(tensors, None)
+}
+
+/// Group a file's tensors into modules, with diffusers' `lora_adapter_metadata`
+/// (already decoded) when the file has it.
+pub fn parse_with_metadata(
+    tensors: BTreeMap<String, Tensor>,
+    metadata: Option<&serde_json::Value>,
+) -> Result<LoraFile, LoraError> {
     let names: Vec<&String> = tensors.keys().collect();
     if names.is_empty() {
         return Err(LoraError::UnknownFormat("the file holds no tensors".into()));
@@ -282,13 +372,18 @@ pub fn parse(tensors: BTreeMap<String, Tensor>) -> Result<LoraFile, LoraError> {
                 "{module}: A has rank {rank} but B has rank {up_rank}"
             )));
         }
+        let alpha = match (parts.alpha, metadata, format) {
+            (Some(alpha), _, _) => Some(alpha),
+            (None, Some(metadata), LoraFormat::Peft) => metadata_alpha(metadata, &module, rank)?,
+            _ => None,
+        };
         let (name, naming) = module_name(format, &module);
         out.push(LoraModule {
             name,
             naming,
             down,
             up,
-            alpha: parts.alpha,
+            alpha,
         });
     }
     Ok(LoraFile {
@@ -360,7 +455,78 @@ mod tests {
     }
 
     #[test]
+    fn adapter_metadata_sets_alpha_like_peft() {
+        let peft = || {
+            BTreeMap::from([
+                ("transformer.a.to_q.lora_A.weight".to_string(), t(4, 8)),
+                ("transformer.a.to_q.lora_B.weight".to_string(), t(8, 4)),
+                ("transformer.a.to_k.lora_A.weight".to_string(), t(4, 8)),
+                ("transformer.a.to_k.lora_B.weight".to_string(), t(8, 4)),
+                (
+                    "text_encoder.text_model.fc1.lora_A.weight".to_string(),
+                    t(4, 8),
+                ),
+                (
+                    "text_encoder.text_model.fc1.lora_B.weight".to_string(),
+                    t(8, 4),
+                ),
+            ])
+        };
+        let metadata = serde_json::json!({
+            "transformer.r": 4, "transformer.lora_alpha": 8,
+            "transformer.alpha_pattern": {"a.to_k": 2},
+        });
+        let file = parse_with_metadata(peft(), Some(&metadata)).unwrap();
+        let scale = |name: &str| {
+            file.modules
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap()
+                .scale()
+        };
+        assert_eq!(scale("a.to_q"), 2.0);
+        assert_eq!(scale("a.to_k"), 0.5);
+        // No metadata for the text encoder: diffusers' default alpha = rank.
+        assert_eq!(scale("text_model.fc1"), 1.0);
+        assert_eq!(
+            file.modules
+                .iter()
+                .find(|m| m.name == "text_model.fc1")
+                .unwrap()
+                .naming,
+            Naming::TextEncoder
+        );
+        let rslora =
+            serde_json::json!({"transformer.lora_alpha": 8, "transformer.use_rslora": true});
+        let file = parse_with_metadata(peft(), Some(&rslora)).unwrap();
+        let to_q = file.modules.iter().find(|m| m.name == "a.to_q").unwrap();
+        assert_eq!(to_q.scale(), 4.0);
+        let dora = serde_json::json!({"transformer.lora_alpha": 8, "transformer.use_dora": true});
+        assert!(
+            matches!(parse_with_metadata(peft(), Some(&dora)), Err(LoraError::Unsupported(m)) if m.contains("DoRA"))
+        );
+    }
+
+    #[test]
+    fn text_encoder_names_compare_across_namings() {
+        assert_eq!(
+            text_encoder_key("text_model.encoder.layers.0.self_attn.q_proj"),
+            text_encoder_key("text_model_encoder_layers_0_self_attn_q_proj")
+        );
+        assert_eq!(
+            text_encoder_key("encoder.layers.3.mlp.fc1"),
+            text_encoder_key("text_model_encoder_layers_3_mlp_fc1")
+        );
+    }
+
+    #[test]
     fn lycoris_unknown_and_broken_files_are_refused() {
+        let dora = BTreeMap::from([
+            ("transformer.x.lora_A.weight".to_string(), t(2, 2)),
+            ("transformer.x.lora_B.weight".to_string(), t(2, 2)),
+            ("transformer.x.lora_magnitude_vector".to_string(), t(1, 2)),
+        ]);
+        assert!(matches!(parse(dora), Err(LoraError::Unsupported(m)) if m.contains("DoRA")));
         let loha = BTreeMap::from([("lora_unet_x.hada_w1_a".to_string(), t(2, 2))]);
         assert!(matches!(parse(loha), Err(LoraError::Unsupported(m)) if m.contains("LoHa")));
         let unknown = BTreeMap::from([("model.weight".to_string(), t(2, 2))]);

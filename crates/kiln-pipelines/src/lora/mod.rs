@@ -15,7 +15,7 @@ use kiln_engine::Source;
 use kiln_engine::lora::{AdapterSet, LowRank};
 use kiln_models::flux::{FluxConfig, bfl_adapter};
 
-pub use formats::{LoraFile, LoraFormat, LoraModule, Naming, parse};
+pub use formats::{LoraFile, LoraFormat, LoraModule, Naming, parse, parse_with_metadata};
 
 /// Largest LoRA file read (bytes).
 pub const MAX_LORA_BYTES: u64 = 2 << 30;
@@ -77,7 +77,35 @@ pub fn read(path: &Path) -> Result<LoraFile, LoraError> {
     }
     let tensors = kiln_engine::weights::load_all(path, &Device::Cpu)
         .map_err(|e| unreadable(format!("not a valid safetensors file ({e})")))?;
-    parse(tensors.into_iter().collect::<BTreeMap<_, _>>())
+    let metadata = adapter_metadata(path).map_err(unreadable)?;
+    parse_with_metadata(
+        tensors.into_iter().collect::<BTreeMap<_, _>>(),
+        metadata.as_ref(),
+    )
+}
+
+/// diffusers' `lora_adapter_metadata` from a safetensors header (a JSON string
+/// under `__metadata__`), decoded; `None` when absent.
+fn adapter_metadata(path: &Path) -> Result<Option<serde_json::Value>, String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(|e| e.to_string())?;
+    let length = u64::from_le_bytes(length);
+    // The tensors were already read, so the header is sound; bound it anyway.
+    if length > 100 << 20 {
+        return Err(format!("a {length}-byte safetensors header is too large"));
+    }
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| format!("bad safetensors header: {e}"))?;
+    let Some(raw) = header["__metadata__"]["lora_adapter_metadata"].as_str() else {
+        return Ok(None);
+    };
+    serde_json::from_str(raw)
+        .map(Some)
+        .map_err(|e| format!("lora_adapter_metadata is not JSON: {e}"))
 }
 
 /// What applying a set of LoRAs did, for logs and response metadata.
@@ -138,15 +166,30 @@ fn select_rows(up: &Tensor, source: &Source) -> candle_core::Result<Option<Tenso
     }
 }
 
-/// Adapters for a FLUX transformer (its linear layers' names from
-/// `FluxTransformer::linear_names`, and its config) from LoRA files with user scales.
+/// The layers of a FLUX model LoRAs may target.
+#[derive(Debug, Clone, Default)]
+pub struct FluxLoraTargets {
+    /// The transformer's linear layers (`FluxTransformer::linear_names`).
+    pub transformer: Vec<String>,
+    /// The CLIP text encoder's (`ClipTextModel::linear_names`).
+    pub text_encoder: Vec<String>,
+}
+
+/// Adapters for a FLUX model (its LoRA targets and transformer config) from
+/// LoRA files with user scales.
 pub fn flux_adapters(
     loras: &[(&LoraFile, f64)],
-    linear_names: &[String],
+    targets: &FluxLoraTargets,
     config: &FluxConfig,
     dtype: DType,
 ) -> Result<(AdapterSet, LoraReport), LoraError> {
+    let linear_names = &targets.transformer;
     let layers: HashSet<&String> = linear_names.iter().collect();
+    let text_encoder: HashMap<String, &String> = targets
+        .text_encoder
+        .iter()
+        .map(|name| (formats::text_encoder_key(name), name))
+        .collect();
     let bfl = bfl_targets(linear_names, config);
     let mut set = AdapterSet::default();
     let mut report = LoraReport::default();
@@ -162,6 +205,10 @@ pub fn flux_adapters(
                 Naming::Diffusers if layers.contains(&module.name) => {
                     vec![(module.name.clone(), module.up.clone())]
                 }
+                Naming::TextEncoder => text_encoder
+                    .get(&formats::text_encoder_key(&module.name))
+                    .map(|layer| vec![((*layer).clone(), module.up.clone())])
+                    .unwrap_or_default(),
                 Naming::Bfl => match bfl.get(&module.name) {
                     Some(targets) => {
                         let mut out = Vec::new();

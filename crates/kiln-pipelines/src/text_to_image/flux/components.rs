@@ -79,6 +79,23 @@ fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
 }
 
 impl FluxComponents {
+    /// The layers LoRAs may target: the transformer's and CLIP's linears.
+    pub fn lora_targets(&mut self) -> crate::lora::FluxLoraTargets {
+        crate::lora::FluxLoraTargets {
+            transformer: self.transformer.linear_names().unwrap_or_default(),
+            text_encoder: self.text.clip.linear_names(),
+        }
+    }
+
+    /// Call `f` on every layer LoRAs may target (fused LoRAs merge here).
+    pub fn for_each_lora_linear(
+        &mut self,
+        f: &mut dyn FnMut(&mut kiln_engine::nn::Linear) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        self.transformer.for_each_linear(f)?;
+        self.text.clip.for_each_linear(f)
+    }
+
     /// Borrow the parts the sampling loop needs.
     pub fn models(&self) -> FluxModels<'_> {
         FluxModels {

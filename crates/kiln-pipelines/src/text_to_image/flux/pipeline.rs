@@ -286,8 +286,8 @@ pub struct FluxPipeline {
     /// The transformer's config and dtype, for building LoRA adapters without
     /// taking the components' lock.
     transformer_config: kiln_models::flux::FluxConfig,
-    /// The transformer's linear layers by name (what LoRAs target).
-    lora_layers: Vec<String>,
+    /// The linear layers LoRAs may target, by name.
+    lora_targets: lora::FluxLoraTargets,
     /// Where LoRA sources may come from (read from the environment at load).
     lora_settings: lora::sources::LoraSettings,
     dtype: candle_core::DType,
@@ -334,7 +334,7 @@ impl FluxPipeline {
         let schema = input_schema(defaults, &preset_names);
         FluxPipeline {
             transformer_config: components.transformer.config().clone(),
-            lora_layers: components.transformer.linear_names().unwrap_or_default(),
+            lora_targets: components.lora_targets(),
             lora_settings: lora::sources::LoraSettings::from_env(),
             dtype: components.dtype,
             components: Mutex::new(components),
@@ -498,7 +498,7 @@ impl FluxPipeline {
         for ((file, located, scale), (field, source, _)) in files.iter().zip(&wanted) {
             let (one, report) = lora::flux_adapters(
                 &[(file.as_ref(), *scale)],
-                &self.lora_layers,
+                &self.lora_targets,
                 &self.transformer_config,
                 self.dtype,
             )
