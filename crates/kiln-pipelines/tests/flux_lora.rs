@@ -284,17 +284,7 @@ fn png_pixels(b64: &str) -> Vec<f32> {
 
 #[test]
 fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
-    // The only test in this binary that reads KILN_LORA_DIRS.
-    // SAFETY: set before any thread of this test reads the environment.
-    unsafe { std::env::set_var("KILN_LORA_DIRS", fixtures().join("lora")) };
-    let dir = fixtures().join("tiny-dev");
-    let pipeline = kiln_pipelines::text_to_image::flux::load(&kiln_registry::ResolvedModel {
-        name: None,
-        version: None,
-        manifest: kiln_pipelines::text_to_image::flux::manifest_for_folder(&dir).unwrap(),
-        dir,
-    })
-    .unwrap();
+    let pipeline = pipeline_with(local_lora_settings());
     let setup = setup();
     let call = &setup.index["call"];
     let base = serde_json::json!({
@@ -311,16 +301,16 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
         input
     };
     let listed = predict(
-        &*pipeline,
+        &pipeline,
         with(serde_json::json!({"loras": [{"source": "style_peft.safetensors", "scale": 0.7}]})),
     )
     .unwrap();
     let cog = predict(
-        &*pipeline,
+        &pipeline,
         with(serde_json::json!({"lora_weights": "style_kohya.safetensors", "lora_scale": 0.7})),
     )
     .unwrap();
-    let runpod = predict(&*pipeline, with(serde_json::json!({"lora_path": fixtures().join("lora/style_aitoolkit.safetensors").to_str().unwrap(), "lora_scale": 0.7}))).unwrap();
+    let runpod = predict(&pipeline, with(serde_json::json!({"lora_path": fixtures().join("lora/style_aitoolkit.safetensors").to_str().unwrap(), "lora_scale": 0.7}))).unwrap();
     let reference: Vec<f32> = setup.references["style_0.7"]
         .flatten_all()
         .unwrap()
@@ -343,7 +333,7 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
     assert_eq!(listed["loras"][0]["format"], "diffusers/PEFT");
     assert_eq!(cog["loras"][0]["format"], "kohya");
     assert_eq!(runpod["loras"][0]["format"], "ai-toolkit/BFL");
-    let two = predict(&*pipeline, with(serde_json::json!({"lora_weights": "style_peft.safetensors", "lora_scale": 0.8, "extra_lora": "detail_peft.safetensors", "extra_lora_scale": 1.3}))).unwrap();
+    let two = predict(&pipeline, with(serde_json::json!({"lora_weights": "style_peft.safetensors", "lora_scale": 0.8, "extra_lora": "detail_peft.safetensors", "extra_lora_scale": 1.3}))).unwrap();
     let reference: Vec<f32> = setup.references["style_0.8_detail_1.3"]
         .flatten_all()
         .unwrap()
@@ -359,7 +349,7 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
 
     // Bad sources are errors naming the field.
     let outside = predict(
-        &*pipeline,
+        &pipeline,
         with(serde_json::json!({"lora_weights": "/etc/passwd"})),
     )
     .unwrap_err();
@@ -367,13 +357,13 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
         outside.contains("lora_weights") && outside.contains("KILN_LORA_DIRS"),
         "{outside}"
     );
-    let escape = predict(&*pipeline, with(serde_json::json!({"loras": [{"source": "../tiny-dev/transformer/diffusion_pytorch_model.safetensors"}]}))).unwrap_err();
+    let escape = predict(&pipeline, with(serde_json::json!({"loras": [{"source": "../tiny-dev/transformer/diffusion_pytorch_model.safetensors"}]}))).unwrap_err();
     assert!(
         escape.contains("loras[0]") && escape.contains("outside"),
         "{escape}"
     );
     let url = predict(
-        &*pipeline,
+        &pipeline,
         with(serde_json::json!({"lora_weights": "https://example.com/x.safetensors"})),
     )
     .unwrap_err();
@@ -382,7 +372,7 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
         "{url}"
     );
     let missing = predict(
-        &*pipeline,
+        &pipeline,
         with(serde_json::json!({"loras": [{"scale": 1.0}]})),
     )
     .unwrap_err();
@@ -391,7 +381,7 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
         "{missing}"
     );
     let not_lora = predict(
-        &*pipeline,
+        &pipeline,
         with(serde_json::json!({"lora_weights": "references.safetensors"})),
     )
     .unwrap_err();
@@ -401,10 +391,10 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
     );
 }
 
-#[test]
-fn url_loras_apply_like_local_ones_and_bad_ones_fail_alone() {
-    let server = common::server();
-    let cache = tempfile::tempdir().unwrap();
+/// The tiny-dev pipeline, reading LoRAs as `settings` say.
+fn pipeline_with(
+    settings: kiln_pipelines::lora::sources::LoraSettings,
+) -> kiln_pipelines::text_to_image::flux::FluxPipeline {
     let dir = fixtures().join("tiny-dev");
     let manifest = kiln_pipelines::text_to_image::flux::manifest_for_folder(&dir).unwrap();
     let components = FluxComponents::load(&dir, &Device::Cpu, DType::F32).unwrap();
@@ -413,16 +403,54 @@ fn url_loras_apply_like_local_ones_and_bad_ones_fail_alone() {
         &manifest,
         "tiny".into(),
     );
-    pipeline.set_lora_settings(server.settings(cache.path()));
-    let setup = setup();
+    pipeline.set_lora_settings(settings);
+    pipeline
+}
+
+/// Settings reading LoRA files from the fixture folder (no environment: tests
+/// run in parallel threads).
+fn local_lora_settings() -> kiln_pipelines::lora::sources::LoraSettings {
+    let mut settings = common::server().settings(&std::env::temp_dir().join("kiln-lora-tests"));
+    settings.dirs = vec![fixtures().join("lora")];
+    settings
+}
+
+/// The fixture's call as request fields, plus `extra`.
+fn call_input(setup: &Setup, extra: Value) -> Value {
     let call = &setup.index["call"];
+    let mut input = serde_json::json!({
+        "prompt": call["prompt"], "width": call["width"], "height": call["height"],
+        "num_inference_steps": call["num_inference_steps"], "guidance_scale": call["guidance_scale"],
+        "max_sequence_length": call["max_sequence_length"], "seed": setup.index["seed"],
+    });
+    input
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    input
+}
+
+/// Largest pixel difference between a response's first image and a reference.
+fn worst_pixel(output: &Value, reference: &Tensor) -> f32 {
+    let reference: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
+    png_pixels(output["images"][0]["base64"].as_str().unwrap())
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn url_loras_apply_like_local_ones_and_bad_ones_fail_alone() {
+    let server = common::server();
+    let cache = tempfile::tempdir().unwrap();
+    let pipeline = pipeline_with(server.settings(cache.path()));
+    let setup = setup();
     let input = |lora: String| {
-        serde_json::json!({
-            "prompt": call["prompt"], "width": call["width"], "height": call["height"],
-            "num_inference_steps": call["num_inference_steps"], "guidance_scale": call["guidance_scale"],
-            "max_sequence_length": call["max_sequence_length"], "seed": setup.index["seed"],
-            "lora_weights": lora, "lora_scale": 0.7,
-        })
+        call_input(
+            &setup,
+            serde_json::json!({"lora_weights": lora, "lora_scale": 0.7}),
+        )
     };
     let refused = predict(&pipeline, input(server.url("/redirect/loopback"))).unwrap_err();
     assert!(refused.contains("internal address"), "{refused}");
@@ -431,21 +459,57 @@ fn url_loras_apply_like_local_ones_and_bad_ones_fail_alone() {
         input(server.url("/files/style.safetensors?case=pipeline")),
     )
     .unwrap();
-    let reference: Vec<f32> = setup.references["style_0.7"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let pixels = png_pixels(output["images"][0]["base64"].as_str().unwrap());
-    let worst = pixels
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_pixel(&output, &setup.references["style_0.7"]);
     assert!(worst <= 1.5 / 255.0, "worst pixel error {worst}");
     let report = &output["loras"][0];
     assert_eq!(report["format"], "diffusers/PEFT");
     assert_eq!(report["sha256"].as_str().map(str::len), Some(64));
+}
+
+#[test]
+fn fused_mode_requests_match_diffusers_and_other_requests_see_exact_base_weights() {
+    let pipeline = pipeline_with(local_lora_settings());
+    let setup = setup();
+    // 8-bit PNG: rounding adds up to half a level to the 1/255 parity bound.
+    let bound = 1.5 / 255.0;
+    let base_before = predict(&pipeline, call_input(&setup, serde_json::json!({}))).unwrap();
+    let style = serde_json::json!({"lora_weights": "style_peft.safetensors", "lora_scale": 0.7, "lora_mode": "fused"});
+    let fused = predict(&pipeline, call_input(&setup, style.clone())).unwrap();
+    assert_eq!(fused["lora_mode"], "fused");
+    assert!(worst_pixel(&fused, &setup.references["style_0.7"]) <= bound);
+    // The same set again stays fused and gives the same image.
+    let again = predict(&pipeline, call_input(&setup, style)).unwrap();
+    assert_eq!(again["images"][0]["base64"], fused["images"][0]["base64"]);
+    // A base request restores the exact original weights first.
+    let base_after = predict(&pipeline, call_input(&setup, serde_json::json!({}))).unwrap();
+    assert_eq!(
+        base_after["images"][0]["base64"],
+        base_before["images"][0]["base64"]
+    );
+    // Another set replaces the fused one; runtime requests are unaffected by it.
+    let two = predict(&pipeline, call_input(&setup, serde_json::json!({
+        "loras": [{"source": "style_peft.safetensors", "scale": 0.8}, {"source": "detail_peft.safetensors", "scale": 1.3}],
+        "lora_mode": "fused",
+    }))).unwrap();
+    assert!(worst_pixel(&two, &setup.references["style_0.8_detail_1.3"]) <= bound);
+    let runtime = predict(
+        &pipeline,
+        call_input(
+            &setup,
+            serde_json::json!({
+                "lora_weights": "te_peft.safetensors", "lora_scale": 0.9,
+            }),
+        ),
+    )
+    .unwrap();
+    assert_eq!(runtime["lora_mode"], "runtime");
+    assert!(worst_pixel(&runtime, &setup.references["te_0.9"]) <= bound);
+    let bad_mode = predict(
+        &pipeline,
+        call_input(&setup, serde_json::json!({"lora_mode": "merged"})),
+    )
+    .unwrap_err();
+    assert!(bad_mode.contains("lora_mode"), "{bad_mode}");
 }
 
 #[test]

@@ -195,6 +195,9 @@ pub struct ModelEntry {
     #[serde(default, deserialize_with = "optional_duration")]
     pub idle_unload: Option<Duration>,
     pub load: Option<LoadPolicy>,
+    /// Keys that override the model manifest's `config` (e.g. FLUX's
+    /// `lora_mode = "fused"` or `max_pixels`).
+    pub config: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ServeConfig {
@@ -340,6 +343,8 @@ mod tests {
         assert_eq!(config.jobs.result_ttl, Duration::from_secs(600));
         assert_eq!(config.jobs.on_restart, RestartPolicy::Fail);
         assert_eq!(config.models[0].idle_unload, Some(Duration::from_secs(900)));
+        let overrides = config.models[0].config.as_ref().unwrap();
+        assert_eq!(overrides["lora_mode"], "runtime");
         assert_eq!(config.models[0].load, Some(LoadPolicy::Lazy));
         config
             .apply_env(|k| match k {
@@ -357,6 +362,8 @@ mod tests {
         let config = ServeConfig::from_toml(include_str!("../../../examples/kiln.toml")).unwrap();
         assert_eq!(config.models[0].name.as_deref(), Some("flux-schnell"));
         assert_eq!(config.models[0].idle_unload, Some(Duration::from_secs(900)));
+        let overrides = config.models[0].config.as_ref().unwrap();
+        assert_eq!(overrides["lora_mode"], "runtime");
     }
 
     #[test]

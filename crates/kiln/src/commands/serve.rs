@@ -44,7 +44,23 @@ fn default_concurrency(resolved: &ResolvedModel) -> usize {
     }
 }
 
-fn model_spec(config: &ServeConfig, entry: &ModelEntry, resolved: ResolvedModel) -> ModelSpec {
+/// Apply `[[models]] config` keys over the manifest's config.
+fn override_config(
+    config: &mut serde_json::Value,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) {
+    if !config.is_object() {
+        *config = serde_json::Value::Object(Default::default());
+    }
+    if let Some(config) = config.as_object_mut() {
+        config.extend(overrides.clone());
+    }
+}
+
+fn model_spec(config: &ServeConfig, entry: &ModelEntry, mut resolved: ResolvedModel) -> ModelSpec {
+    if let Some(overrides) = &entry.config {
+        override_config(&mut resolved.manifest.config, overrides);
+    }
     let settings = ModelSettings {
         concurrency: entry
             .concurrency
@@ -126,6 +142,7 @@ fn read_config(home: &Path, args: &ServeArgs) -> Result<ServeConfig> {
             execution_timeout: None,
             idle_unload: None,
             load: None,
+            config: None,
         });
     }
     Ok(config)
@@ -163,4 +180,23 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_config_keys_override_the_manifest() {
+        let mut config = serde_json::json!({"variant": "dev", "max_pixels": 100});
+        let overrides = serde_json::json!({"lora_mode": "fused", "max_pixels": 50});
+        override_config(&mut config, overrides.as_object().unwrap());
+        assert_eq!(
+            config,
+            serde_json::json!({"variant": "dev", "max_pixels": 50, "lora_mode": "fused"})
+        );
+        let mut empty = serde_json::Value::Null;
+        override_config(&mut empty, overrides.as_object().unwrap());
+        assert_eq!(empty["lora_mode"], "fused");
+    }
 }

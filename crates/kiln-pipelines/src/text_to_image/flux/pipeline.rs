@@ -233,6 +233,12 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
             "lora_path",
             "A LoRA, as lora_weights (RunPod FLUX.2 handler's name); scaled by lora_scale",
         ),
+        field(
+            "lora_mode",
+            "runtime: LoRAs apply inside each layer for this request only; fused: merged into the weights (faster while the same LoRAs repeat; other requests restore the exact originals first). Default: the model's lora_mode, else runtime",
+            choice(&["runtime", "fused"]),
+            Some(Value::Null),
+        ),
     ]);
     if !presets.is_empty() {
         let names: Vec<&str> = presets.iter().map(String::as_str).collect();
@@ -280,9 +286,56 @@ pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
     Ok(manifest)
 }
 
+/// How a request's LoRAs reach the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMode {
+    /// Applied inside each linear layer for this request only; base weights
+    /// untouched.
+    Runtime,
+    /// Merged into the weights and kept there while requests keep asking for
+    /// the same set; any other request first restores the exact originals.
+    Fused,
+}
+
+impl LoraMode {
+    fn parse(text: &str) -> Option<LoraMode> {
+        match text {
+            "runtime" => Some(LoraMode::Runtime),
+            "fused" => Some(LoraMode::Fused),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            LoraMode::Runtime => "runtime",
+            LoraMode::Fused => "fused",
+        }
+    }
+}
+
+/// The model's weights and which LoRA set is fused into them now.
+struct Loaded {
+    components: FluxComponents,
+    /// The key of the fused set (see [`ResolvedLoras::key`]), if any.
+    fused: Option<String>,
+}
+
+/// A request's LoRAs, read and mapped onto the model's layers.
+struct ResolvedLoras {
+    adapters: Arc<kiln_engine::lora::AdapterSet>,
+    /// Identifies the set: each file's path, size, modification time and scale.
+    key: String,
+    /// What was applied, for the response.
+    report: Value,
+}
+
 /// A loaded FLUX model.
 pub struct FluxPipeline {
-    components: Mutex<FluxComponents>,
+    components: Mutex<Loaded>,
+    /// How LoRAs apply unless a request says otherwise (`lora_mode` in the
+    /// model's config: `runtime` or `fused`).
+    default_lora_mode: LoraMode,
     /// The transformer's config and dtype, for building LoRA adapters without
     /// taking the components' lock.
     transformer_config: kiln_models::flux::FluxConfig,
@@ -337,7 +390,14 @@ impl FluxPipeline {
             lora_targets: components.lora_targets(),
             lora_settings: lora::sources::LoraSettings::from_env(),
             dtype: components.dtype,
-            components: Mutex::new(components),
+            components: Mutex::new(Loaded {
+                components,
+                fused: None,
+            }),
+            default_lora_mode: manifest.config["lora_mode"]
+                .as_str()
+                .and_then(LoraMode::parse)
+                .unwrap_or(LoraMode::Runtime),
             interface: ModelInterface {
                 pipeline: PIPELINE_KIND.into(),
                 inputs: InputSpec::Fields(schema),
@@ -467,13 +527,12 @@ impl FluxPipeline {
     }
 
     /// Resolve the request's LoRAs (`loras`, Cog's `lora_weights`/`extra_lora`,
-    /// RunPod's `lora_path`), read them through the cache, and attach runtime
-    /// adapters to `request`. Returns what was applied, for the response.
-    fn attach_loras(
+    /// RunPod's `lora_path`), read them through the cache and map them onto
+    /// the model's layers. `None` when the request names none.
+    fn resolve_loras(
         &self,
         input: &Map<String, Value>,
-        request: &mut GenerationRequest,
-    ) -> Result<Option<Value>, PipelineError> {
+    ) -> Result<Option<ResolvedLoras>, PipelineError> {
         let wanted = lora_requests(input)?;
         if wanted.is_empty() {
             return Ok(None);
@@ -494,6 +553,7 @@ impl FluxPipeline {
             return Err(PipelineError::InvalidInput(problems));
         }
         let mut reports = Vec::with_capacity(files.len());
+        let mut key = String::new();
         let mut set = kiln_engine::lora::AdapterSet::default();
         for ((file, located, scale), (field, source, _)) in files.iter().zip(&wanted) {
             let (one, report) = lora::flux_adapters(
@@ -507,6 +567,13 @@ impl FluxPipeline {
             })?;
             set.extend(one);
             tracing::info!(%source, format = file.format.name(), matched = report.matched, unmatched = report.unmatched.len(), "LoRA applied");
+            let stamp = std::fs::metadata(&located.path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            key.push_str(&format!("{}|{stamp}|{scale};", located.path.display()));
             let mut entry = json!({
                 "source": source,
                 "scale": scale,
@@ -523,8 +590,54 @@ impl FluxPipeline {
             }
             reports.push(entry);
         }
-        request.adapters = Some(Arc::new(set));
-        Ok(Some(Value::Array(reports)))
+        Ok(Some(ResolvedLoras {
+            adapters: Arc::new(set),
+            key,
+            report: Value::Array(reports),
+        }))
+    }
+
+    /// Make the fused weights hold exactly `wanted` (a set's key and adapters;
+    /// `None` for the base model): restore the originals if another set is
+    /// fused, then merge `wanted` unless it is already there.
+    fn fuse(
+        loaded: &mut Loaded,
+        wanted: Option<(&str, &kiln_engine::lora::AdapterSet)>,
+    ) -> Result<(), PipelineError> {
+        if loaded.fused.as_deref() == wanted.map(|(key, _)| key) {
+            return Ok(());
+        }
+        let failed = |e: candle_core::Error| PipelineError::Execution(format!("fusing LoRAs: {e}"));
+        if loaded.fused.take().is_some() {
+            loaded
+                .components
+                .for_each_lora_linear(&mut |linear| {
+                    linear.unmerge();
+                    Ok(())
+                })
+                .map_err(failed)?;
+        }
+        if let Some((key, adapters)) = wanted {
+            let started = std::time::Instant::now();
+            let merged = loaded
+                .components
+                .for_each_lora_linear(&mut |linear| adapters.merge_into(linear).map(|_| ()));
+            if let Err(e) = merged {
+                // Leave no half-fused weights behind.
+                let _ = loaded.components.for_each_lora_linear(&mut |linear| {
+                    linear.unmerge();
+                    Ok(())
+                });
+                return Err(failed(e));
+            }
+            tracing::info!(
+                layers = adapters.layer_count(),
+                seconds = started.elapsed().as_secs_f64(),
+                "LoRAs fused"
+            );
+            loaded.fused = Some(key.to_string());
+        }
+        Ok(())
     }
 
     /// Use `settings` for LoRA sources instead of the environment's.
@@ -539,12 +652,31 @@ impl FluxPipeline {
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Value, PipelineError> {
         let (mut request, format, quality) = self.prepare(input)?;
-        let lora_report = self.attach_loras(input, &mut request)?;
-        let components = self
+        let mode = match input.get("lora_mode").and_then(Value::as_str) {
+            Some(text) => LoraMode::parse(text).ok_or_else(|| {
+                PipelineError::invalid(
+                    "lora_mode",
+                    ProblemKind::Constraint,
+                    format!("must be \"runtime\" or \"fused\", got {text:?}"),
+                )
+            })?,
+            None => self.default_lora_mode,
+        };
+        let loras = self.resolve_loras(input)?;
+        let mut loaded = self
             .components
             .lock()
             .map_err(|_| PipelineError::Execution("the model is unusable after a panic".into()))?;
-        let models = components.models();
+        match (mode, &loras) {
+            (LoraMode::Fused, Some(loras)) => {
+                Self::fuse(&mut loaded, Some((&loras.key, &loras.adapters)))?;
+            }
+            _ => {
+                Self::fuse(&mut loaded, None)?;
+                request.adapters = loras.as_ref().map(|l| Arc::clone(&l.adapters));
+            }
+        }
+        let models = loaded.components.models();
         let generated = generate(&models, &request, on_step)?;
         let started = std::time::Instant::now();
         let images = to_rgb_images(&generated.images)?;
@@ -572,8 +704,9 @@ impl FluxPipeline {
                 "encode_s": started.elapsed().as_secs_f64(),
             },
         });
-        if let Some(report) = lora_report {
-            output["loras"] = report;
+        if let Some(loras) = loras {
+            output["loras"] = loras.report;
+            output["lora_mode"] = json!(mode.name());
         }
         Ok(output)
     }
