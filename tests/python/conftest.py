@@ -201,8 +201,10 @@ class KilnProcess:
     files in the work directory and shown when start-up fails.
     """
 
-    def __init__(self, binary: Path, workdir: Path, port: int, config_text: str):
+    def __init__(self, binary: Path, workdir: Path, port: int, config_text: str,
+                 env: dict | None = None):
         self.binary = binary
+        self.env = env or {}
         self.workdir = workdir
         self.home = workdir / "home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -240,7 +242,7 @@ class KilnProcess:
             err.flush()
             self.proc = subprocess.Popen(
                 self.command,
-                env=dict(os.environ, KILN_HOME=str(self.home)),
+                env=dict(os.environ, KILN_HOME=str(self.home), **self.env),
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -281,7 +283,8 @@ class KilnProcess:
 def kiln_serve():
     """Factory: `kiln_serve(model_overrides={...}, jobs={...}, name=...)` writes a
     config (by default one flux-schnell model, see flux_model_entry; pass
-    `models=[...]` for other [[models]] lists), starts `kiln serve --config` on a
+    `models=[...]` for other [[models]] lists; `env` adds environment
+    variables), starts `kiln serve --config` on a
     free port with a fresh KILN_HOME, waits for /v2/health/ready and returns the
     KilnProcess. Every server is stopped at the end of the session at the latest
     (tests may stop theirs earlier)."""
@@ -301,6 +304,7 @@ def kiln_serve():
         jobs: dict | None = None,
         api_keys: list[str] | None = None,
         name: str = "serve",
+        env: dict | None = None,
     ) -> KilnProcess:
         if models is None:
             models = [flux_model_entry(**(model_overrides or {}))]
@@ -319,7 +323,7 @@ def kiln_serve():
         }
         jobs_section.update(jobs or {})
         text = serve_config_toml(server, jobs_section, models)
-        process = KilnProcess(binary, workdir, port, text)
+        process = KilnProcess(binary, workdir, port, text, env)
         started.append(process)
         process.start()
         return process

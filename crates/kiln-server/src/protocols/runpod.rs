@@ -71,7 +71,7 @@ fn error_text(error: &JobError) -> String {
 }
 
 /// A FLUX-style output (`images: [{base64, width, height}]`) in the shorts
-/// handler's shape; other outputs unchanged.
+/// handler's shape, with the LoRA report; other outputs unchanged.
 pub fn render_output(job: &Job, output: &Value) -> Value {
     let Some(images) = output.get("images").and_then(Value::as_array) else {
         return output.clone();
@@ -93,8 +93,11 @@ pub fn render_output(job: &Job, output: &Value) -> Value {
     if images.len() > 1 {
         body.insert("images".into(), images.iter().map(image).collect());
     }
-    if let Some(timings) = output.get("timings") {
-        body.insert("timings".into(), timings.clone());
+    // What was applied, so a LoRA that matched nothing is never silent.
+    for key in ["timings", "loras", "lora_mode"] {
+        if let Some(value) = output.get(key) {
+            body.insert(key.into(), value.clone());
+        }
     }
     Value::Object(body)
 }
