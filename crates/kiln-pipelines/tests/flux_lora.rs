@@ -116,6 +116,33 @@ fn one_lora_in_every_naming_matches_diffusers() {
 }
 
 #[test]
+fn loras_apply_the_same_to_a_bfl_single_file_transformer() {
+    let mut setup = setup();
+    let config = setup.components.transformer.config().clone();
+    let files =
+        kiln_engine::WeightFiles::open(&fixtures().join("tiny-dev-bfl/flux1-tiny-dev.safetensors"))
+            .unwrap();
+    let layout = kiln_models::flux::FluxLayout::detect(&files.names()).unwrap();
+    assert!(matches!(layout, kiln_models::flux::FluxLayout::Bfl { .. }));
+    let backend = kiln_engine::AdaptedWeights::new(files, layout.adapter(&config));
+    let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    setup.components.transformer = kiln_models::flux::FluxTransformer::load(vb, config).unwrap();
+    assert_eq!(
+        setup.components.lora_targets().transformer,
+        setup.targets.transformer
+    );
+    for name in ["style_peft", "style_kohya", "style_aitoolkit"] {
+        let lora = file(name);
+        let got = image(&setup, &request(&setup, &[(&lora, 0.7)]));
+        let diff = max_abs_diff(&got, &setup.references["style_0.7"]);
+        assert!(
+            diff <= TOLERANCE,
+            "{name} on the BFL layout: max abs diff {diff}"
+        );
+    }
+}
+
+#[test]
 fn text_encoder_loras_match_diffusers_in_both_namings() {
     let setup = setup();
     let expected = &setup.references["te_0.9"];
