@@ -193,6 +193,23 @@ impl Module for RmsNorm {
     }
 }
 
+/// Sinusoidal timestep embedding, diffusers' `get_timestep_embedding` with
+/// `flip_sin_to_cos=True, downscale_freq_shift=0` (FLUX's and SDXL's):
+/// `[cos, sin]` of `t · exp(−ln(10000)·i/half)`, in float32 as torch computes it.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let device = t.device();
+    let exponents: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln() as f32) * i as f32 / half as f32).exp())
+        .collect();
+    let freqs = Tensor::from_vec(exponents, (1, half), device)?;
+    let args = t
+        .to_dtype(candle_core::DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+}
+
 /// Scaled dot-product attention over `(batch, heads, seq, head_dim)` tensors.
 /// With `chunk`, queries are processed `chunk` at a time so the score matrix never
 /// exceeds `chunk × seq` per head.

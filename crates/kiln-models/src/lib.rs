@@ -5,4 +5,5 @@
 pub mod clip;
 pub mod flux;
 pub mod t5;
+pub mod unet;
 pub mod vae;

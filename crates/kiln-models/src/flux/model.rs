@@ -3,29 +3,13 @@
 //! attention), single-stream blocks (fused attention + MLP), RoPE over 3-axis
 //! position ids, and the adaptive output norm.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{D, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use kiln_engine::nn::{Linear, RmsNorm, attention, layer_norm_plain};
+use kiln_engine::nn::{Linear, RmsNorm, attention, layer_norm_plain, timestep_embedding};
 
 use super::config::FluxConfig;
 
 const NORM_EPS: f64 = 1e-6;
-
-/// Sinusoidal timestep embedding, diffusers' `get_timestep_embedding` with
-/// `flip_sin_to_cos=True, downscale_freq_shift=0`: `[cos, sin]`.
-fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
-    let half = dim / 2;
-    let device = t.device();
-    let exponents: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln() as f32) * i as f32 / half as f32).exp())
-        .collect();
-    let freqs = Tensor::from_vec(exponents, (1, half), device)?;
-    let args = t
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs)?;
-    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
-}
 
 /// `linear_2(silu(linear_1(x)))`.
 struct MlpEmbedder {

@@ -31,24 +31,39 @@ pub fn norm(vb: VarBuilder, groups: usize, channels: usize) -> Result<GroupNorm>
     GroupNorm::load(&vb, groups, channels, NORM_EPS)
 }
 
-/// diffusers' `ResnetBlock2D` without time embedding: norm1 → SiLU → conv1 →
-/// norm2 → SiLU → (dropout) → conv2, plus the input (through a 1×1
-/// `conv_shortcut` when the channel count changes); output scale factor 1.
+/// diffusers' `ResnetBlock2D`: norm1 → SiLU → conv1 → (+ `time_emb_proj` of
+/// SiLU(time embedding), UNets only) → norm2 → SiLU → (dropout) → conv2, plus
+/// the input (through a 1×1 `conv_shortcut` when the channel count changes);
+/// output scale factor 1.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
 }
 
 impl ResnetBlock {
+    /// A VAE block (no time embedding, norms with ε = 1e-6).
     pub fn load(
         vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
         groups: usize,
+    ) -> Result<Self> {
+        Self::load_with_time(vb, in_channels, out_channels, groups, NORM_EPS, None)
+    }
+
+    /// A block with norms of `eps` and, with `time_channels`, a time-embedding projection.
+    pub fn load_with_time(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        groups: usize,
+        eps: f64,
+        time_channels: Option<usize>,
     ) -> Result<Self> {
         let shortcut = if in_channels != out_channels {
             Some(conv(
@@ -62,20 +77,29 @@ impl ResnetBlock {
         } else {
             None
         };
+        let time_emb_proj = time_channels
+            .map(|channels| Linear::load(&vb.pp("time_emb_proj"), channels, out_channels, true))
+            .transpose()?;
         Ok(ResnetBlock {
-            norm1: norm(vb.pp("norm1"), groups, in_channels)?,
+            norm1: GroupNorm::load(&vb.pp("norm1"), groups, in_channels, eps)?,
             conv1: conv(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
-            norm2: norm(vb.pp("norm2"), groups, out_channels)?,
+            time_emb_proj,
+            norm2: GroupNorm::load(&vb.pp("norm2"), groups, out_channels, eps)?,
             conv2: conv(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
             shortcut,
         })
     }
 }
 
-impl Module for ResnetBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl ResnetBlock {
+    /// The block on `x` with the (un-activated) time embedding `time` (B, T).
+    pub fn forward_with_time(&self, x: &Tensor, time: Option<&Tensor>) -> Result<Tensor> {
         let h = self.norm1.forward(x)?.silu()?;
-        let h = self.conv1.forward(&h)?;
+        let mut h = self.conv1.forward(&h)?;
+        if let (Some(projection), Some(time)) = (&self.time_emb_proj, time) {
+            let t = projection.forward(&time.silu()?)?;
+            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
         let h = self.norm2.forward(&h)?.silu()?;
         let h = self.conv2.forward(&h)?;
         let residual = match &self.shortcut {
@@ -83,6 +107,12 @@ impl Module for ResnetBlock {
             None => x.clone(),
         };
         residual + h
+    }
+}
+
+impl Module for ResnetBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_time(x, None)
     }
 }
 
@@ -122,10 +152,18 @@ impl Upsample {
     }
 }
 
+impl Upsample {
+    /// Nearest-neighbour to `(height, width)` (a UNet matching an odd-sized
+    /// skip connection), then the convolution.
+    pub fn forward_to(&self, x: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        self.conv.forward(&x.upsample_nearest2d(height, width)?)
+    }
+}
+
 impl Module for Upsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        self.forward_to(x, 2 * h, 2 * w)
     }
 }
 

@@ -2,7 +2,7 @@
 //! (encode to a latent posterior, decode, sliced and tiled decode) and the
 //! ldm/BFL single-file key layout.
 
-mod blocks;
+pub(crate) mod blocks;
 mod config;
 mod layout;
 mod model;
