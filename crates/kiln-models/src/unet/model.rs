@@ -1,6 +1,6 @@
 //! diffusers' `UNet2DConditionModel` as SDXL uses it: sinusoidal time
 //! embedding through `time_embedding`, SDXL's added conditioning (pooled text
-//! + `add_time_proj` of the six size/crop numbers through `add_embedding`),
+//! and `add_time_proj` of the six size/crop numbers, through `add_embedding`),
 //! down blocks (resnets, optional spatial transformers, stride-2 conv), the
 //! cross-attention mid block, and up blocks consuming the skip connections.
 
