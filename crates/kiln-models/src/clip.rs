@@ -30,6 +30,9 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Width of `text_projection` (CLIPTextModelWithProjection).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
 }
 
 struct ClipLayer {
@@ -99,6 +102,8 @@ pub struct ClipTextOutput {
     pub pooled: Tensor,
     /// Every layer's output before the final norm (index 0 = embeddings).
     pub hidden_states: Vec<Tensor>,
+    /// `pooled` through `text_projection` (models with one).
+    pub text_embeds: Option<Tensor>,
 }
 
 /// The CLIP text transformer.
@@ -108,11 +113,22 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
+    /// CLIPTextModelWithProjection's `text_projection` (no bias), when present.
+    text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
     /// Load from `vb` rooted at the model (a `text_model.` prefix is detected).
     pub fn load(vb: VarBuilder, config: ClipTextConfig) -> Result<Self> {
+        let text_projection = match config.projection_dim {
+            Some(dim) if vb.contains_tensor("text_projection.weight") => Some(Linear::load(
+                &vb.pp("text_projection"),
+                config.hidden_size,
+                dim,
+                false,
+            )?),
+            _ => None,
+        };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -141,6 +157,7 @@ impl ClipTextModel {
             token_embedding,
             position_embedding,
             layers,
+            text_projection,
         })
     }
 
@@ -206,10 +223,17 @@ impl ClipTextModel {
                 last.get(b)?.get(position)
             })
             .collect::<Result<Vec<_>>>()?;
+        let pooled = Tensor::stack(&pooled, 0)?;
+        let text_embeds = self
+            .text_projection
+            .as_ref()
+            .map(|projection| projection.forward(&pooled))
+            .transpose()?;
         Ok(ClipTextOutput {
-            pooled: Tensor::stack(&pooled, 0)?,
+            pooled,
             last_hidden_state: last,
             hidden_states,
+            text_embeds,
         })
     }
 

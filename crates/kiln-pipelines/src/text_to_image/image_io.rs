@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use candle_core::Tensor;
 use image::{DynamicImage, ImageFormat, RgbImage};
 
 use crate::error::{PipelineError, ProblemKind};
@@ -175,4 +176,26 @@ pub fn encode_image(
 /// Base64 of bytes (standard alphabet, padded).
 pub fn to_base64(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)
+}
+
+/// (B, H, W, 3) floats in [0, 1] → RGB images, rounding as diffusers' `numpy_to_pil`.
+pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
+    let run = |e: candle_core::Error| PipelineError::Execution(e.to_string());
+    let (b, h, w, _) = images.dims4().map_err(run)?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let pixels: Vec<f32> = images
+            .get(i)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(run)?;
+        let bytes: Vec<u8> = pixels
+            .iter()
+            .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        let image = RgbImage::from_raw(w as u32, h as u32, bytes)
+            .ok_or_else(|| PipelineError::Execution("image buffer size mismatch".into()))?;
+        out.push(image);
+    }
+    Ok(out)
 }

@@ -2,4 +2,18 @@
 
 pub mod flux;
 pub mod image_io;
+mod loading;
 pub mod schedulers;
+
+/// A seed for requests without one: splitmix64 of the clock, in torch's 32-bit range.
+pub fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // splitmix64 of the clock: a seed in torch's 32-bit range.
+    let mut z = nanos.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) & 0xffff_ffff
+}

@@ -7,16 +7,14 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use kiln_engine::{AdaptedWeights, KeyAdapter, WeightFiles};
+use kiln_engine::KeyAdapter;
 use kiln_models::clip::{ClipTextConfig, ClipTextModel};
 use kiln_models::flux::{FluxConfig, FluxLayout, FluxTransformer};
 use kiln_models::t5::{T5Config, T5Encoder};
 use kiln_models::vae::{AutoencoderKl, VaeConfig, detect_vae_layout};
-use serde::de::DeserializeOwned;
-
 use super::generate::FluxModels;
 use super::prompt::{PromptTokenizer, TextEncoders};
+use crate::text_to_image::loading::{open, read_json, var_builder};
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 
 /// Everything a FLUX generation needs, loaded.
@@ -27,28 +25,6 @@ pub struct FluxComponents {
     pub scheduler: FlowMatchEulerConfig,
     pub device: Device,
     pub dtype: DType,
-}
-
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn var_builder(
-    files: WeightFiles,
-    adapter: KeyAdapter,
-    dtype: DType,
-    device: &Device,
-) -> VarBuilder<'static> {
-    VarBuilder::from_backend(
-        Box::new(AdaptedWeights::new(files, adapter)),
-        dtype,
-        device.clone(),
-    )
-}
-
-fn open(path: &Path) -> Result<WeightFiles, String> {
-    WeightFiles::open(path).map_err(|e| e.to_string())
 }
 
 /// The transformer weights: `transformer/` (diffusers or a BFL file inside), or a

@@ -9,6 +9,6 @@ pub use components::{FluxComponents, is_flux_folder};
 pub use generate::{FluxModels, Generated, GenerationRequest, StepCallback, Timings, generate};
 pub use pipeline::{
     ASPECT_RATIOS, FluxPipeline, PIPELINE_KIND, VariantDefaults, input_schema, load,
-    manifest_for_folder, size_for_aspect_ratio, to_rgb_images,
+    manifest_for_folder, size_for_aspect_ratio,
 };
 pub use prompt::{PromptEmbeddings, PromptTokenizer, TextEncoders};

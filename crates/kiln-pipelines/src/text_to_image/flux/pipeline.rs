@@ -20,8 +20,9 @@ use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::lora;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::text_to_image::image_io::{
-    OutputFormat, allowed_input_dirs, decode_image, encode_image, to_base64,
+    OutputFormat, allowed_input_dirs, decode_image, encode_image, to_base64, to_rgb_images,
 };
+use crate::text_to_image::random_seed;
 
 /// The manifest `pipeline` value for FLUX models.
 pub const PIPELINE_KIND: &str = "text_to_image/flux";
@@ -712,17 +713,6 @@ impl FluxPipeline {
     }
 }
 
-fn random_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    // splitmix64 of the clock: a seed in torch's 32-bit range.
-    let mut z = nanos.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) & 0xffff_ffff
-}
 
 /// An RGB image resized to (width, height) as a (1, 3, H, W) tensor in [-1, 1]
 /// (diffusers' preprocessing: /255, ×2 − 1; Lanczos resize when sizes differ).
@@ -748,28 +738,6 @@ fn image_tensor(image: &RgbImage, width: usize, height: usize) -> Result<Tensor,
         .and_then(|t| t.permute((0, 3, 1, 2)))
         .and_then(|t| t.contiguous())
         .map_err(|e| PipelineError::Execution(e.to_string()))
-}
-
-/// (B, H, W, 3) floats in [0, 1] → RGB images, rounding as diffusers' `numpy_to_pil`.
-pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
-    let run = |e: candle_core::Error| PipelineError::Execution(e.to_string());
-    let (b, h, w, _) = images.dims4().map_err(run)?;
-    let mut out = Vec::with_capacity(b);
-    for i in 0..b {
-        let pixels: Vec<f32> = images
-            .get(i)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .map_err(run)?;
-        let bytes: Vec<u8> = pixels
-            .iter()
-            .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
-            .collect();
-        let image = RgbImage::from_raw(w as u32, h as u32, bytes)
-            .ok_or_else(|| PipelineError::Execution("image buffer size mismatch".into()))?;
-        out.push(image);
-    }
-    Ok(out)
 }
 
 impl Pipeline for FluxPipeline {
