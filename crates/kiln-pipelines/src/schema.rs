@@ -40,6 +40,55 @@ pub enum FieldKind {
 }
 
 impl FieldKind {
+    /// An integer in `[minimum, maximum]`.
+    pub fn integer(minimum: i64, maximum: i64) -> Self {
+        FieldKind::Integer {
+            minimum: Some(minimum),
+            maximum: Some(maximum),
+        }
+    }
+
+    /// A number in `[minimum, maximum]`.
+    pub fn number(minimum: f64, maximum: f64) -> Self {
+        FieldKind::Number {
+            minimum: Some(minimum),
+            maximum: Some(maximum),
+        }
+    }
+
+    /// One of `choices`.
+    pub fn choice(choices: &[&str]) -> Self {
+        FieldKind::Choice {
+            choices: choices.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Text of at most `max_length` characters.
+    pub fn text(max_length: usize) -> Self {
+        FieldKind::String {
+            min_length: None,
+            max_length: Some(max_length),
+        }
+    }
+}
+
+impl FieldSpec {
+    pub fn new(
+        name: &str,
+        description: &str,
+        kind: FieldKind,
+        default: Option<serde_json::Value>,
+    ) -> Self {
+        FieldSpec {
+            name: name.into(),
+            description: description.into(),
+            kind,
+            default,
+        }
+    }
+}
+
+impl FieldKind {
     fn type_name(&self) -> &'static str {
         match self {
             FieldKind::Integer { .. } => "int",

@@ -29,4 +29,3 @@ pub(crate) fn var_builder(
 pub(crate) fn open(path: &Path) -> Result<WeightFiles, String> {
     WeightFiles::open(path).map_err(|e| e.to_string())
 }
-

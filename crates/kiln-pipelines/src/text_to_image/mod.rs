@@ -4,6 +4,7 @@ pub mod flux;
 pub mod image_io;
 mod loading;
 pub mod schedulers;
+pub mod sdxl;
 
 /// A seed for requests without one: splitmix64 of the clock, in torch's 32-bit range.
 pub fn random_seed() -> u64 {

@@ -6,16 +6,16 @@
 
 use std::path::{Path, PathBuf};
 
+use super::generate::FluxModels;
+use super::prompt::{PromptTokenizer, TextEncoders};
+use crate::text_to_image::loading::{open, read_json, var_builder};
+use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 use candle_core::{DType, Device};
 use kiln_engine::KeyAdapter;
 use kiln_models::clip::{ClipTextConfig, ClipTextModel};
 use kiln_models::flux::{FluxConfig, FluxLayout, FluxTransformer};
 use kiln_models::t5::{T5Config, T5Encoder};
 use kiln_models::vae::{AutoencoderKl, VaeConfig, detect_vae_layout};
-use super::generate::FluxModels;
-use super::prompt::{PromptTokenizer, TextEncoders};
-use crate::text_to_image::loading::{open, read_json, var_builder};
-use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 
 /// Everything a FLUX generation needs, loaded.
 pub struct FluxComponents {

@@ -713,7 +713,6 @@ impl FluxPipeline {
     }
 }
 
-
 /// An RGB image resized to (width, height) as a (1, 3, H, W) tensor in [-1, 1]
 /// (diffusers' preprocessing: /255, ×2 − 1; Lanczos resize when sizes differ).
 fn image_tensor(image: &RgbImage, width: usize, height: usize) -> Result<Tensor, PipelineError> {

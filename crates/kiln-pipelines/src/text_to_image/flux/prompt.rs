@@ -34,6 +34,39 @@ impl PromptTokenizer {
         })
     }
 
+    /// A CLIP tokenizer folder: ends with `<|endoftext|>` and pads with the
+    /// `pad_token` of its `tokenizer_config.json` (SDXL's second tokenizer pads
+    /// with "!"), else with `<|endoftext|>`.
+    pub fn load_clip(folder: &Path) -> Result<Self, String> {
+        let path = folder.join("tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let eos = tokenizer
+            .token_to_id("<|endoftext|>")
+            .ok_or_else(|| format!("{}: no <|endoftext|> token", path.display()))?;
+        let config: serde_json::Value =
+            std::fs::read_to_string(folder.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default();
+        let pad_token = match &config["pad_token"] {
+            serde_json::Value::String(token) => Some(token.clone()),
+            serde_json::Value::Object(token) => token
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let pad = pad_token
+            .and_then(|token| tokenizer.token_to_id(&token))
+            .unwrap_or(eos);
+        Ok(PromptTokenizer {
+            tokenizer,
+            pad,
+            eos,
+        })
+    }
+
     /// Token ids of exactly `length`: special tokens added, truncated keeping the
     /// final end token, padded with `pad`.
     pub fn ids(&self, text: &str, length: usize) -> Result<Vec<u32>, PipelineError> {

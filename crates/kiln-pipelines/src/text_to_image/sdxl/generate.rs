@@ -1,0 +1,238 @@
+//! SDXL generation exactly as diffusers' `StableDiffusionXLPipeline` runs it:
+//! both text encoders' penultimate hidden states concatenated, bigG's projected
+//! pooled embedding, zero (or encoded) negative conditioning, the six
+//! size/crop numbers, latents from the torch-compatible generator scaled by the
+//! sampler's initial sigma, classifier-free guidance with optional rescale,
+//! the chosen sampler (its ancestral noise continuing the same generator), and
+//! the VAE decode with the config's scaling factor.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use kiln_engine::TorchGenerator;
+use kiln_models::unet::AddedConditioning;
+
+use super::components::SdxlComponents;
+use crate::error::PipelineError;
+use crate::text_to_image::flux::{StepCallback, Timings};
+use crate::text_to_image::schedulers::SamplerKind;
+
+/// Tokens per prompt (CLIP's context).
+const TOKENS: usize = 77;
+
+/// Everything one generation needs, already validated.
+#[derive(Debug, Clone)]
+pub struct SdxlRequest {
+    pub prompt: String,
+    /// `None`: zero embeddings when the model forces zeros for empty prompts.
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub guidance_rescale: f64,
+    pub sampler: SamplerKind,
+    pub seed: u64,
+    pub num_outputs: usize,
+    /// Layers skipped from the end of both text encoders (diffusers' `clip_skip`).
+    pub clip_skip: usize,
+    /// (height, width) the model is told the image was, and where it was cropped.
+    pub original_size: (usize, usize),
+    pub crop_top_left: (usize, usize),
+    pub target_size: (usize, usize),
+}
+
+/// What a generation produces: images as (B, H, W, 3) floats in [0, 1].
+pub struct SdxlGenerated {
+    pub images: Tensor,
+    pub timings: Timings,
+}
+
+fn run(e: candle_core::Error) -> PipelineError {
+    PipelineError::Execution(e.to_string())
+}
+
+/// (context (1, 77, sum of widths), pooled (1, bigG projection)) of `text`.
+pub fn encode_prompt(
+    components: &SdxlComponents,
+    text: &str,
+    clip_skip: usize,
+) -> Result<(Tensor, Tensor), PipelineError> {
+    let mut states = Vec::with_capacity(2);
+    let mut pooled = None;
+    for (tokenizer, encoder) in [
+        (&components.tokenizer, &components.text_encoder),
+        (&components.tokenizer_2, &components.text_encoder_2),
+    ] {
+        let ids = tokenizer.ids(text, TOKENS)?;
+        let ids = Tensor::from_vec(ids, (1, TOKENS), &components.device).map_err(run)?;
+        let output = encoder.forward(&ids, encoder.eos_token_id()).map_err(run)?;
+        let layers = output.hidden_states.len();
+        let index = layers.checked_sub(2 + clip_skip).ok_or_else(|| {
+            PipelineError::invalid(
+                "clip_skip",
+                crate::error::ProblemKind::Constraint,
+                format!("must be below {}", layers.saturating_sub(1)),
+            )
+        })?;
+        states.push(output.hidden_states[index].clone());
+        pooled = output.text_embeds.or(Some(output.pooled));
+    }
+    let context = Tensor::cat(&states, 2).map_err(run)?;
+    let pooled = pooled.ok_or_else(|| PipelineError::Execution("no text encoder".into()))?;
+    Ok((context, pooled))
+}
+
+/// diffusers' `rescale_noise_cfg`: scale the guided prediction to the text
+/// prediction's standard deviation (unbiased, per image), blended by `amount`.
+fn rescale(guided: &Tensor, text: &Tensor, amount: f64) -> candle_core::Result<Tensor> {
+    let std = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let b = t.dim(0)?;
+        let flat = t.reshape((b, ()))?;
+        let n = flat.dim(1)? as f64;
+        let mean = flat.mean_keepdim(1)?;
+        let var = (flat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(1)? / (n - 1.0))?;
+        var.sqrt()?.reshape((b, 1, 1, 1))
+    };
+    let rescaled = guided.broadcast_mul(&(std(text)? / std(guided)?)?)?;
+    (rescaled * amount)? + (guided * (1.0 - amount))?
+}
+
+pub fn generate(
+    components: &SdxlComponents,
+    request: &SdxlRequest,
+    on_step: StepCallback,
+) -> Result<SdxlGenerated, PipelineError> {
+    let device = &components.device;
+    let dtype = components.dtype;
+    let started = Instant::now();
+    let cfg = request.guidance_scale > 1.0;
+    let (context, pooled) = encode_prompt(components, &request.prompt, request.clip_skip)?;
+    let negative = if !cfg {
+        None
+    } else {
+        match &request.negative_prompt {
+            None if components.force_zeros_for_empty_prompt => Some((
+                context.zeros_like().map_err(run)?,
+                pooled.zeros_like().map_err(run)?,
+            )),
+            text => Some(encode_prompt(
+                components,
+                text.as_deref().unwrap_or(""),
+                request.clip_skip,
+            )?),
+        }
+    };
+    let n = request.num_outputs;
+    let repeat = |t: &Tensor| -> Result<Tensor, PipelineError> {
+        Tensor::cat(&vec![t.clone(); n], 0).map_err(run)
+    };
+    let (oh, ow) = request.original_size;
+    let (ct, cl) = request.crop_top_left;
+    let (th, tw) = request.target_size;
+    let time_ids = Tensor::from_vec(
+        vec![
+            oh as f32, ow as f32, ct as f32, cl as f32, th as f32, tw as f32,
+        ],
+        (1, 6),
+        device,
+    )
+    .map_err(run)?;
+    let (context, pooled, time_ids) = match &negative {
+        Some((negative_context, negative_pooled)) => (
+            Tensor::cat(&[repeat(negative_context)?, repeat(&context)?], 0).map_err(run)?,
+            Tensor::cat(&[repeat(negative_pooled)?, repeat(&pooled)?], 0).map_err(run)?,
+            Tensor::cat(&[repeat(&time_ids)?, repeat(&time_ids)?], 0).map_err(run)?,
+        ),
+        None => (repeat(&context)?, repeat(&pooled)?, repeat(&time_ids)?),
+    };
+    let context = context.to_dtype(dtype).map_err(run)?;
+    let text_encoding_s = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let mut sampler = request
+        .sampler
+        .build(&components.scheduler, request.steps)
+        .map_err(|e| {
+            PipelineError::invalid(
+                "num_inference_steps",
+                crate::error::ProblemKind::Constraint,
+                e.to_string(),
+            )
+        })?;
+    let (lh, lw) = (request.height / 8, request.width / 8);
+    let channels = components.unet.config().in_channels;
+    let mut generator = TorchGenerator::new(request.seed);
+    let mut latents = Tensor::from_vec(
+        generator.randn(n * channels * lh * lw),
+        (n, channels, lh, lw),
+        device,
+    )
+    .and_then(|t| t.affine(sampler.init_noise_sigma(), 0.0))
+    .map_err(run)?;
+    let timesteps = sampler.timesteps().to_vec();
+    let total = timesteps.len();
+    let added = AddedConditioning {
+        text_embeds: &pooled,
+        time_ids: &time_ids,
+    };
+    for (i, &t) in timesteps.iter().enumerate() {
+        let input = if cfg {
+            Tensor::cat(&[&latents, &latents], 0).map_err(run)?
+        } else {
+            latents.clone()
+        };
+        let input = sampler.scale_model_input(&input, i).map_err(run)?;
+        let timestep = Tensor::new(&[t as f32], device).map_err(run)?;
+        let prediction = components
+            .unet
+            .forward(
+                &input.to_dtype(dtype).map_err(run)?,
+                &timestep,
+                &context,
+                Some(&added),
+            )
+            .and_then(|p| p.to_dtype(DType::F32))
+            .map_err(run)?;
+        let prediction = if cfg {
+            let uncond = prediction.narrow(0, 0, n).map_err(run)?;
+            let text = prediction.narrow(0, n, n).map_err(run)?;
+            let guided = (&uncond
+                + ((&text - &uncond).map_err(run)? * request.guidance_scale).map_err(run)?)
+            .map_err(run)?;
+            if request.guidance_rescale > 0.0 {
+                rescale(&guided, &text, request.guidance_rescale).map_err(run)?
+            } else {
+                guided
+            }
+        } else {
+            prediction
+        };
+        latents = sampler
+            .step(&prediction, i, &latents, &mut generator)
+            .map_err(run)?;
+        if !on_step(i + 1, total) {
+            return Err(PipelineError::Stopped);
+        }
+    }
+    let denoising_s = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let scaling = components.vae.config().scaling_factor;
+    let decoded = components
+        .vae
+        .decode(&(latents / scaling).map_err(run)?)
+        .map_err(run)?;
+    let images = ((decoded / 2.0).map_err(run)? + 0.5)
+        .and_then(|t| t.clamp(0f32, 1f32))
+        .and_then(|t| t.permute((0, 2, 3, 1)))
+        .map_err(run)?;
+    Ok(SdxlGenerated {
+        images,
+        timings: Timings {
+            text_encoding_s,
+            denoising_s,
+            vae_s: started.elapsed().as_secs_f64(),
+        },
+    })
+}

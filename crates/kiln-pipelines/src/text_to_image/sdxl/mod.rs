@@ -1,0 +1,8 @@
+//! Stable Diffusion XL: components, the diffusers-exact generation loop with
+//! selectable samplers, and the `text_to_image/sdxl` pipeline.
+
+pub mod components;
+pub mod generate;
+
+pub use components::{SdxlComponents, is_sdxl_folder};
+pub use generate::{SdxlGenerated, SdxlRequest, encode_prompt, generate};
