@@ -12,6 +12,7 @@ use crate::schema::InputSchema;
 use crate::tabular::glm;
 use crate::tensor::Tensor;
 use crate::text_to_image::flux;
+use crate::text_to_image::sdxl;
 
 /// How a model takes its input.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +90,7 @@ type LoadFn = fn(&ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError>;
 const PIPELINES: &[(&str, LoadFn)] = &[
     (glm::PIPELINE_KIND, glm::load),
     (flux::PIPELINE_KIND, flux::load),
+    (sdxl::PIPELINE_KIND, sdxl::load),
 ];
 
 /// Load the pipeline a resolved model's manifest names.
@@ -114,6 +116,9 @@ pub fn describe_model_folder(
 ) -> Result<Option<kiln_registry::Manifest>, String> {
     if flux::is_flux_folder(dir) {
         return flux::manifest_for_folder(dir).map(Some);
+    }
+    if sdxl::is_sdxl_folder(dir) {
+        return sdxl::manifest_for_folder(dir).map(Some);
     }
     Ok(None)
 }

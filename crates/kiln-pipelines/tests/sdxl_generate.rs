@@ -114,3 +114,98 @@ fn images_match_diffusers_for_every_recorded_call() {
         assert!(diff <= 1.0 / 255.0, "{name}: max abs diff {diff}");
     }
 }
+
+fn pipeline() -> kiln_pipelines::text_to_image::sdxl::SdxlPipeline {
+    let manifest = kiln_pipelines::text_to_image::sdxl::manifest_for_folder(&fixture()).unwrap();
+    let components = SdxlComponents::load(&fixture(), &Device::Cpu, DType::F32).unwrap();
+    kiln_pipelines::text_to_image::sdxl::SdxlPipeline::new(components, &manifest, 64, "tiny".into())
+}
+
+fn predict(pipeline: &dyn kiln_pipelines::Pipeline, input: Value) -> Result<Value, String> {
+    use kiln_pipelines::{PredictInput, PredictRequest, Prediction};
+    let Value::Object(fields) = input else {
+        panic!("object")
+    };
+    match pipeline.predict(PredictRequest {
+        input: PredictInput::Fields(fields),
+        params: serde_json::Map::new(),
+    }) {
+        Ok(Prediction::Json(value)) => Ok(value),
+        Ok(Prediction::Tensors(_)) => panic!("SDXL returns JSON"),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn requests_generate_through_the_pipeline_and_bad_ones_name_the_field() {
+    let (_, refs, index) = setup();
+    let pipeline = pipeline();
+    let call = &index["calls"]["karras_dpm_rescale"];
+    let output = predict(
+        &pipeline,
+        serde_json::json!({
+            "prompt": call["prompt"], "negative_prompt": call["negative_prompt"],
+            "num_inference_steps": call["num_inference_steps"], "guidance_scale": call["guidance_scale"],
+            "guidance_rescale": call["guidance_rescale"], "scheduler": "DPMSolverMultistepScheduler",
+            "seed": call["seed"],
+        }),
+    );
+    // "DPMSolverMultistepScheduler" is plain DPM++ 2M; KarrasDPM adds Karras sigmas.
+    assert!(output.is_ok(), "{output:?}");
+    let output = predict(
+        &pipeline,
+        serde_json::json!({
+            "prompt": call["prompt"], "negative_prompt": call["negative_prompt"],
+            "num_inference_steps": call["num_inference_steps"], "guidance_scale": call["guidance_scale"],
+            "guidance_rescale": call["guidance_rescale"], "scheduler": "KarrasDPM",
+            "seed": call["seed"],
+        }),
+    )
+    .unwrap();
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(output["images"][0]["base64"].as_str().unwrap())
+        .unwrap();
+    let pixels: Vec<f32> = image::load_from_memory(&bytes)
+        .unwrap()
+        .to_rgb8()
+        .as_raw()
+        .iter()
+        .map(|v| f32::from(*v) / 255.0)
+        .collect();
+    let reference: Vec<f32> = refs["image.karras_dpm_rescale"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = pixels
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // 8-bit PNG: rounding adds up to half a level to the 1/255 parity bound.
+    assert!(worst <= 1.5 / 255.0, "worst pixel error {worst}");
+
+    let odd = predict(&pipeline, serde_json::json!({"prompt": "x", "width": 65})).unwrap_err();
+    assert!(
+        odd.contains("width: must be a multiple of 8, got 65; nearest valid: 64 or 72"),
+        "{odd}"
+    );
+    let unknown = predict(
+        &pipeline,
+        serde_json::json!({"prompt": "x", "scheduler": "LMS"}),
+    )
+    .unwrap_err();
+    assert!(
+        unknown.contains("scheduler") && unknown.contains("KarrasDPM"),
+        "{unknown}"
+    );
+    let skip = predict(
+        &pipeline,
+        serde_json::json!({"prompt": "x", "clip_skip": 5, "num_inference_steps": 1}),
+    )
+    .unwrap_err();
+    assert!(skip.contains("clip_skip"), "{skip}");
+    let missing = predict(&pipeline, serde_json::json!({"width": 64})).unwrap_err();
+    assert!(missing.contains("prompt"), "{missing}");
+}

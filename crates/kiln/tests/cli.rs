@@ -415,3 +415,68 @@ fn a_registered_flux_folder_generates_a_png() {
         "{err}"
     );
 }
+
+#[test]
+fn a_registered_sdxl_folder_generates_a_png() {
+    let home = tempfile::tempdir().unwrap();
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sdxl/tiny-sdxl");
+    let out = ok(
+        home.path(),
+        &[
+            "models",
+            "register",
+            "test.images.sdxl",
+            "--from",
+            folder.to_str().unwrap(),
+            "--alias",
+            "champion",
+        ],
+    );
+    assert!(
+        out.contains("registered models:/test.images.sdxl/1"),
+        "{out}"
+    );
+    let show = ok(home.path(), &["models", "show", "test.images.sdxl"]);
+    assert!(show.contains("text_to_image/sdxl"), "{show}");
+    let png = home.path().join("cat.png");
+    let result: serde_json::Value = serde_json::from_str(&ok(
+        home.path(),
+        &[
+            "predict",
+            "models:/test.images.sdxl@champion",
+            "-i",
+            "prompt=a photo of a cat",
+            "-i",
+            "negative_prompt=blurry",
+            "-i",
+            "num_inference_steps=3",
+            "-i",
+            "scheduler=KarrasDPM",
+            "-i",
+            "seed=42",
+            "-o",
+            png.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(result["seed"], 42);
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // The default size comes from the UNet's sample size (8 latents → 64 pixels).
+    assert_eq!(result["images"][0]["width"], 64);
+    let err = fails(
+        home.path(),
+        &[
+            "predict",
+            "test.images.sdxl",
+            "-i",
+            "prompt=x",
+            "-i",
+            "scheduler=LMS",
+        ],
+    );
+    assert!(
+        err.contains("scheduler") && err.contains("K_EULER_ANCESTRAL"),
+        "{err}"
+    );
+}

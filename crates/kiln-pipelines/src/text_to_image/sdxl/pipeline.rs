@@ -1,0 +1,428 @@
+//! The `text_to_image/sdxl` pipeline: the request schema (sampler by Cog's or
+//! diffusers' name, CFG and its rescale, size conditioning, clip_skip), model
+//! defaults and presets from the manifest, validation with size suggestions,
+//! and the result (images as base64 with their seed, sampler and timings).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::DType;
+use kiln_registry::{Manifest, ResolvedModel};
+use serde_json::{Map, Value, json};
+
+use super::components::SdxlComponents;
+use super::generate::{SdxlRequest, generate};
+use crate::contract::{
+    InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction, Progress,
+    ProgressFn,
+};
+use crate::error::{FieldProblem, PipelineError, ProblemKind};
+use crate::frame::{ColumnSpec, ColumnType, Signature};
+use crate::schema::{FieldKind, FieldSpec, InputSchema};
+use crate::text_to_image::image_io::{OutputFormat, encode_image, to_base64, to_rgb_images};
+use crate::text_to_image::random_seed;
+use crate::text_to_image::schedulers::SamplerKind;
+
+/// The manifest `pipeline` value for SDXL models.
+pub const PIPELINE_KIND: &str = "text_to_image/sdxl";
+
+/// Largest image, in pixels, unless the manifest says otherwise (about 2 MP).
+pub const DEFAULT_MAX_PIXELS: usize = 2048 * 1024;
+
+/// Per-model defaults (manifest `config`; diffusers' SDXL defaults otherwise).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SdxlDefaults {
+    /// Width and height when not given (the UNet's sample size × 8).
+    pub size: usize,
+    pub steps: i64,
+    pub guidance_scale: f64,
+    pub scheduler: String,
+}
+
+impl SdxlDefaults {
+    fn from_config(config: &Value, size: usize) -> Self {
+        SdxlDefaults {
+            size: config["default_size"].as_u64().map_or(size, |v| v as usize),
+            steps: config["num_inference_steps"].as_i64().unwrap_or(50),
+            guidance_scale: config["guidance_scale"].as_f64().unwrap_or(5.0),
+            scheduler: config["scheduler"]
+                .as_str()
+                .unwrap_or("K_EULER")
+                .to_string(),
+        }
+    }
+}
+
+/// The request schema for one SDXL model.
+pub fn input_schema(defaults: &SdxlDefaults, presets: &[String]) -> InputSchema {
+    let size = |name: &str| {
+        FieldSpec::new(
+            name,
+            "Pixels, a multiple of 8",
+            FieldKind::integer(8, 4096),
+            Some(json!(defaults.size)),
+        )
+    };
+    let optional_int = |name: &str, about: &str| {
+        FieldSpec::new(name, about, FieldKind::integer(0, 16384), Some(Value::Null))
+    };
+    let mut fields = vec![
+        FieldSpec::new("prompt", "What to draw", FieldKind::text(10_000), None),
+        FieldSpec::new(
+            "negative_prompt",
+            "What to avoid; absent means zero conditioning (SDXL's default), \"\" encodes the empty prompt",
+            FieldKind::text(10_000),
+            Some(Value::Null),
+        ),
+        size("width"),
+        size("height"),
+        FieldSpec::new(
+            "num_inference_steps",
+            "Denoising steps",
+            FieldKind::integer(1, 500),
+            Some(json!(defaults.steps)),
+        ),
+        FieldSpec::new(
+            "guidance_scale",
+            "Classifier-free guidance; 1 or less turns it off",
+            FieldKind::number(0.0, 50.0),
+            Some(json!(defaults.guidance_scale)),
+        ),
+        FieldSpec::new(
+            "guidance_rescale",
+            "Rescale guided noise towards the text prediction's spread (0 = off)",
+            FieldKind::number(0.0, 1.0),
+            Some(json!(0.0)),
+        ),
+        FieldSpec::new(
+            "scheduler",
+            "Sampler, by Cog's name or diffusers' class name",
+            FieldKind::choice(&SamplerKind::names()),
+            Some(json!(defaults.scheduler)),
+        ),
+        FieldSpec::new(
+            "seed",
+            "Random seed; random when absent, always reported",
+            FieldKind::integer(0, (1i64 << 53) - 1),
+            Some(Value::Null),
+        ),
+        FieldSpec::new(
+            "num_outputs",
+            "Images to generate",
+            FieldKind::integer(1, 4),
+            Some(json!(1)),
+        ),
+        FieldSpec::new(
+            "clip_skip",
+            "Text-encoder layers to skip from the end",
+            FieldKind::integer(0, 10),
+            Some(json!(0)),
+        ),
+        optional_int(
+            "original_width",
+            "Size conditioning: the original width (default: width)",
+        ),
+        optional_int(
+            "original_height",
+            "Size conditioning: the original height (default: height)",
+        ),
+        optional_int(
+            "target_width",
+            "Size conditioning: the target width (default: width)",
+        ),
+        optional_int(
+            "target_height",
+            "Size conditioning: the target height (default: height)",
+        ),
+        FieldSpec::new(
+            "crop_top",
+            "Size conditioning: crop top",
+            FieldKind::integer(0, 16384),
+            Some(json!(0)),
+        ),
+        FieldSpec::new(
+            "crop_left",
+            "Size conditioning: crop left",
+            FieldKind::integer(0, 16384),
+            Some(json!(0)),
+        ),
+        FieldSpec::new(
+            "output_format",
+            "Image encoding",
+            FieldKind::choice(&["png", "jpeg", "webp"]),
+            Some(json!("png")),
+        ),
+        FieldSpec::new(
+            "output_quality",
+            "JPEG quality",
+            FieldKind::integer(1, 100),
+            Some(json!(90)),
+        ),
+    ];
+    if !presets.is_empty() {
+        let names: Vec<&str> = presets.iter().map(String::as_str).collect();
+        fields.push(FieldSpec::new(
+            "preset",
+            "Named parameter set from the model; explicit fields win",
+            FieldKind::choice(&names),
+            Some(Value::Null),
+        ));
+    }
+    InputSchema { fields }
+}
+
+fn unet_sample_size(dir: &std::path::Path) -> usize {
+    std::fs::read_to_string(dir.join("unet/config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|config| config["sample_size"].as_u64())
+        .map_or(1024, |s| s as usize * 8)
+}
+
+/// A manifest for an SDXL folder being registered: defaults and a `fast` preset.
+pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
+    let size = unet_sample_size(dir);
+    let mut manifest = Manifest::new(PIPELINE_KIND);
+    manifest.description = "Stable Diffusion XL text-to-image".into();
+    manifest.config = json!({"max_pixels": DEFAULT_MAX_PIXELS, "default_size": size});
+    manifest.presets.insert(
+        "fast".into(),
+        json!({"num_inference_steps": 20, "scheduler": "DPMSolverMultistep"}),
+    );
+    let defaults = SdxlDefaults::from_config(&manifest.config, size);
+    manifest.signature = input_schema(&defaults, &["fast".to_string()]).json_schema("Input");
+    Ok(manifest)
+}
+
+/// A loaded SDXL model.
+pub struct SdxlPipeline {
+    components: Mutex<SdxlComponents>,
+    interface: ModelInterface,
+    presets: Map<String, Value>,
+    max_pixels: usize,
+    model_name: String,
+}
+
+/// Load a `text_to_image/sdxl` model from its folder (`KILN_DEVICE`, `KILN_DTYPE`).
+pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
+    let load_error = |message: String| PipelineError::Load {
+        model: model.display_name(),
+        message,
+    };
+    let device =
+        kiln_engine::device::select_device(&std::env::var("KILN_DEVICE").unwrap_or_default())
+            .map_err(|e| load_error(e.to_string()))?;
+    let dtype = match std::env::var("KILN_DTYPE") {
+        Ok(name) => {
+            kiln_engine::device::parse_dtype(&name).map_err(|e| load_error(e.to_string()))?
+        }
+        Err(_) => DType::F32,
+    };
+    let components = SdxlComponents::load(&model.dir, &device, dtype).map_err(load_error)?;
+    Ok(Arc::new(SdxlPipeline::new(
+        components,
+        &model.manifest,
+        unet_sample_size(&model.dir),
+        model.display_name(),
+    )))
+}
+
+fn nearest_multiples_of_8(value: i64) -> String {
+    let low = (value / 8) * 8;
+    if low >= 8 {
+        format!("{low} or {}", low + 8)
+    } else {
+        "8".into()
+    }
+}
+
+impl SdxlPipeline {
+    pub fn new(
+        components: SdxlComponents,
+        manifest: &Manifest,
+        default_size: usize,
+        model_name: String,
+    ) -> Self {
+        let presets: Map<String, Value> = manifest.presets.clone().into_iter().collect();
+        let preset_names: Vec<String> = presets.keys().cloned().collect();
+        let defaults = SdxlDefaults::from_config(&manifest.config, default_size);
+        let schema = input_schema(&defaults, &preset_names);
+        SdxlPipeline {
+            components: Mutex::new(components),
+            interface: ModelInterface {
+                pipeline: PIPELINE_KIND.into(),
+                inputs: InputSpec::Fields(schema),
+                params: InputSchema::default(),
+                outputs: Signature {
+                    inputs: vec![ColumnSpec {
+                        name: "images".into(),
+                        column_type: ColumnType::String,
+                        required: true,
+                    }],
+                    outputs: vec![],
+                },
+            },
+            presets,
+            max_pixels: manifest.config["max_pixels"]
+                .as_u64()
+                .map_or(DEFAULT_MAX_PIXELS, |v| v as usize),
+            model_name,
+        }
+    }
+
+    fn schema(&self) -> &InputSchema {
+        match &self.interface.inputs {
+            InputSpec::Fields(schema) => schema,
+            InputSpec::Columns(_) => unreachable!("SDXL takes fields"),
+        }
+    }
+
+    /// Apply the preset (explicit fields win), validate, and build the request.
+    pub fn prepare(
+        &self,
+        input: &Map<String, Value>,
+    ) -> Result<(SdxlRequest, OutputFormat, u8), PipelineError> {
+        let mut merged = Map::new();
+        if let Some(name) = input.get("preset").and_then(Value::as_str)
+            && let Some(Value::Object(preset)) = self.presets.get(name)
+        {
+            merged.extend(preset.clone());
+        }
+        merged.extend(input.clone());
+        let values = self.schema().validate(&merged)?;
+        let int = |k: &str| values.get(k).and_then(Value::as_i64);
+        let num = |k: &str| values.get(k).and_then(Value::as_f64);
+        let text = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
+        let mut problems = Vec::new();
+        let mut size = |key: &str| -> usize {
+            let value = int(key).unwrap_or(8);
+            if value % 8 != 0 {
+                problems.push(FieldProblem::new(
+                    key,
+                    ProblemKind::Constraint,
+                    format!(
+                        "must be a multiple of 8, got {value}; nearest valid: {}",
+                        nearest_multiples_of_8(value)
+                    ),
+                ));
+            }
+            value as usize
+        };
+        let (width, height) = (size("width"), size("height"));
+        if width * height > self.max_pixels {
+            problems.push(FieldProblem::new(
+                "width",
+                ProblemKind::Constraint,
+                format!(
+                    "{width}x{height} is {} pixels; the limit is {}",
+                    width * height,
+                    self.max_pixels
+                ),
+            ));
+        }
+        let sampler = match SamplerKind::parse(&text("scheduler").unwrap_or_default()) {
+            Ok(kind) => Some(kind),
+            Err(message) => {
+                problems.push(FieldProblem::new(
+                    "scheduler",
+                    ProblemKind::Constraint,
+                    message,
+                ));
+                None
+            }
+        };
+        if !problems.is_empty() {
+            return Err(PipelineError::InvalidInput(problems));
+        }
+        let or = |key: &str, fallback: usize| int(key).map_or(fallback, |v| v as usize);
+        let request = SdxlRequest {
+            prompt: text("prompt").unwrap_or_default(),
+            negative_prompt: text("negative_prompt"),
+            width,
+            height,
+            steps: int("num_inference_steps").unwrap_or(50) as usize,
+            guidance_scale: num("guidance_scale").unwrap_or(5.0),
+            guidance_rescale: num("guidance_rescale").unwrap_or(0.0),
+            sampler: sampler.unwrap_or(SamplerKind::Euler),
+            seed: int("seed").map(|s| s as u64).unwrap_or_else(random_seed),
+            num_outputs: int("num_outputs").unwrap_or(1) as usize,
+            clip_skip: int("clip_skip").unwrap_or(0) as usize,
+            original_size: (or("original_height", height), or("original_width", width)),
+            crop_top_left: (or("crop_top", 0), or("crop_left", 0)),
+            target_size: (or("target_height", height), or("target_width", width)),
+        };
+        let format = OutputFormat::parse(&text("output_format").unwrap_or_default())
+            .unwrap_or(OutputFormat::Png);
+        let quality = int("output_quality").unwrap_or(90) as u8;
+        Ok((request, format, quality))
+    }
+
+    /// Generate with a per-step callback (progress; return false to cancel).
+    pub fn run(
+        &self,
+        input: &Map<String, Value>,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Value, PipelineError> {
+        let (request, format, quality) = self.prepare(input)?;
+        let components = self
+            .components
+            .lock()
+            .map_err(|_| PipelineError::Execution("the model is unusable after a panic".into()))?;
+        let generated = generate(&components, &request, on_step)?;
+        drop(components);
+        let started = std::time::Instant::now();
+        let mut encoded = Vec::new();
+        for image in to_rgb_images(&generated.images)? {
+            let bytes = encode_image(&image, format, quality)?;
+            encoded.push(json!({
+                "base64": to_base64(&bytes),
+                "mime_type": format.mime(),
+                "format": format.name(),
+                "width": image.width(),
+                "height": image.height(),
+            }));
+        }
+        Ok(json!({
+            "model": self.model_name,
+            "images": encoded,
+            "seed": request.seed,
+            "width": request.width,
+            "height": request.height,
+            "scheduler": input.get("scheduler").cloned().unwrap_or(json!(null)),
+            "timings": {
+                "text_encoding_s": generated.timings.text_encoding_s,
+                "denoising_s": generated.timings.denoising_s,
+                "vae_decode_s": generated.timings.vae_s,
+                "encode_s": started.elapsed().as_secs_f64(),
+            },
+        }))
+    }
+}
+
+impl Pipeline for SdxlPipeline {
+    fn interface(&self) -> &ModelInterface {
+        &self.interface
+    }
+
+    fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {
+        let PredictInput::Fields(input) = request.input else {
+            return Err(PipelineError::invalid(
+                "input",
+                ProblemKind::Malformed,
+                "SDXL takes an object of fields (prompt, width, ...), not a table",
+            ));
+        };
+        Ok(Prediction::Json(self.run(&input, &mut |_, _| true)?))
+    }
+
+    fn predict_with_progress(
+        &self,
+        request: PredictRequest,
+        progress: ProgressFn,
+    ) -> Result<Prediction, PipelineError> {
+        let PredictInput::Fields(input) = request.input else {
+            return self.predict(request);
+        };
+        let mut report = |step, total| progress(Progress { step, total });
+        Ok(Prediction::Json(self.run(&input, &mut report)?))
+    }
+}
