@@ -188,6 +188,19 @@ pub enum Source {
     },
     /// Pieces concatenated along dimension 0 (e.g. halves in swapped order).
     Concat(Vec<Source>),
+    /// The transpose of a matrix (OpenCLIP stores `text_projection` as in × out).
+    Transposed(Box<Source>),
+}
+
+impl Source {
+    /// Every stored tensor this source reads.
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            Source::Key(key) | Source::Rows { key, .. } => vec![key.as_str()],
+            Source::Concat(parts) => parts.iter().flat_map(Source::keys).collect(),
+            Source::Transposed(inner) => inner.keys(),
+        }
+    }
 }
 
 /// A rename rule: `pattern` names with `{i}` placeholders for block numbers.
@@ -197,12 +210,14 @@ pub struct KeyRule {
     pub source: Source,
 }
 
-/// A layout's naming as data: rules tried in order; unmatched names pass through
-/// (with an optional prefix added).
+/// A layout's naming as data: rules tried in order, then prefix renames
+/// (`(ours, theirs)`: a name starting with `ours` reads `theirs` + the rest);
+/// other names pass through (with an optional prefix added).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyAdapter {
     pub rules: Vec<KeyRule>,
     pub prefix: String,
+    pub renames: Vec<(String, String)>,
 }
 
 fn match_pattern<'a>(pattern: &str, name: &'a str) -> Option<Vec<&'a str>> {
@@ -249,6 +264,7 @@ fn fill_source(source: &Source, captures: &[&str]) -> Source {
         Source::Concat(parts) => {
             Source::Concat(parts.iter().map(|p| fill_source(p, captures)).collect())
         }
+        Source::Transposed(inner) => Source::Transposed(Box::new(fill_source(inner, captures))),
     }
 }
 
@@ -258,6 +274,11 @@ impl KeyAdapter {
         for rule in &self.rules {
             if let Some(captures) = match_pattern(&rule.pattern, name) {
                 return fill_source(&rule.source, &captures);
+            }
+        }
+        for (ours, theirs) in &self.renames {
+            if let Some(rest) = name.strip_prefix(ours.as_str()) {
+                return Source::Key(format!("{theirs}{rest}"));
             }
         }
         Source::Key(format!("{}{name}", self.prefix))
@@ -317,6 +338,10 @@ impl AdaptedWeights {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&tensors, 0)?)
             }
+            Source::Transposed(inner) => Ok(self
+                .materialise(inner, wanted, dtype, device)?
+                .t()?
+                .contiguous()?),
         }
     }
 
@@ -359,13 +384,9 @@ impl SimpleBackend for AdaptedWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        match self.adapter.source(name) {
-            Source::Key(key) | Source::Rows { key, .. } => self.files.contains(&key),
-            Source::Concat(parts) => parts.iter().all(|p| match p {
-                Source::Key(key) | Source::Rows { key, .. } => self.files.contains(key),
-                Source::Concat(_) => false,
-            }),
-        }
+        let source = self.adapter.source(name);
+        let keys = source.keys();
+        !keys.is_empty() && keys.iter().all(|key| self.files.contains(key))
     }
 }
 
@@ -391,7 +412,12 @@ mod tests {
                 },
             }],
             prefix: "model.".into(),
+            renames: vec![("a.b.".into(), "x.y.z.".into())],
         };
+        assert_eq!(
+            adapter.source("a.b.c.weight"),
+            Source::Key("x.y.z.c.weight".into())
+        );
         assert_eq!(
             adapter.source("blocks.12.attn.to_k.weight"),
             Source::Rows {
@@ -442,8 +468,13 @@ mod tests {
                         },
                     ]),
                 },
+                KeyRule {
+                    pattern: "qkv_t".into(),
+                    source: Source::Transposed(Box::new(Source::Key("qkv".into()))),
+                },
             ],
             prefix: String::new(),
+            renames: Vec::new(),
         };
         let weights = AdaptedWeights::new(WeightFiles::open(&path).unwrap(), adapter);
         let k = weights.fetch("k", DType::F32, &device).unwrap();
@@ -453,6 +484,10 @@ mod tests {
         );
         let swapped = weights.fetch("swapped", DType::F32, &device).unwrap();
         assert_eq!(swapped.to_vec2::<f32>().unwrap()[0], vec![6.0, 7.0]);
+        let transposed = weights.fetch("qkv_t", DType::F32, &device).unwrap();
+        assert_eq!(transposed.dims(), &[2, 6]);
+        assert_eq!(transposed.to_vec2::<f32>().unwrap()[1][0], 1.0);
+        assert!(SimpleBackend::contains_tensor(&weights, "qkv_t"));
         let err = SimpleBackend::get(
             &weights,
             Shape::from((3, 2)),

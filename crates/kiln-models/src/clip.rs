@@ -245,3 +245,64 @@ impl ClipTextModel {
         }
     }
 }
+
+/// Read an OpenCLIP text tower (SDXL single files: `conditioner.embedders.1.model.`)
+/// under transformers' CLIP names: the fused `in_proj` split into q/k/v rows,
+/// `ln_1/ln_2/c_fc/c_proj/ln_final` renamed, `text_projection` transposed.
+pub fn open_clip_adapter(config: &ClipTextConfig, prefix: &str) -> kiln_engine::KeyAdapter {
+    use kiln_engine::{KeyRule, Source};
+    let h = config.hidden_size;
+    let layer = "text_model.encoder.layers.{i}";
+    let block = format!("{prefix}transformer.resblocks.{{i}}");
+    let mut rules = Vec::new();
+    let mut rule = |pattern: String, source: Source| rules.push(KeyRule { pattern, source });
+    for (index, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+        for (part, fused) in [("weight", "in_proj_weight"), ("bias", "in_proj_bias")] {
+            rule(
+                format!("{layer}.self_attn.{name}.{part}"),
+                Source::Rows {
+                    key: format!("{block}.attn.{fused}"),
+                    start: index * h,
+                    len: h,
+                },
+            );
+        }
+    }
+    for (ours, theirs) in [
+        ("self_attn.out_proj", "attn.out_proj"),
+        ("layer_norm1", "ln_1"),
+        ("layer_norm2", "ln_2"),
+        ("mlp.fc1", "mlp.c_fc"),
+        ("mlp.fc2", "mlp.c_proj"),
+    ] {
+        for part in ["weight", "bias"] {
+            rule(
+                format!("{layer}.{ours}.{part}"),
+                Source::Key(format!("{block}.{theirs}.{part}")),
+            );
+        }
+    }
+    rule(
+        "text_model.embeddings.token_embedding.weight".into(),
+        Source::Key(format!("{prefix}token_embedding.weight")),
+    );
+    rule(
+        "text_model.embeddings.position_embedding.weight".into(),
+        Source::Key(format!("{prefix}positional_embedding")),
+    );
+    for part in ["weight", "bias"] {
+        rule(
+            format!("text_model.final_layer_norm.{part}"),
+            Source::Key(format!("{prefix}ln_final.{part}")),
+        );
+    }
+    rule(
+        "text_projection.weight".into(),
+        Source::Transposed(Box::new(Source::Key(format!("{prefix}text_projection")))),
+    );
+    kiln_engine::KeyAdapter {
+        rules,
+        prefix: prefix.to_string(),
+        ..kiln_engine::KeyAdapter::default()
+    }
+}

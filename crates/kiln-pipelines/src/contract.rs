@@ -114,11 +114,12 @@ pub fn known_pipelines() -> Vec<&'static str> {
 pub fn describe_model_folder(
     dir: &std::path::Path,
 ) -> Result<Option<kiln_registry::Manifest>, String> {
-    if flux::is_flux_folder(dir) {
-        return flux::manifest_for_folder(dir).map(Some);
-    }
+    // SDXL first: its single-file folders also hold a root-level .safetensors.
     if sdxl::is_sdxl_folder(dir) {
         return sdxl::manifest_for_folder(dir).map(Some);
+    }
+    if flux::is_flux_folder(dir) {
+        return flux::manifest_for_folder(dir).map(Some);
     }
     Ok(None)
 }

@@ -209,3 +209,81 @@ fn requests_generate_through_the_pipeline_and_bad_ones_name_the_field() {
     let missing = predict(&pipeline, serde_json::json!({"width": 64})).unwrap_err();
     assert!(missing.contains("prompt"), "{missing}");
 }
+
+/// A single-file folder: the converted checkpoint beside the tiny pipeline's
+/// tokenizers and (when `with_configs`) its component configs.
+fn single_file_folder(with_configs: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture().with_file_name("tiny-sdxl-single.safetensors"),
+        dir.path().join("tiny-sdxl-single.safetensors"),
+    )
+    .unwrap();
+    let mut parts = vec!["tokenizer", "tokenizer_2"];
+    if with_configs {
+        parts.extend(["unet", "text_encoder", "text_encoder_2", "vae", "scheduler"]);
+    }
+    for part in parts {
+        std::fs::create_dir_all(dir.path().join(part)).unwrap();
+        for entry in std::fs::read_dir(fixture().join(part)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                std::fs::copy(&path, dir.path().join(part).join(path.file_name().unwrap()))
+                    .unwrap();
+            }
+        }
+    }
+    dir
+}
+
+#[test]
+fn a_single_file_checkpoint_generates_the_same_image() {
+    let (_, refs, index) = setup();
+    let folder = single_file_folder(true);
+    assert!(kiln_pipelines::text_to_image::sdxl::is_sdxl_folder(
+        folder.path()
+    ));
+    let components = SdxlComponents::load(folder.path(), &Device::Cpu, DType::F32).unwrap();
+    let call = &index["calls"]["euler_cfg_negative"];
+    let request = SdxlRequest {
+        prompt: call["prompt"].as_str().unwrap().into(),
+        negative_prompt: call["negative_prompt"].as_str().map(str::to_string),
+        width: 64,
+        height: 64,
+        steps: call["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: call["guidance_scale"].as_f64().unwrap(),
+        guidance_rescale: 0.0,
+        sampler: SamplerKind::Euler,
+        seed: call["seed"].as_u64().unwrap(),
+        num_outputs: 1,
+        clip_skip: 0,
+        original_size: (64, 64),
+        crop_top_left: (0, 0),
+        target_size: (64, 64),
+    };
+    let generated = generate(&components, &request, &mut |_, _| true).unwrap();
+    let diff = parity::compare(&generated.images, &refs["image.euler_cfg_negative"])
+        .unwrap()
+        .max_abs;
+    eprintln!("single file: max abs diff vs diffusers {diff:.2e}");
+    assert!(diff <= 1.0 / 255.0, "max abs diff {diff}");
+
+    // Without configs the SDXL base sizes apply, and the mismatch names a tensor.
+    let bare = single_file_folder(false);
+    let err = SdxlComponents::load(bare.path(), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("tiny-sdxl-single.safetensors") && err.contains("shape"),
+        "{err}"
+    );
+    let folder = single_file_folder(true);
+    std::fs::remove_dir_all(folder.path().join("tokenizer_2")).unwrap();
+    let err = SdxlComponents::load(folder.path(), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("tokenizer_2") && err.contains("single-file"),
+        "{err}"
+    );
+}

@@ -480,3 +480,70 @@ fn a_registered_sdxl_folder_generates_a_png() {
         "{err}"
     );
 }
+
+#[test]
+fn a_registered_single_file_sdxl_checkpoint_generates_a_png() {
+    let home = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sdxl");
+    // As users lay it out: the checkpoint, SDXL's tokenizers, and (tiny model) its configs.
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures.join("tiny-sdxl-single.safetensors"),
+        folder.path().join("illustrious-tiny.safetensors"),
+    )
+    .unwrap();
+    for part in [
+        "tokenizer",
+        "tokenizer_2",
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+        "vae",
+        "scheduler",
+    ] {
+        std::fs::create_dir_all(folder.path().join(part)).unwrap();
+        for entry in std::fs::read_dir(fixtures.join("tiny-sdxl").join(part)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                std::fs::copy(
+                    &path,
+                    folder.path().join(part).join(path.file_name().unwrap()),
+                )
+                .unwrap();
+            }
+        }
+    }
+    let out = ok(
+        home.path(),
+        &[
+            "models",
+            "register",
+            "test.images.illustrious",
+            "--from",
+            folder.path().to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("registered models:/test.images.illustrious/1"),
+        "{out}"
+    );
+    let png = home.path().join("out.png");
+    let result: serde_json::Value = serde_json::from_str(&ok(
+        home.path(),
+        &[
+            "predict",
+            "test.images.illustrious",
+            "-i",
+            "prompt=a cat",
+            "-i",
+            "num_inference_steps=2",
+            "-i",
+            "guidance_scale=6.0",
+            "-o",
+            png.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(result["images"][0]["height"], 64);
+}

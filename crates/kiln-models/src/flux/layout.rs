@@ -231,6 +231,7 @@ pub fn bfl_adapter(config: &FluxConfig, prefix: &str) -> KeyAdapter {
     KeyAdapter {
         rules,
         prefix: prefix.to_string(),
+        ..KeyAdapter::default()
     }
 }
 

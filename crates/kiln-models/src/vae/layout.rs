@@ -61,6 +61,7 @@ impl VaeLayout {
             VaeLayout::Diffusers { prefix } => KeyAdapter {
                 rules: Vec::new(),
                 prefix: prefix.clone(),
+                ..KeyAdapter::default()
             },
             VaeLayout::Bfl { prefix } => bfl_vae_adapter(config, prefix),
         }
@@ -143,5 +144,6 @@ pub fn bfl_vae_adapter(config: &VaeConfig, prefix: &str) -> KeyAdapter {
     KeyAdapter {
         rules,
         prefix: prefix.to_string(),
+        ..KeyAdapter::default()
     }
 }

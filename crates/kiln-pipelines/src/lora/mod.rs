@@ -124,13 +124,7 @@ fn bfl_targets(layers: &[String], config: &FluxConfig) -> HashMap<String, Vec<(S
     let mut targets: HashMap<String, Vec<(String, Source)>> = HashMap::new();
     for layer in layers {
         let source = adapter.source(&format!("{layer}.weight"));
-        let key = match &source {
-            Source::Key(key) | Source::Rows { key, .. } => Some(key.clone()),
-            Source::Concat(pieces) => pieces.iter().find_map(|p| match p {
-                Source::Key(key) | Source::Rows { key, .. } => Some(key.clone()),
-                Source::Concat(_) => None,
-            }),
-        };
+        let key = source.keys().first().map(|key| key.to_string());
         if let Some(module) = key.as_deref().and_then(|k| k.strip_suffix(".weight")) {
             targets
                 .entry(module.to_string())
@@ -163,6 +157,7 @@ fn select_rows(up: &Tensor, source: &Source) -> candle_core::Result<Option<Tenso
             }
             Tensor::cat(&parts, 0).map(Some)
         }
+        Source::Transposed(_) => Ok(None),
     }
 }
 

@@ -1,16 +1,22 @@
-//! Loading an SDXL model folder in the diffusers layout (`model_index.json`,
+//! Loading an SDXL model folder: the diffusers layout (`model_index.json`,
 //! `unet/`, `text_encoder/` (CLIP-L), `text_encoder_2/` (OpenCLIP-bigG with
-//! projection), `vae/`, `tokenizer/`, `tokenizer_2/`, `scheduler/`). Every
-//! failure names the file.
+//! projection), `vae/`, `tokenizer/`, `tokenizer_2/`, `scheduler/`), or a
+//! single-file checkpoint as CivitAI and Illustrious ship it (one
+//! `.safetensors` with `model.diffusion_model.*`, `conditioner.embedders.*`,
+//! `first_stage_model.*`) beside `tokenizer/` and `tokenizer_2/`, with SDXL
+//! base's configs unless the folder has its own. A checkpoint holding a
+//! `v_pred` tensor (the community marker) is v-prediction. Every failure names
+//! the file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use kiln_engine::KeyAdapter;
-use kiln_models::clip::{ClipTextConfig, ClipTextModel};
-use kiln_models::unet::{UNet2DConditionModel, UNetConfig};
+use kiln_engine::{KeyAdapter, WeightFiles};
+use kiln_models::clip::{ClipTextConfig, ClipTextModel, open_clip_adapter};
+use kiln_models::unet::{UNet2DConditionModel, UNetConfig, ldm_unet_adapter, ldm_unet_prefix};
 use kiln_models::vae::{AutoencoderKl, VaeConfig, detect_vae_layout};
 
+use super::defaults;
 use crate::text_to_image::flux::PromptTokenizer;
 use crate::text_to_image::loading::{open, read_json, var_builder};
 use crate::text_to_image::schedulers::DiscreteConfig;
@@ -30,55 +36,182 @@ pub struct SdxlComponents {
     pub dtype: DType,
 }
 
-/// Whether `dir` holds a diffusers SDXL pipeline.
+/// The OpenCLIP tensor that marks an SDXL single file, and its prefix there.
+const OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+const CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
+
+/// The checkpoint of a single-file folder: the largest `.safetensors` at its root.
+fn single_file(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+}
+
+/// Whether `dir/unet` holds weights (the diffusers layout; a single-file folder
+/// may still have `unet/config.json`).
+fn has_unet_weights(dir: &Path) -> bool {
+    WeightFiles::open(&dir.join("unet")).is_ok()
+}
+
+/// Whether `dir` holds an SDXL model: a diffusers pipeline or a single file.
 pub fn is_sdxl_folder(dir: &Path) -> bool {
     let index: serde_json::Value = std::fs::read_to_string(dir.join("model_index.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
-    index["_class_name"]
+    if index["_class_name"]
         .as_str()
         .is_some_and(|name| name.starts_with("StableDiffusionXL"))
-        || (dir.join("unet/config.json").is_file() && dir.join("text_encoder_2").is_dir())
+        || (has_unet_weights(dir) && dir.join("text_encoder_2").is_dir())
+    {
+        return true;
+    }
+    !has_unet_weights(dir)
+        && single_file(dir)
+            .and_then(|file| WeightFiles::open(&file).ok())
+            .is_some_and(|files| files.contains(&format!("{OPEN_CLIP_PREFIX}positional_embedding")))
 }
 
-fn clip(dir: &Path, dtype: DType, device: &Device) -> Result<ClipTextModel, String> {
-    let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
-    ClipTextModel::load(
-        var_builder(open(dir)?, KeyAdapter::default(), dtype, device),
-        config,
-    )
-    .map_err(|e| format!("{}: {e}", dir.display()))
+/// `dir/relative` parsed, or `fallback` (SDXL base's) when the file is absent.
+fn config_or<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    relative: &str,
+    fallback: &str,
+) -> Result<T, String> {
+    let path = dir.join(relative);
+    if path.is_file() {
+        read_json(&path)
+    } else {
+        serde_json::from_str(fallback).map_err(|e| format!("built-in {relative}: {e}"))
+    }
+}
+
+fn clip(
+    files: WeightFiles,
+    adapter: KeyAdapter,
+    config: ClipTextConfig,
+    what: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<ClipTextModel, String> {
+    ClipTextModel::load(var_builder(files, adapter, dtype, device), config)
+        .map_err(|e| format!("{}: {e}", what.display()))
+}
+
+fn tokenizer(dir: &Path, name: &str) -> Result<PromptTokenizer, String> {
+    let folder = dir.join(name);
+    if !folder.join("tokenizer.json").is_file() {
+        return Err(format!(
+            "{}: missing; single-file checkpoints carry no tokenizer, so put SDXL's {name}/ folder (with tokenizer.json, from stabilityai/stable-diffusion-xl-base-1.0) beside the checkpoint",
+            folder.display()
+        ));
+    }
+    PromptTokenizer::load_clip(&folder)
 }
 
 impl SdxlComponents {
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, String> {
         let index: serde_json::Value = read_json(&dir.join("model_index.json")).unwrap_or_default();
-        let unet_dir = dir.join("unet");
-        let unet_config = UNetConfig::from_file(&unet_dir.join("config.json"))?;
-        let unet = UNet2DConditionModel::load(
-            var_builder(open(&unet_dir)?, KeyAdapter::default(), dtype, device),
-            unet_config,
-        )
-        .map_err(|e| format!("{}: {e}", unet_dir.display()))?;
-        let vae_dir = dir.join("vae");
-        let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
-        let files = open(&vae_dir)?;
-        let adapter = detect_vae_layout(&files.names()).adapter(&vae_config);
-        // The VAE runs in f32: SDXL's overflows in f16 (`force_upcast`).
-        let vae = AutoencoderKl::load(var_builder(files, adapter, DType::F32, device), vae_config)
-            .map_err(|e| format!("{}: {e}", vae_dir.display()))?;
-        let scheduler_path = dir.join("scheduler/scheduler_config.json");
-        let scheduler = if scheduler_path.is_file() {
-            read_json(&scheduler_path)?
+        let unet_config: UNetConfig = config_or(dir, "unet/config.json", defaults::UNET)?;
+        unet_config
+            .validate()
+            .map_err(|e| format!("{}: {e}", dir.join("unet/config.json").display()))?;
+        let clip_config: ClipTextConfig =
+            config_or(dir, "text_encoder/config.json", defaults::TEXT_ENCODER)?;
+        let clip2_config: ClipTextConfig =
+            config_or(dir, "text_encoder_2/config.json", defaults::TEXT_ENCODER_2)?;
+        let vae_config: VaeConfig = config_or(dir, "vae/config.json", defaults::VAE)?;
+        let mut scheduler: DiscreteConfig =
+            config_or(dir, "scheduler/scheduler_config.json", "{}")?;
+
+        let single = if has_unet_weights(dir) {
+            None
         } else {
-            DiscreteConfig::default()
+            Some(single_file(dir).ok_or_else(|| {
+                format!(
+                    "{}: neither a diffusers SDXL folder (unet/) nor a single-file checkpoint (*.safetensors)",
+                    dir.display()
+                )
+            })?)
         };
+        let (unet, text_encoder, text_encoder_2, vae_files, vae_path) = match &single {
+            None => {
+                let unet_dir = dir.join("unet");
+                let unet = UNet2DConditionModel::load(
+                    var_builder(open(&unet_dir)?, KeyAdapter::default(), dtype, device),
+                    unet_config,
+                )
+                .map_err(|e| format!("{}: {e}", unet_dir.display()))?;
+                let te = dir.join("text_encoder");
+                let te2 = dir.join("text_encoder_2");
+                (
+                    unet,
+                    clip(
+                        open(&te)?,
+                        KeyAdapter::default(),
+                        clip_config,
+                        &te,
+                        dtype,
+                        device,
+                    )?,
+                    clip(
+                        open(&te2)?,
+                        KeyAdapter::default(),
+                        clip2_config,
+                        &te2,
+                        dtype,
+                        device,
+                    )?,
+                    open(&dir.join("vae"))?,
+                    dir.join("vae"),
+                )
+            }
+            Some(file) => {
+                let files = open(file)?;
+                let names = files.names();
+                let prefix = ldm_unet_prefix(&names).ok_or_else(|| {
+                    format!(
+                        "{}: no SDXL UNet (model.diffusion_model.*) in the file",
+                        file.display()
+                    )
+                })?;
+                if files.contains("v_pred") {
+                    scheduler.prediction_type = "v_prediction".into();
+                }
+                let adapter = ldm_unet_adapter(&unet_config, &prefix);
+                let unet = UNet2DConditionModel::load(
+                    var_builder(files, adapter, dtype, device),
+                    unet_config,
+                )
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+                let clip_l = KeyAdapter {
+                    prefix: CLIP_L_PREFIX.into(),
+                    ..KeyAdapter::default()
+                };
+                let open_clip = open_clip_adapter(&clip2_config, OPEN_CLIP_PREFIX);
+                (
+                    unet,
+                    clip(open(file)?, clip_l, clip_config, file, dtype, device)?,
+                    clip(open(file)?, open_clip, clip2_config, file, dtype, device)?,
+                    open(file)?,
+                    file.clone(),
+                )
+            }
+        };
+        let adapter = detect_vae_layout(&vae_files.names()).adapter(&vae_config);
+        // The VAE runs in f32: SDXL's overflows in f16 (`force_upcast`).
+        let vae = AutoencoderKl::load(
+            var_builder(vae_files, adapter, DType::F32, device),
+            vae_config,
+        )
+        .map_err(|e| format!("{}: {e}", vae_path.display()))?;
         Ok(SdxlComponents {
-            tokenizer: PromptTokenizer::load_clip(&dir.join("tokenizer"))?,
-            tokenizer_2: PromptTokenizer::load_clip(&dir.join("tokenizer_2"))?,
-            text_encoder: clip(&dir.join("text_encoder"), dtype, device)?,
-            text_encoder_2: clip(&dir.join("text_encoder_2"), dtype, device)?,
+            tokenizer: tokenizer(dir, "tokenizer")?,
+            tokenizer_2: tokenizer(dir, "tokenizer_2")?,
+            text_encoder,
+            text_encoder_2,
             unet,
             vae,
             scheduler,

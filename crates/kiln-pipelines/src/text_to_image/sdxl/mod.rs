@@ -2,6 +2,7 @@
 //! selectable samplers, and the `text_to_image/sdxl` pipeline.
 
 pub mod components;
+pub mod defaults;
 pub mod generate;
 
 pub use components::{SdxlComponents, is_sdxl_folder};
