@@ -3,7 +3,9 @@
 //! embeddings at cosine distance ≤ 1e-5, and final images within 1/255 (the
 //! 8-bit step; float32) for Euler with CFG and a negative prompt, zeroed
 //! negative conditioning, DPM++ 2M Karras with guidance_rescale, Euler
-//! ancestral on a non-square size, and no CFG.
+//! ancestral on a non-square size, no CFG, image-to-image (Euler, DPM++) and
+//! inpainting (Euler ancestral, whose noise depends on diffusers' exact order
+//! of generator draws, and full strength).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
+use kiln_pipelines::text_to_image::image_io::{image_tensor, mask_tensor};
 use kiln_pipelines::text_to_image::schedulers::SamplerKind;
 use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, SdxlRequest, encode_prompt, generate};
 use serde_json::Value;
@@ -31,6 +34,12 @@ fn setup() -> (SdxlComponents, HashMap<String, Tensor>, Value) {
     )
     .unwrap();
     (components, refs, index)
+}
+
+fn reference_image(file: &str) -> image::RgbImage {
+    image::open(fixture().join("reference").join(file))
+        .unwrap()
+        .to_rgb8()
 }
 
 fn check(name: &str, ours: &Tensor, theirs: &Tensor) {
@@ -86,9 +95,10 @@ fn prompts_encode_like_diffusers() {
 fn images_match_diffusers_for_every_recorded_call() {
     let (components, refs, index) = setup();
     for (name, call) in index["calls"].as_object().unwrap() {
+        // Image-to-image calls take the init image's size (64×64).
         let (height, width) = (
-            call["height"].as_u64().unwrap() as usize,
-            call["width"].as_u64().unwrap() as usize,
+            call["height"].as_u64().unwrap_or(64) as usize,
+            call["width"].as_u64().unwrap_or(64) as usize,
         );
         let request = SdxlRequest {
             prompt: call["prompt"].as_str().unwrap().into(),
@@ -105,6 +115,13 @@ fn images_match_diffusers_for_every_recorded_call() {
             original_size: (height, width),
             crop_top_left: (0, 0),
             target_size: (height, width),
+            init_image: call["image"]
+                .as_str()
+                .map(|file| image_tensor(&reference_image(file), width, height).unwrap()),
+            mask: call["mask"]
+                .as_str()
+                .map(|file| mask_tensor(&reference_image(file)).unwrap()),
+            strength: call["strength"].as_f64().unwrap_or(1.0),
         };
         let generated = generate(&components, &request, &mut |_, _| true).unwrap();
         let diff = parity::compare(&generated.images, &refs[&format!("image.{name}")])
@@ -208,6 +225,55 @@ fn requests_generate_through_the_pipeline_and_bad_ones_name_the_field() {
     assert!(skip.contains("clip_skip"), "{skip}");
     let missing = predict(&pipeline, serde_json::json!({"width": 64})).unwrap_err();
     assert!(missing.contains("prompt"), "{missing}");
+
+    // Image inputs: undecodable, a mask without an image, a mask of another size.
+    let png = |image: &image::RgbImage| {
+        let mut bytes = Vec::new();
+        image
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    };
+    let init = png(&reference_image("init.png"));
+    let small = png(&image::RgbImage::new(32, 32));
+    let broken = predict(
+        &pipeline,
+        serde_json::json!({"prompt": "x", "image": "data:image/png;base64,AAAA"}),
+    )
+    .unwrap_err();
+    assert!(broken.contains("image"), "{broken}");
+    let alone = predict(&pipeline, serde_json::json!({"prompt": "x", "mask": small})).unwrap_err();
+    assert!(
+        alone.contains("mask") && alone.contains("needs the image"),
+        "{alone}"
+    );
+    let mismatch = predict(
+        &pipeline,
+        serde_json::json!({"prompt": "x", "image": init, "mask": small}),
+    )
+    .unwrap_err();
+    assert!(
+        mismatch.contains("mask: is 32x32, the image is 64x64"),
+        "{mismatch}"
+    );
+    // An inpainting request through the pipeline matches diffusers' image.
+    let call = &index["calls"]["inpaint_full"];
+    let output = predict(
+        &pipeline,
+        serde_json::json!({
+            "prompt": call["prompt"], "image": init, "mask": png(&reference_image("mask.png")),
+            "prompt_strength": 1.0, "num_inference_steps": call["num_inference_steps"],
+            "guidance_scale": call["guidance_scale"], "scheduler": "K_EULER", "seed": call["seed"],
+        }),
+    )
+    .unwrap();
+    assert_eq!(output["images"][0]["width"], 64);
 }
 
 /// A single-file folder: the converted checkpoint beside the tiny pipeline's
@@ -260,6 +326,9 @@ fn a_single_file_checkpoint_generates_the_same_image() {
         original_size: (64, 64),
         crop_top_left: (0, 0),
         target_size: (64, 64),
+        init_image: None,
+        mask: None,
+        strength: 1.0,
     };
     let generated = generate(&components, &request, &mut |_, _| true).unwrap();
     let diff = parity::compare(&generated.images, &refs["image.euler_cfg_negative"])

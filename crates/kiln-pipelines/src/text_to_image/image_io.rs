@@ -199,3 +199,49 @@ pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
     }
     Ok(out)
 }
+
+/// An RGB image resized to (width, height) as a (1, 3, H, W) tensor in [-1, 1]
+/// (diffusers' preprocessing: /255, ×2 − 1; Lanczos resize when sizes differ).
+pub fn image_tensor(
+    image: &RgbImage,
+    width: usize,
+    height: usize,
+) -> Result<Tensor, PipelineError> {
+    let resized;
+    let image = if image.width() as usize != width || image.height() as usize != height {
+        resized = image::imageops::resize(
+            image,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
+        &resized
+    } else {
+        image
+    };
+    let data: Vec<f32> = image
+        .as_raw()
+        .iter()
+        .map(|v| f32::from(*v) / 255.0 * 2.0 - 1.0)
+        .collect();
+    Tensor::from_vec(data, (1, height, width, 3), &candle_core::Device::Cpu)
+        .and_then(|t| t.permute((0, 3, 1, 2)))
+        .and_then(|t| t.contiguous())
+        .map_err(|e| PipelineError::Execution(e.to_string()))
+}
+
+/// An inpainting mask as (1, 1, H, W): grayscale as PIL's `convert("L")`,
+/// then 1 where it is at least half white (diffusers' binarised mask).
+pub fn mask_tensor(mask: &RgbImage) -> Result<Tensor, PipelineError> {
+    let (width, height) = (mask.width() as usize, mask.height() as usize);
+    let data: Vec<f32> = mask
+        .pixels()
+        .map(|p| {
+            let [r, g, b] = p.0.map(u32::from);
+            let luma = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+            if luma as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 }
+        })
+        .collect();
+    Tensor::from_vec(data, (1, 1, height, width), &candle_core::Device::Cpu)
+        .map_err(|e| PipelineError::Execution(e.to_string()))
+}

@@ -4,8 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
-use image::RgbImage;
+use candle_core::DType;
 use kiln_registry::{Manifest, ResolvedModel};
 use serde_json::{Map, Value, json};
 
@@ -20,7 +19,8 @@ use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::lora;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::text_to_image::image_io::{
-    OutputFormat, allowed_input_dirs, decode_image, encode_image, to_base64, to_rgb_images,
+    OutputFormat, allowed_input_dirs, decode_image, encode_image, image_tensor, to_base64,
+    to_rgb_images,
 };
 use crate::text_to_image::random_seed;
 
@@ -711,32 +711,6 @@ impl FluxPipeline {
         }
         Ok(output)
     }
-}
-
-/// An RGB image resized to (width, height) as a (1, 3, H, W) tensor in [-1, 1]
-/// (diffusers' preprocessing: /255, ×2 − 1; Lanczos resize when sizes differ).
-fn image_tensor(image: &RgbImage, width: usize, height: usize) -> Result<Tensor, PipelineError> {
-    let resized;
-    let image = if image.width() as usize != width || image.height() as usize != height {
-        resized = image::imageops::resize(
-            image,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        );
-        &resized
-    } else {
-        image
-    };
-    let data: Vec<f32> = image
-        .as_raw()
-        .iter()
-        .map(|v| f32::from(*v) / 255.0 * 2.0 - 1.0)
-        .collect();
-    Tensor::from_vec(data, (1, height, width, 3), &Device::Cpu)
-        .and_then(|t| t.permute((0, 3, 1, 2)))
-        .and_then(|t| t.contiguous())
-        .map_err(|e| PipelineError::Execution(e.to_string()))
 }
 
 impl Pipeline for FluxPipeline {

@@ -6,7 +6,9 @@
 
 use candle_core::{Result, Tensor};
 
-use super::discrete::{DiscreteConfig, NoiseSource, Prediction, Sampler, ScheduleError, combine};
+use super::discrete::{
+    DiscreteConfig, NoiseSource, Prediction, Sampler, ScheduleError, combine, ddpm_add_noise,
+};
 
 /// ᾱ at `t`, or the final value below 0.
 fn alpha_at(alphas: &[f32], final_alpha: f64, t: i64) -> f64 {
@@ -59,6 +61,10 @@ impl Sampler for Ddim {
 
     fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
         Ok(sample.clone())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        ddpm_add_noise(&self.alphas, original, noise, self.timesteps[index])
     }
 
     fn step(
@@ -180,6 +186,10 @@ impl Sampler for Pndm {
 
     fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
         Ok(sample.clone())
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        ddpm_add_noise(&self.alphas, original, noise, self.timesteps[index])
     }
 
     fn step(

@@ -293,6 +293,15 @@ pub trait Sampler: Send {
     fn order(&self) -> usize {
         1
     }
+    /// `original` noised to the level of step `index` (image-to-image and
+    /// inpainting start there): diffusers' `add_noise` for this sampler.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
+}
+
+/// DDPM's forward process at training timestep `t`: √ᾱ·x + √(1−ᾱ)·ε.
+pub fn ddpm_add_noise(alphas: &[f32], original: &Tensor, noise: &Tensor, t: f64) -> Result<Tensor> {
+    let a = f64::from(alphas[(t.max(0.0) as usize).min(alphas.len() - 1)]);
+    combine(original, a.sqrt(), noise, (1.0 - a).sqrt())
 }
 
 /// `a·x + b·y` for tensors of one shape.

@@ -86,6 +86,11 @@ impl Sampler for DpmSolverMultistep {
         Ok(sample.clone())
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
+        combine(original, alpha, noise, sigma)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -98,6 +98,10 @@ impl Sampler for Euler {
         self.schedule.scale(sample, self.schedule.sigmas[index])
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        combine(original, 1.0, noise, self.schedule.sigmas[index])
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -140,6 +144,10 @@ impl Sampler for EulerAncestral {
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         self.schedule.scale(sample, self.schedule.sigmas[index])
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        combine(original, 1.0, noise, self.schedule.sigmas[index])
     }
 
     fn step(
@@ -208,6 +216,10 @@ impl Sampler for Heun {
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         self.schedule.scale(sample, self.call_sigmas[index])
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        combine(original, 1.0, noise, self.call_sigmas[index])
     }
 
     fn step(

@@ -4,7 +4,13 @@
 //! size/crop numbers, latents from the torch-compatible generator scaled by the
 //! sampler's initial sigma, classifier-free guidance with optional rescale,
 //! the chosen sampler (its ancestral noise continuing the same generator), and
-//! the VAE decode with the config's scaling factor.
+//! the VAE decode with the config's scaling factor. Image-to-image
+//! (`StableDiffusionXLImg2ImgPipeline`) encodes the init image, noises it to
+//! the step `strength` starts at and runs the rest; inpainting
+//! (`StableDiffusionXLInpaintPipeline` with a standard 4-channel UNet) also
+//! re-imposes the noised original outside the mask after every step. The
+//! generator's draws come in diffusers' order (latent sample, noise, and for
+//! inpainting the unused masked-image sample) so seeds reproduce.
 
 use std::time::Instant;
 
@@ -40,6 +46,12 @@ pub struct SdxlRequest {
     pub original_size: (usize, usize),
     pub crop_top_left: (usize, usize),
     pub target_size: (usize, usize),
+    /// Image-to-image / inpainting: the init image (1, 3, H, W) in [-1, 1].
+    pub init_image: Option<Tensor>,
+    /// Inpainting: (1, 1, H, W), 1 where the image is repainted.
+    pub mask: Option<Tensor>,
+    /// How much of the schedule an init image goes through (1 = all of it).
+    pub strength: f64,
 }
 
 /// What a generation produces: images as (B, H, W, 3) floats in [0, 1].
@@ -162,21 +174,80 @@ pub fn generate(
         })?;
     let (lh, lw) = (request.height / 8, request.width / 8);
     let channels = components.unet.config().in_channels;
-    let mut generator = TorchGenerator::new(request.seed);
-    let mut latents = Tensor::from_vec(
-        generator.randn(n * channels * lh * lw),
-        (n, channels, lh, lw),
-        device,
-    )
-    .and_then(|t| t.affine(sampler.init_noise_sigma(), 0.0))
-    .map_err(run)?;
     let timesteps = sampler.timesteps().to_vec();
-    let total = timesteps.len();
+    let start = match &request.init_image {
+        // diffusers' get_timesteps: int(steps × strength) steps are run.
+        Some(_) => {
+            let run_steps = ((request.steps as f64 * request.strength) as usize).min(request.steps);
+            (request.steps - run_steps) * sampler.order()
+        }
+        None => 0,
+    };
+    if start >= timesteps.len() {
+        return Err(PipelineError::invalid(
+            "strength",
+            crate::error::ProblemKind::Constraint,
+            format!(
+                "{} × {} steps leaves no step to run; raise strength or num_inference_steps",
+                request.strength, request.steps
+            ),
+        ));
+    }
+    let mut generator = TorchGenerator::new(request.seed);
+    let per_image = channels * lh * lw;
+    let randn = |generator: &mut TorchGenerator, count: usize| -> Result<Tensor, PipelineError> {
+        Tensor::from_vec(
+            generator.randn(count * per_image),
+            (count, channels, lh, lw),
+            device,
+        )
+        .map_err(run)
+    };
+    let mut image_latents = None;
+    let mut latents = match &request.init_image {
+        None => randn(&mut generator, n)?
+            .affine(sampler.init_noise_sigma(), 0.0)
+            .map_err(run)?,
+        Some(image) => {
+            let distribution = components.vae.encode(image).map_err(run)?;
+            let eps = randn(&mut generator, 1)?;
+            let encoded = distribution
+                .sample(&eps)
+                .and_then(|l| l.affine(components.vae.config().scaling_factor, 0.0))
+                .map_err(run)?;
+            let encoded = repeat(&encoded)?;
+            let noise = randn(&mut generator, n)?;
+            if request.mask.is_some() {
+                // diffusers also samples the masked image's latents (unused by a
+                // 4-channel UNet): one more draw from the generator.
+                randn(&mut generator, 1)?;
+            }
+            let latents = if request.mask.is_some() && request.strength >= 1.0 {
+                noise.affine(sampler.init_noise_sigma(), 0.0).map_err(run)?
+            } else {
+                sampler.add_noise(&encoded, &noise, start).map_err(run)?
+            };
+            image_latents = Some((encoded, noise));
+            latents
+        }
+    };
+    // The mask at latent resolution (nearest: every 8th pixel), 1 = repaint.
+    let mask = match &request.mask {
+        Some(mask) => Some(
+            mask.reshape((1, 1, lh, 8, lw, 8))
+                .and_then(|m| m.narrow(3, 0, 1))
+                .and_then(|m| m.narrow(5, 0, 1))
+                .and_then(|m| m.reshape((1, 1, lh, lw)))
+                .map_err(run)?,
+        ),
+        None => None,
+    };
+    let total = timesteps.len() - start;
     let added = AddedConditioning {
         text_embeds: &pooled,
         time_ids: &time_ids,
     };
-    for (i, &t) in timesteps.iter().enumerate() {
+    for (i, &t) in timesteps.iter().enumerate().skip(start) {
         let input = if cfg {
             Tensor::cat(&[&latents, &latents], 0).map_err(run)?
         } else {
@@ -211,7 +282,18 @@ pub fn generate(
         latents = sampler
             .step(&prediction, i, &latents, &mut generator)
             .map_err(run)?;
-        if !on_step(i + 1, total) {
+        if let (Some(mask), Some((original, noise))) = (&mask, &image_latents) {
+            let proper = if i + 1 < timesteps.len() {
+                sampler.add_noise(original, noise, i + 1).map_err(run)?
+            } else {
+                original.clone()
+            };
+            let keep = mask.affine(-1.0, 1.0).map_err(run)?;
+            latents = (proper.broadcast_mul(&keep).map_err(run)?
+                + latents.broadcast_mul(mask).map_err(run)?)
+            .map_err(run)?;
+        }
+        if !on_step(i + 1 - start, total) {
             return Err(PipelineError::Stopped);
         }
     }

@@ -18,7 +18,10 @@ use crate::contract::{
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
 use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
-use crate::text_to_image::image_io::{OutputFormat, encode_image, to_base64, to_rgb_images};
+use crate::text_to_image::image_io::{
+    OutputFormat, allowed_input_dirs, decode_image, encode_image, image_tensor, mask_tensor,
+    to_base64, to_rgb_images,
+};
 use crate::text_to_image::random_seed;
 use crate::text_to_image::schedulers::SamplerKind;
 
@@ -144,6 +147,36 @@ pub fn input_schema(defaults: &SdxlDefaults, presets: &[String]) -> InputSchema 
             "Size conditioning: crop left",
             FieldKind::integer(0, 16384),
             Some(json!(0)),
+        ),
+        FieldSpec::new(
+            "image",
+            "Init image for image-to-image or inpainting: base64, data URL or an allowed file path; sets the size unless width/height are given",
+            FieldKind::String {
+                min_length: Some(1),
+                max_length: None,
+            },
+            Some(Value::Null),
+        ),
+        FieldSpec::new(
+            "mask",
+            "Inpainting mask, the image's size: white is repainted, black kept",
+            FieldKind::String {
+                min_length: Some(1),
+                max_length: None,
+            },
+            Some(Value::Null),
+        ),
+        FieldSpec::new(
+            "strength",
+            "How far an init image is noised: 1 ignores it (default 0.8)",
+            FieldKind::number(0.0, 1.0),
+            Some(Value::Null),
+        ),
+        FieldSpec::new(
+            "prompt_strength",
+            "Cog's name for strength",
+            FieldKind::number(0.0, 1.0),
+            Some(Value::Null),
         ),
         FieldSpec::new(
             "output_format",
@@ -293,8 +326,30 @@ impl SdxlPipeline {
         let num = |k: &str| values.get(k).and_then(Value::as_f64);
         let text = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
         let mut problems = Vec::new();
+        let allowed = allowed_input_dirs();
+        let mut decode = |key: &str| match text(key) {
+            Some(value) => match decode_image(key, &value, &allowed) {
+                Ok(image) => Some(image),
+                Err(PipelineError::InvalidInput(mut found)) => {
+                    problems.append(&mut found);
+                    None
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let init = decode("image");
+        let mask = decode("mask");
+        // An init image sets the size unless the request gives one.
+        let explicit = |key: &str| input.get(key).is_some_and(|v| !v.is_null());
+        let image_size = init.as_ref().map(|i| (i.width() as i64, i.height() as i64));
         let mut size = |key: &str| -> usize {
-            let value = int(key).unwrap_or(8);
+            let from_image = match (key, image_size) {
+                ("width", Some((w, _))) if !explicit(key) => Some(w),
+                ("height", Some((_, h))) if !explicit(key) => Some(h),
+                _ => None,
+            };
+            let value = from_image.or_else(|| int(key)).unwrap_or(8);
             if value % 8 != 0 {
                 problems.push(FieldProblem::new(
                     key,
@@ -319,6 +374,29 @@ impl SdxlPipeline {
                 ),
             ));
         }
+        match (&init, &mask) {
+            (None, Some(_)) => problems.push(FieldProblem::new(
+                "mask",
+                ProblemKind::Constraint,
+                "inpainting needs the image to repaint: give image with mask",
+            )),
+            (Some(image), Some(mask))
+                if (image.width(), image.height()) != (mask.width(), mask.height()) =>
+            {
+                problems.push(FieldProblem::new(
+                    "mask",
+                    ProblemKind::Constraint,
+                    format!(
+                        "is {}x{}, the image is {}x{}; they must be the same size",
+                        mask.width(),
+                        mask.height(),
+                        image.width(),
+                        image.height()
+                    ),
+                ))
+            }
+            _ => {}
+        }
         let sampler = match SamplerKind::parse(&text("scheduler").unwrap_or_default()) {
             Ok(kind) => Some(kind),
             Err(message) => {
@@ -334,6 +412,22 @@ impl SdxlPipeline {
             return Err(PipelineError::InvalidInput(problems));
         }
         let or = |key: &str, fallback: usize| int(key).map_or(fallback, |v| v as usize);
+        let init_image = init
+            .as_ref()
+            .map(|image| image_tensor(image, width, height))
+            .transpose()?;
+        let mask = match mask {
+            Some(mask) => {
+                let resized = image::imageops::resize(
+                    &mask,
+                    width as u32,
+                    height as u32,
+                    image::imageops::FilterType::Nearest,
+                );
+                Some(mask_tensor(&resized)?)
+            }
+            None => None,
+        };
         let request = SdxlRequest {
             prompt: text("prompt").unwrap_or_default(),
             negative_prompt: text("negative_prompt"),
@@ -349,6 +443,11 @@ impl SdxlPipeline {
             original_size: (or("original_height", height), or("original_width", width)),
             crop_top_left: (or("crop_top", 0), or("crop_left", 0)),
             target_size: (or("target_height", height), or("target_width", width)),
+            init_image,
+            mask,
+            strength: num("prompt_strength")
+                .or_else(|| num("strength"))
+                .unwrap_or(0.8),
         };
         let format = OutputFormat::parse(&text("output_format").unwrap_or_default())
             .unwrap_or(OutputFormat::Png);
