@@ -35,7 +35,7 @@ pub struct ClipTextConfig {
     pub projection_dim: Option<usize>,
 }
 
-struct ClipLayer {
+pub(crate) struct ClipLayer {
     layer_norm1: LayerNorm,
     q: Linear,
     k: Linear,
@@ -48,25 +48,48 @@ struct ClipLayer {
     quick_gelu: bool,
 }
 
+/// The sizes one encoder layer is built from (text and vision towers share it).
+pub(crate) struct LayerShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub eps: f64,
+    pub quick_gelu: bool,
+}
+
 impl ClipLayer {
     fn load(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
-        let h = c.hidden_size;
+        Self::load_shape(
+            vb,
+            &LayerShape {
+                hidden: c.hidden_size,
+                intermediate: c.intermediate_size,
+                heads: c.num_attention_heads,
+                eps: c.layer_norm_eps,
+                quick_gelu: c.hidden_act == "quick_gelu",
+            },
+        )
+    }
+
+    pub(crate) fn load_shape(vb: VarBuilder, c: &LayerShape) -> Result<Self> {
+        let h = c.hidden;
         let attn = vb.pp("self_attn");
         Ok(ClipLayer {
-            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), h, c.eps)?,
             q: Linear::load(&attn.pp("q_proj"), h, h, true)?,
             k: Linear::load(&attn.pp("k_proj"), h, h, true)?,
             v: Linear::load(&attn.pp("v_proj"), h, h, true)?,
             out: Linear::load(&attn.pp("out_proj"), h, h, true)?,
-            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), h, c.layer_norm_eps)?,
-            fc1: Linear::load(&vb.pp("mlp.fc1"), h, c.intermediate_size, true)?,
-            fc2: Linear::load(&vb.pp("mlp.fc2"), c.intermediate_size, h, true)?,
-            heads: c.num_attention_heads,
-            quick_gelu: c.hidden_act == "quick_gelu",
+            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), h, c.eps)?,
+            fc1: Linear::load(&vb.pp("mlp.fc1"), h, c.intermediate, true)?,
+            fc2: Linear::load(&vb.pp("mlp.fc2"), c.intermediate, h, true)?,
+            heads: c.heads,
+            quick_gelu: c.quick_gelu,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+    /// One layer; `causal_mask` for text, `None` for images.
+    pub(crate) fn forward(&self, x: &Tensor, causal_mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let head_dim = h / self.heads;
         let normed = self.layer_norm1.forward(x)?;
@@ -78,9 +101,10 @@ impl ClipLayer {
         let q = (split(self.q.forward(&normed)?)? * (1.0 / (head_dim as f64).sqrt()))?;
         let k = split(self.k.forward(&normed)?)?;
         let v = split(self.v.forward(&normed)?)?;
-        let scores = q
-            .matmul(&k.t()?.contiguous()?)?
-            .broadcast_add(causal_mask)?;
+        let mut scores = q.matmul(&k.t()?.contiguous()?)?;
+        if let Some(mask) = causal_mask {
+            scores = scores.broadcast_add(mask)?;
+        }
         let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
         let attn = attn.transpose(1, 2)?.reshape((b, s, h))?;
         let x = (x + self.out.forward(&attn)?)?;
@@ -210,7 +234,7 @@ impl ClipTextModel {
         let mut hidden_states = vec![embeddings.clone()];
         let mut x = embeddings;
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
             hidden_states.push(x.clone());
         }
         let last = self.final_layer_norm.forward(&x)?;

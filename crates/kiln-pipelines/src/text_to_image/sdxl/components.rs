@@ -32,6 +32,8 @@ pub struct SdxlComponents {
     pub scheduler: DiscreteConfig,
     /// An absent negative prompt means zero embeddings (SDXL base), not "".
     pub force_zeros_for_empty_prompt: bool,
+    /// The folder's safety checker (`safety_checker/`), if it has one.
+    pub safety: Option<super::safety::SafetyFilter>,
     pub device: Device,
     pub dtype: DType,
 }
@@ -218,6 +220,7 @@ impl SdxlComponents {
             force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"]
                 .as_bool()
                 .unwrap_or(true),
+            safety: super::safety::SafetyFilter::load(dir, device)?,
             device: device.clone(),
             dtype,
         })

@@ -179,6 +179,12 @@ pub fn input_schema(defaults: &SdxlDefaults, presets: &[String]) -> InputSchema 
             Some(Value::Null),
         ),
         FieldSpec::new(
+            "disable_safety_checker",
+            "Skip the model's safety checker (when it has one)",
+            FieldKind::Boolean,
+            Some(json!(false)),
+        ),
+        FieldSpec::new(
             "output_format",
             "Image encoding",
             FieldKind::choice(&["png", "jpeg", "webp"]),
@@ -467,10 +473,33 @@ impl SdxlPipeline {
             .lock()
             .map_err(|_| PipelineError::Execution("the model is unusable after a panic".into()))?;
         let generated = generate(&components, &request, on_step)?;
+        let mut images = to_rgb_images(&generated.images)?;
+        let started = std::time::Instant::now();
+        let check = input.get("disable_safety_checker").and_then(Value::as_bool) != Some(true);
+        let mut filtered = 0;
+        if let (Some(safety), true) = (&components.safety, check) {
+            let verdicts = safety.check(&images)?;
+            let before = images.len();
+            images = images
+                .into_iter()
+                .zip(&verdicts)
+                .filter(|(_, verdict)| !verdict.nsfw)
+                .map(|(image, _)| image)
+                .collect();
+            filtered = before - images.len();
+            if images.is_empty() {
+                return Err(PipelineError::invalid(
+                    "prompt",
+                    ProblemKind::Constraint,
+                    "the safety checker flagged every generated image (NSFW content detected); try again with another prompt or seed",
+                ));
+            }
+        }
+        let safety_s = started.elapsed().as_secs_f64();
         drop(components);
         let started = std::time::Instant::now();
         let mut encoded = Vec::new();
-        for image in to_rgb_images(&generated.images)? {
+        for image in images {
             let bytes = encode_image(&image, format, quality)?;
             encoded.push(json!({
                 "base64": to_base64(&bytes),
@@ -487,7 +516,9 @@ impl SdxlPipeline {
             "width": request.width,
             "height": request.height,
             "scheduler": input.get("scheduler").cloned().unwrap_or(json!(null)),
+            "nsfw_filtered": filtered,
             "timings": {
+                "safety_s": safety_s,
                 "text_encoding_s": generated.timings.text_encoding_s,
                 "denoising_s": generated.timings.denoising_s,
                 "vae_decode_s": generated.timings.vae_s,
