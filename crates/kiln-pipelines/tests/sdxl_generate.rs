@@ -122,6 +122,7 @@ fn images_match_diffusers_for_every_recorded_call() {
                 .as_str()
                 .map(|file| mask_tensor(&reference_image(file)).unwrap()),
             strength: call["strength"].as_f64().unwrap_or(1.0),
+            vae_tile: None,
         };
         let generated = generate(&components, &request, &mut |_, _| true).unwrap();
         let diff = parity::compare(&generated.images, &refs[&format!("image.{name}")])
@@ -329,6 +330,7 @@ fn a_single_file_checkpoint_generates_the_same_image() {
         init_image: None,
         mask: None,
         strength: 1.0,
+        vae_tile: None,
     };
     let generated = generate(&components, &request, &mut |_, _| true).unwrap();
     let diff = parity::compare(&generated.images, &refs["image.euler_cfg_negative"])

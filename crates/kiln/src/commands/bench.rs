@@ -1,6 +1,8 @@
-//! `kiln bench flux`: time one FLUX transformer forward and whole generations on a
-//! model folder, for `bench/flux_vs_diffusers.py` to compare with diffusers on the
-//! same weights. Prints JSON (median seconds, peak resident memory).
+//! `kiln bench flux` / `kiln bench sdxl`: time one FLUX transformer forward and
+//! whole generations, or one SDXL UNet step (CFG batch) and VAE decode, on a
+//! model folder, for `bench/flux_vs_diffusers.py` and `bench/sdxl_vs_diffusers.py`
+//! to compare with diffusers on the same weights. Prints JSON (median seconds,
+//! peak resident memory).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,6 +17,67 @@ use serde_json::json;
 pub enum BenchCommand {
     /// Transformer forward and full generation timings for a FLUX folder.
     Flux(FluxBenchArgs),
+    /// UNet step and VAE decode timings for an SDXL folder.
+    Sdxl(SdxlBenchArgs),
+}
+
+#[derive(Args)]
+pub struct SdxlBenchArgs {
+    /// An SDXL model folder (diffusers layout or single file).
+    #[arg(long)]
+    model: PathBuf,
+    /// Square image sizes to time, in pixels.
+    #[arg(long, value_delimiter = ',', default_value = "256,512")]
+    sizes: Vec<usize>,
+    /// Timed repetitions (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+/// One UNet step with classifier-free guidance (batch 2) and one VAE decode per size.
+fn bench_sdxl(args: SdxlBenchArgs) -> Result<()> {
+    use kiln_models::unet::AddedConditioning;
+    use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, encode_prompt};
+    let device = Device::Cpu;
+    let components =
+        SdxlComponents::load(&args.model, &device, DType::F32).map_err(anyhow::Error::msg)?;
+    let (context, pooled) =
+        encode_prompt(&components, "a photo of a cat", 0).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let context = Tensor::cat(&[&context, &context], 0)?;
+    let pooled = Tensor::cat(&[&pooled, &pooled], 0)?;
+    let mut results = Vec::new();
+    for &size in &args.sizes {
+        let latent = size / 8;
+        let sample = Tensor::randn(0f32, 1.0, (2, 4, latent, latent), &device)?;
+        let time_ids = Tensor::new(
+            &[[size as f32, size as f32, 0.0, 0.0, size as f32, size as f32]; 2],
+            &device,
+        )?;
+        let timestep = Tensor::new(&[500f32], &device)?;
+        let added = AddedConditioning {
+            text_embeds: &pooled,
+            time_ids: &time_ids,
+        };
+        let unet_s = time(args.runs, || {
+            components
+                .unet
+                .forward(&sample, &timestep, &context, Some(&added))?;
+            Ok(())
+        })
+        .context("UNet step")?;
+        let one = sample.narrow(0, 0, 1)?;
+        let vae_s = time(args.runs, || {
+            components.vae.decode(&one)?;
+            Ok(())
+        })
+        .context("VAE decode")?;
+        results.push(json!({"size": size, "unet_step_s": unet_s, "vae_decode_s": vae_s}));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"results": results, "peak_rss_mib": peak_rss_mib()}))?
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -85,7 +148,10 @@ fn time<F: FnMut() -> Result<()>>(runs: usize, mut f: F) -> Result<f64> {
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
-    let BenchCommand::Flux(args) = command;
+    let args = match command {
+        BenchCommand::Flux(args) => args,
+        BenchCommand::Sdxl(args) => return bench_sdxl(args),
+    };
     let device = Device::Cpu;
     let mut components =
         FluxComponents::load(&args.model, &device, DType::F32).map_err(anyhow::Error::msg)?;

@@ -52,6 +52,9 @@ pub struct SdxlRequest {
     pub mask: Option<Tensor>,
     /// How much of the schedule an init image goes through (1 = all of it).
     pub strength: f64,
+    /// Decode the VAE in tiles of this many pixels (bounded memory); `None`
+    /// decodes the whole batch at once.
+    pub vae_tile: Option<usize>,
 }
 
 /// What a generation produces: images as (B, H, W, 3) floats in [0, 1].
@@ -301,10 +304,12 @@ pub fn generate(
 
     let started = Instant::now();
     let scaling = components.vae.config().scaling_factor;
-    let decoded = components
-        .vae
-        .decode(&(latents / scaling).map_err(run)?)
-        .map_err(run)?;
+    let latents = (latents / scaling).map_err(run)?;
+    let decoded = match request.vae_tile {
+        Some(tile) => components.vae.decode_tiled(&latents, tile),
+        None => components.vae.decode(&latents),
+    }
+    .map_err(run)?;
     let images = ((decoded / 2.0).map_err(run)? + 0.5)
         .and_then(|t| t.clamp(0f32, 1f32))
         .and_then(|t| t.permute((0, 2, 3, 1)))

@@ -179,6 +179,12 @@ pub fn input_schema(defaults: &SdxlDefaults, presets: &[String]) -> InputSchema 
             Some(Value::Null),
         ),
         FieldSpec::new(
+            "vae_tiling",
+            "Decode in 512-pixel tiles, one image at a time, to bound memory on large images",
+            FieldKind::Boolean,
+            Some(json!(false)),
+        ),
+        FieldSpec::new(
             "disable_safety_checker",
             "Skip the model's safety checker (when it has one)",
             FieldKind::Boolean,
@@ -454,6 +460,8 @@ impl SdxlPipeline {
             strength: num("prompt_strength")
                 .or_else(|| num("strength"))
                 .unwrap_or(0.8),
+            vae_tile: (values.get("vae_tiling").and_then(Value::as_bool) == Some(true))
+                .then_some(512),
         };
         let format = OutputFormat::parse(&text("output_format").unwrap_or_default())
             .unwrap_or(OutputFormat::Png);
