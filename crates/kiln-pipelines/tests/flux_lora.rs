@@ -25,7 +25,7 @@ use common::fixtures;
 struct Setup {
     components: FluxComponents,
     /// The transformer's and CLIP's linear layers, as LoRAs target them.
-    targets: lora::FluxLoraTargets,
+    targets: lora::LoraTargets,
     references: HashMap<String, Tensor>,
     index: Value,
 }
@@ -128,8 +128,8 @@ fn loras_apply_the_same_to_a_bfl_single_file_transformer() {
     let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
     setup.components.transformer = kiln_models::flux::FluxTransformer::load(vb, config).unwrap();
     assert_eq!(
-        setup.components.lora_targets().transformer,
-        setup.targets.transformer
+        setup.components.lora_targets().denoiser,
+        setup.targets.denoiser
     );
     for name in ["style_peft", "style_kohya", "style_aitoolkit"] {
         let lora = file(name);
@@ -276,7 +276,7 @@ fn the_lora_target_list_is_every_linear_of_the_transformer() {
         .map(|n| n.trim_end_matches(".weight").to_string())
         .collect();
     matrices.sort();
-    let mut targets = setup.targets.transformer.clone();
+    let mut targets = setup.targets.denoiser.clone();
     targets.sort();
     assert_eq!(targets, matrices);
 }

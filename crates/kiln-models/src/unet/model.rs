@@ -286,6 +286,16 @@ impl UNet2DConditionModel {
         self.conv_out.forward(&x)
     }
 
+    /// The spatial transformers' linear layers by name (LoRA targets).
+    pub fn linear_names(&mut self) -> Vec<String> {
+        let mut names = Vec::new();
+        let _ = self.for_each_linear(&mut |linear| {
+            names.extend(linear.name().map(str::to_string));
+            Ok(())
+        });
+        names
+    }
+
     /// Call `f` on every linear layer of the spatial transformers (LoRA targets).
     pub fn for_each_linear(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
         for level in self.down.iter_mut().chain(self.up.iter_mut()) {

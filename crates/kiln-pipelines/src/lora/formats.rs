@@ -10,8 +10,9 @@
 //!   (or `lora_down` / `lora_up`);
 //! - XLabs: `double_blocks.N.processor.qkv_lora1.down.weight` / `up`.
 //!
-//! Text-encoder modules (`text_encoder.` in diffusers' naming, `lora_te1_` in
-//! kohya's) target the CLIP text encoder. diffusers' `lora_adapter_metadata`
+//! Text-encoder modules (`text_encoder.`/`text_encoder_2.` in diffusers'
+//! naming, `lora_te1_`/`lora_te2_` in kohya's) target the text encoders; SDXL
+//! UNet modules come as `unet.` (diffusers) or kohya's underscored ldm names. diffusers' `lora_adapter_metadata`
 //! header (PEFT's `lora_alpha`, `alpha_pattern`, `use_rslora`) sets the scale of
 //! modules without an `.alpha` tensor, as diffusers does when it loads the file.
 //!
@@ -54,6 +55,11 @@ pub enum Naming {
     /// The (first) CLIP text encoder; the name is diffusers' (dotted, PEFT) or
     /// kohya's (underscored): matched to layers through [`text_encoder_key`].
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP-bigG), named as `TextEncoder`.
+    TextEncoder2,
+    /// A kohya UNet module in ldm naming with underscores
+    /// (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, SDXL).
+    KohyaLdm,
     /// A component Kiln's FLUX LoRA support does not target (T5, a UNet).
     Other,
 }
@@ -238,8 +244,13 @@ fn module_name(format: LoraFormat, module: &str) -> (String, Naming) {
     let other = || (module.to_string(), Naming::Other);
     match format {
         LoraFormat::Peft => {
-            if let Some(name) = module.strip_prefix("transformer.") {
+            if let Some(name) = module
+                .strip_prefix("transformer.")
+                .or_else(|| module.strip_prefix("unet."))
+            {
                 (name.to_string(), Naming::Diffusers)
+            } else if let Some(name) = module.strip_prefix("text_encoder_2.") {
+                (name.to_string(), Naming::TextEncoder2)
             } else if let Some(name) = module.strip_prefix("text_encoder.") {
                 (name.to_string(), Naming::TextEncoder)
             } else {
@@ -256,10 +267,15 @@ fn module_name(format: LoraFormat, module: &str) -> (String, Naming) {
             }
         }
         LoraFormat::Kohya => {
-            if let Some(name) = module.strip_prefix("lora_unet_").and_then(kohya_to_bfl) {
-                (name, Naming::Bfl)
+            if let Some(name) = module.strip_prefix("lora_unet_") {
+                match kohya_to_bfl(name) {
+                    Some(bfl) => (bfl, Naming::Bfl),
+                    None => (name.to_string(), Naming::KohyaLdm),
+                }
             } else if let Some(name) = module.strip_prefix("lora_te1_") {
                 (name.to_string(), Naming::TextEncoder)
+            } else if let Some(name) = module.strip_prefix("lora_te2_") {
+                (name.to_string(), Naming::TextEncoder2)
             } else {
                 other()
             }

@@ -5,6 +5,7 @@
 //! (`kiln_engine::lora`), leaving base weights untouched.
 
 pub mod formats;
+pub mod request;
 pub mod sources;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -161,31 +162,51 @@ fn select_rows(up: &Tensor, source: &Source) -> candle_core::Result<Option<Tenso
     }
 }
 
-/// The layers of a FLUX model LoRAs may target.
+/// The layers of a model LoRAs may target, by name.
 #[derive(Debug, Clone, Default)]
-pub struct FluxLoraTargets {
-    /// The transformer's linear layers (`FluxTransformer::linear_names`).
-    pub transformer: Vec<String>,
-    /// The CLIP text encoder's (`ClipTextModel::linear_names`).
+pub struct LoraTargets {
+    /// The denoiser's linear layers in diffusers' names (FLUX transformer or SDXL UNet).
+    pub denoiser: Vec<String>,
+    /// The (first) CLIP text encoder's (`ClipTextModel::linear_names`).
     pub text_encoder: Vec<String>,
+    /// SDXL's second text encoder's.
+    pub text_encoder_2: Vec<String>,
+    /// kohya's underscored ldm name → denoiser layer (SDXL UNets).
+    pub kohya_ldm: HashMap<String, String>,
 }
 
 /// Adapters for a FLUX model (its LoRA targets and transformer config) from
 /// LoRA files with user scales.
 pub fn flux_adapters(
     loras: &[(&LoraFile, f64)],
-    targets: &FluxLoraTargets,
+    targets: &LoraTargets,
     config: &FluxConfig,
     dtype: DType,
 ) -> Result<(AdapterSet, LoraReport), LoraError> {
-    let linear_names = &targets.transformer;
+    adapters(loras, targets, Some(config), dtype)
+}
+
+/// Adapters for a model's `targets` (with `bfl`, FLUX's config, BFL-named
+/// modules are split onto its layers) from LoRA files with user scales.
+pub fn adapters(
+    loras: &[(&LoraFile, f64)],
+    targets: &LoraTargets,
+    bfl: Option<&FluxConfig>,
+    dtype: DType,
+) -> Result<(AdapterSet, LoraReport), LoraError> {
+    let linear_names = &targets.denoiser;
     let layers: HashSet<&String> = linear_names.iter().collect();
-    let text_encoder: HashMap<String, &String> = targets
-        .text_encoder
-        .iter()
-        .map(|name| (formats::text_encoder_key(name), name))
-        .collect();
-    let bfl = bfl_targets(linear_names, config);
+    let keyed = |names: &[String]| -> HashMap<String, String> {
+        names
+            .iter()
+            .map(|name| (formats::text_encoder_key(name), name.clone()))
+            .collect()
+    };
+    let text_encoder = keyed(&targets.text_encoder);
+    let text_encoder_2 = keyed(&targets.text_encoder_2);
+    let bfl = bfl
+        .map(|config| bfl_targets(linear_names, config))
+        .unwrap_or_default();
     let mut set = AdapterSet::default();
     let mut report = LoraReport::default();
     for (file, user_scale) in loras {
@@ -200,9 +221,21 @@ pub fn flux_adapters(
                 Naming::Diffusers if layers.contains(&module.name) => {
                     vec![(module.name.clone(), module.up.clone())]
                 }
-                Naming::TextEncoder => text_encoder
-                    .get(&formats::text_encoder_key(&module.name))
-                    .map(|layer| vec![((*layer).clone(), module.up.clone())])
+                Naming::TextEncoder | Naming::TextEncoder2 => {
+                    let encoder = if module.naming == Naming::TextEncoder {
+                        &text_encoder
+                    } else {
+                        &text_encoder_2
+                    };
+                    encoder
+                        .get(&formats::text_encoder_key(&module.name))
+                        .map(|layer| vec![(layer.clone(), module.up.clone())])
+                        .unwrap_or_default()
+                }
+                Naming::KohyaLdm => targets
+                    .kohya_ldm
+                    .get(&module.name)
+                    .map(|layer| vec![(layer.clone(), module.up.clone())])
                     .unwrap_or_default(),
                 Naming::Bfl => match bfl.get(&module.name) {
                     Some(targets) => {

@@ -56,10 +56,11 @@ fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
 
 impl FluxComponents {
     /// The layers LoRAs may target: the transformer's and CLIP's linears.
-    pub fn lora_targets(&mut self) -> crate::lora::FluxLoraTargets {
-        crate::lora::FluxLoraTargets {
-            transformer: self.transformer.linear_names().unwrap_or_default(),
+    pub fn lora_targets(&mut self) -> crate::lora::LoraTargets {
+        crate::lora::LoraTargets {
+            denoiser: self.transformer.linear_names().unwrap_or_default(),
             text_encoder: self.text.clip.linear_names(),
+            ..Default::default()
         }
     }
 

@@ -17,6 +17,7 @@ use crate::contract::{Progress, ProgressFn};
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
 use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::lora;
+use crate::lora::request::ResolvedLoras;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::text_to_image::image_io::{
     OutputFormat, allowed_input_dirs, decode_image, encode_image, image_tensor, to_base64,
@@ -199,48 +200,13 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
             Some(json!(false)),
         ),
     ];
-    let scale = |name: &str, about: &str| field(name, about, num(-10.0, 10.0), Some(json!(1.0)));
-    let source = |name: &str, about: &str| {
-        field(
-            name,
-            about,
-            FieldKind::String {
-                min_length: Some(1),
-                max_length: Some(4096),
-            },
-            Some(Value::Null),
-        )
-    };
-    fields.extend([
-        field(
-            "loras",
-            "LoRAs to apply: [{\"source\": file in KILN_LORA_DIRS, https URL, CivitAI URL or Hugging Face owner/repo[/file], \"scale\": 1.0}, ...]",
-            FieldKind::List {
-                max_items: Some(MAX_LORAS),
-            },
-            Some(Value::Null),
-        ),
-        source(
-            "lora_weights",
-            "A LoRA: a file in KILN_LORA_DIRS, an https or CivitAI URL, or a Hugging Face id (Cog's name); scaled by lora_scale",
-        ),
-        scale("lora_scale", "Scale of lora_weights / lora_path"),
-        source(
-            "extra_lora",
-            "A second LoRA (Cog's name); scaled by extra_lora_scale",
-        ),
-        scale("extra_lora_scale", "Scale of extra_lora"),
-        source(
-            "lora_path",
-            "A LoRA, as lora_weights (RunPod FLUX.2 handler's name); scaled by lora_scale",
-        ),
-        field(
-            "lora_mode",
-            "runtime: LoRAs apply inside each layer for this request only; fused: merged into the weights (faster while the same LoRAs repeat; other requests restore the exact originals first). Default: the model's lora_mode, else runtime",
-            choice(&["runtime", "fused"]),
-            Some(Value::Null),
-        ),
-    ]);
+    fields.extend(lora::request::schema_fields());
+    fields.push(field(
+        "lora_mode",
+        "runtime: LoRAs apply inside each layer for this request only; fused: merged into the weights (faster while the same LoRAs repeat; other requests restore the exact originals first). Default: the model's lora_mode, else runtime",
+        choice(&["runtime", "fused"]),
+        Some(Value::Null),
+    ));
     if !presets.is_empty() {
         let names: Vec<&str> = presets.iter().map(String::as_str).collect();
         fields.push(field(
@@ -322,15 +288,6 @@ struct Loaded {
     fused: Option<String>,
 }
 
-/// A request's LoRAs, read and mapped onto the model's layers.
-struct ResolvedLoras {
-    adapters: Arc<kiln_engine::lora::AdapterSet>,
-    /// Identifies the set: each file's path, size, modification time and scale.
-    key: String,
-    /// What was applied, for the response.
-    report: Value,
-}
-
 /// A loaded FLUX model.
 pub struct FluxPipeline {
     components: Mutex<Loaded>,
@@ -341,7 +298,7 @@ pub struct FluxPipeline {
     /// taking the components' lock.
     transformer_config: kiln_models::flux::FluxConfig,
     /// The linear layers LoRAs may target, by name.
-    lora_targets: lora::FluxLoraTargets,
+    lora_targets: lora::LoraTargets,
     /// Where LoRA sources may come from (read from the environment at load).
     lora_settings: lora::sources::LoraSettings,
     dtype: candle_core::DType,
@@ -527,75 +484,19 @@ impl FluxPipeline {
         ))
     }
 
-    /// Resolve the request's LoRAs (`loras`, Cog's `lora_weights`/`extra_lora`,
-    /// RunPod's `lora_path`), read them through the cache and map them onto
-    /// the model's layers. `None` when the request names none.
+    /// Resolve the request's LoRAs onto the transformer's and CLIP's layers.
     fn resolve_loras(
         &self,
         input: &Map<String, Value>,
     ) -> Result<Option<ResolvedLoras>, PipelineError> {
-        let wanted = lora_requests(input)?;
-        if wanted.is_empty() {
-            return Ok(None);
-        }
-        let cache = lora::sources::LoraCache::shared();
-        let mut files = Vec::with_capacity(wanted.len());
-        let mut problems = Vec::new();
-        for (field, source, scale) in &wanted {
-            match lora::sources::locate(field, source, &self.lora_settings)
-                .and_then(|located| cache.get(field, &located.path).map(|file| (file, located)))
-            {
-                Ok((file, located)) => files.push((file, located, *scale)),
-                Err(PipelineError::InvalidInput(mut found)) => problems.append(&mut found),
-                Err(other) => return Err(other),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(PipelineError::InvalidInput(problems));
-        }
-        let mut reports = Vec::with_capacity(files.len());
-        let mut key = String::new();
-        let mut set = kiln_engine::lora::AdapterSet::default();
-        for ((file, located, scale), (field, source, _)) in files.iter().zip(&wanted) {
-            let (one, report) = lora::flux_adapters(
-                &[(file.as_ref(), *scale)],
+        lora::request::resolve(input, &self.lora_settings, &|file, scale| {
+            lora::flux_adapters(
+                &[(file, scale)],
                 &self.lora_targets,
                 &self.transformer_config,
                 self.dtype,
             )
-            .map_err(|e| {
-                PipelineError::invalid(field.clone(), ProblemKind::Constraint, e.to_string())
-            })?;
-            set.extend(one);
-            tracing::info!(%source, format = file.format.name(), matched = report.matched, unmatched = report.unmatched.len(), "LoRA applied");
-            let stamp = std::fs::metadata(&located.path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or_default();
-            key.push_str(&format!("{}|{stamp}|{scale};", located.path.display()));
-            let mut entry = json!({
-                "source": source,
-                "scale": scale,
-                "format": file.format.name(),
-                "matched_modules": report.matched,
-                "unmatched_modules": report.unmatched,
-                "layers": report.layers,
-            });
-            if let Some(origin) = &located.origin {
-                entry["resolved"] = json!(origin);
-            }
-            if let Some(sha256) = &located.sha256 {
-                entry["sha256"] = json!(sha256);
-            }
-            reports.push(entry);
-        }
-        Ok(Some(ResolvedLoras {
-            adapters: Arc::new(set),
-            key,
-            report: Value::Array(reports),
-        }))
+        })
     }
 
     /// Make the fused weights hold exactly `wanted` (a set's key and adapters;
@@ -739,69 +640,5 @@ impl Pipeline for FluxPipeline {
         };
         let mut report = |step, total| progress(Progress { step, total });
         Ok(Prediction::Json(self.run(&input, &mut report)?))
-    }
-}
-
-/// Most LoRAs one request may apply.
-const MAX_LORAS: usize = 4;
-
-/// (field, source, scale) for each LoRA the input asks for, in order.
-fn lora_requests(input: &Map<String, Value>) -> Result<Vec<(String, String, f64)>, PipelineError> {
-    let number = |key: &str| input.get(key).and_then(Value::as_f64).unwrap_or(1.0);
-    let text = |key: &str| {
-        input
-            .get(key)
-            .and_then(Value::as_str)
-            .filter(|s| !s.trim().is_empty())
-            .map(str::to_string)
-    };
-    let mut out = Vec::new();
-    let mut problems = Vec::new();
-    if let Some(Value::Array(items)) = input.get("loras") {
-        for (i, item) in items.iter().enumerate() {
-            let field = format!("loras[{i}]");
-            let source = item
-                .get("source")
-                .or_else(|| item.get("path"))
-                .and_then(Value::as_str);
-            let scale = match item.get("scale") {
-                None | Some(Value::Null) => Some(1.0),
-                Some(v) => v.as_f64().filter(|s| s.is_finite() && s.abs() <= 10.0),
-            };
-            match (source, scale) {
-                (Some(source), Some(scale)) => out.push((field, source.to_string(), scale)),
-                (None, _) => problems.push(FieldProblem::new(
-                    field,
-                    ProblemKind::Malformed,
-                    "each LoRA is an object with \"source\" (a file) and an optional \"scale\"",
-                )),
-                (_, None) => problems.push(FieldProblem::new(
-                    field,
-                    ProblemKind::Constraint,
-                    "scale must be a number between -10 and 10",
-                )),
-            }
-        }
-    }
-    for (key, scale_key) in [
-        ("lora_weights", "lora_scale"),
-        ("lora_path", "lora_scale"),
-        ("extra_lora", "extra_lora_scale"),
-    ] {
-        if let Some(source) = text(key) {
-            out.push((key.to_string(), source, number(scale_key)));
-        }
-    }
-    if out.len() > MAX_LORAS {
-        problems.push(FieldProblem::new(
-            "loras",
-            ProblemKind::Constraint,
-            format!("at most {MAX_LORAS} LoRAs per request, got {}", out.len()),
-        ));
-    }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(PipelineError::InvalidInput(problems))
     }
 }

@@ -114,6 +114,31 @@ fn tokenizer(dir: &Path, name: &str) -> Result<PromptTokenizer, String> {
 }
 
 impl SdxlComponents {
+    /// The layers LoRAs may target: the UNet's transformer linears (also under
+    /// kohya's ldm names) and both text encoders' projections.
+    pub fn lora_targets(&mut self) -> crate::lora::LoraTargets {
+        let denoiser = self.unet.linear_names();
+        let ldm = ldm_unet_adapter(self.unet.config(), "");
+        let kohya_ldm = denoiser
+            .iter()
+            .filter_map(|name| {
+                let source = ldm.source(&format!("{name}.weight"));
+                let key = source
+                    .keys()
+                    .first()?
+                    .strip_suffix(".weight")?
+                    .replace('.', "_");
+                Some((key, name.clone()))
+            })
+            .collect();
+        crate::lora::LoraTargets {
+            denoiser,
+            text_encoder: self.text_encoder.linear_names(),
+            text_encoder_2: self.text_encoder_2.linear_names(),
+            kohya_ldm,
+        }
+    }
+
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, String> {
         let index: serde_json::Value = read_json(&dir.join("model_index.json")).unwrap_or_default();
         let unet_config: UNetConfig = config_or(dir, "unet/config.json", defaults::UNET)?;

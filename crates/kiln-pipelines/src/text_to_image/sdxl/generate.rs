@@ -55,6 +55,8 @@ pub struct SdxlRequest {
     /// Decode the VAE in tiles of this many pixels (bounded memory); `None`
     /// decodes the whole batch at once.
     pub vae_tile: Option<usize>,
+    /// LoRA adapters active for this request only (runtime mode).
+    pub adapters: Option<std::sync::Arc<kiln_engine::lora::AdapterSet>>,
 }
 
 /// What a generation produces: images as (B, H, W, 3) floats in [0, 1].
@@ -113,7 +115,19 @@ fn rescale(guided: &Tensor, text: &Tensor, amount: f64) -> candle_core::Result<T
     (rescaled * amount)? + (guided * (1.0 - amount))?
 }
 
+/// Generate images for `request` (its LoRA adapters, if any, are active only
+/// for this call on this thread).
 pub fn generate(
+    components: &SdxlComponents,
+    request: &SdxlRequest,
+    on_step: StepCallback,
+) -> Result<SdxlGenerated, PipelineError> {
+    kiln_engine::lora::with_adapters(request.adapters.clone(), || {
+        generate_with_active_adapters(components, request, on_step)
+    })
+}
+
+fn generate_with_active_adapters(
     components: &SdxlComponents,
     request: &SdxlRequest,
     on_step: StepCallback,

@@ -203,6 +203,7 @@ pub fn input_schema(defaults: &SdxlDefaults, presets: &[String]) -> InputSchema 
             Some(json!(90)),
         ),
     ];
+    fields.extend(crate::lora::request::schema_fields());
     if !presets.is_empty() {
         let names: Vec<&str> = presets.iter().map(String::as_str).collect();
         fields.push(FieldSpec::new(
@@ -241,6 +242,11 @@ pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
 /// A loaded SDXL model.
 pub struct SdxlPipeline {
     components: Mutex<SdxlComponents>,
+    /// The layers LoRAs may target, by name.
+    lora_targets: crate::lora::LoraTargets,
+    /// Where LoRA sources may come from (read from the environment at load).
+    lora_settings: crate::lora::sources::LoraSettings,
+    dtype: DType,
     interface: ModelInterface,
     presets: Map<String, Value>,
     max_pixels: usize,
@@ -282,7 +288,7 @@ fn nearest_multiples_of_8(value: i64) -> String {
 
 impl SdxlPipeline {
     pub fn new(
-        components: SdxlComponents,
+        mut components: SdxlComponents,
         manifest: &Manifest,
         default_size: usize,
         model_name: String,
@@ -292,6 +298,9 @@ impl SdxlPipeline {
         let defaults = SdxlDefaults::from_config(&manifest.config, default_size);
         let schema = input_schema(&defaults, &preset_names);
         SdxlPipeline {
+            lora_targets: components.lora_targets(),
+            lora_settings: crate::lora::sources::LoraSettings::from_env(),
+            dtype: components.dtype,
             components: Mutex::new(components),
             interface: ModelInterface {
                 pipeline: PIPELINE_KIND.into(),
@@ -462,11 +471,17 @@ impl SdxlPipeline {
                 .unwrap_or(0.8),
             vae_tile: (values.get("vae_tiling").and_then(Value::as_bool) == Some(true))
                 .then_some(512),
+            adapters: None,
         };
         let format = OutputFormat::parse(&text("output_format").unwrap_or_default())
             .unwrap_or(OutputFormat::Png);
         let quality = int("output_quality").unwrap_or(90) as u8;
         Ok((request, format, quality))
+    }
+
+    /// Use `settings` for LoRA sources instead of the environment's.
+    pub fn set_lora_settings(&mut self, settings: crate::lora::sources::LoraSettings) {
+        self.lora_settings = settings;
     }
 
     /// Generate with a per-step callback (progress; return false to cancel).
@@ -475,7 +490,11 @@ impl SdxlPipeline {
         input: &Map<String, Value>,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Value, PipelineError> {
-        let (request, format, quality) = self.prepare(input)?;
+        let (mut request, format, quality) = self.prepare(input)?;
+        let loras = crate::lora::request::resolve(input, &self.lora_settings, &|file, scale| {
+            crate::lora::adapters(&[(file, scale)], &self.lora_targets, None, self.dtype)
+        })?;
+        request.adapters = loras.as_ref().map(|l| Arc::clone(&l.adapters));
         let components = self
             .components
             .lock()
@@ -517,7 +536,7 @@ impl SdxlPipeline {
                 "height": image.height(),
             }));
         }
-        Ok(json!({
+        let mut output = json!({
             "model": self.model_name,
             "images": encoded,
             "seed": request.seed,
@@ -532,7 +551,11 @@ impl SdxlPipeline {
                 "vae_decode_s": generated.timings.vae_s,
                 "encode_s": started.elapsed().as_secs_f64(),
             },
-        }))
+        });
+        if let Some(loras) = loras {
+            output["loras"] = loras.report;
+        }
+        Ok(output)
     }
 }
 
