@@ -20,7 +20,7 @@ use serde_json::Value;
 
 const TOLERANCE: f64 = 1.0 / 255.0;
 
-use common::fixtures;
+use common::{fixtures, png_pixels, predict};
 
 struct Setup {
     components: FluxComponents,
@@ -279,34 +279,6 @@ fn the_lora_target_list_is_every_linear_of_the_transformer() {
     let mut targets = setup.targets.denoiser.clone();
     targets.sort();
     assert_eq!(targets, matrices);
-}
-
-fn predict(pipeline: &dyn kiln_pipelines::Pipeline, input: Value) -> Result<Value, String> {
-    use kiln_pipelines::{PredictInput, PredictRequest, Prediction};
-    let Value::Object(fields) = input else {
-        panic!("object")
-    };
-    match pipeline.predict(PredictRequest {
-        input: PredictInput::Fields(fields),
-        params: serde_json::Map::new(),
-    }) {
-        Ok(Prediction::Json(value)) => Ok(value),
-        Ok(Prediction::Tensors(_)) => panic!("FLUX returns JSON"),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn png_pixels(b64: &str) -> Vec<f32> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap();
-    let image = image::load_from_memory(&bytes).unwrap().to_rgb8();
-    image
-        .as_raw()
-        .iter()
-        .map(|v| f32::from(*v) / 255.0)
-        .collect()
 }
 
 #[test]

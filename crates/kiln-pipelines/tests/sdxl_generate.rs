@@ -7,6 +7,10 @@
 //! inpainting (Euler ancestral, whose noise depends on diffusers' exact order
 //! of generator draws, and full strength).
 
+mod common;
+
+use common::{png_pixels, predict};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -143,21 +147,6 @@ fn pipeline() -> kiln_pipelines::text_to_image::sdxl::SdxlPipeline {
     kiln_pipelines::text_to_image::sdxl::SdxlPipeline::new(components, &manifest, 64, "tiny".into())
 }
 
-fn predict(pipeline: &dyn kiln_pipelines::Pipeline, input: Value) -> Result<Value, String> {
-    use kiln_pipelines::{PredictInput, PredictRequest, Prediction};
-    let Value::Object(fields) = input else {
-        panic!("object")
-    };
-    match pipeline.predict(PredictRequest {
-        input: PredictInput::Fields(fields),
-        params: serde_json::Map::new(),
-    }) {
-        Ok(Prediction::Json(value)) => Ok(value),
-        Ok(Prediction::Tensors(_)) => panic!("SDXL returns JSON"),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 #[test]
 fn requests_generate_through_the_pipeline_and_bad_ones_name_the_field() {
     let (_, refs, index) = setup();
@@ -184,17 +173,7 @@ fn requests_generate_through_the_pipeline_and_bad_ones_name_the_field() {
         }),
     )
     .unwrap();
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(output["images"][0]["base64"].as_str().unwrap())
-        .unwrap();
-    let pixels: Vec<f32> = image::load_from_memory(&bytes)
-        .unwrap()
-        .to_rgb8()
-        .as_raw()
-        .iter()
-        .map(|v| f32::from(*v) / 255.0)
-        .collect();
+    let pixels = png_pixels(output["images"][0]["base64"].as_str().unwrap());
     let reference: Vec<f32> = refs["image.karras_dpm_rescale"]
         .flatten_all()
         .unwrap()
@@ -233,6 +212,7 @@ fn requests_generate_through_the_pipeline_and_bad_ones_name_the_field() {
 
     // Image inputs: undecodable, a mask without an image, a mask of another size.
     let png = |image: &image::RgbImage| {
+        use base64::Engine;
         let mut bytes = Vec::new();
         image
             .write_to(

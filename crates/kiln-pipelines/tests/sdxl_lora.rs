@@ -5,6 +5,10 @@
 //! `set_adapters` image. Every module must match a layer; the image must be
 //! within 1/255 (plus half a level of PNG rounding).
 
+mod common;
+
+use common::{png_pixels, predict};
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -14,21 +18,6 @@ use serde_json::Value;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sdxl")
-}
-
-fn predict(pipeline: &dyn kiln_pipelines::Pipeline, input: Value) -> Result<Value, String> {
-    use kiln_pipelines::{PredictInput, PredictRequest, Prediction};
-    let Value::Object(fields) = input else {
-        panic!("object")
-    };
-    match pipeline.predict(PredictRequest {
-        input: PredictInput::Fields(fields),
-        params: serde_json::Map::new(),
-    }) {
-        Ok(Prediction::Json(value)) => Ok(value),
-        Ok(Prediction::Tensors(_)) => panic!("SDXL returns JSON"),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 #[test]
@@ -67,16 +56,10 @@ fn peft_and_kohya_sdxl_loras_match_diffusers() {
         let report = &output["loras"][0];
         assert_eq!(report["format"], format);
         assert_eq!(report["unmatched_modules"], serde_json::json!([]), "{file}");
-        use base64::Engine;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(output["images"][0]["base64"].as_str().unwrap())
-            .unwrap();
-        let pixels = image::load_from_memory(&bytes).unwrap().to_rgb8();
-        let worst = pixels
-            .as_raw()
+        let worst = png_pixels(output["images"][0]["base64"].as_str().unwrap())
             .iter()
             .zip(&reference)
-            .map(|(a, b)| (f32::from(*a) / 255.0 - b).abs())
+            .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         eprintln!("{file}: worst pixel error {worst:.2e}");
         assert!(worst <= 1.5 / 255.0, "{file}: worst pixel error {worst}");

@@ -5,6 +5,10 @@
 //! resize is not PIL's bit for bit; the fixture's decision margins (≥ 0.02 in
 //! score) are far wider than the difference that makes.
 
+mod common;
+
+use common::predict;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -111,21 +115,6 @@ fn pipeline_with_checker() -> (
         "tiny".into(),
     );
     (dir, pipeline)
-}
-
-fn predict(pipeline: &dyn kiln_pipelines::Pipeline, input: Value) -> Result<Value, String> {
-    use kiln_pipelines::{PredictInput, PredictRequest, Prediction};
-    let Value::Object(fields) = input else {
-        panic!("object")
-    };
-    match pipeline.predict(PredictRequest {
-        input: PredictInput::Fields(fields),
-        params: serde_json::Map::new(),
-    }) {
-        Ok(Prediction::Json(value)) => Ok(value),
-        Ok(Prediction::Tensors(_)) => panic!("SDXL returns JSON"),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 #[test]

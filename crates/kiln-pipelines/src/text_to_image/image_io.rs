@@ -245,3 +245,24 @@ pub fn mask_tensor(mask: &RgbImage) -> Result<Tensor, PipelineError> {
     Tensor::from_vec(data, (1, 1, height, width), &candle_core::Device::Cpu)
         .map_err(|e| PipelineError::Execution(e.to_string()))
 }
+
+/// Encoded images as responses carry them: base64 with MIME type, format and size.
+pub fn images_json(
+    images: &[RgbImage],
+    format: OutputFormat,
+    quality: u8,
+) -> Result<Vec<serde_json::Value>, PipelineError> {
+    images
+        .iter()
+        .map(|image| {
+            let bytes = encode_image(image, format, quality)?;
+            Ok(serde_json::json!({
+                "base64": to_base64(&bytes),
+                "mime_type": format.mime(),
+                "format": format.name(),
+                "width": image.width(),
+                "height": image.height(),
+            }))
+        })
+        .collect()
+}

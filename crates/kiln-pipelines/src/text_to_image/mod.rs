@@ -18,3 +18,30 @@ pub fn random_seed() -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     (z ^ (z >> 31)) & 0xffff_ffff
 }
+
+/// Run a fields-taking image pipeline for `Pipeline::predict` (no `progress`)
+/// or `predict_with_progress`: tables are refused naming `model`.
+pub(crate) fn predict_fields(
+    request: crate::contract::PredictRequest,
+    model: &str,
+    progress: Option<crate::contract::ProgressFn>,
+    run: impl FnOnce(
+        &serde_json::Map<String, serde_json::Value>,
+        &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<serde_json::Value, crate::error::PipelineError>,
+) -> Result<crate::contract::Prediction, crate::error::PipelineError> {
+    let crate::contract::PredictInput::Fields(input) = request.input else {
+        return Err(crate::error::PipelineError::invalid(
+            "input",
+            crate::error::ProblemKind::Malformed,
+            format!("{model} takes an object of fields (prompt, width, ...), not a table"),
+        ));
+    };
+    let output = match progress {
+        Some(progress) => run(&input, &mut |step, total| {
+            progress(crate::contract::Progress { step, total })
+        })?,
+        None => run(&input, &mut |_, _| true)?,
+    };
+    Ok(crate::contract::Prediction::Json(output))
+}

@@ -1,4 +1,6 @@
-//! A loopback HTTP server standing in for LoRA hosts in tests: plain files
+//! Helpers the pipeline tests share: calling a pipeline with JSON fields,
+//! decoding response PNGs, and a loopback HTTP server standing in for LoRA
+//! hosts: plain files
 //! (with Range support), redirects (same host, and to `localhost`, which tests
 //! do not trust), an oversized file, a pickle, a 404, CivitAI's model API and
 //! download redirect, and the Hugging Face Hub's resolve and repo-info
@@ -201,4 +203,38 @@ pub fn server() -> &'static Arc<LoraServer> {
         });
         server
     })
+}
+
+/// Run `pipeline` on JSON fields; the error as text.
+pub fn predict(
+    pipeline: &dyn kiln_pipelines::Pipeline,
+    input: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use kiln_pipelines::{PredictInput, PredictRequest, Prediction};
+    let serde_json::Value::Object(fields) = input else {
+        panic!("predict takes a JSON object")
+    };
+    match pipeline.predict(PredictRequest {
+        input: PredictInput::Fields(fields),
+        params: serde_json::Map::new(),
+    }) {
+        Ok(Prediction::Json(value)) => Ok(value),
+        Ok(Prediction::Tensors(_)) => panic!("image pipelines return JSON"),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A base64 PNG's pixels as floats in [0, 1].
+pub fn png_pixels(b64: &str) -> Vec<f32> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    image::load_from_memory(&bytes)
+        .unwrap()
+        .to_rgb8()
+        .as_raw()
+        .iter()
+        .map(|v| f32::from(*v) / 255.0)
+        .collect()
 }

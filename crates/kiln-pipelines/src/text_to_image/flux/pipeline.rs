@@ -10,20 +10,18 @@ use serde_json::{Map, Value, json};
 
 use super::components::FluxComponents;
 use super::generate::{GenerationRequest, generate};
-use crate::contract::{
-    InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction,
-};
-use crate::contract::{Progress, ProgressFn};
+use crate::contract::ProgressFn;
+use crate::contract::{InputSpec, ModelInterface, Pipeline, PredictRequest, Prediction};
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
 use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::lora;
 use crate::lora::request::ResolvedLoras;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
+use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
-    OutputFormat, allowed_input_dirs, decode_image, encode_image, image_tensor, to_base64,
-    to_rgb_images,
+    OutputFormat, allowed_input_dirs, decode_image, image_tensor, to_rgb_images,
 };
-use crate::text_to_image::random_seed;
+use crate::text_to_image::{predict_fields, random_seed};
 
 /// The manifest `pipeline` value for FLUX models.
 pub const PIPELINE_KIND: &str = "text_to_image/flux";
@@ -582,17 +580,7 @@ impl FluxPipeline {
         let generated = generate(&models, &request, on_step)?;
         let started = std::time::Instant::now();
         let images = to_rgb_images(&generated.images)?;
-        let mut encoded = Vec::with_capacity(images.len());
-        for image in &images {
-            let bytes = encode_image(image, format, quality)?;
-            encoded.push(json!({
-                "base64": to_base64(&bytes),
-                "mime_type": format.mime(),
-                "format": format.name(),
-                "width": image.width(),
-                "height": image.height(),
-            }));
-        }
+        let encoded = images_json(&images, format, quality)?;
         let mut output = json!({
             "model": self.model_name,
             "images": encoded,
@@ -620,14 +608,9 @@ impl Pipeline for FluxPipeline {
     }
 
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {
-        let PredictInput::Fields(input) = request.input else {
-            return Err(PipelineError::invalid(
-                "input",
-                ProblemKind::Malformed,
-                "FLUX takes an object of fields (prompt, width, ...), not a table",
-            ));
-        };
-        Ok(Prediction::Json(self.run(&input, &mut |_, _| true)?))
+        predict_fields(request, "FLUX", None, |input, on_step| {
+            self.run(input, on_step)
+        })
     }
 
     fn predict_with_progress(
@@ -635,10 +618,8 @@ impl Pipeline for FluxPipeline {
         request: PredictRequest,
         progress: ProgressFn,
     ) -> Result<Prediction, PipelineError> {
-        let PredictInput::Fields(input) = request.input else {
-            return self.predict(request);
-        };
-        let mut report = |step, total| progress(Progress { step, total });
-        Ok(Prediction::Json(self.run(&input, &mut report)?))
+        predict_fields(request, "FLUX", Some(progress), |input, on_step| {
+            self.run(input, on_step)
+        })
     }
 }

@@ -12,18 +12,17 @@ use serde_json::{Map, Value, json};
 use super::components::SdxlComponents;
 use super::generate::{SdxlRequest, generate};
 use crate::contract::{
-    InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction, Progress,
-    ProgressFn,
+    InputSpec, ModelInterface, Pipeline, PredictRequest, Prediction, ProgressFn,
 };
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
 use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
+use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
-    OutputFormat, allowed_input_dirs, decode_image, encode_image, image_tensor, mask_tensor,
-    to_base64, to_rgb_images,
+    OutputFormat, allowed_input_dirs, decode_image, image_tensor, mask_tensor, to_rgb_images,
 };
-use crate::text_to_image::random_seed;
 use crate::text_to_image::schedulers::SamplerKind;
+use crate::text_to_image::{predict_fields, random_seed};
 
 /// The manifest `pipeline` value for SDXL models.
 pub const PIPELINE_KIND: &str = "text_to_image/sdxl";
@@ -525,17 +524,7 @@ impl SdxlPipeline {
         let safety_s = started.elapsed().as_secs_f64();
         drop(components);
         let started = std::time::Instant::now();
-        let mut encoded = Vec::new();
-        for image in images {
-            let bytes = encode_image(&image, format, quality)?;
-            encoded.push(json!({
-                "base64": to_base64(&bytes),
-                "mime_type": format.mime(),
-                "format": format.name(),
-                "width": image.width(),
-                "height": image.height(),
-            }));
-        }
+        let encoded = images_json(&images, format, quality)?;
         let mut output = json!({
             "model": self.model_name,
             "images": encoded,
@@ -565,14 +554,9 @@ impl Pipeline for SdxlPipeline {
     }
 
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {
-        let PredictInput::Fields(input) = request.input else {
-            return Err(PipelineError::invalid(
-                "input",
-                ProblemKind::Malformed,
-                "SDXL takes an object of fields (prompt, width, ...), not a table",
-            ));
-        };
-        Ok(Prediction::Json(self.run(&input, &mut |_, _| true)?))
+        predict_fields(request, "SDXL", None, |input, on_step| {
+            self.run(input, on_step)
+        })
     }
 
     fn predict_with_progress(
@@ -580,10 +564,8 @@ impl Pipeline for SdxlPipeline {
         request: PredictRequest,
         progress: ProgressFn,
     ) -> Result<Prediction, PipelineError> {
-        let PredictInput::Fields(input) = request.input else {
-            return self.predict(request);
-        };
-        let mut report = |step, total| progress(Progress { step, total });
-        Ok(Prediction::Json(self.run(&input, &mut report)?))
+        predict_fields(request, "SDXL", Some(progress), |input, on_step| {
+            self.run(input, on_step)
+        })
     }
 }
