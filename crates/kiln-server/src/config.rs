@@ -343,8 +343,6 @@ mod tests {
         assert_eq!(config.jobs.result_ttl, Duration::from_secs(600));
         assert_eq!(config.jobs.on_restart, RestartPolicy::Fail);
         assert_eq!(config.models[0].idle_unload, Some(Duration::from_secs(900)));
-        let overrides = config.models[0].config.as_ref().unwrap();
-        assert_eq!(overrides["lora_mode"], "runtime");
         assert_eq!(config.models[0].load, Some(LoadPolicy::Lazy));
         config
             .apply_env(|k| match k {
