@@ -12,6 +12,7 @@ use kiln_models::vae::AutoencoderKl;
 
 use super::prompt::{PromptEmbeddings, TextEncoders};
 use crate::error::PipelineError;
+use crate::text_to_image::loading::decode_images;
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 
 /// Everything one generation needs, already validated.
@@ -219,15 +220,7 @@ fn generate_with_active_adapters(
     )
     .map_err(run)?;
     let latents = ((latents / scaling).map_err(run)? + shift).map_err(run)?;
-    let decoded = match request.vae_tile {
-        Some(tile) => models.vae.decode_tiled(&latents, tile),
-        None => models.vae.decode(&latents),
-    }
-    .map_err(run)?;
-    let images = ((decoded / 2.0).map_err(run)? + 0.5)
-        .and_then(|t| t.clamp(0f32, 1f32))
-        .and_then(|t| t.permute((0, 2, 3, 1)))
-        .map_err(run)?;
+    let images = decode_images(models.vae, &latents, request.vae_tile).map_err(run)?;
     Ok(Generated {
         images,
         timings: Timings {

@@ -4,7 +4,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::DType;
 use kiln_registry::{Manifest, ResolvedModel};
 use serde_json::{Map, Value, json};
 
@@ -312,16 +311,8 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         model: model.display_name(),
         message,
     };
-    // KILN_DEVICE (cpu, cuda, cuda:N, auto) and KILN_DTYPE (f32, f16, bf16).
-    let device =
-        kiln_engine::device::select_device(&std::env::var("KILN_DEVICE").unwrap_or_default())
-            .map_err(|e| load_error(e.to_string()))?;
-    let dtype = match std::env::var("KILN_DTYPE") {
-        Ok(name) => {
-            kiln_engine::device::parse_dtype(&name).map_err(|e| load_error(e.to_string()))?
-        }
-        Err(_) => DType::F32,
-    };
+    let (device, dtype) =
+        crate::text_to_image::loading::device_and_dtype_from_env().map_err(load_error)?;
     let components = FluxComponents::load(&model.dir, &device, dtype).map_err(load_error)?;
     Ok(Arc::new(FluxPipeline::new(
         components,

@@ -21,6 +21,7 @@ use kiln_models::unet::AddedConditioning;
 use super::components::SdxlComponents;
 use crate::error::PipelineError;
 use crate::text_to_image::flux::{StepCallback, Timings};
+use crate::text_to_image::loading::decode_images;
 use crate::text_to_image::schedulers::SamplerKind;
 
 /// Tokens per prompt (CLIP's context).
@@ -319,15 +320,7 @@ fn generate_with_active_adapters(
     let started = Instant::now();
     let scaling = components.vae.config().scaling_factor;
     let latents = (latents / scaling).map_err(run)?;
-    let decoded = match request.vae_tile {
-        Some(tile) => components.vae.decode_tiled(&latents, tile),
-        None => components.vae.decode(&latents),
-    }
-    .map_err(run)?;
-    let images = ((decoded / 2.0).map_err(run)? + 0.5)
-        .and_then(|t| t.clamp(0f32, 1f32))
-        .and_then(|t| t.permute((0, 2, 3, 1)))
-        .map_err(run)?;
+    let images = decode_images(&components.vae, &latents, request.vae_tile).map_err(run)?;
     Ok(SdxlGenerated {
         images,
         timings: Timings {

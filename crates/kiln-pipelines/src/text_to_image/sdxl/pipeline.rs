@@ -258,15 +258,8 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         model: model.display_name(),
         message,
     };
-    let device =
-        kiln_engine::device::select_device(&std::env::var("KILN_DEVICE").unwrap_or_default())
-            .map_err(|e| load_error(e.to_string()))?;
-    let dtype = match std::env::var("KILN_DTYPE") {
-        Ok(name) => {
-            kiln_engine::device::parse_dtype(&name).map_err(|e| load_error(e.to_string()))?
-        }
-        Err(_) => DType::F32,
-    };
+    let (device, dtype) =
+        crate::text_to_image::loading::device_and_dtype_from_env().map_err(load_error)?;
     let components = SdxlComponents::load(&model.dir, &device, dtype).map_err(load_error)?;
     Ok(Arc::new(SdxlPipeline::new(
         components,
