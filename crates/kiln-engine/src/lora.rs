@@ -7,9 +7,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// One low-rank update of one layer, prepared for the forward pass.
 #[derive(Debug, Clone)]
@@ -18,6 +18,10 @@ pub struct LowRank {
     down_t: Tensor,
     /// (scale · B)ᵀ: rank × out.
     up_t: Tensor,
+    /// Both factors on the accelerator the model runs on, copied there on
+    /// first use (adapters are built on the CPU from the file) and reused by
+    /// every later step.
+    on_device: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
 
 impl LowRank {
@@ -35,7 +39,27 @@ impl LowRank {
                 .to_dtype(dtype)?
                 .t()?
                 .contiguous()?,
+            on_device: Arc::default(),
         })
+    }
+
+    /// (Aᵀ, (scale · B)ᵀ) on `device`.
+    fn factors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        if self.down_t.device().same_device(device) {
+            return Ok((self.down_t.clone(), self.up_t.clone()));
+        }
+        let mut cached = self
+            .on_device
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("LoRA device copy poisoned".into()))?;
+        if let Some((down, up)) = cached.as_ref()
+            && down.device().same_device(device)
+        {
+            return Ok((down.clone(), up.clone()));
+        }
+        let copy = (self.down_t.to_device(device)?, self.up_t.to_device(device)?);
+        *cached = Some(copy.clone());
+        Ok(copy)
     }
 
     pub fn in_dim(&self) -> usize {
@@ -48,12 +72,14 @@ impl LowRank {
 
     /// `scale · (x Aᵀ) Bᵀ` for rows `x` (n × in).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.down_t)?.matmul(&self.up_t)
+        let (down_t, up_t) = self.factors(x.device())?;
+        x.matmul(&down_t)?.matmul(&up_t)
     }
 
-    /// The full update `scale · B A` as (out × in).
-    pub fn delta(&self) -> Result<Tensor> {
-        self.down_t.matmul(&self.up_t)?.t()
+    /// The full update `scale · B A` as (out × in), on `device`.
+    pub fn delta(&self, device: &Device) -> Result<Tensor> {
+        let (down_t, up_t) = self.factors(device)?;
+        down_t.matmul(&up_t)?.t()
     }
 }
 

@@ -73,7 +73,10 @@ impl Linear {
         if self.unfused.is_none() {
             self.unfused = Some(self.weight_t.clone());
         }
-        let delta_t = update.delta()?.t()?.to_dtype(self.weight_t.dtype())?;
+        let delta_t = update
+            .delta(self.weight_t.device())?
+            .t()?
+            .to_dtype(self.weight_t.dtype())?;
         self.weight_t = (&self.weight_t + delta_t)?.contiguous()?;
         Ok(())
     }

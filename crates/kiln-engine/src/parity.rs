@@ -2,7 +2,15 @@
 //! max/mean absolute difference, checked against a stated tolerance. Parity tests
 //! use it, and `kiln verify` will expose the same comparison to users.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+
+/// The device parity tests run Kiln's side on: `KILN_TEST_DEVICE` (`cpu` when
+/// unset; `cuda` on a GPU machine with a `--features cuda` build), so the same
+/// fixtures check every backend. An unusable name panics: it is a test setting.
+pub fn device_under_test() -> Device {
+    let name = std::env::var("KILN_TEST_DEVICE").unwrap_or_default();
+    crate::device::select_device(&name).unwrap_or_else(|e| panic!("KILN_TEST_DEVICE={name:?}: {e}"))
+}
 
 /// How close two tensors must be.
 #[derive(Debug, Clone, Copy, PartialEq)]

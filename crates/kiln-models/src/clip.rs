@@ -230,7 +230,8 @@ impl ClipTextModel {
             .token_embedding
             .forward(ids)?
             .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
-        let mask = Self::causal_mask(s, ids.device())?;
+        // In the activations' dtype: bf16/f16 scores cannot add an f32 mask.
+        let mask = Self::causal_mask(s, ids.device())?.to_dtype(embeddings.dtype())?;
         let mut hidden_states = vec![embeddings.clone()];
         let mut x = embeddings;
         for layer in &self.layers {

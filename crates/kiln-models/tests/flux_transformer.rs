@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
@@ -24,7 +24,7 @@ fn references(variant: &str) -> HashMap<String, Tensor> {
         &fixtures()
             .join(variant)
             .join("reference/references.safetensors"),
-        &Device::Cpu,
+        &kiln_engine::parity::device_under_test(),
     )
     .unwrap()
 }
@@ -46,7 +46,11 @@ fn load(weights: &Path, config: FluxConfig) -> FluxTransformer {
     let layout = FluxLayout::detect(&files.names()).expect("a FLUX layout");
     let adapter = layout.adapter(&config);
     let backend = AdaptedWeights::new(files, adapter);
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    let vb = VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        kiln_engine::parity::device_under_test(),
+    );
     FluxTransformer::load(vb, config).unwrap()
 }
 
@@ -107,7 +111,11 @@ fn wrong_shapes_name_the_tensor_and_file() {
     config.joint_attention_dim = 48;
     let files = WeightFiles::open(&fixtures().join("tiny-dev/transformer")).unwrap();
     let backend = AdaptedWeights::new(files, FluxLayout::Diffusers.adapter(&config));
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    let vb = VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        kiln_engine::parity::device_under_test(),
+    );
     let err = FluxTransformer::load(vb, config).err().unwrap().to_string();
     assert!(
         err.contains("context_embedder.weight") && err.contains("the model expects [32, 48]"),

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use candle_nn::VarBuilder;
 use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
@@ -22,7 +22,11 @@ fn load() -> UNet2DConditionModel {
     let config = UNetConfig::from_file(&dir.join("config.json")).unwrap();
     let files = WeightFiles::open(&dir).unwrap();
     let backend = AdaptedWeights::new(files, KeyAdapter::default());
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    let vb = VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        kiln_engine::parity::device_under_test(),
+    );
     UNet2DConditionModel::load(vb, config).unwrap()
 }
 
@@ -31,7 +35,7 @@ fn unet_forward_matches_diffusers() {
     let unet = load();
     let refs = load_all(
         &fixture().join("reference/references.safetensors"),
-        &Device::Cpu,
+        &kiln_engine::parity::device_under_test(),
     )
     .unwrap();
     let output = unet

@@ -32,7 +32,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
@@ -46,7 +46,7 @@ fn fixtures() -> PathBuf {
 fn references(file: &str) -> HashMap<String, Tensor> {
     load_all(
         &fixtures().join("tiny-dev/reference").join(file),
-        &Device::Cpu,
+        &kiln_engine::parity::device_under_test(),
     )
     .unwrap()
 }
@@ -75,7 +75,11 @@ fn try_load(weights: &Path, config: VaeConfig) -> candle_core::Result<Autoencode
     let files = WeightFiles::open(weights).unwrap();
     let adapter = detect_vae_layout(&files.names()).adapter(&config);
     let backend = AdaptedWeights::new(files, adapter);
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    let vb = VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        kiln_engine::parity::device_under_test(),
+    );
     AutoencoderKl::load(vb, config)
 }
 

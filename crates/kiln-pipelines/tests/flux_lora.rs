@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use kiln_engine::weights::load_all;
 use kiln_pipelines::lora::{self, LoraError, LoraFile, LoraFormat};
 use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest, generate};
@@ -32,12 +32,20 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = fixtures();
-    let mut components =
-        FluxComponents::load(&dir.join("tiny-dev"), &Device::Cpu, DType::F32).unwrap();
+    let mut components = FluxComponents::load(
+        &dir.join("tiny-dev"),
+        &kiln_engine::parity::device_under_test(),
+        DType::F32,
+    )
+    .unwrap();
     Setup {
         targets: components.lora_targets(),
         components,
-        references: load_all(&dir.join("lora/references.safetensors"), &Device::Cpu).unwrap(),
+        references: load_all(
+            &dir.join("lora/references.safetensors"),
+            &kiln_engine::parity::device_under_test(),
+        )
+        .unwrap(),
         index: serde_json::from_str(&std::fs::read_to_string(dir.join("lora/index.json")).unwrap())
             .unwrap(),
     }
@@ -125,7 +133,11 @@ fn loras_apply_the_same_to_a_bfl_single_file_transformer() {
     let layout = kiln_models::flux::FluxLayout::detect(&files.names()).unwrap();
     assert!(matches!(layout, kiln_models::flux::FluxLayout::Bfl { .. }));
     let backend = kiln_engine::AdaptedWeights::new(files, layout.adapter(&config));
-    let vb = candle_nn::VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        kiln_engine::parity::device_under_test(),
+    );
     setup.components.transformer = kiln_models::flux::FluxTransformer::load(vb, config).unwrap();
     assert_eq!(
         setup.components.lora_targets().denoiser,
@@ -214,11 +226,21 @@ fn loras_that_do_not_fit_are_clear_errors() {
         [
             (
                 "transformer.some.other.layer.lora_A.weight".to_string(),
-                Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros(
+                    (2, 4),
+                    DType::F32,
+                    &kiln_engine::parity::device_under_test(),
+                )
+                .unwrap(),
             ),
             (
                 "transformer.some.other.layer.lora_B.weight".to_string(),
-                Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros(
+                    (4, 2),
+                    DType::F32,
+                    &kiln_engine::parity::device_under_test(),
+                )
+                .unwrap(),
             ),
         ]
         .into(),
@@ -244,11 +266,21 @@ fn loras_that_do_not_fit_are_clear_errors() {
         [
             (
                 "transformer.proj_out.lora_A.weight".to_string(),
-                Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros(
+                    (2, 5),
+                    DType::F32,
+                    &kiln_engine::parity::device_under_test(),
+                )
+                .unwrap(),
             ),
             (
                 "transformer.proj_out.lora_B.weight".to_string(),
-                Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros(
+                    (4, 2),
+                    DType::F32,
+                    &kiln_engine::parity::device_under_test(),
+                )
+                .unwrap(),
             ),
         ]
         .into(),
@@ -396,7 +428,8 @@ fn pipeline_with(
 ) -> kiln_pipelines::text_to_image::flux::FluxPipeline {
     let dir = fixtures().join("tiny-dev");
     let manifest = kiln_pipelines::text_to_image::flux::manifest_for_folder(&dir).unwrap();
-    let components = FluxComponents::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let components =
+        FluxComponents::load(&dir, &kiln_engine::parity::device_under_test(), DType::F32).unwrap();
     let mut pipeline = kiln_pipelines::text_to_image::flux::FluxPipeline::new(
         components,
         &manifest,
@@ -550,5 +583,36 @@ fn fused_loras_match_runtime_ones_and_unfuse_exactly() {
         max_abs_diff(&base_before, &base_after),
         0.0,
         "unfuse restores the exact weights"
+    );
+}
+
+#[test]
+fn an_offloaded_model_applies_runtime_loras_and_refuses_fused_ones() {
+    let dir = fixtures().join("tiny-dev");
+    let mut manifest = kiln_pipelines::text_to_image::flux::manifest_for_folder(&dir).unwrap();
+    manifest.config["offload"] = serde_json::json!("model");
+    let (parts, targets) = kiln_pipelines::text_to_image::flux::OffloadedFlux::open(
+        &dir,
+        &kiln_engine::parity::device_under_test(),
+        DType::F32,
+    )
+    .unwrap();
+    let mut pipeline = kiln_pipelines::text_to_image::flux::FluxPipeline::offloaded(
+        parts,
+        targets,
+        &manifest,
+        "tiny".into(),
+    );
+    pipeline.set_lora_settings(local_lora_settings());
+    let setup = setup();
+    let style = serde_json::json!({"lora_weights": "style_peft.safetensors", "lora_scale": 0.7});
+    let runtime = predict(&pipeline, call_input(&setup, style.clone())).unwrap();
+    assert!(worst_pixel(&runtime, &setup.references["style_0.7"]) <= 1.5 / 255.0);
+    let mut fused = style;
+    fused["lora_mode"] = serde_json::json!("fused");
+    let refused = predict(&pipeline, call_input(&setup, fused)).unwrap_err();
+    assert!(
+        refused.contains("lora_mode") && refused.contains("offload"),
+        "{refused}"
     );
 }

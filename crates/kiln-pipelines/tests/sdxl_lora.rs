@@ -11,7 +11,7 @@ use common::{png_pixels, predict};
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use kiln_engine::weights::load_all;
 use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, SdxlPipeline, manifest_for_folder};
 use serde_json::Value;
@@ -24,7 +24,8 @@ fn fixtures() -> PathBuf {
 fn peft_and_kohya_sdxl_loras_match_diffusers() {
     let dir = fixtures().join("tiny-sdxl");
     let manifest = manifest_for_folder(&dir).unwrap();
-    let components = SdxlComponents::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let components =
+        SdxlComponents::load(&dir, &kiln_engine::parity::device_under_test(), DType::F32).unwrap();
     let mut pipeline = SdxlPipeline::new(components, &manifest, 64, "tiny".into());
     let mut settings = kiln_pipelines::lora::sources::LoraSettings::from_env();
     settings.dirs = vec![fixtures().join("lora")];
@@ -32,7 +33,11 @@ fn peft_and_kohya_sdxl_loras_match_diffusers() {
     let index: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference/index.json")).unwrap())
             .unwrap();
-    let refs = load_all(&dir.join("reference/references.safetensors"), &Device::Cpu).unwrap();
+    let refs = load_all(
+        &dir.join("reference/references.safetensors"),
+        &kiln_engine::parity::device_under_test(),
+    )
+    .unwrap();
     let reference: Vec<f32> = refs["image.lora_0.8"]
         .flatten_all()
         .unwrap()

@@ -11,7 +11,6 @@ use common::predict;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
 use kiln_pipelines::text_to_image::sdxl::safety::SafetyFilter;
@@ -23,12 +22,12 @@ fn fixture() -> PathBuf {
 
 #[test]
 fn the_checker_embeds_and_flags_like_diffusers() {
-    let filter = SafetyFilter::load(&fixture(), &Device::Cpu)
+    let filter = SafetyFilter::load(&fixture(), &kiln_engine::parity::device_under_test())
         .unwrap()
         .unwrap();
     let refs = load_all(
         &fixture().join("reference/references.safetensors"),
-        &Device::Cpu,
+        &kiln_engine::parity::device_under_test(),
     )
     .unwrap();
     let embeds = filter
@@ -77,7 +76,7 @@ fn the_checker_embeds_and_flags_like_diffusers() {
 fn a_folder_without_a_checker_has_none() {
     let dir = tempfile::tempdir().unwrap();
     assert!(
-        SafetyFilter::load(dir.path(), &Device::Cpu)
+        SafetyFilter::load(dir.path(), &kiln_engine::parity::device_under_test())
             .unwrap()
             .is_none()
     );
@@ -103,7 +102,7 @@ fn pipeline_with_checker() -> (
     let manifest = kiln_pipelines::text_to_image::sdxl::manifest_for_folder(dir.path()).unwrap();
     let components = kiln_pipelines::text_to_image::sdxl::SdxlComponents::load(
         dir.path(),
-        &Device::Cpu,
+        &kiln_engine::parity::device_under_test(),
         candle_core::DType::F32,
     )
     .unwrap();

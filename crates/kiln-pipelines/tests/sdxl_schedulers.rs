@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use kiln_engine::rng::TorchGenerator;
 use kiln_engine::weights::load_all;
 use kiln_pipelines::text_to_image::schedulers::{DiscreteConfig, SamplerKind};
@@ -47,7 +47,11 @@ fn every_sampler_matches_diffusers() {
     let index: Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("index.json")).unwrap())
             .unwrap();
-    let references = load_all(&fixtures().join("references.safetensors"), &Device::Cpu).unwrap();
+    let references = load_all(
+        &fixtures().join("references.safetensors"),
+        &kiln_engine::parity::device_under_test(),
+    )
+    .unwrap();
     let shape: Vec<usize> = serde_json::from_value(index["shape"].clone()).unwrap();
     let cases = index["cases"].as_object().unwrap();
     assert!(cases.len() >= 20);
@@ -77,10 +81,14 @@ fn every_sampler_matches_diffusers() {
 
         let mut generator = TorchGenerator::new(index["seed"].as_u64().unwrap());
         let n: usize = shape.iter().product();
-        let mut latents = Tensor::from_vec(generator.randn(n), shape.as_slice(), &Device::Cpu)
-            .unwrap()
-            .affine(sampler.init_noise_sigma(), 0.0)
-            .unwrap();
+        let mut latents = Tensor::from_vec(
+            generator.randn(n),
+            shape.as_slice(),
+            &kiln_engine::parity::device_under_test(),
+        )
+        .unwrap()
+        .affine(sampler.init_noise_sigma(), 0.0)
+        .unwrap();
         for (i, &t) in timesteps.iter().enumerate() {
             let input = sampler.scale_model_input(&latents, i).unwrap();
             let output = model(&input, t);

@@ -227,7 +227,8 @@ fn generate_with_active_adapters(
             .affine(sampler.init_noise_sigma(), 0.0)
             .map_err(run)?,
         Some(image) => {
-            let distribution = components.vae.encode(image).map_err(run)?;
+            let image = image.to_device(device).map_err(run)?;
+            let distribution = components.vae.encode(&image).map_err(run)?;
             let eps = randn(&mut generator, 1)?;
             let encoded = distribution
                 .sample(&eps)
@@ -252,7 +253,8 @@ fn generate_with_active_adapters(
     // The mask at latent resolution (nearest: every 8th pixel), 1 = repaint.
     let mask = match &request.mask {
         Some(mask) => Some(
-            mask.reshape((1, 1, lh, 8, lw, 8))
+            mask.to_device(device)
+                .and_then(|m| m.reshape((1, 1, lh, 8, lw, 8)))
                 .and_then(|m| m.narrow(3, 0, 1))
                 .and_then(|m| m.narrow(5, 0, 1))
                 .and_then(|m| m.reshape((1, 1, lh, lw)))
