@@ -5,7 +5,9 @@
 //! negative conditioning, DPM++ 2M Karras with guidance_rescale, Euler
 //! ancestral on a non-square size, no CFG, image-to-image (Euler, DPM++) and
 //! inpainting (Euler ancestral, whose noise depends on diffusers' exact order
-//! of generator draws, and full strength).
+//! of generator draws, and full strength), and v-prediction models (zero-SNR
+//! Euler and DDIM, DPM++ 2M Karras) from a scheduler config or a single file's
+//! `v_pred`/`ztsnr` markers.
 
 mod common;
 
@@ -14,7 +16,7 @@ use common::{png_pixels, predict};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
 use kiln_pipelines::text_to_image::image_io::{image_tensor, mask_tensor};
@@ -27,10 +29,15 @@ fn fixture() -> PathBuf {
 }
 
 fn setup() -> (SdxlComponents, HashMap<String, Tensor>, Value) {
-    let components = SdxlComponents::load(&fixture(), &Device::Cpu, DType::F32).unwrap();
+    let components = SdxlComponents::load(
+        &fixture(),
+        &kiln_engine::parity::device_under_test(),
+        DType::F32,
+    )
+    .unwrap();
     let refs = load_all(
         &fixture().join("reference/references.safetensors"),
-        &Device::Cpu,
+        &kiln_engine::parity::device_under_test(),
     )
     .unwrap();
     let index = serde_json::from_str(
@@ -95,55 +102,166 @@ fn prompts_encode_like_diffusers() {
     check("negative_pooled", &pooled, &refs["text.negative_pooled"]);
 }
 
+/// The request a recorded diffusers call describes.
+fn request_for(call: &Value) -> SdxlRequest {
+    // Image-to-image calls take the init image's size (64×64).
+    let (height, width) = (
+        call["height"].as_u64().unwrap_or(64) as usize,
+        call["width"].as_u64().unwrap_or(64) as usize,
+    );
+    SdxlRequest {
+        prompt: call["prompt"].as_str().unwrap().into(),
+        negative_prompt: call["negative_prompt"].as_str().map(str::to_string),
+        width,
+        height,
+        steps: call["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: call["guidance_scale"].as_f64().unwrap(),
+        guidance_rescale: call["guidance_rescale"].as_f64().unwrap_or(0.0),
+        sampler: SamplerKind::parse(call["sampler"].as_str().unwrap()).unwrap(),
+        seed: call["seed"].as_u64().unwrap(),
+        num_outputs: 1,
+        clip_skip: 0,
+        original_size: (height, width),
+        crop_top_left: (0, 0),
+        target_size: (height, width),
+        init_image: call["image"]
+            .as_str()
+            .map(|file| image_tensor(&reference_image(file), width, height).unwrap()),
+        mask: call["mask"]
+            .as_str()
+            .map(|file| mask_tensor(&reference_image(file)).unwrap()),
+        strength: call["strength"].as_f64().unwrap_or(1.0),
+        vae_tile: None,
+        adapters: None,
+    }
+}
+
+/// Generate `call` with `components` and check the image against diffusers' (1/255).
+fn check_call(
+    components: &SdxlComponents,
+    refs: &HashMap<String, Tensor>,
+    name: &str,
+    call: &Value,
+) {
+    let generated = generate(components, &request_for(call), &mut |_, _| true).unwrap();
+    let diff = parity::compare(&generated.images, &refs[&format!("image.{name}")])
+        .unwrap()
+        .max_abs;
+    eprintln!("{name}: max abs diff vs diffusers {diff:.2e}");
+    assert!(diff <= 1.0 / 255.0, "{name}: max abs diff {diff}");
+}
+
 #[test]
 fn images_match_diffusers_for_every_recorded_call() {
     let (components, refs, index) = setup();
     for (name, call) in index["calls"].as_object().unwrap() {
-        if call.get("lora").is_some() {
-            continue; // sdxl_lora.rs
+        if call.get("lora").is_some() || call.get("scheduler_config").is_some() {
+            continue; // sdxl_lora.rs; v-prediction below
         }
-        // Image-to-image calls take the init image's size (64×64).
-        let (height, width) = (
-            call["height"].as_u64().unwrap_or(64) as usize,
-            call["width"].as_u64().unwrap_or(64) as usize,
-        );
-        let request = SdxlRequest {
-            prompt: call["prompt"].as_str().unwrap().into(),
-            negative_prompt: call["negative_prompt"].as_str().map(str::to_string),
-            width,
-            height,
-            steps: call["num_inference_steps"].as_u64().unwrap() as usize,
-            guidance_scale: call["guidance_scale"].as_f64().unwrap(),
-            guidance_rescale: call["guidance_rescale"].as_f64().unwrap_or(0.0),
-            sampler: SamplerKind::parse(call["sampler"].as_str().unwrap()).unwrap(),
-            seed: call["seed"].as_u64().unwrap(),
-            num_outputs: 1,
-            clip_skip: 0,
-            original_size: (height, width),
-            crop_top_left: (0, 0),
-            target_size: (height, width),
-            init_image: call["image"]
-                .as_str()
-                .map(|file| image_tensor(&reference_image(file), width, height).unwrap()),
-            mask: call["mask"]
-                .as_str()
-                .map(|file| mask_tensor(&reference_image(file)).unwrap()),
-            strength: call["strength"].as_f64().unwrap_or(1.0),
-            vae_tile: None,
-            adapters: None,
-        };
-        let generated = generate(&components, &request, &mut |_, _| true).unwrap();
-        let diff = parity::compare(&generated.images, &refs[&format!("image.{name}")])
-            .unwrap()
-            .max_abs;
-        eprintln!("{name}: max abs diff vs diffusers {diff:.2e}");
-        assert!(diff <= 1.0 / 255.0, "{name}: max abs diff {diff}");
+        check_call(&components, &refs, name, call);
     }
+}
+
+/// A copy of the tiny pipeline whose scheduler_config.json has `overrides`, as
+/// a v-prediction fine-tune ships it.
+fn folder_with_scheduler(overrides: &Value) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let path = entry.unwrap().path();
+        let target = dir.path().join(path.file_name().unwrap());
+        if path.is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            for file in std::fs::read_dir(&path).unwrap() {
+                let file = file.unwrap().path();
+                if file.is_file() {
+                    std::fs::copy(&file, target.join(file.file_name().unwrap())).unwrap();
+                }
+            }
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+    merge_scheduler_config(dir.path(), overrides);
+    dir
+}
+
+fn merge_scheduler_config(folder: &Path, overrides: &Value) {
+    let file = folder.join("scheduler/scheduler_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    for (key, value) in overrides.as_object().unwrap() {
+        config[key] = value.clone();
+    }
+    std::fs::write(&file, config.to_string()).unwrap();
+}
+
+#[test]
+fn v_prediction_models_match_diffusers_from_their_scheduler_config() {
+    let (_, refs, index) = setup();
+    let mut checked = 0;
+    for (name, call) in index["calls"].as_object().unwrap() {
+        let Some(overrides) = call.get("scheduler_config") else {
+            continue;
+        };
+        let folder = folder_with_scheduler(overrides);
+        let components =
+            SdxlComponents::load(folder.path(), &parity::device_under_test(), DType::F32).unwrap();
+        check_call(&components, &refs, name, call);
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "Euler and DDIM with zero-SNR, DPM++ 2M Karras");
+
+    // Heun and PNDM: diffusers ignores rescale_betas_zero_snr there; Kiln refuses.
+    let folder = folder_with_scheduler(&index["calls"]["vpred_zsnr_euler"]["scheduler_config"]);
+    let components =
+        SdxlComponents::load(folder.path(), &parity::device_under_test(), DType::F32).unwrap();
+    let mut request = request_for(&index["calls"]["vpred_zsnr_euler"]);
+    request.sampler = SamplerKind::Heun;
+    let err = generate(&components, &request, &mut |_, _| true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("rescale_betas_zero_snr") && err.contains("K_EULER"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_single_file_with_v_pred_and_ztsnr_markers_is_a_zero_snr_v_prediction_model() {
+    let (_, refs, index) = setup();
+    let folder = single_file_folder(true);
+    // Only the spacing comes from the folder; v-prediction and zero SNR come from the markers.
+    merge_scheduler_config(
+        folder.path(),
+        &serde_json::json!({"timestep_spacing": "trailing"}),
+    );
+    let file = folder.path().join("tiny-sdxl-single.safetensors");
+    let mut tensors = load_all(&file, &candle_core::Device::Cpu).unwrap();
+    for marker in ["v_pred", "ztsnr"] {
+        tensors.insert(
+            marker.to_string(),
+            Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let components =
+        SdxlComponents::load(folder.path(), &parity::device_under_test(), DType::F32).unwrap();
+    check_call(
+        &components,
+        &refs,
+        "vpred_zsnr_euler",
+        &index["calls"]["vpred_zsnr_euler"],
+    );
 }
 
 fn pipeline() -> kiln_pipelines::text_to_image::sdxl::SdxlPipeline {
     let manifest = kiln_pipelines::text_to_image::sdxl::manifest_for_folder(&fixture()).unwrap();
-    let components = SdxlComponents::load(&fixture(), &Device::Cpu, DType::F32).unwrap();
+    let components = SdxlComponents::load(
+        &fixture(),
+        &kiln_engine::parity::device_under_test(),
+        DType::F32,
+    )
+    .unwrap();
     kiln_pipelines::text_to_image::sdxl::SdxlPipeline::new(components, &manifest, 64, "tiny".into())
 }
 
@@ -294,7 +412,12 @@ fn a_single_file_checkpoint_generates_the_same_image() {
     assert!(kiln_pipelines::text_to_image::sdxl::is_sdxl_folder(
         folder.path()
     ));
-    let components = SdxlComponents::load(folder.path(), &Device::Cpu, DType::F32).unwrap();
+    let components = SdxlComponents::load(
+        folder.path(),
+        &kiln_engine::parity::device_under_test(),
+        DType::F32,
+    )
+    .unwrap();
     let call = &index["calls"]["euler_cfg_negative"];
     let request = SdxlRequest {
         prompt: call["prompt"].as_str().unwrap().into(),
@@ -326,18 +449,26 @@ fn a_single_file_checkpoint_generates_the_same_image() {
 
     // Without configs the SDXL base sizes apply, and the mismatch names a tensor.
     let bare = single_file_folder(false);
-    let err = SdxlComponents::load(bare.path(), &Device::Cpu, DType::F32)
-        .err()
-        .unwrap();
+    let err = SdxlComponents::load(
+        bare.path(),
+        &kiln_engine::parity::device_under_test(),
+        DType::F32,
+    )
+    .err()
+    .unwrap();
     assert!(
         err.contains("tiny-sdxl-single.safetensors") && err.contains("shape"),
         "{err}"
     );
     let folder = single_file_folder(true);
     std::fs::remove_dir_all(folder.path().join("tokenizer_2")).unwrap();
-    let err = SdxlComponents::load(folder.path(), &Device::Cpu, DType::F32)
-        .err()
-        .unwrap();
+    let err = SdxlComponents::load(
+        folder.path(),
+        &kiln_engine::parity::device_under_test(),
+        DType::F32,
+    )
+    .err()
+    .unwrap();
     assert!(
         err.contains("tokenizer_2") && err.contains("single-file"),
         "{err}"

@@ -3,7 +3,9 @@
 //! writes it, betas (torch's f32 `linspace`), `alphas_cumprod` (torch's
 //! cumprod: f32 values, double accumulation), timestep spacing
 //! (leading/trailing/linspace + `steps_offset`), sigma interpolation, Karras
-//! sigmas and sigma→timestep inversion, and the [`Sampler`] interface.
+//! sigmas and sigma→timestep inversion, zero-terminal-SNR rescaling (the
+//! v-prediction fine-tunes' `rescale_betas_zero_snr`), and the [`Sampler`]
+//! interface.
 
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
@@ -23,6 +25,9 @@ pub struct DiscreteConfig {
     pub set_alpha_to_one: bool,
     pub clip_sample: bool,
     pub clip_sample_range: f64,
+    /// Rescale the betas so the last timestep has zero SNR (Lin et al. 2023),
+    /// as zero-terminal-SNR v-prediction models are trained.
+    pub rescale_betas_zero_snr: bool,
 }
 
 impl Default for DiscreteConfig {
@@ -40,6 +45,7 @@ impl Default for DiscreteConfig {
             set_alpha_to_one: false,
             clip_sample: false,
             clip_sample_range: 1.0,
+            rescale_betas_zero_snr: false,
         }
     }
 }
@@ -79,8 +85,17 @@ impl DiscreteConfig {
         }
     }
 
-    /// Betas as torch makes them (float32).
+    /// Betas as torch makes them (float32), zero-SNR rescaled when configured.
     pub fn betas(&self) -> std::result::Result<Vec<f32>, ScheduleError> {
+        let betas = self.schedule_betas()?;
+        Ok(if self.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        })
+    }
+
+    fn schedule_betas(&self) -> std::result::Result<Vec<f32>, ScheduleError> {
         let n = self.num_train_timesteps;
         match self.beta_schedule.as_str() {
             "linear" => Ok(torch_linspace_f32(
@@ -104,17 +119,10 @@ impl DiscreteConfig {
         }
     }
 
-    /// `alphas_cumprod` as torch computes it (f32 results of a double-precision running product).
+    /// `alphas_cumprod` as torch computes it (f32 results of a double-precision
+    /// running product); with zero-SNR rescaling the last one is exactly 0.
     pub fn alphas_cumprod(&self) -> std::result::Result<Vec<f32>, ScheduleError> {
-        let mut product = 1f64;
-        Ok(self
-            .betas()?
-            .into_iter()
-            .map(|beta| {
-                product *= f64::from(1.0f32 - beta);
-                product as f32
-            })
-            .collect())
+        Ok(cumprod(self.betas()?.into_iter().map(|beta| 1.0 - beta)))
     }
 
     /// Inference timesteps, descending, as diffusers' set_timesteps computes
@@ -179,14 +187,68 @@ impl DiscreteConfig {
         Ok(timesteps)
     }
 
-    /// The training sigmas `sqrt((1 - ᾱ) / ᾱ)` (f32, ascending in t).
+    /// The training sigmas `sqrt((1 - ᾱ) / ᾱ)` (f32, ascending in t). With
+    /// zero-SNR rescaling the last ᾱ becomes 2⁻²⁴ first, as diffusers' sigma
+    /// samplers (Euler, Euler ancestral, DPM-Solver) do, so σ_max is finite (4096).
     pub fn train_sigmas(&self) -> std::result::Result<Vec<f32>, ScheduleError> {
-        Ok(self
-            .alphas_cumprod()?
+        let mut alphas_cumprod = self.alphas_cumprod()?;
+        if self.rescale_betas_zero_snr
+            && let Some(last) = alphas_cumprod.last_mut()
+        {
+            *last = 2f32.powi(-24);
+        }
+        Ok(alphas_cumprod
             .into_iter()
             .map(|a| ((1.0 - a) / a).sqrt())
             .collect())
     }
+
+    /// Refuse zero-SNR rescaling for a sampler diffusers does not rescale
+    /// (it ignores the key there, which would silently change the model's schedule).
+    pub fn refuse_zero_snr(&self, sampler: &str) -> std::result::Result<(), ScheduleError> {
+        if self.rescale_betas_zero_snr {
+            return Err(ScheduleError::Unsupported {
+                key: "rescale_betas_zero_snr",
+                value: format!("true with {sampler}"),
+                supported: "zero-SNR models: K_EULER, K_EULER_ANCESTRAL, DPMSolverMultistep, KarrasDPM, DDIM",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// torch.cumprod of f32 values on CPU: a double-precision running product
+/// rounded to f32 at each element.
+fn cumprod(values: impl IntoIterator<Item = f32>) -> Vec<f32> {
+    let mut product = 1f64;
+    values
+        .into_iter()
+        .map(|value| {
+            product *= f64::from(value);
+            product as f32
+        })
+        .collect()
+}
+
+/// diffusers' `rescale_zero_terminal_snr` in torch's f32 arithmetic: shift
+/// and scale √ᾱ so the last is 0 and the first unchanged, then back to betas.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let mut roots: Vec<f32> = cumprod(betas.iter().map(|b| 1.0 - b))
+        .into_iter()
+        .map(f32::sqrt)
+        .collect();
+    let (Some(&first), Some(&last)) = (roots.first(), roots.last()) else {
+        return Vec::new();
+    };
+    let scale = first / (first - last);
+    for root in &mut roots {
+        *root = (*root - last) * scale;
+    }
+    let alphas_bar: Vec<f32> = roots.iter().map(|r| r * r).collect();
+    let mut rescaled = Vec::with_capacity(betas.len());
+    rescaled.push(1.0 - alphas_bar[0]);
+    rescaled.extend(alphas_bar.windows(2).map(|w| 1.0 - w[1] / w[0]));
+    rescaled
 }
 
 /// torch.linspace(start, end, steps, dtype=float32) on CPU: the first half

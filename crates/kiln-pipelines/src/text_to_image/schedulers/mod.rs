@@ -76,7 +76,10 @@ impl SamplerKind {
         Ok(match self {
             SamplerKind::Euler => Box::new(euler::Euler::new(config, steps)?),
             SamplerKind::EulerAncestral => Box::new(euler::EulerAncestral::new(config, steps)?),
-            SamplerKind::Heun => Box::new(euler::Heun::new(config, steps)?),
+            SamplerKind::Heun => {
+                config.refuse_zero_snr("Heun")?;
+                Box::new(euler::Heun::new(config, steps)?)
+            }
             SamplerKind::DpmSolverMultistep => {
                 Box::new(dpm::DpmSolverMultistep::new(config, steps)?)
             }
@@ -86,7 +89,10 @@ impl SamplerKind {
                 Box::new(dpm::DpmSolverMultistep::new(&karras, steps)?)
             }
             SamplerKind::Ddim => Box::new(ddim::Ddim::new(config, steps)?),
-            SamplerKind::Pndm => Box::new(ddim::Pndm::new(config, steps)?),
+            SamplerKind::Pndm => {
+                config.refuse_zero_snr("PNDM")?;
+                Box::new(ddim::Pndm::new(config, steps)?)
+            }
         })
     }
 }

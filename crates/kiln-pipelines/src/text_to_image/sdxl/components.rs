@@ -5,8 +5,8 @@
 //! `.safetensors` with `model.diffusion_model.*`, `conditioner.embedders.*`,
 //! `first_stage_model.*`) beside `tokenizer/` and `tokenizer_2/`, with SDXL
 //! base's configs unless the folder has its own. A checkpoint holding a
-//! `v_pred` tensor (the community marker) is v-prediction. Every failure names
-//! the file.
+//! `v_pred` tensor (the community marker) is v-prediction, and one holding
+//! `ztsnr` has zero-terminal-SNR betas. Every failure names the file.
 
 use std::path::{Path, PathBuf};
 
@@ -206,6 +206,9 @@ impl SdxlComponents {
                 })?;
                 if files.contains("v_pred") {
                     scheduler.prediction_type = "v_prediction".into();
+                }
+                if files.contains("ztsnr") {
+                    scheduler.rescale_betas_zero_snr = true;
                 }
                 let adapter = ldm_unet_adapter(&unet_config, &prefix);
                 let unet = UNet2DConditionModel::load(
