@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use kiln_engine::weights::load_all;
 use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest, generate};
 use serde_json::Value;
@@ -28,8 +28,17 @@ fn variant(name: &str) -> Variant {
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference/index.json")).unwrap())
             .unwrap();
     Variant {
-        components: FluxComponents::load(&dir, &Device::Cpu, DType::F32).unwrap(),
-        references: load_all(&dir.join("reference/references.safetensors"), &Device::Cpu).unwrap(),
+        components: FluxComponents::load(
+            &dir,
+            &kiln_engine::parity::device_under_test(),
+            DType::F32,
+        )
+        .unwrap(),
+        references: load_all(
+            &dir.join("reference/references.safetensors"),
+            &kiln_engine::parity::device_under_test(),
+        )
+        .unwrap(),
         index,
     }
 }
@@ -89,7 +98,7 @@ fn initial_noise_is_diffusers_noise() {
     let ours = Tensor::from_vec(
         generator.randn(noise.elem_count()),
         noise.dims(),
-        &Device::Cpu,
+        &kiln_engine::parity::device_under_test(),
     )
     .unwrap();
     assert_eq!(max_abs_diff(&ours, noise), 0.0);
@@ -157,4 +166,31 @@ fn token_ids_match_transformers_exactly() {
             "T5 {prompt:?}"
         );
     }
+}
+
+#[test]
+fn model_cpu_offload_generates_the_same_images_one_part_at_a_time() {
+    use kiln_pipelines::text_to_image::flux::{FluxParts, OffloadedFlux, Part};
+    let v = variant("tiny-dev");
+    let device = kiln_engine::parity::device_under_test();
+    let (offloaded, targets) =
+        OffloadedFlux::open(&fixtures().join("tiny-dev"), &device, DType::F32).unwrap();
+    assert!(!targets.denoiser.is_empty() && !targets.text_encoder.is_empty());
+    // Each stage loads its own part and frees it when done.
+    assert!(matches!(offloaded.transformer().unwrap(), Part::Loaded(_)));
+    for case in ["generate_a", "generate_c"] {
+        let request = request(&v.index["cases"][case]["inputs"]);
+        let resident = run(&v, &request);
+        let images = generate(&offloaded, &request, &mut |_, _| true)
+            .unwrap()
+            .images;
+        assert_eq!(max_abs_diff(&images, &resident), 0.0, "{case}");
+    }
+    let init = v.references["img2img.init_image"].clone();
+    let mut request = request(&v.index["cases"]["img2img"]["inputs"]);
+    request.init_image = Some((init, 0.6));
+    let images = generate(&offloaded, &request, &mut |_, _| true)
+        .unwrap()
+        .images;
+    assert_eq!(max_abs_diff(&images, &run(&v, &request)), 0.0, "img2img");
 }

@@ -2,12 +2,14 @@
 //! `transformer/`, `text_encoder/`, `text_encoder_2/`, `vae/`, `tokenizer/`,
 //! `tokenizer_2/`, `scheduler/`), where the transformer may instead be a BFL single
 //! file (`flux1-*.safetensors`, in the root or `transformer/`) and the VAE BFL's
-//! `ae.safetensors`. Every failure names the file.
+//! `ae.safetensors`. Every failure names the file. Loaded resident, or
+//! offloaded: each part loaded onto the accelerator for its stage only.
 
 use std::path::{Path, PathBuf};
 
-use super::generate::FluxModels;
+use super::generate::{FluxModels, FluxParts, Part};
 use super::prompt::{PromptTokenizer, TextEncoders};
+use crate::error::PipelineError;
 use crate::text_to_image::loading::{open, read_json, var_builder};
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 use candle_core::{DType, Device};
@@ -87,87 +89,10 @@ impl FluxComponents {
 
     /// Load every component of the model folder at `dir`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, String> {
-        let transformer_path = transformer_weights(dir)?;
-        let config_path = dir.join("transformer/config.json");
-        let config: FluxConfig = if config_path.is_file() {
-            read_json(&config_path)?
-        } else {
-            serde_json::from_str("{}").map_err(|e| e.to_string())?
-        };
-        let files = open(&transformer_path)?;
-        let layout = FluxLayout::detect(&files.names()).ok_or_else(|| {
-            format!(
-                "{}: not a FLUX transformer (unknown tensor names)",
-                transformer_path.display()
-            )
-        })?;
-        let adapter = layout.adapter(&config);
-        let transformer = FluxTransformer::load(var_builder(files, adapter, dtype, device), config)
-            .map_err(|e| format!("{}: {e}", transformer_path.display()))?;
-
-        let (vae_weights, vae_config_path) = if dir.join("vae").is_dir() {
-            (dir.join("vae"), dir.join("vae/config.json"))
-        } else {
-            (dir.join("ae.safetensors"), dir.join("vae/config.json"))
-        };
-        let vae_config: VaeConfig = if vae_config_path.is_file() {
-            read_json(&vae_config_path)?
-        } else {
-            // BFL's ae.safetensors ships without a config: FLUX.1's VAE sizes.
-            serde_json::from_value(serde_json::json!({
-                "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
-                "layers_per_block": 2, "norm_num_groups": 32, "scaling_factor": 0.3611,
-                "shift_factor": 0.1159, "use_quant_conv": false, "use_post_quant_conv": false
-            }))
-            .map_err(|e| e.to_string())?
-        };
-        let files = open(&vae_weights)?;
-        let adapter = detect_vae_layout(&files.names()).adapter(&vae_config);
-        // The VAE runs in f32 (diffusers upcasts it where `force_upcast`).
-        let vae = AutoencoderKl::load(var_builder(files, adapter, DType::F32, device), vae_config)
-            .map_err(|e| format!("{}: {e}", vae_weights.display()))?;
-
-        let clip_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
-        let clip = ClipTextModel::load(
-            var_builder(
-                open(&dir.join("text_encoder"))?,
-                KeyAdapter::default(),
-                dtype,
-                device,
-            ),
-            clip_config,
-        )
-        .map_err(|e| format!("{}: {e}", dir.join("text_encoder").display()))?;
-        let t5_config: T5Config = read_json(&dir.join("text_encoder_2/config.json"))?;
-        let t5 = T5Encoder::load(
-            var_builder(
-                open(&dir.join("text_encoder_2"))?,
-                KeyAdapter::default(),
-                dtype,
-                device,
-            ),
-            t5_config,
-        )
-        .map_err(|e| format!("{}: {e}", dir.join("text_encoder_2").display()))?;
-        let eos = clip.eos_token_id();
-        let text = TextEncoders {
-            clip_tokenizer: PromptTokenizer::load(&dir.join("tokenizer"), eos, eos)?,
-            clip,
-            t5_tokenizer: PromptTokenizer::load(&dir.join("tokenizer_2"), 0, 1)?,
-            t5,
-        };
-        let scheduler_path = dir.join("scheduler/scheduler_config.json");
-        let scheduler = if scheduler_path.is_file() {
-            read_json(&scheduler_path)?
-        } else if transformer.config().guidance_embeds {
-            FlowMatchEulerConfig {
-                use_dynamic_shifting: true,
-                shift: 3.0,
-                ..FlowMatchEulerConfig::default()
-            }
-        } else {
-            FlowMatchEulerConfig::default()
-        };
+        let transformer = load_transformer(dir, device, dtype)?;
+        let vae = load_vae(dir, device)?;
+        let text = load_text_encoders(dir, device, dtype)?;
+        let scheduler = load_scheduler(dir, transformer.config().guidance_embeds)?;
         Ok(FluxComponents {
             text,
             transformer,
@@ -177,6 +102,177 @@ impl FluxComponents {
             dtype,
         })
     }
+}
+
+/// Model CPU offload (diffusers' `enable_model_cpu_offload`): no weights stay
+/// on the accelerator between stages. Each part (text encoders, transformer,
+/// VAE) is loaded onto it from the memory-mapped files, which stay in host
+/// memory, for its stage only and freed after, so the accelerator holds one
+/// part at a time. Costs a host-to-device copy of every part per generation.
+pub struct OffloadedFlux {
+    dir: PathBuf,
+    config: FluxConfig,
+    scheduler: FlowMatchEulerConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl OffloadedFlux {
+    /// Check the folder by loading every part once into host memory (so a bad
+    /// file fails here, naming it), keep nothing on `device`, and return the
+    /// layers LoRAs may target.
+    pub fn open(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, crate::lora::LoraTargets), String> {
+        let mut checked = FluxComponents::load(dir, &Device::Cpu, dtype)?;
+        let targets = checked.lora_targets();
+        let offloaded = OffloadedFlux {
+            dir: dir.to_path_buf(),
+            config: checked.transformer.config().clone(),
+            scheduler: checked.scheduler.clone(),
+            device: device.clone(),
+            dtype,
+        };
+        Ok((offloaded, targets))
+    }
+
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+fn stage_error(e: String) -> PipelineError {
+    PipelineError::Execution(format!("loading a model part for its stage: {e}"))
+}
+
+impl FluxParts for OffloadedFlux {
+    fn text(&self) -> Result<Part<'_, TextEncoders>, PipelineError> {
+        load_text_encoders(&self.dir, &self.device, self.dtype)
+            .map(Part::Loaded)
+            .map_err(stage_error)
+    }
+
+    fn transformer(&self) -> Result<Part<'_, FluxTransformer>, PipelineError> {
+        load_transformer(&self.dir, &self.device, self.dtype)
+            .map(Part::Loaded)
+            .map_err(stage_error)
+    }
+
+    fn vae(&self) -> Result<Part<'_, AutoencoderKl>, PipelineError> {
+        load_vae(&self.dir, &self.device)
+            .map(Part::Loaded)
+            .map_err(stage_error)
+    }
+
+    fn scheduler(&self) -> &FlowMatchEulerConfig {
+        &self.scheduler
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+fn load_transformer(dir: &Path, device: &Device, dtype: DType) -> Result<FluxTransformer, String> {
+    let transformer_path = transformer_weights(dir)?;
+    let config_path = dir.join("transformer/config.json");
+    let config: FluxConfig = if config_path.is_file() {
+        read_json(&config_path)?
+    } else {
+        serde_json::from_str("{}").map_err(|e| e.to_string())?
+    };
+    let files = open(&transformer_path)?;
+    let layout = FluxLayout::detect(&files.names()).ok_or_else(|| {
+        format!(
+            "{}: not a FLUX transformer (unknown tensor names)",
+            transformer_path.display()
+        )
+    })?;
+    let adapter = layout.adapter(&config);
+    FluxTransformer::load(var_builder(files, adapter, dtype, device), config)
+        .map_err(|e| format!("{}: {e}", transformer_path.display()))
+}
+
+fn load_vae(dir: &Path, device: &Device) -> Result<AutoencoderKl, String> {
+    let (vae_weights, vae_config_path) = if dir.join("vae").is_dir() {
+        (dir.join("vae"), dir.join("vae/config.json"))
+    } else {
+        (dir.join("ae.safetensors"), dir.join("vae/config.json"))
+    };
+    let vae_config: VaeConfig = if vae_config_path.is_file() {
+        read_json(&vae_config_path)?
+    } else {
+        // BFL's ae.safetensors ships without a config: FLUX.1's VAE sizes.
+        serde_json::from_value(serde_json::json!({
+            "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2, "norm_num_groups": 32, "scaling_factor": 0.3611,
+            "shift_factor": 0.1159, "use_quant_conv": false, "use_post_quant_conv": false
+        }))
+        .map_err(|e| e.to_string())?
+    };
+    let files = open(&vae_weights)?;
+    let adapter = detect_vae_layout(&files.names()).adapter(&vae_config);
+    // The VAE runs in f32 (diffusers upcasts it where `force_upcast`).
+    AutoencoderKl::load(var_builder(files, adapter, DType::F32, device), vae_config)
+        .map_err(|e| format!("{}: {e}", vae_weights.display()))
+}
+
+fn load_text_encoders(dir: &Path, device: &Device, dtype: DType) -> Result<TextEncoders, String> {
+    let clip_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+    let clip = ClipTextModel::load(
+        var_builder(
+            open(&dir.join("text_encoder"))?,
+            KeyAdapter::default(),
+            dtype,
+            device,
+        ),
+        clip_config,
+    )
+    .map_err(|e| format!("{}: {e}", dir.join("text_encoder").display()))?;
+    let t5_config: T5Config = read_json(&dir.join("text_encoder_2/config.json"))?;
+    let t5 = T5Encoder::load(
+        var_builder(
+            open(&dir.join("text_encoder_2"))?,
+            KeyAdapter::default(),
+            dtype,
+            device,
+        ),
+        t5_config,
+    )
+    .map_err(|e| format!("{}: {e}", dir.join("text_encoder_2").display()))?;
+    let eos = clip.eos_token_id();
+    Ok(TextEncoders {
+        clip_tokenizer: PromptTokenizer::load(&dir.join("tokenizer"), eos, eos)?,
+        clip,
+        t5_tokenizer: PromptTokenizer::load(&dir.join("tokenizer_2"), 0, 1)?,
+        t5,
+    })
+}
+
+/// `scheduler/scheduler_config.json`, else FLUX.1's: dev shifts dynamically, schnell does not.
+fn load_scheduler(dir: &Path, guidance_embeds: bool) -> Result<FlowMatchEulerConfig, String> {
+    let scheduler_path = dir.join("scheduler/scheduler_config.json");
+    Ok(if scheduler_path.is_file() {
+        read_json(&scheduler_path)?
+    } else if guidance_embeds {
+        FlowMatchEulerConfig {
+            use_dynamic_shifting: true,
+            shift: 3.0,
+            ..FlowMatchEulerConfig::default()
+        }
+    } else {
+        FlowMatchEulerConfig::default()
+    })
 }
 
 /// Whether `dir` looks like a FLUX model folder (for layout detection at register time).

@@ -2,6 +2,8 @@
 //! FluxImg2ImgPipeline run it: noise from the torch-compatible generator in the
 //! unpacked latent shape, 2×2 packing, dynamic-shift FlowMatchEuler sigmas, optional
 //! true CFG with a negative prompt, Euler steps, VAE decode with scaling and shift.
+//! The loop takes each model part for its stage from [`FluxParts`]: borrowed
+//! from resident components, or loaded for that stage only (model CPU offload).
 
 use std::time::Instant;
 
@@ -64,6 +66,60 @@ pub struct FluxModels<'a> {
     pub dtype: DType,
 }
 
+/// A model part for one stage: borrowed from resident components, or loaded
+/// for this stage and freed when dropped.
+pub enum Part<'a, T> {
+    Resident(&'a T),
+    Loaded(T),
+}
+
+impl<T> std::ops::Deref for Part<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        match self {
+            Part::Resident(part) => part,
+            Part::Loaded(part) => part,
+        }
+    }
+}
+
+/// Where the sampling loop gets each part, one stage at a time.
+pub trait FluxParts {
+    fn text(&self) -> Result<Part<'_, TextEncoders>, PipelineError>;
+    fn transformer(&self) -> Result<Part<'_, FluxTransformer>, PipelineError>;
+    fn vae(&self) -> Result<Part<'_, AutoencoderKl>, PipelineError>;
+    fn scheduler(&self) -> &FlowMatchEulerConfig;
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+}
+
+impl FluxParts for FluxModels<'_> {
+    fn text(&self) -> Result<Part<'_, TextEncoders>, PipelineError> {
+        Ok(Part::Resident(self.text))
+    }
+
+    fn transformer(&self) -> Result<Part<'_, FluxTransformer>, PipelineError> {
+        Ok(Part::Resident(self.transformer))
+    }
+
+    fn vae(&self) -> Result<Part<'_, AutoencoderKl>, PipelineError> {
+        Ok(Part::Resident(self.vae))
+    }
+
+    fn scheduler(&self) -> &FlowMatchEulerConfig {
+        self.scheduler
+    }
+
+    fn device(&self) -> &Device {
+        self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
 fn run(e: candle_core::Error) -> PipelineError {
     PipelineError::Execution(e.to_string())
 }
@@ -81,23 +137,22 @@ fn randn(
 
 /// Run one generation.
 fn generate_with_active_adapters(
-    models: &FluxModels,
+    models: &dyn FluxParts,
     request: &GenerationRequest,
     on_step: StepCallback,
 ) -> Result<Generated, PipelineError> {
     let started = Instant::now();
-    let device = models.device;
-    let embeddings = models
-        .text
-        .encode(&request.prompt, request.max_sequence_length, device)?;
+    let device = models.device();
+    let dtype = models.dtype();
+    let text = models.text()?;
+    let embeddings = text.encode(&request.prompt, request.max_sequence_length, device)?;
     let negative = match &request.negative_prompt {
-        Some(text) if request.true_cfg_scale > 1.0 => Some(models.text.encode(
-            text,
-            request.max_sequence_length,
-            device,
-        )?),
+        Some(prompt) if request.true_cfg_scale > 1.0 => {
+            Some(text.encode(prompt, request.max_sequence_length, device)?)
+        }
         _ => None,
     };
+    drop(text);
     let text_encoding_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
@@ -106,12 +161,11 @@ fn generate_with_active_adapters(
     let shape = (batch, 16, latent_h, latent_w);
     let mut generator = TorchGenerator::new(request.seed);
     let image_seq_len = (latent_h / 2) * (latent_w / 2);
-    let schedule = models.scheduler.schedule(request.steps, image_seq_len);
-    let vae_config = models.vae.config();
-    let (scaling, shift) = (
-        vae_config.scaling_factor,
-        vae_config.shift_factor.unwrap_or(0.0),
-    );
+    let schedule = models.scheduler().schedule(request.steps, image_seq_len);
+    let scaling_and_shift = |vae: &AutoencoderKl| {
+        let config = vae.config();
+        (config.scaling_factor, config.shift_factor.unwrap_or(0.0))
+    };
 
     let mut start_step = 0;
     let latents = match &request.init_image {
@@ -128,10 +182,12 @@ fn generate_with_active_adapters(
                     ),
                 ));
             }
-            let posterior = models
-                .vae
+            let vae = models.vae()?;
+            let (scaling, shift) = scaling_and_shift(&vae);
+            let posterior = vae
                 .encode(&image.to_device(device).map_err(run)?)
                 .map_err(run)?;
+            drop(vae);
             let eps = randn(&mut generator, posterior.mean.dims4().map_err(run)?, device)?;
             let sample = (&posterior.mean + posterior.std.mul(&eps).map_err(run)?).map_err(run)?;
             let image_latents = ((sample - shift).map_err(run)? * scaling).map_err(run)?;
@@ -144,24 +200,25 @@ fn generate_with_active_adapters(
     };
     let mut latents = pack_latents(&latents)
         .map_err(run)?
-        .to_dtype(models.dtype)
+        .to_dtype(dtype)
         .map_err(run)?;
     let ids = position_ids(request.max_sequence_length, latent_h / 2, latent_w / 2);
     let expand = |e: &PromptEmbeddings| -> Result<(Tensor, Tensor), PipelineError> {
         Ok((
             e.sequence
                 .repeat((batch, 1, 1))
-                .and_then(|t| t.to_dtype(models.dtype))
+                .and_then(|t| t.to_dtype(dtype))
                 .map_err(run)?,
             e.pooled
                 .repeat((batch, 1))
-                .and_then(|t| t.to_dtype(models.dtype))
+                .and_then(|t| t.to_dtype(dtype))
                 .map_err(run)?,
         ))
     };
     let (sequence, pooled) = expand(&embeddings)?;
     let negative = negative.as_ref().map(expand).transpose()?;
-    let guidance = if models.transformer.config().guidance_embeds {
+    let transformer = models.transformer()?;
+    let guidance = if transformer.config().guidance_embeds {
         Some(
             Tensor::from_vec(vec![request.guidance_scale as f32; batch], batch, device)
                 .map_err(run)?,
@@ -175,8 +232,7 @@ fn generate_with_active_adapters(
         let t = schedule.timesteps[step] / 1000.0;
         let timestep = Tensor::from_vec(vec![t; batch], batch, device).map_err(run)?;
         let predict = |sequence: &Tensor, pooled: &Tensor| {
-            models
-                .transformer
+            transformer
                 .forward(
                     &latents,
                     sequence,
@@ -204,15 +260,18 @@ fn generate_with_active_adapters(
                 .broadcast_mul(&step_size)
                 .map_err(run)?)
         .map_err(run)?
-        .to_dtype(models.dtype)
+        .to_dtype(dtype)
         .map_err(run)?;
         if !on_step(done + 1, total) {
             return Err(PipelineError::Stopped);
         }
     }
+    drop(transformer);
     let denoising_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
+    let vae = models.vae()?;
+    let (scaling, shift) = scaling_and_shift(&vae);
     let latents = unpack_latents(
         &latents.to_dtype(DType::F32).map_err(run)?,
         latent_h,
@@ -220,7 +279,7 @@ fn generate_with_active_adapters(
     )
     .map_err(run)?;
     let latents = ((latents / scaling).map_err(run)? + shift).map_err(run)?;
-    let images = decode_images(models.vae, &latents, request.vae_tile).map_err(run)?;
+    let images = decode_images(&vae, &latents, request.vae_tile).map_err(run)?;
     Ok(Generated {
         images,
         timings: Timings {
@@ -234,7 +293,7 @@ fn generate_with_active_adapters(
 /// Generate images for `request` (its LoRA adapters, if any, are active only for
 /// this call on this thread).
 pub fn generate(
-    models: &FluxModels,
+    models: &dyn FluxParts,
     request: &GenerationRequest,
     on_step: StepCallback,
 ) -> Result<Generated, PipelineError> {

@@ -5,8 +5,10 @@ mod generate;
 mod pipeline;
 mod prompt;
 
-pub use components::{FluxComponents, is_flux_folder};
-pub use generate::{FluxModels, Generated, GenerationRequest, StepCallback, Timings, generate};
+pub use components::{FluxComponents, OffloadedFlux, is_flux_folder};
+pub use generate::{
+    FluxModels, FluxParts, Generated, GenerationRequest, Part, StepCallback, Timings, generate,
+};
 pub use pipeline::{
     ASPECT_RATIOS, FluxPipeline, PIPELINE_KIND, VariantDefaults, input_schema, load,
     manifest_for_folder, size_for_aspect_ratio,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use kiln_registry::{Manifest, ResolvedModel};
 use serde_json::{Map, Value, json};
 
-use super::components::FluxComponents;
+use super::components::{FluxComponents, OffloadedFlux};
 use super::generate::{GenerationRequest, generate};
 use crate::contract::ProgressFn;
 use crate::contract::{InputSpec, ModelInterface, Pipeline, PredictRequest, Prediction};
@@ -278,11 +278,36 @@ impl LoraMode {
     }
 }
 
+/// Where the model's weights live between requests.
+enum Weights {
+    /// Every part loaded on the device.
+    Resident(Box<FluxComponents>),
+    /// Model CPU offload: each part on the device for its stage only.
+    Offloaded(OffloadedFlux),
+}
+
 /// The model's weights and which LoRA set is fused into them now.
 struct Loaded {
-    components: FluxComponents,
+    weights: Weights,
     /// The key of the fused set (see [`ResolvedLoras::key`]), if any.
     fused: Option<String>,
+}
+
+/// `offload` in the model's config, else `KILN_OFFLOAD`: `none` (default) or
+/// `model` (model CPU offload).
+fn offload_setting(manifest: &Manifest) -> Result<bool, String> {
+    let from_env = std::env::var("KILN_OFFLOAD").ok();
+    let value = manifest.config["offload"]
+        .as_str()
+        .map(str::to_string)
+        .or(from_env);
+    match value.as_deref() {
+        None | Some("none") | Some("") => Ok(false),
+        Some("model") => Ok(true),
+        Some(other) => Err(format!(
+            "offload must be \"none\" or \"model\", got {other:?} (model config `offload` or KILN_OFFLOAD)"
+        )),
+    }
 }
 
 /// A loaded FLUX model.
@@ -313,6 +338,17 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
     };
     let (device, dtype) =
         crate::text_to_image::loading::device_and_dtype_from_env().map_err(load_error)?;
+    if offload_setting(&model.manifest).map_err(load_error)? {
+        let (parts, targets) =
+            OffloadedFlux::open(&model.dir, &device, dtype).map_err(load_error)?;
+        tracing::info!(model = %model.display_name(), "model CPU offload: parts load per stage");
+        return Ok(Arc::new(FluxPipeline::offloaded(
+            parts,
+            targets,
+            &model.manifest,
+            model.display_name(),
+        )));
+    }
     let components = FluxComponents::load(&model.dir, &device, dtype).map_err(load_error)?;
     Ok(Arc::new(FluxPipeline::new(
         components,
@@ -322,9 +358,49 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
 }
 
 impl FluxPipeline {
+    /// A pipeline over resident components.
     pub fn new(mut components: FluxComponents, manifest: &Manifest, model_name: String) -> Self {
-        let defaults =
-            VariantDefaults::for_guidance_model(components.transformer.config().guidance_embeds);
+        let config = components.transformer.config().clone();
+        let targets = components.lora_targets();
+        let dtype = components.dtype;
+        Self::with_weights(
+            Weights::Resident(Box::new(components)),
+            config,
+            targets,
+            dtype,
+            manifest,
+            model_name,
+        )
+    }
+
+    /// A pipeline with model CPU offload (see [`OffloadedFlux`]).
+    pub fn offloaded(
+        parts: OffloadedFlux,
+        lora_targets: lora::LoraTargets,
+        manifest: &Manifest,
+        model_name: String,
+    ) -> Self {
+        let config = parts.config().clone();
+        let dtype = parts.dtype();
+        Self::with_weights(
+            Weights::Offloaded(parts),
+            config,
+            lora_targets,
+            dtype,
+            manifest,
+            model_name,
+        )
+    }
+
+    fn with_weights(
+        weights: Weights,
+        transformer_config: kiln_models::flux::FluxConfig,
+        lora_targets: lora::LoraTargets,
+        dtype: candle_core::DType,
+        manifest: &Manifest,
+        model_name: String,
+    ) -> Self {
+        let defaults = VariantDefaults::for_guidance_model(transformer_config.guidance_embeds);
         let presets: Map<String, Value> = manifest.presets.clone().into_iter().collect();
         let preset_names: Vec<String> = presets.keys().cloned().collect();
         let max_pixels = manifest.config["max_pixels"]
@@ -333,12 +409,12 @@ impl FluxPipeline {
             .unwrap_or(DEFAULT_MAX_PIXELS);
         let schema = input_schema(defaults, &preset_names);
         FluxPipeline {
-            transformer_config: components.transformer.config().clone(),
-            lora_targets: components.lora_targets(),
+            transformer_config,
+            lora_targets,
             lora_settings: lora::sources::LoraSettings::from_env(),
-            dtype: components.dtype,
+            dtype,
             components: Mutex::new(Loaded {
-                components,
+                weights,
                 fused: None,
             }),
             default_lora_mode: manifest.config["lora_mode"]
@@ -498,10 +574,19 @@ impl FluxPipeline {
         if loaded.fused.as_deref() == wanted.map(|(key, _)| key) {
             return Ok(());
         }
+        let components = match &mut loaded.weights {
+            Weights::Resident(components) => components,
+            Weights::Offloaded(_) => {
+                return Err(PipelineError::invalid(
+                    "lora_mode",
+                    ProblemKind::Constraint,
+                    "\"fused\" needs resident weights, and this model runs with model CPU offload (offload = \"model\"); use \"runtime\"",
+                ));
+            }
+        };
         let failed = |e: candle_core::Error| PipelineError::Execution(format!("fusing LoRAs: {e}"));
         if loaded.fused.take().is_some() {
-            loaded
-                .components
+            components
                 .for_each_lora_linear(&mut |linear| {
                     linear.unmerge();
                     Ok(())
@@ -510,12 +595,11 @@ impl FluxPipeline {
         }
         if let Some((key, adapters)) = wanted {
             let started = std::time::Instant::now();
-            let merged = loaded
-                .components
+            let merged = components
                 .for_each_lora_linear(&mut |linear| adapters.merge_into(linear).map(|_| ()));
             if let Err(e) = merged {
                 // Leave no half-fused weights behind.
-                let _ = loaded.components.for_each_lora_linear(&mut |linear| {
+                let _ = components.for_each_lora_linear(&mut |linear| {
                     linear.unmerge();
                     Ok(())
                 });
@@ -567,8 +651,10 @@ impl FluxPipeline {
                 request.adapters = loras.as_ref().map(|l| Arc::clone(&l.adapters));
             }
         }
-        let models = loaded.components.models();
-        let generated = generate(&models, &request, on_step)?;
+        let generated = match &loaded.weights {
+            Weights::Resident(components) => generate(&components.models(), &request, on_step)?,
+            Weights::Offloaded(parts) => generate(parts, &request, on_step)?,
+        };
         let started = std::time::Instant::now();
         let images = to_rgb_images(&generated.images)?;
         let encoded = images_json(&images, format, quality)?;
@@ -612,5 +698,25 @@ impl Pipeline for FluxPipeline {
         predict_fields(request, "FLUX", Some(progress), |input, on_step| {
             self.run(input, on_step)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offload_comes_from_the_model_config_and_bad_values_name_the_key() {
+        let mut manifest = Manifest::new(PIPELINE_KIND);
+        manifest.config["offload"] = json!("model");
+        assert_eq!(offload_setting(&manifest), Ok(true));
+        manifest.config["offload"] = json!("none");
+        assert_eq!(offload_setting(&manifest), Ok(false));
+        manifest.config["offload"] = json!("sequential");
+        let err = offload_setting(&manifest).unwrap_err();
+        assert!(
+            err.contains("offload") && err.contains("\"model\""),
+            "{err}"
+        );
     }
 }
