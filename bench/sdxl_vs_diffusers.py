@@ -13,6 +13,10 @@ the Kiln/diffusers time ratio (lower is better).
 Setup: the venv of bench/flux_vs_diffusers.py; `cargo build --release -p kiln`.
 Run:
     /tmp/bench-venv/bin/python bench/sdxl_vs_diffusers.py [--runs 3] [--sizes 256,512]
+        [--device cuda --dtype bf16 --config sdxl-width --sizes 1024]
+`--device`/`--dtype` as in bench/flux_vs_diffusers.py (both VAEs decode in f32 as
+SDXL's VAE config asks). `--config sdxl-width` is SDXL's real UNet (320/640/1280
+channels, 1/2/10 transformer layers) and VAE (128/256/512/512).
 """
 
 from __future__ import annotations
@@ -26,13 +30,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flux_vs_diffusers import kiln_binary, median_time
+from flux_vs_diffusers import (TORCH_DTYPES, GpuMemory, add_placement_arguments, median_time, report_gpu_memory,
+                               run_kiln, synchronizer)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "fixtures" / "sdxl" / "tiny-sdxl"
+CONFIGS = {
+    # UNet channels, transformer layers per block, attention head dims; VAE channels
+    "mid": {"unet": (160, 320, 640), "layers": (1, 2, 2), "heads": (2, 5, 10), "vae": (64, 128, 256, 256)},
+    "sdxl-width": {"unet": (320, 640, 1280), "layers": (1, 2, 10), "heads": (5, 10, 20),
+                   "vae": (128, 256, 512, 512)},
+}
 
 
-def build(folder: Path) -> None:
+def build(folder: Path, config: str, dtype: str) -> None:
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -51,13 +62,14 @@ def build(folder: Path) -> None:
         sample_size=64, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(160, 320, 640), layers_per_block=2, transformer_layers_per_block=(1, 2, 2),
-        attention_head_dim=(2, 5, 10), cross_attention_dim=2048, norm_num_groups=32, use_linear_projection=True,
+        block_out_channels=CONFIGS[config]["unet"], layers_per_block=2,
+        transformer_layers_per_block=CONFIGS[config]["layers"], attention_head_dim=CONFIGS[config]["heads"],
+        cross_attention_dim=2048, norm_num_groups=32, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=CONFIGS[config]["vae"], layers_per_block=2,
         latent_channels=4, norm_num_groups=32, scaling_factor=0.13025,
     )
     pipe = StableDiffusionXLPipeline(
@@ -72,32 +84,37 @@ def build(folder: Path) -> None:
                     p.copy_(1.0 + 0.02 * torch.randn_like(p))
                 else:
                     p.copy_(0.02 * torch.randn_like(p))
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.to(getattr(torch, TORCH_DTYPES[dtype])).save_pretrained(folder, safe_serialization=True)
 
 
-def diffusers_worker(folder: Path, sizes: list[int], runs: int) -> dict:
+def diffusers_worker(folder: Path, sizes: list[int], runs: int, device: str, dtype: str) -> dict:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch_dtype).to(device)
+    pipe.vae.to(torch.float32)  # SDXL's VAE config has force_upcast: the pipeline decodes in f32
+    sync = synchronizer(device)
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a cat")
     context = torch.cat([negative, embeds])
     text_embeds = torch.cat([negative_pooled, pooled])
     results = []
     for size in sizes:
-        sample = torch.randn(2, 4, size // 8, size // 8)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+        sample = torch.randn(2, 4, size // 8, size // 8).to(device=device, dtype=torch_dtype)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2).to(device=device, dtype=torch_dtype)
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        timestep = torch.tensor(500.0, device=device)
 
         def unet():
             with torch.no_grad():
-                pipe.unet(sample, torch.tensor(500.0), encoder_hidden_states=context, added_cond_kwargs=added)
+                pipe.unet(sample, timestep, encoder_hidden_states=context, added_cond_kwargs=added)
 
         def vae():
             with torch.no_grad():
-                pipe.vae.decode(sample[:1])
+                pipe.vae.decode(sample[:1].float())
 
-        results.append({"size": size, "unet_step_s": median_time(unet, runs), "vae_decode_s": median_time(vae, runs)})
+        results.append({"size": size, "unet_step_s": median_time(unet, runs, sync),
+                        "vae_decode_s": median_time(vae, runs, sync)})
     return {"results": results, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch_threads": torch.get_num_threads()}
 
@@ -107,32 +124,38 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--json", type=Path)
+    add_placement_arguments(parser)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker == "diffusers":
-        print(json.dumps(diffusers_worker(args.model, sizes, args.runs)))
+        print(json.dumps(diffusers_worker(args.model, sizes, args.runs, args.device, args.dtype)))
         return
     folder = Path(tempfile.mkdtemp(prefix="kiln-sdxl-bench-"))
+    placement = ["--device", args.device, "--dtype", args.dtype]
     try:
-        build(folder)
-        diffusers = json.loads(subprocess.run(
-            [sys.executable, __file__, "--worker", "diffusers", "--model", str(folder), "--sizes", args.sizes,
-             "--runs", str(args.runs)], check=True, stdout=subprocess.PIPE, text=True).stdout)
-        kiln = json.loads(subprocess.run(
-            [str(kiln_binary()), "bench", "sdxl", "--model", str(folder), "--sizes", args.sizes, "--runs",
-             str(args.runs)], check=True, capture_output=True, text=True).stdout)
+        build(folder, args.config, args.dtype)
+        with GpuMemory(args.device) as diffusers_gpu:
+            diffusers = json.loads(subprocess.run(
+                [sys.executable, __file__, "--worker", "diffusers", "--model", str(folder), "--sizes", args.sizes,
+                 "--runs", str(args.runs), *placement], check=True, stdout=subprocess.PIPE, text=True).stdout)
+        with GpuMemory(args.device) as kiln_gpu:
+            kiln = json.loads(run_kiln(["bench", "sdxl", "--model", str(folder), "--sizes", args.sizes,
+                                        "--runs", str(args.runs), *placement]))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print(f"SDXL mid-size UNet (160/320/640, 2048-wide context), CFG batch 2, median of {args.runs}, "
-          f"torch threads {diffusers['torch_threads']}")
+    unet = "/".join(map(str, CONFIGS[args.config]["unet"]))
+    print(f"SDXL {args.config} UNet ({unet}, 2048-wide context) on {args.device} in {args.dtype}, CFG batch 2, "
+          f"median of {args.runs}, torch threads {diffusers['torch_threads']}")
     print(f"{'size':>5} | {'stage':>11} | {'kiln s':>8} | {'diffusers s':>11} | {'ratio':>6}")
     for ours, theirs in zip(kiln["results"], diffusers["results"]):
         for stage in ("unet_step_s", "vae_decode_s"):
             ratio = ours[stage] / theirs[stage]
             print(f"{ours['size']:>5} | {stage[:-2]:>11} | {ours[stage]:>8.3f} | {theirs[stage]:>11.3f} | {ratio:>5.2f}x")
     print(f"peak RSS: kiln {kiln['peak_rss_mib']:.0f} MiB, diffusers {diffusers['peak_rss_mib']:.0f} MiB")
+    report_gpu_memory(kiln, kiln_gpu, diffusers, diffusers_gpu)
     if args.json:
         args.json.write_text(json.dumps({"kiln": kiln, "diffusers": diffusers}, indent=2))
 

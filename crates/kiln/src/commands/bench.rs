@@ -1,8 +1,8 @@
 //! `kiln bench flux` / `kiln bench sdxl`: time one FLUX transformer forward and
 //! whole generations, or one SDXL UNet step (CFG batch) and VAE decode, on a
 //! model folder, for `bench/flux_vs_diffusers.py` and `bench/sdxl_vs_diffusers.py`
-//! to compare with diffusers on the same weights. Prints JSON (median seconds,
-//! peak resident memory).
+//! to compare with diffusers on the same weights, on the CPU or a CUDA device
+//! (`--device`, `--dtype`). Prints JSON (median seconds, peak resident memory).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,6 +21,26 @@ pub enum BenchCommand {
     Sdxl(SdxlBenchArgs),
 }
 
+/// Where and in which precision a benchmark runs.
+#[derive(Args)]
+pub struct PlacementArgs {
+    /// cpu, cuda, cuda:N or auto (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+impl PlacementArgs {
+    fn resolve(&self) -> Result<(Device, DType)> {
+        Ok((
+            kiln_engine::device::select_device(&self.device)?,
+            kiln_engine::device::parse_dtype(&self.dtype)?,
+        ))
+    }
+}
+
 #[derive(Args)]
 pub struct SdxlBenchArgs {
     /// An SDXL model folder (diffusers layout or single file).
@@ -32,15 +52,17 @@ pub struct SdxlBenchArgs {
     /// Timed repetitions (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    #[command(flatten)]
+    placement: PlacementArgs,
 }
 
 /// One UNet step with classifier-free guidance (batch 2) and one VAE decode per size.
 fn bench_sdxl(args: SdxlBenchArgs) -> Result<()> {
     use kiln_models::unet::AddedConditioning;
     use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, encode_prompt};
-    let device = Device::Cpu;
+    let (device, dtype) = args.placement.resolve()?;
     let components =
-        SdxlComponents::load(&args.model, &device, DType::F32).map_err(anyhow::Error::msg)?;
+        SdxlComponents::load(&args.model, &device, dtype).map_err(anyhow::Error::msg)?;
     let (context, pooled) =
         encode_prompt(&components, "a photo of a cat", 0).map_err(|e| anyhow::anyhow!("{e}"))?;
     let context = Tensor::cat(&[&context, &context], 0)?;
@@ -48,25 +70,27 @@ fn bench_sdxl(args: SdxlBenchArgs) -> Result<()> {
     let mut results = Vec::new();
     for &size in &args.sizes {
         let latent = size / 8;
-        let sample = Tensor::randn(0f32, 1.0, (2, 4, latent, latent), &device)?;
+        let sample = Tensor::randn(0f32, 1.0, (2, 4, latent, latent), &device)?.to_dtype(dtype)?;
         let time_ids = Tensor::new(
             &[[size as f32, size as f32, 0.0, 0.0, size as f32, size as f32]; 2],
             &device,
-        )?;
+        )?
+        .to_dtype(dtype)?;
         let timestep = Tensor::new(&[500f32], &device)?;
         let added = AddedConditioning {
             text_embeds: &pooled,
             time_ids: &time_ids,
         };
-        let unet_s = time(args.runs, || {
+        let unet_s = time(&device, args.runs, || {
             components
                 .unet
                 .forward(&sample, &timestep, &context, Some(&added))?;
             Ok(())
         })
         .context("UNet step")?;
-        let one = sample.narrow(0, 0, 1)?;
-        let vae_s = time(args.runs, || {
+        // The VAE runs in f32 whatever the UNet's dtype (SDXL's force_upcast).
+        let one = sample.narrow(0, 0, 1)?.to_dtype(DType::F32)?;
+        let vae_s = time(&device, args.runs, || {
             components.vae.decode(&one)?;
             Ok(())
         })
@@ -101,12 +125,77 @@ pub struct FluxBenchArgs {
     /// layer, applied at runtime and fused (0: no LoRA timings).
     #[arg(long, default_value_t = 0)]
     lora_rank: usize,
+    /// Time only whole generations with model CPU offload (each part on the
+    /// device for its stage only), to compare with diffusers' enable_model_cpu_offload.
+    #[arg(long)]
+    offload: bool,
+    #[command(flatten)]
+    placement: PlacementArgs,
+}
+
+/// The generation every FLUX benchmark times at `size`.
+fn flux_request(args: &FluxBenchArgs, size: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: None,
+        width: size,
+        height: size,
+        steps: args.steps,
+        guidance_scale: 3.5,
+        true_cfg_scale: 1.0,
+        seed: 0,
+        num_outputs: 1,
+        max_sequence_length: args.max_sequence_length,
+        init_image: None,
+        vae_tile: None,
+        adapters: None,
+    }
+}
+
+/// Time whole generations from `parts`, with the per-stage split of the last.
+fn time_generations(
+    parts: &dyn kiln_pipelines::text_to_image::flux::FluxParts,
+    args: &FluxBenchArgs,
+    size: usize,
+) -> Result<(f64, serde_json::Value)> {
+    let request = flux_request(args, size);
+    let mut stages = Vec::new();
+    let generate_s = time(parts.device(), args.runs, || {
+        stages.push(generate(parts, &request, &mut |_, _| true)?.timings);
+        Ok(())
+    })
+    .context("generation")?;
+    let last = stages.last().cloned().unwrap_or_default();
+    Ok((
+        generate_s,
+        json!({"text_s": last.text_encoding_s, "denoise_s": last.denoising_s, "vae_s": last.vae_s}),
+    ))
+}
+
+/// `--offload`: whole generations with model CPU offload only, so the peak
+/// device memory seen is the offloaded one.
+fn bench_flux_offloaded(args: FluxBenchArgs) -> Result<()> {
+    let (device, dtype) = args.placement.resolve()?;
+    let (parts, _) =
+        kiln_pipelines::text_to_image::flux::OffloadedFlux::open(&args.model, &device, dtype)
+            .map_err(anyhow::Error::msg)?;
+    let mut results = Vec::new();
+    for &size in &args.sizes {
+        let (generate_s, stages) = time_generations(&parts, &args, size)?;
+        results.push(json!({"size": size, "generate_s": generate_s, "stages": stages}));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"results": results, "peak_rss_mib": peak_rss_mib()}))?
+    );
+    Ok(())
 }
 
 /// A random rank-`rank` LoRA on every linear layer of the transformer.
 fn random_lora(
     transformer: &mut kiln_models::flux::FluxTransformer,
     rank: usize,
+    dtype: DType,
 ) -> Result<kiln_engine::lora::AdapterSet> {
     let mut set = kiln_engine::lora::AdapterSet::default();
     transformer.for_each_linear(&mut |linear| {
@@ -115,7 +204,7 @@ fn random_lora(
             let up = Tensor::randn(0f32, 0.02, (linear.out_dim(), rank), &Device::Cpu)?;
             set.add(
                 name,
-                kiln_engine::lora::LowRank::new(&down, &up, 1.0, DType::F32)?,
+                kiln_engine::lora::LowRank::new(&down, &up, 1.0, dtype)?,
             );
         }
         Ok(())
@@ -136,12 +225,16 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn time<F: FnMut() -> Result<()>>(runs: usize, mut f: F) -> Result<f64> {
+/// Median wall time of `runs` calls after one warm-up; each call ends with the
+/// device's queue drained, so asynchronous CUDA work is inside the measurement.
+fn time<F: FnMut() -> Result<()>>(device: &Device, runs: usize, mut f: F) -> Result<f64> {
     f()?;
+    device.synchronize()?;
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
         let started = Instant::now();
         f()?;
+        device.synchronize()?;
         samples.push(started.elapsed().as_secs_f64());
     }
     Ok(median(samples))
@@ -152,13 +245,17 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Flux(args) => args,
         BenchCommand::Sdxl(args) => return bench_sdxl(args),
     };
-    let device = Device::Cpu;
+    if args.offload {
+        return bench_flux_offloaded(args);
+    }
+    let (device, dtype) = args.placement.resolve()?;
     let mut components =
-        FluxComponents::load(&args.model, &device, DType::F32).map_err(anyhow::Error::msg)?;
+        FluxComponents::load(&args.model, &device, dtype).map_err(anyhow::Error::msg)?;
     let lora = if args.lora_rank > 0 {
         Some(std::sync::Arc::new(random_lora(
             &mut components.transformer,
             args.lora_rank,
+            dtype,
         )?))
     } else {
         None
@@ -167,14 +264,12 @@ pub fn run(command: BenchCommand) -> Result<()> {
     let mut results = Vec::new();
     for &size in &args.sizes {
         let tokens = (size / 16) * (size / 16);
-        let img = Tensor::randn(0f32, 1.0, (1, tokens, config.in_channels), &device)?;
-        let txt = Tensor::randn(
-            0f32,
-            1.0,
-            (1, args.max_sequence_length, config.joint_attention_dim),
-            &device,
-        )?;
-        let pooled = Tensor::randn(0f32, 1.0, (1, config.pooled_projection_dim), &device)?;
+        let random = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(dtype)?)
+        };
+        let img = random(&[1, tokens, config.in_channels])?;
+        let txt = random(&[1, args.max_sequence_length, config.joint_attention_dim])?;
+        let pooled = random(&[1, config.pooled_projection_dim])?;
         let ids = kiln_models::flux::position_ids(args.max_sequence_length, size / 16, size / 16);
         let timestep = Tensor::new(&[0.5f32], &device)?;
         let guidance = Tensor::new(&[3.5f32], &device)?;
@@ -189,17 +284,19 @@ pub fn run(command: BenchCommand) -> Result<()> {
             )?;
             Ok(())
         };
-        let forward_s = time(args.runs, || forward(&components)).context("transformer forward")?;
+        let forward_s =
+            time(&device, args.runs, || forward(&components)).context("transformer forward")?;
         let mut lora_timings = json!(null);
         if let Some(set) = &lora {
-            let runtime_s = time(args.runs, || {
+            let runtime_s = time(&device, args.runs, || {
                 kiln_engine::lora::with_adapters(Some(set.clone()), || forward(&components))
             })
             .context("forward with a runtime LoRA")?;
             components
                 .transformer
                 .for_each_linear(&mut |linear| set.merge_into(linear).map(|_| ()))?;
-            let fused_s = time(args.runs, || forward(&components)).context("fused forward")?;
+            let fused_s =
+                time(&device, args.runs, || forward(&components)).context("fused forward")?;
             components.transformer.for_each_linear(&mut |linear| {
                 linear.unmerge();
                 Ok(())
@@ -212,32 +309,10 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 "fused_vs_none": fused_s / forward_s,
             });
         }
-        let models = components.models();
-        let request = GenerationRequest {
-            prompt: "a photo of a cat".into(),
-            negative_prompt: None,
-            width: size,
-            height: size,
-            steps: args.steps,
-            guidance_scale: 3.5,
-            true_cfg_scale: 1.0,
-            seed: 0,
-            num_outputs: 1,
-            max_sequence_length: args.max_sequence_length,
-            init_image: None,
-            vae_tile: None,
-            adapters: None,
-        };
-        let mut stages = Vec::new();
-        let generate_s = time(args.runs, || {
-            stages.push(generate(&models, &request, &mut |_, _| true)?.timings);
-            Ok(())
-        })
-        .context("generation")?;
-        let last = stages.last().cloned().unwrap_or_default();
+        let (generate_s, stages) = time_generations(&components.models(), &args, size)?;
         results.push(json!({
             "size": size, "forward_s": forward_s, "generate_s": generate_s, "lora": lora_timings,
-            "stages": {"text_s": last.text_encoding_s, "denoise_s": last.denoising_s, "vae_s": last.vae_s},
+            "stages": stages,
         }));
     }
     println!(
