@@ -20,7 +20,7 @@ use serde_json::Value;
 
 const TOLERANCE: f64 = 1.0 / 255.0;
 
-use common::{fixtures, png_pixels, predict};
+use common::{fixtures, predict, worst_pixel};
 
 struct Setup {
     components: FluxComponents,
@@ -342,18 +342,8 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
     )
     .unwrap();
     let runpod = predict(&pipeline, with(serde_json::json!({"lora_path": fixtures().join("lora/style_aitoolkit.safetensors").to_str().unwrap(), "lora_scale": 0.7}))).unwrap();
-    let reference: Vec<f32> = setup.references["style_0.7"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
     for output in [&listed, &cog, &runpod] {
-        let pixels = png_pixels(output["images"][0]["base64"].as_str().unwrap());
-        let worst = pixels
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = worst_pixel(output, &setup.references["style_0.7"]);
         // 8-bit PNG: rounding adds up to half a level to the 1/255 parity bound.
         assert!(worst <= 1.5 / 255.0, "worst pixel error {worst}");
         assert_eq!(
@@ -365,17 +355,7 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
     assert_eq!(cog["loras"][0]["format"], "kohya");
     assert_eq!(runpod["loras"][0]["format"], "ai-toolkit/BFL");
     let two = predict(&pipeline, with(serde_json::json!({"lora_weights": "style_peft.safetensors", "lora_scale": 0.8, "extra_lora": "detail_peft.safetensors", "extra_lora_scale": 1.3}))).unwrap();
-    let reference: Vec<f32> = setup.references["style_0.8_detail_1.3"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let pixels = png_pixels(two["images"][0]["base64"].as_str().unwrap());
-    let worst = pixels
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_pixel(&two, &setup.references["style_0.8_detail_1.3"]);
     assert!(worst <= 1.5 / 255.0, "two LoRAs: worst pixel error {worst}");
 
     // Bad sources are errors naming the field.
@@ -460,16 +440,6 @@ fn call_input(setup: &Setup, extra: Value) -> Value {
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
     input
-}
-
-/// Largest pixel difference between a response's first image and a reference.
-fn worst_pixel(output: &Value, reference: &Tensor) -> f32 {
-    let reference: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
-    png_pixels(output["images"][0]["base64"].as_str().unwrap())
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max)
 }
 
 #[test]

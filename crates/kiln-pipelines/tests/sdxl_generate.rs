@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{png_pixels, predict};
+use common::{predict, worst_pixel};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -291,17 +291,7 @@ fn requests_generate_through_the_pipeline_and_bad_ones_name_the_field() {
         }),
     )
     .unwrap();
-    let pixels = png_pixels(output["images"][0]["base64"].as_str().unwrap());
-    let reference: Vec<f32> = refs["image.karras_dpm_rescale"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let worst = pixels
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_pixel(&output, &refs["image.karras_dpm_rescale"]);
     // 8-bit PNG: rounding adds up to half a level to the 1/255 parity bound.
     assert!(worst <= 1.5 / 255.0, "worst pixel error {worst}");
 

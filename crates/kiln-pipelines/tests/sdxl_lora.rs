@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{png_pixels, predict};
+use common::{predict, worst_pixel};
 
 use std::path::{Path, PathBuf};
 
@@ -38,11 +38,6 @@ fn peft_and_kohya_sdxl_loras_match_diffusers() {
         &kiln_engine::parity::device_under_test(),
     )
     .unwrap();
-    let reference: Vec<f32> = refs["image.lora_0.8"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
     let call = &index["calls"]["lora_0.8"];
     for (file, format) in [
         ("sdxl_peft.safetensors", "diffusers/PEFT"),
@@ -61,11 +56,7 @@ fn peft_and_kohya_sdxl_loras_match_diffusers() {
         let report = &output["loras"][0];
         assert_eq!(report["format"], format);
         assert_eq!(report["unmatched_modules"], serde_json::json!([]), "{file}");
-        let worst = png_pixels(output["images"][0]["base64"].as_str().unwrap())
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = worst_pixel(&output, &refs["image.lora_0.8"]);
         eprintln!("{file}: worst pixel error {worst:.2e}");
         assert!(worst <= 1.5 / 255.0, "{file}: worst pixel error {worst}");
     }

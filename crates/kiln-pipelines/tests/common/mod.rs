@@ -225,6 +225,17 @@ pub fn predict(
 }
 
 /// A base64 PNG's pixels as floats in [0, 1].
+/// Largest difference between a response's first image (8-bit PNG) and a
+/// reference image as floats in [0, 1].
+pub fn worst_pixel(output: &serde_json::Value, reference: &candle_core::Tensor) -> f32 {
+    let reference: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
+    png_pixels(output["images"][0]["base64"].as_str().unwrap())
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
 pub fn png_pixels(b64: &str) -> Vec<f32> {
     use base64::Engine;
     let bytes = base64::engine::general_purpose::STANDARD
