@@ -2,11 +2,13 @@
 //! generator, safetensors weight loading with layout key adapters, and the layers
 //! and attention the models share, on candle.
 
+pub mod activation;
 pub mod conv;
 pub mod device;
 pub mod error;
 pub mod group_norm;
 pub mod lora;
+pub mod memory;
 pub mod nn;
 pub mod parity;
 pub mod rng;

@@ -222,7 +222,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: Option<usize>) -> Re
     let k_t = k.t()?.contiguous()?;
     let one = |q: &Tensor| -> Result<Tensor> {
         let scores = (q * scale)?.contiguous()?.matmul(&k_t)?;
-        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probabilities = crate::activation::softmax_last_dim(&scores)?;
         probabilities.matmul(&v.contiguous()?)
     };
     let len = q.dim(2)?;

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
+use kiln_engine::activation;
 use kiln_engine::nn::{LayerNorm, Linear};
 use serde::Deserialize;
 
@@ -105,14 +106,14 @@ impl ClipLayer {
         if let Some(mask) = causal_mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let attn = activation::softmax_last_dim(&scores)?.matmul(&v)?;
         let attn = attn.transpose(1, 2)?.reshape((b, s, h))?;
         let x = (x + self.out.forward(&attn)?)?;
         let hidden = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let hidden = if self.quick_gelu {
-            (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?
+            activation::quick_gelu(&hidden)?
         } else {
-            hidden.gelu_erf()?
+            activation::gelu_erf(&hidden)?
         };
         x + self.fc2.forward(&hidden)?
     }

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
+use kiln_engine::activation;
 use kiln_engine::nn::Linear;
 use serde::Deserialize;
 
@@ -145,14 +146,16 @@ impl T5Block {
         let k = split(self.k.forward(&normed)?)?;
         let v = split(self.v.forward(&normed)?)?;
         let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(bias)?;
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let attn = activation::softmax_last_dim(&scores)?.matmul(&v)?;
         let attn = attn
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.d_kv))?;
         let x = (x + self.o.forward(&attn)?)?;
         let normed = self.ff_norm.forward(&x)?;
         let hidden = match &self.wi_1 {
-            Some(wi_1) => (self.wi_0.forward(&normed)?.gelu()? * wi_1.forward(&normed)?)?,
+            Some(wi_1) => {
+                (activation::gelu_tanh(&self.wi_0.forward(&normed)?)? * wi_1.forward(&normed)?)?
+            }
             None => self.wi_0.forward(&normed)?.relu()?,
         };
         x + self.wo.forward(&hidden)?

@@ -391,11 +391,15 @@ impl AppState {
         self.metrics.model_unloaded(&model.name);
         tracing::info!(model = %model.name, why, "model unloaded");
         // Freeing gigabytes of weights is slow: keep it off the async threads.
+        let release = move || {
+            drop(previous);
+            kiln_engine::memory::release_free_memory();
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn_blocking(move || drop(previous));
+                runtime.spawn_blocking(release);
             }
-            Err(_) => drop(previous),
+            Err(_) => release(),
         }
         true
     }

@@ -58,8 +58,10 @@ fn init_logging() {
 }
 
 fn main() -> Result<()> {
+    let allocator = kiln_engine::memory::tune_allocator();
     let cli = Cli::parse();
     init_logging();
+    tracing::debug!(?allocator, "malloc settings for tensor work");
     let home = cli.home.unwrap_or_else(kiln_registry::default_home);
     match cli.command {
         Command::Serve(args) => commands::serve::run(&home, args),

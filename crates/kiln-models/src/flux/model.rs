@@ -5,6 +5,7 @@
 
 use candle_core::{D, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use kiln_engine::activation;
 use kiln_engine::nn::{Linear, RmsNorm, attention, layer_norm_plain, timestep_embedding};
 
 use super::config::FluxConfig;
@@ -29,7 +30,7 @@ impl MlpEmbedder {
 impl Module for MlpEmbedder {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2
-            .forward(&candle_nn::ops::silu(&self.linear_1.forward(x)?)?)
+            .forward(&activation::silu(&self.linear_1.forward(x)?)?)
     }
 }
 
@@ -127,7 +128,7 @@ impl Modulation {
 
     fn chunks(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
         self.linear
-            .forward(&candle_nn::ops::silu(temb)?)?
+            .forward(&activation::silu(temb)?)?
             .chunk(self.n, D::Minus1)
     }
 }
@@ -149,7 +150,8 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out
+            .forward(&activation::gelu_tanh(&self.proj_in.forward(x)?)?)
     }
 }
 
@@ -313,7 +315,7 @@ impl SingleBlock {
     fn forward(&self, x: &Tensor, temb: &Tensor, rope: &Rope) -> Result<Tensor> {
         let m = self.norm.chunks(temb)?;
         let normed = modulate(&layer_norm_plain(x, NORM_EPS)?, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
+        let mlp = activation::gelu_tanh(&self.proj_mlp.forward(&normed)?)?;
         let (q, k, v) = self.qkv.project(&normed, self.heads)?;
         let attn = merge_heads(&attention(&rope.apply(&q)?, &rope.apply(&k)?, &v, None)?)?;
         let out = self
@@ -420,7 +422,7 @@ impl FluxTransformer {
         let img = joint.narrow(1, text_len, joint.dim(1)? - text_len)?;
         let out = self
             .norm_out
-            .forward(&candle_nn::ops::silu(&temb)?)?
+            .forward(&activation::silu(&temb)?)?
             .chunk(2, D::Minus1)?;
         let (scale, shift) = (&out[0], &out[1]);
         self.proj_out

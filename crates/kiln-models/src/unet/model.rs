@@ -6,6 +6,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use kiln_engine::activation;
 use kiln_engine::conv::Conv2d;
 use kiln_engine::group_norm::GroupNorm;
 use kiln_engine::nn::{Linear, timestep_embedding};
@@ -29,7 +30,8 @@ impl TimestepEmbedding {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+        self.linear_2
+            .forward(&activation::silu(&self.linear_1.forward(x)?)?)
     }
 }
 
@@ -282,7 +284,7 @@ impl UNet2DConditionModel {
                 x = upsample.forward_to(&x, h, w)?;
             }
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = activation::silu(&self.conv_norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
     }
 

@@ -6,6 +6,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use kiln_engine::activation;
 use kiln_engine::conv::Conv2d;
 use kiln_engine::group_norm::GroupNorm;
 use kiln_engine::nn::{LayerNorm, Linear, attention};
@@ -70,7 +71,7 @@ impl FeedForward {
         let half = projected.dim(candle_core::D::Minus1)? / 2;
         let hidden = projected.narrow(candle_core::D::Minus1, 0, half)?;
         let gate = projected.narrow(candle_core::D::Minus1, half, half)?;
-        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+        self.out.forward(&(hidden * activation::gelu_erf(&gate)?)?)
     }
 }
 

@@ -4,6 +4,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use kiln_engine::activation;
 use kiln_engine::conv::Conv2d;
 use kiln_engine::group_norm::GroupNorm;
 use kiln_engine::nn::{Linear, attention};
@@ -94,13 +95,13 @@ impl ResnetBlock {
 impl ResnetBlock {
     /// The block on `x` with the (un-activated) time embedding `time` (B, T).
     pub fn forward_with_time(&self, x: &Tensor, time: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?.silu()?;
+        let h = activation::silu(&self.norm1.forward(x)?)?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(projection), Some(time)) = (&self.time_emb_proj, time) {
-            let t = projection.forward(&time.silu()?)?;
+            let t = projection.forward(&activation::silu(time)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = activation::silu(&self.norm2.forward(&h)?)?;
         let h = self.conv2.forward(&h)?;
         let residual = match &self.shortcut {
             Some(shortcut) => shortcut.forward(x)?,

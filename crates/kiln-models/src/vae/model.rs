@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use kiln_engine::activation;
 use kiln_engine::conv::Conv2d;
 use kiln_engine::group_norm::GroupNorm;
 
@@ -112,7 +113,7 @@ impl Module for Encoder {
             }
         }
         h = self.mid_block.forward(&h)?;
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = activation::silu(&self.conv_norm_out.forward(&h)?)?;
         self.conv_out.forward(&h)
     }
 }
@@ -174,7 +175,7 @@ impl Module for Decoder {
                 h = upsample.forward(&h)?;
             }
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = activation::silu(&self.conv_norm_out.forward(&h)?)?;
         self.conv_out.forward(&h)
     }
 }
