@@ -8,6 +8,7 @@ pub mod contract;
 pub mod error;
 pub mod frame;
 pub mod lora;
+pub mod pull;
 pub mod rows;
 pub mod schema;
 pub mod tabular;

@@ -547,3 +547,155 @@ fn a_registered_single_file_sdxl_checkpoint_generates_a_png() {
     assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!(result["images"][0]["height"], 64);
 }
+
+/// A fake Hugging Face Hub on loopback serving `repo` from `folder` (repo info
+/// and `resolve/main` files with Range support, one thread per connection).
+fn fake_hub(repo: &'static str, folder: PathBuf) -> u16 {
+    const COMMIT: &str = "89abcdef0123456789abcdef0123456789abcdef";
+    fn files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files(root, &path, out);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().to_string_lossy().into());
+            }
+        }
+    }
+    fn respond(mut stream: TcpStream, repo: &str, folder: &Path) {
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            request.push(byte[0]);
+        }
+        let request = String::from_utf8_lossy(&request).to_string();
+        let mut words = request.split_whitespace();
+        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let range = request.lines().find_map(|l| {
+            let line = l.to_ascii_lowercase();
+            let (start, end) = line.strip_prefix("range: bytes=")?.split_once('-')?;
+            Some((
+                start.parse::<usize>().ok()?,
+                end.trim().parse::<usize>().ok()?,
+            ))
+        });
+        let (status, headers, body) = if path == format!("/api/models/{repo}/revision/main") {
+            let mut listing = Vec::new();
+            files(folder, folder, &mut listing);
+            let siblings: Vec<_> = listing
+                .iter()
+                .map(|f| serde_json::json!({"rfilename": f}))
+                .collect();
+            let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
+            (
+                "200 OK",
+                String::from("content-type: application/json\r\n"),
+                body.into_bytes(),
+            )
+        } else if let Some(file) = path
+            .strip_prefix(&format!("/{repo}/resolve/main/"))
+            .filter(|f| !f.contains(".."))
+            .and_then(|f| {
+                std::fs::read(folder.join(f))
+                    .ok()
+                    .map(|b| (f.replace('/', "-"), b))
+            })
+        {
+            let (etag, bytes) = file;
+            let tags = format!("etag: \"{etag}\"\r\nx-repo-commit: {COMMIT}\r\n");
+            match range {
+                Some((start, end)) if start < bytes.len() => {
+                    let end = end.min(bytes.len() - 1);
+                    let tags = format!(
+                        "{tags}content-range: bytes {start}-{end}/{}\r\n",
+                        bytes.len()
+                    );
+                    ("206 Partial Content", tags, bytes[start..=end].to_vec())
+                }
+                _ => ("200 OK", tags, bytes),
+            }
+        } else {
+            ("404 Not Found", String::new(), b"no such file".to_vec())
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes());
+        if method != "HEAD" {
+            let _ = stream.write_all(&body);
+        }
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let folder = folder.clone();
+            std::thread::spawn(move || respond(stream, repo, &folder));
+        }
+    });
+    port
+}
+
+#[test]
+fn models_pull_fetches_a_pipeline_from_the_hub_and_registers_it() {
+    let home = tempfile::tempdir().unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/flux/tiny-schnell");
+    let port = fake_hub("owner/tiny-schnell", tiny.clone());
+    let hf_home = home.path().join("hf-home");
+    let pull = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["models", "pull", "owner/tiny-schnell"])
+            .args(args)
+            .env("KILN_HOME", home.path())
+            .env("KILN_LOG", "warn")
+            .env("HF_HOME", &hf_home)
+            .env("HF_ENDPOINT", format!("http://127.0.0.1:{port}"))
+            .env("KILN_PULL_PRIVATE_HOSTS", "127.0.0.1")
+            .env_remove("HF_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = pull(&["--name", "art.flux.schnell", "--alias", "champion"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("pulled owner/tiny-schnell into"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("registered models:/art.flux.schnell/1"),
+        "{stdout}"
+    );
+    let snapshot = hf_home.join("hub/models--owner--tiny-schnell/snapshots");
+    assert!(snapshot.is_dir(), "nothing in {}", hf_home.display());
+    let shown = ok(
+        home.path(),
+        &["models", "show", "art.flux.schnell", "--json"],
+    );
+    assert!(shown.contains("champion"), "{shown}");
+
+    let out = pull(&["--only", "tokenizer", "--name", "art.flux.partial"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--only"),
+        "{stderr}"
+    );
+    // Without the loopback host trusted, the pull is refused before any request.
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["models", "pull", "owner/tiny-schnell"])
+        .env("KILN_HOME", home.path())
+        .env("HF_HOME", home.path().join("other-hf"))
+        .env("HF_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("127.0.0.1"),
+        "{stderr}"
+    );
+}

@@ -88,6 +88,11 @@ impl LoraServer {
 }
 
 fn file_response(bytes: &[u8], headers: &HeaderMap) -> Response {
+    file_response_tagged(bytes, headers, "style-etag")
+}
+
+/// A file with its own ETag (hf-hub stores blobs by ETag).
+fn file_response_tagged(bytes: &[u8], headers: &HeaderMap, etag: &str) -> Response {
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -95,7 +100,7 @@ fn file_response(bytes: &[u8], headers: &HeaderMap) -> Response {
         .and_then(|v| v.split_once('-'))
         .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
     let builder = Response::builder()
-        .header("etag", "\"style-etag\"")
+        .header("etag", format!("\"{etag}\""))
         .header("x-repo-commit", COMMIT);
     match range {
         Some((start, end)) if start < bytes.len() => {
@@ -171,11 +176,86 @@ async fn handle(server: Arc<LoraServer>, uri: Uri, headers: HeaderMap) -> Respon
             "sha": COMMIT,
             "siblings": [{"rfilename": "README.md"}, {"rfilename": "style.safetensors"}]
         })),
-        _ => Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(Body::from("no such file"))
-            .unwrap(),
+        _ if path.starts_with("/api/models/owner/") => match hub_repo(&path) {
+            Some((folder, extra)) => json(serde_json::json!({
+                "sha": COMMIT,
+                "siblings": repo_listing(&folder, extra)
+                    .iter()
+                    .map(|f| serde_json::json!({"rfilename": f}))
+                    .collect::<Vec<_>>()
+            })),
+            None => not_found(),
+        },
+        _ if path.starts_with("/owner/") && path.contains("/resolve/main/") => {
+            let (repo, file) = path.split_once("/resolve/main/").unwrap_or_default();
+            let served = hub_repo(&format!("/api/models{repo}/revision/main"))
+                .filter(|_| !file.split('/').any(|part| part == ".." || part.is_empty()))
+                .and_then(|(folder, _)| std::fs::read(folder.join(file)).ok());
+            match served {
+                Some(bytes) => file_response_tagged(
+                    &bytes,
+                    &headers,
+                    &format!("{repo}/{file}").replace('/', "-"),
+                ),
+                None => not_found(),
+            }
+        }
+        _ => not_found(),
     }
+}
+
+/// Listings the fake Hub adds to a pipeline repo beyond its folder's files:
+/// a root single file, a pickle and a precision variant (none of which exist).
+const PIPELINE_EXTRAS: [&str; 3] = [
+    "flux1-dev.safetensors",
+    "transformer/diffusion_pytorch_model.bin",
+    "transformer/diffusion_pytorch_model.fp16.safetensors",
+];
+
+/// Pipeline repos on the fake Hub, by their repo-info path: `owner/tiny-flux`
+/// (the tiny FLUX.1-dev fixture plus `PIPELINE_EXTRAS`) and `owner/pickled`
+/// (the same, with the transformer's safetensors left out of the listing).
+fn hub_repo(info_path: &str) -> Option<(PathBuf, &'static str)> {
+    match info_path {
+        "/api/models/owner/tiny-flux/revision/main" => Some((fixtures().join("tiny-dev"), "")),
+        "/api/models/owner/pickled/revision/main" => Some((
+            fixtures().join("tiny-dev"),
+            "transformer/diffusion_pytorch_model.safetensors",
+        )),
+        _ => None,
+    }
+}
+
+/// The files a pipeline repo lists (`hidden` left out), `reference/` excluded.
+pub fn repo_listing(folder: &Path, hidden: &str) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let relative = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                out.push(relative);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(folder, folder, &mut files);
+    files.retain(|f| !f.starts_with("reference/") && f != hidden);
+    files.extend(PIPELINE_EXTRAS.iter().map(|f| f.to_string()));
+    files.sort();
+    files
+}
+
+fn not_found() -> Response {
+    Response::builder()
+        .status(StatusCode::NOT_FOUND)
+        .body(Body::from("no such file"))
+        .unwrap()
 }
 
 /// The process-wide server (started on first use).

@@ -20,6 +20,27 @@ pub enum ModelsCommand {
         #[arg(long)]
         alias: Option<String>,
     },
+    /// Fetch a diffusers pipeline from the Hugging Face Hub into the HF cache
+    /// (safetensors only, never pickles) and register it as NAME.
+    Pull {
+        /// `owner/name` on the Hub, e.g. black-forest-labs/FLUX.1-schnell.
+        repo: String,
+        /// Register the pulled folder as this `catalog.schema.model`.
+        #[arg(long)]
+        name: Option<String>,
+        /// Branch, tag or commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// Prefer this precision variant's weights (fp16, bf16) where a component has them.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Only these components, comma-separated (e.g. tokenizer,tokenizer_2); nothing is registered.
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+        /// Point this alias at the new version.
+        #[arg(long)]
+        alias: Option<String>,
+    },
     /// List registered models.
     List {
         #[arg(long)]
@@ -79,34 +100,31 @@ pub fn run(home: &Path, command: ModelsCommand) -> Result<()> {
     let registry = Registry::open(home);
     match command {
         ModelsCommand::Register { name, from, alias } => {
-            let name = ModelName::parse(&name)?;
-            let from = kiln_registry::hf_cache_snapshot(&from);
-            let alias = alias.as_deref().map(Alias::parse).transpose()?;
-            let published = if from.join(kiln_registry::MANIFEST_FILE).is_file() {
-                registry.register_folder(&name, &from, alias.as_ref())?
-            } else {
-                let manifest = kiln_pipelines::describe_model_folder(&from)
-                    .map_err(anyhow::Error::msg)?
-                    .ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "{}: no manifest.json and not a recognised model folder (a diffusers FLUX folder with model_index.json, or a Kiln model folder)",
-                            from.display()
-                        )
-                    })?;
-                eprintln!(
-                    "detected a {} model; copying {} into the registry",
-                    manifest.pipeline,
-                    from.display()
+            register(&registry, &name, &from, alias.as_deref())?;
+        }
+        ModelsCommand::Pull {
+            repo,
+            name,
+            revision,
+            variant,
+            only,
+            alias,
+        } => {
+            if only.is_some() && (name.is_some() || alias.is_some()) {
+                bail!(
+                    "--only pulls part of a pipeline, which cannot be registered: drop --name/--alias"
                 );
-                registry.register(&name, manifest, Some(&from), alias.as_ref())?
+            }
+            let request = kiln_pipelines::pull::PullRequest {
+                repo,
+                revision,
+                variant,
+                only,
             };
-            let version = published.version.unwrap_or_default();
-            println!(
-                "registered models:/{name}/{version} ({} files)",
-                published.manifest.files.len()
-            );
-            if let Some(alias) = alias {
-                println!("alias @{alias} -> version {version}");
+            let folder = pull(&request)?;
+            println!("pulled {} into {}", request.repo, folder.display());
+            if let Some(name) = name {
+                register(&registry, &name, &folder, alias.as_deref())?;
             }
         }
         ModelsCommand::List { json } => {
@@ -216,4 +234,53 @@ pub fn run(home: &Path, command: ModelsCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Publish a model folder (a Kiln folder with manifest.json, a recognised
+/// diffusers/single-file folder, or an HF cache repo folder) as the next version.
+fn register(registry: &Registry, name: &str, from: &Path, alias: Option<&str>) -> Result<()> {
+    let name = ModelName::parse(name)?;
+    let from = kiln_registry::hf_cache_snapshot(from);
+    let alias = alias.map(Alias::parse).transpose()?;
+    let published = if from.join(kiln_registry::MANIFEST_FILE).is_file() {
+        registry.register_folder(&name, &from, alias.as_ref())?
+    } else {
+        let manifest = kiln_pipelines::describe_model_folder(&from)
+            .map_err(anyhow::Error::msg)?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no manifest.json and not a recognised model folder (a diffusers FLUX folder with model_index.json, or a Kiln model folder)",
+                    from.display()
+                )
+            })?;
+        eprintln!(
+            "detected a {} model; copying {} into the registry",
+            manifest.pipeline,
+            from.display()
+        );
+        registry.register(&name, manifest, Some(&from), alias.as_ref())?
+    };
+    let version = published.version.unwrap_or_default();
+    println!(
+        "registered models:/{name}/{version} ({} files)",
+        published.manifest.files.len()
+    );
+    if let Some(alias) = alias {
+        println!("alias @{alias} -> version {version}");
+    }
+    Ok(())
+}
+
+/// Pull through the Hub (`HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME`) with hf-hub's
+/// progress bars; hosts from `KILN_PULL_ALLOWED_HOSTS` (default the Hub's).
+fn pull(request: &kiln_pipelines::pull::PullRequest) -> Result<PathBuf> {
+    let mut hub = kiln_fetch::Hub::from_env();
+    hub.progress = true;
+    let policy = kiln_pipelines::pull::policy_from_env(&hub);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime
+        .block_on(kiln_pipelines::pull::pull(&hub, &policy, request))
+        .map_err(anyhow::Error::msg)
 }

@@ -1,5 +1,6 @@
 //! FLUX.1 [dev] and [schnell] text-to-image and image-to-image.
 
+mod clip_bpe;
 mod components;
 mod generate;
 mod pipeline;

@@ -39,11 +39,19 @@ impl PromptTokenizer {
     /// with "!"), else with `<|endoftext|>`.
     pub fn load_clip(folder: &Path) -> Result<Self, String> {
         let path = folder.join("tokenizer.json");
-        let tokenizer =
-            Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let tokenizer = if path.is_file() {
+            Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))?
+        } else if folder.join("vocab.json").is_file() && folder.join("merges.txt").is_file() {
+            super::clip_bpe::from_vocab_and_merges(folder)?
+        } else {
+            return Err(format!(
+                "{}: no tokenizer.json, nor vocab.json with merges.txt",
+                folder.display()
+            ));
+        };
         let eos = tokenizer
             .token_to_id("<|endoftext|>")
-            .ok_or_else(|| format!("{}: no <|endoftext|> token", path.display()))?;
+            .ok_or_else(|| format!("{}: no <|endoftext|> token", folder.display()))?;
         let config: serde_json::Value =
             std::fs::read_to_string(folder.join("tokenizer_config.json"))
                 .ok()

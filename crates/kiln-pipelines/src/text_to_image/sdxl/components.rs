@@ -102,15 +102,33 @@ fn clip(
         .map_err(|e| format!("{}: {e}", what.display()))
 }
 
+/// The Hub repo whose tokenizers every SDXL fine-tune uses (diffusers'
+/// `from_single_file` fetches them from there too).
+pub const SDXL_BASE_REPO: &str = "stabilityai/stable-diffusion-xl-base-1.0";
+
+fn has_tokenizer(folder: &Path) -> bool {
+    folder.join("tokenizer.json").is_file()
+        || (folder.join("vocab.json").is_file() && folder.join("merges.txt").is_file())
+}
+
+/// `name/` beside the model, else (single files carry no tokenizer) SDXL base's
+/// from the HF cache (`$HF_HOME/hub`, by default `~/.cache/huggingface/hub`).
 fn tokenizer(dir: &Path, name: &str) -> Result<PromptTokenizer, String> {
-    let folder = dir.join(name);
-    if !folder.join("tokenizer.json").is_file() {
-        return Err(format!(
-            "{}: missing; single-file checkpoints carry no tokenizer, so put SDXL's {name}/ folder (with tokenizer.json, from stabilityai/stable-diffusion-xl-base-1.0) beside the checkpoint",
-            folder.display()
-        ));
+    let beside = dir.join(name);
+    if has_tokenizer(&beside) {
+        return PromptTokenizer::load_clip(&beside);
     }
-    PromptTokenizer::load_clip(&folder)
+    let cache = kiln_fetch::Hub::from_env().cache;
+    let repo_dir = cache.join(format!("models--{}", SDXL_BASE_REPO.replace('/', "--")));
+    let cached = kiln_registry::hf_cache_snapshot(&repo_dir).join(name);
+    if has_tokenizer(&cached) {
+        return PromptTokenizer::load_clip(&cached);
+    }
+    Err(format!(
+        "{}: missing; single-file checkpoints carry no tokenizer: run `kiln models pull {SDXL_BASE_REPO} --only tokenizer,tokenizer_2` (into the HF cache at {}), or put SDXL's {name}/ folder beside the checkpoint",
+        beside.display(),
+        cache.display()
+    ))
 }
 
 impl SdxlComponents {

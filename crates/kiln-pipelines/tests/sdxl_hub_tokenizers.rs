@@ -1,0 +1,126 @@
+//! A bare single-file SDXL checkpoint (no tokenizer folders beside it) takes
+//! SDXL base's tokenizers from the HF cache, as `kiln models pull
+//! stabilityai/stable-diffusion-xl-base-1.0 --only tokenizer,tokenizer_2` leaves
+//! them there, in the Hub's vocab.json + merges.txt form, and still generates
+//! diffusers' image. Its own test binary: it sets `HF_HOME` for the process.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use kiln_engine::parity;
+use kiln_engine::weights::load_all;
+use kiln_pipelines::text_to_image::schedulers::SamplerKind;
+use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, SdxlRequest, generate};
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sdxl/tiny-sdxl")
+}
+
+/// The fixture's tokenizer as the Hub ships CLIP's: vocab.json + merges.txt.
+fn write_slow_tokenizer(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    let definition: Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("tokenizer.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        to.join("vocab.json"),
+        definition["model"]["vocab"].to_string(),
+    )
+    .unwrap();
+    let merges: String = definition["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pair| {
+            format!(
+                "{} {}\n",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            )
+        })
+        .collect();
+    std::fs::write(to.join("merges.txt"), format!("#version: 0.2\n{merges}")).unwrap();
+    std::fs::copy(
+        from.join("tokenizer_config.json"),
+        to.join("tokenizer_config.json"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_bare_single_file_uses_sdxl_base_tokenizers_from_the_hf_cache() {
+    let hf_home = tempfile::tempdir().unwrap();
+    // SAFETY: this binary's only test sets it before any thread reads the environment.
+    unsafe { std::env::set_var("HF_HOME", hf_home.path()) };
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture().with_file_name("tiny-sdxl-single.safetensors"),
+        folder.path().join("tiny-sdxl-single.safetensors"),
+    )
+    .unwrap();
+    for part in ["unet", "text_encoder", "text_encoder_2", "vae", "scheduler"] {
+        std::fs::create_dir_all(folder.path().join(part)).unwrap();
+        let config = if part == "scheduler" {
+            "scheduler_config.json"
+        } else {
+            "config.json"
+        };
+        std::fs::copy(
+            fixture().join(part).join(config),
+            folder.path().join(part).join(config),
+        )
+        .unwrap();
+    }
+    let device = parity::device_under_test();
+    let error = SdxlComponents::load(folder.path(), &device, DType::F32)
+        .err()
+        .unwrap();
+    assert!(
+        error.contains(
+            "kiln models pull stabilityai/stable-diffusion-xl-base-1.0 --only tokenizer,tokenizer_2"
+        ),
+        "{error}"
+    );
+
+    let snapshot = hf_home
+        .path()
+        .join("hub/models--stabilityai--stable-diffusion-xl-base-1.0/snapshots/0123abcd");
+    for part in ["tokenizer", "tokenizer_2"] {
+        write_slow_tokenizer(&fixture().join(part), &snapshot.join(part));
+    }
+    let components = SdxlComponents::load(folder.path(), &device, DType::F32).unwrap();
+
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("reference/index.json")).unwrap(),
+    )
+    .unwrap();
+    let refs = load_all(&fixture().join("reference/references.safetensors"), &device).unwrap();
+    let call = &index["calls"]["euler_cfg_negative"];
+    let request = SdxlRequest {
+        prompt: call["prompt"].as_str().unwrap().into(),
+        negative_prompt: call["negative_prompt"].as_str().map(str::to_string),
+        width: 64,
+        height: 64,
+        steps: call["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: call["guidance_scale"].as_f64().unwrap(),
+        guidance_rescale: 0.0,
+        sampler: SamplerKind::Euler,
+        seed: call["seed"].as_u64().unwrap(),
+        num_outputs: 1,
+        clip_skip: 0,
+        original_size: (64, 64),
+        crop_top_left: (0, 0),
+        target_size: (64, 64),
+        init_image: None,
+        mask: None,
+        strength: 1.0,
+        vae_tile: None,
+        adapters: None,
+    };
+    let generated = generate(&components, &request, &mut |_, _| true).unwrap();
+    let diff = parity::compare(&generated.images, &refs["image.euler_cfg_negative"])
+        .unwrap()
+        .max_abs;
+    assert!(diff <= 1.0 / 255.0, "max abs diff {diff}");
+}
