@@ -10,23 +10,21 @@
 //! `v_pred`/`ztsnr` markers.
 
 mod common;
+#[path = "common/sdxl_calls.rs"]
+mod sdxl_calls;
 
 use common::{predict, worst_pixel};
+use sdxl_calls::{fixture, reference_image, request_for};
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use kiln_engine::parity::{self, Tolerance};
 use kiln_engine::weights::load_all;
-use kiln_pipelines::text_to_image::image_io::{image_tensor, mask_tensor};
 use kiln_pipelines::text_to_image::schedulers::SamplerKind;
-use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, SdxlRequest, encode_prompt, generate};
+use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, encode_prompt, generate};
 use serde_json::Value;
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sdxl/tiny-sdxl")
-}
 
 fn setup() -> (SdxlComponents, HashMap<String, Tensor>, Value) {
     let components = SdxlComponents::load(
@@ -45,12 +43,6 @@ fn setup() -> (SdxlComponents, HashMap<String, Tensor>, Value) {
     )
     .unwrap();
     (components, refs, index)
-}
-
-fn reference_image(file: &str) -> image::RgbImage {
-    image::open(fixture().join("reference").join(file))
-        .unwrap()
-        .to_rgb8()
 }
 
 fn check(name: &str, ours: &Tensor, theirs: &Tensor) {
@@ -103,39 +95,6 @@ fn prompts_encode_like_diffusers() {
 }
 
 /// The request a recorded diffusers call describes.
-fn request_for(call: &Value) -> SdxlRequest {
-    // Image-to-image calls take the init image's size (64×64).
-    let (height, width) = (
-        call["height"].as_u64().unwrap_or(64) as usize,
-        call["width"].as_u64().unwrap_or(64) as usize,
-    );
-    SdxlRequest {
-        prompt: call["prompt"].as_str().unwrap().into(),
-        negative_prompt: call["negative_prompt"].as_str().map(str::to_string),
-        width,
-        height,
-        steps: call["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: call["guidance_scale"].as_f64().unwrap(),
-        guidance_rescale: call["guidance_rescale"].as_f64().unwrap_or(0.0),
-        sampler: SamplerKind::parse(call["sampler"].as_str().unwrap()).unwrap(),
-        seed: call["seed"].as_u64().unwrap(),
-        num_outputs: 1,
-        clip_skip: 0,
-        original_size: (height, width),
-        crop_top_left: (0, 0),
-        target_size: (height, width),
-        init_image: call["image"]
-            .as_str()
-            .map(|file| image_tensor(&reference_image(file), width, height).unwrap()),
-        mask: call["mask"]
-            .as_str()
-            .map(|file| mask_tensor(&reference_image(file)).unwrap()),
-        strength: call["strength"].as_f64().unwrap_or(1.0),
-        vae_tile: None,
-        adapters: None,
-    }
-}
-
 /// Generate `call` with `components` and check the image against diffusers' (1/255).
 fn check_call(
     components: &SdxlComponents,
@@ -408,28 +367,7 @@ fn a_single_file_checkpoint_generates_the_same_image() {
         DType::F32,
     )
     .unwrap();
-    let call = &index["calls"]["euler_cfg_negative"];
-    let request = SdxlRequest {
-        prompt: call["prompt"].as_str().unwrap().into(),
-        negative_prompt: call["negative_prompt"].as_str().map(str::to_string),
-        width: 64,
-        height: 64,
-        steps: call["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: call["guidance_scale"].as_f64().unwrap(),
-        guidance_rescale: 0.0,
-        sampler: SamplerKind::Euler,
-        seed: call["seed"].as_u64().unwrap(),
-        num_outputs: 1,
-        clip_skip: 0,
-        original_size: (64, 64),
-        crop_top_left: (0, 0),
-        target_size: (64, 64),
-        init_image: None,
-        mask: None,
-        strength: 1.0,
-        vae_tile: None,
-        adapters: None,
-    };
+    let request = request_for(&index["calls"]["euler_cfg_negative"]);
     let generated = generate(&components, &request, &mut |_, _| true).unwrap();
     let diff = parity::compare(&generated.images, &refs["image.euler_cfg_negative"])
         .unwrap()

@@ -4,18 +4,17 @@
 //! them there, in the Hub's vocab.json + merges.txt form, and still generates
 //! diffusers' image. Its own test binary: it sets `HF_HOME` for the process.
 
-use std::path::{Path, PathBuf};
+#[path = "common/sdxl_calls.rs"]
+mod sdxl_calls;
+
+use std::path::Path;
 
 use candle_core::DType;
 use kiln_engine::parity;
 use kiln_engine::weights::load_all;
-use kiln_pipelines::text_to_image::schedulers::SamplerKind;
-use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, SdxlRequest, generate};
+use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, generate};
+use sdxl_calls::{fixture, request_for};
 use serde_json::Value;
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sdxl/tiny-sdxl")
-}
 
 /// The fixture's tokenizer as the Hub ships CLIP's: vocab.json + merges.txt.
 fn write_slow_tokenizer(from: &Path, to: &Path) {
@@ -96,28 +95,7 @@ fn a_bare_single_file_uses_sdxl_base_tokenizers_from_the_hf_cache() {
     )
     .unwrap();
     let refs = load_all(&fixture().join("reference/references.safetensors"), &device).unwrap();
-    let call = &index["calls"]["euler_cfg_negative"];
-    let request = SdxlRequest {
-        prompt: call["prompt"].as_str().unwrap().into(),
-        negative_prompt: call["negative_prompt"].as_str().map(str::to_string),
-        width: 64,
-        height: 64,
-        steps: call["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: call["guidance_scale"].as_f64().unwrap(),
-        guidance_rescale: 0.0,
-        sampler: SamplerKind::Euler,
-        seed: call["seed"].as_u64().unwrap(),
-        num_outputs: 1,
-        clip_skip: 0,
-        original_size: (64, 64),
-        crop_top_left: (0, 0),
-        target_size: (64, 64),
-        init_image: None,
-        mask: None,
-        strength: 1.0,
-        vae_tile: None,
-        adapters: None,
-    };
+    let request = request_for(&index["calls"]["euler_cfg_negative"]);
     let generated = generate(&components, &request, &mut |_, _| true).unwrap();
     let diff = parity::compare(&generated.images, &refs["image.euler_cfg_negative"])
         .unwrap()
