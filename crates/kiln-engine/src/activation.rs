@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_op::{contiguous_f32, has_avx2_fma};
+
 /// Elements per parallel work item: large enough that scheduling is noise.
 const CHUNK: usize = 1 << 15;
 
@@ -52,15 +54,24 @@ fn erfc_non_negative(z: f32) -> f32 {
     t * exp(-z * z + poly)
 }
 
-/// One element-wise function, inlined into the vectorised loops below.
-trait Pointwise: Send + Sync {
+/// One element-wise function, inlined into the vectorised loops below, with
+/// the candle op that computes it on other devices and dtypes.
+trait Pointwise: Send + Sync + 'static {
+    const NAME: &'static str;
     fn apply(x: f32) -> f32;
+    fn fallback(x: &Tensor) -> Result<Tensor>;
 }
 
 /// x · Φ(x) with the tanh approximation (`gelu(approximate="tanh")`), as
 /// x · sigmoid(2u) since ½(1 + tanh u) = sigmoid(2u): no cancellation for any x.
 struct GeluTanhKernel;
 impl Pointwise for GeluTanhKernel {
+    const NAME: &'static str = "kiln-gelu-tanh";
+
+    fn fallback(x: &Tensor) -> Result<Tensor> {
+        x.gelu()
+    }
+
     #[inline(always)]
     fn apply(x: f32) -> f32 {
         const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
@@ -73,6 +84,12 @@ impl Pointwise for GeluTanhKernel {
 /// tail keeps its relative precision.
 struct GeluErfKernel;
 impl Pointwise for GeluErfKernel {
+    const NAME: &'static str = "kiln-gelu-erf";
+
+    fn fallback(x: &Tensor) -> Result<Tensor> {
+        x.gelu_erf()
+    }
+
     #[inline(always)]
     fn apply(x: f32) -> f32 {
         let tail = erfc_non_negative(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
@@ -87,6 +104,12 @@ impl Pointwise for GeluErfKernel {
 /// x · sigmoid(x).
 struct SiluKernel;
 impl Pointwise for SiluKernel {
+    const NAME: &'static str = "kiln-silu";
+
+    fn fallback(x: &Tensor) -> Result<Tensor> {
+        x.silu()
+    }
+
     #[inline(always)]
     fn apply(x: f32) -> f32 {
         x / (1.0 + exp(-x))
@@ -96,6 +119,12 @@ impl Pointwise for SiluKernel {
 /// x · sigmoid(1.702 x) (CLIP's `quick_gelu`).
 struct QuickGeluKernel;
 impl Pointwise for QuickGeluKernel {
+    const NAME: &'static str = "kiln-quick-gelu";
+
+    fn fallback(x: &Tensor) -> Result<Tensor> {
+        x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+    }
+
     #[inline(always)]
     fn apply(x: f32) -> f32 {
         x / (1.0 + exp(-1.702 * x))
@@ -117,7 +146,7 @@ fn map_avx2<K: Pointwise>(src: &[f32], dst: &mut [f32]) {
 
 fn map_slice<K: Pointwise>(src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU was just checked for both features.
         return unsafe { map_avx2::<K>(src, dst) };
     }
@@ -132,29 +161,16 @@ fn map_parallel<K: Pointwise>(src: &[f32]) -> Vec<f32> {
     out
 }
 
-/// The f32 elements of a contiguous CPU tensor (the public functions below make
-/// their input contiguous before applying an op).
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: the input must be contiguous"),
-    }
-}
-
 /// A candle op around one pointwise kernel (CPU, f32, contiguous).
-struct PointwiseOp<K: Pointwise> {
-    name: &'static str,
-    kernel: std::marker::PhantomData<K>,
-}
+struct PointwiseOp<K: Pointwise>(std::marker::PhantomData<K>);
 
 impl<K: Pointwise> CustomOp1 for PointwiseOp<K> {
     fn name(&self) -> &'static str {
-        self.name
+        K::NAME
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = map_parallel::<K>(contiguous_f32(storage, layout, self.name)?);
+        let out = map_parallel::<K>(contiguous_f32(storage, layout, K::NAME)?);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -163,47 +179,34 @@ fn fast_path(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
 
-fn pointwise<K: Pointwise>(x: &Tensor, name: &'static str) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&PointwiseOp::<K> {
-        name,
-        kernel: std::marker::PhantomData,
-    })
+/// `K` on CPU f32 tensors, candle's op elsewhere.
+fn pointwise<K: Pointwise>(x: &Tensor) -> Result<Tensor> {
+    if fast_path(x) {
+        x.contiguous()?
+            .apply_op1_no_bwd(&PointwiseOp::<K>(std::marker::PhantomData))
+    } else {
+        K::fallback(x)
+    }
 }
 
 /// GELU with the tanh approximation (candle's `gelu`, torch's `approximate="tanh"`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if fast_path(x) {
-        pointwise::<GeluTanhKernel>(x, "kiln-gelu-tanh")
-    } else {
-        x.gelu()
-    }
+    pointwise::<GeluTanhKernel>(x)
 }
 
 /// Exact GELU (candle's `gelu_erf`, torch's default `gelu`).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if fast_path(x) {
-        pointwise::<GeluErfKernel>(x, "kiln-gelu-erf")
-    } else {
-        x.gelu_erf()
-    }
+    pointwise::<GeluErfKernel>(x)
 }
 
 /// SiLU (swish): x · sigmoid(x).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if fast_path(x) {
-        pointwise::<SiluKernel>(x, "kiln-silu")
-    } else {
-        x.silu()
-    }
+    pointwise::<SiluKernel>(x)
 }
 
 /// CLIP's quick GELU: x · sigmoid(1.702 x).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if fast_path(x) {
-        pointwise::<QuickGeluKernel>(x, "kiln-quick-gelu")
-    } else {
-        x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
-    }
+    pointwise::<QuickGeluKernel>(x)
 }
 
 #[inline(always)]
@@ -252,7 +255,7 @@ fn softmax_rows_avx2(src: &[f32], dst: &mut [f32], row: usize) {
 
 fn softmax_rows(src: &[f32], dst: &mut [f32], row: usize) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU was just checked for both features.
         return unsafe { softmax_rows_avx2(src, dst, row) };
     }

@@ -8,6 +8,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, 
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::cpu_op::contiguous_f32;
+
 /// Output positions per GEMM: bounds the im2col buffer at `K × CHUNK` floats.
 const CHUNK: usize = 8192;
 
@@ -187,14 +189,6 @@ struct Im2colConv {
     bias: Option<Vec<f32>>,
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv2d: operands must be contiguous"),
-    }
-}
-
 /// `dst (m × n, row stride dst_rs) += lhs (m × k, contiguous) · rhs (k × n, row stride rhs_rs)`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_accumulate(
@@ -253,8 +247,8 @@ impl CustomOp2 for Im2colConv {
         weight_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
-        let input = contiguous_f32(input, input_layout)?;
-        let weights = contiguous_f32(weight, weight_layout)?;
+        let input = contiguous_f32(input, input_layout, self.name())?;
+        let weights = contiguous_f32(weight, weight_layout, self.name())?;
         let plane = g.out_h * g.out_w;
         let k = g.c * g.kh * g.kw;
         let mut out = vec![0f32; g.n * g.o * plane];

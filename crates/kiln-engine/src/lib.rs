@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod conv;
+mod cpu_op;
 pub mod device;
 pub mod error;
 pub mod group_norm;

@@ -14,10 +14,18 @@
 pub enum AllocatorTuning {
     /// The settings were applied.
     Applied,
-    /// A `MALLOC_*` environment variable is set: the user's choice stands.
+    /// `MALLOC_*` or `GLIBC_TUNABLES` is set: the user's choice stands.
     LeftToEnvironment,
     /// Not glibc (or a setting was refused): nothing changed.
     Unsupported,
+}
+
+/// Whether the user tunes malloc through `MALLOC_*` or `GLIBC_TUNABLES`.
+fn malloc_set_by_environment() -> bool {
+    std::env::vars_os().any(|(name, _)| {
+        name.to_str()
+            .is_some_and(|name| name.starts_with("MALLOC_") || name == "GLIBC_TUNABLES")
+    })
 }
 
 /// The heap's mmap threshold: glibc refuses values above 32 MiB on 64-bit.
@@ -32,11 +40,7 @@ const TOP_PAD: libc::c_int = 64 << 20;
 
 /// Apply the settings above once, at start-up, before large allocations.
 pub fn tune_allocator() -> AllocatorTuning {
-    let user_set = std::env::vars_os().any(|(name, _)| {
-        name.to_str()
-            .is_some_and(|name| name.starts_with("MALLOC_") && name.ends_with('_'))
-    });
-    if user_set {
+    if malloc_set_by_environment() {
         return AllocatorTuning::LeftToEnvironment;
     }
     apply()
@@ -78,9 +82,7 @@ mod tests {
     #[test]
     fn settings_are_accepted_by_this_platforms_malloc() {
         let tuning = tune_allocator();
-        if cfg!(all(target_os = "linux", target_env = "gnu"))
-            && !std::env::vars().any(|(name, _)| name.starts_with("MALLOC_"))
-        {
+        if cfg!(all(target_os = "linux", target_env = "gnu")) && !malloc_set_by_environment() {
             assert_eq!(tuning, AllocatorTuning::Applied);
         }
         // The heap still works, large blocks included, and can be trimmed.
