@@ -44,13 +44,19 @@ impl Hub {
         }
     }
 
+    /// The endpoint's host name (`huggingface.co` by default).
+    pub fn endpoint_host(&self) -> Option<String> {
+        reqwest::Url::parse(&self.endpoint)
+            .ok()?
+            .host_str()
+            .map(str::to_string)
+    }
+
     /// The policy with this hub's token attached to its host.
     fn policy(&self, policy: &Policy) -> Policy {
         let mut policy = policy.clone();
-        if let (Some(token), Ok(url)) = (&self.token, reqwest::Url::parse(&self.endpoint))
-            && let Some(host) = url.host_str()
-        {
-            policy.tokens.push((host.to_string(), token.clone()));
+        if let (Some(token), Some(host)) = (&self.token, self.endpoint_host()) {
+            policy.tokens.push((host, token.clone()));
         }
         policy
     }
