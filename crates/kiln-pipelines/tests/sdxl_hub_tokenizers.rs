@@ -6,6 +6,8 @@
 
 #[path = "common/sdxl_calls.rs"]
 mod sdxl_calls;
+#[path = "common/slow_tokenizer.rs"]
+mod slow_tokenizer;
 
 use std::path::Path;
 
@@ -15,37 +17,7 @@ use kiln_engine::weights::load_all;
 use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, generate};
 use sdxl_calls::{fixture, request_for};
 use serde_json::Value;
-
-/// The fixture's tokenizer as the Hub ships CLIP's: vocab.json + merges.txt.
-fn write_slow_tokenizer(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    let definition: Value =
-        serde_json::from_str(&std::fs::read_to_string(from.join("tokenizer.json")).unwrap())
-            .unwrap();
-    std::fs::write(
-        to.join("vocab.json"),
-        definition["model"]["vocab"].to_string(),
-    )
-    .unwrap();
-    let merges: String = definition["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|pair| {
-            format!(
-                "{} {}\n",
-                pair[0].as_str().unwrap(),
-                pair[1].as_str().unwrap()
-            )
-        })
-        .collect();
-    std::fs::write(to.join("merges.txt"), format!("#version: 0.2\n{merges}")).unwrap();
-    std::fs::copy(
-        from.join("tokenizer_config.json"),
-        to.join("tokenizer_config.json"),
-    )
-    .unwrap();
-}
+use slow_tokenizer::write_slow_tokenizer;
 
 #[test]
 fn a_bare_single_file_uses_sdxl_base_tokenizers_from_the_hf_cache() {

@@ -3,7 +3,7 @@
 //! transformers' `CLIPTokenizer` builds its backend: byte-level BPE with a
 //! `</w>` end-of-word suffix, NFC + whitespace-collapsing + lower-casing
 //! normalisation, CLIP's split pattern, and `<|startoftext|> … <|endoftext|>`
-//! around every prompt.
+//! around every prompt. Tested in `tests/clip_vocab_tokenizers.rs`.
 
 use std::path::Path;
 
@@ -115,89 +115,4 @@ pub fn from_vocab_and_merges(folder: &Path) -> Result<Tokenizer, String> {
         .to_string()
         .parse::<Tokenizer>()
         .map_err(|e| format!("{}: {e}", folder.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A `vocab.json` + `merges.txt` folder holding the same vocabulary as a
-    /// transformers-written `tokenizer.json`.
-    fn slow_files_of(fixture: &Path) -> tempfile::TempDir {
-        let definition: Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap())
-                .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("vocab.json"),
-            definition["model"]["vocab"].to_string(),
-        )
-        .unwrap();
-        let mut merges = String::from("#version: 0.2\n");
-        for pair in definition["model"]["merges"].as_array().unwrap() {
-            merges.push_str(&format!(
-                "{} {}\n",
-                pair[0].as_str().unwrap(),
-                pair[1].as_str().unwrap()
-            ));
-        }
-        std::fs::write(dir.path().join("merges.txt"), merges).unwrap();
-        std::fs::copy(
-            fixture.join("tokenizer_config.json"),
-            dir.path().join("tokenizer_config.json"),
-        )
-        .unwrap();
-        dir
-    }
-
-    #[test]
-    fn ids_equal_the_transformers_written_tokenizer_json() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
-        for fixture in [
-            root.join("sdxl/tiny-sdxl/tokenizer"),
-            root.join("sdxl/tiny-sdxl/tokenizer_2"),
-            root.join("flux/tiny-dev/tokenizer"),
-        ] {
-            let slow = slow_files_of(&fixture);
-            let ours = from_vocab_and_merges(slow.path()).unwrap();
-            let reference = Tokenizer::from_file(fixture.join("tokenizer.json")).unwrap();
-            for prompt in [
-                "a photo of a cat",
-                "A PHOTO   of\ta Cat, wearing a hat!!",
-                "it's 2 o'clock; naïve café ☕ <|endoftext|> done",
-                "",
-                "photophotophoto photo's 12345",
-            ] {
-                assert_eq!(
-                    ours.encode(prompt, true).unwrap().get_ids(),
-                    reference.encode(prompt, true).unwrap().get_ids(),
-                    "{} {prompt:?}",
-                    fixture.display()
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn malformed_files_are_named() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
-        let slow = slow_files_of(&root.join("sdxl/tiny-sdxl/tokenizer"));
-        std::fs::write(slow.path().join("merges.txt"), "#version: 0.2\na b\nabc\n").unwrap();
-        let error = from_vocab_and_merges(slow.path()).unwrap_err();
-        assert!(error.contains("merges.txt line 3"), "{error}");
-        std::fs::write(
-            slow.path().join("vocab.json"),
-            r#"{"a": 0, "<|endoftext|>": 1}"#,
-        )
-        .unwrap();
-        std::fs::write(slow.path().join("merges.txt"), "").unwrap();
-        let error = from_vocab_and_merges(slow.path()).unwrap_err();
-        assert!(error.contains("<|startoftext|>"), "{error}");
-        std::fs::write(slow.path().join("vocab.json"), r#"{"a": -1}"#).unwrap();
-        let error = from_vocab_and_merges(slow.path()).unwrap_err();
-        assert!(
-            error.contains("vocab.json") && error.contains("\"a\""),
-            "{error}"
-        );
-    }
 }
