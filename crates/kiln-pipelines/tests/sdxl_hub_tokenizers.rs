@@ -9,8 +9,6 @@ mod sdxl_calls;
 #[path = "common/slow_tokenizer.rs"]
 mod slow_tokenizer;
 
-use std::path::Path;
-
 use candle_core::DType;
 use kiln_engine::parity;
 use kiln_engine::weights::load_all;
