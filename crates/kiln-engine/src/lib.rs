@@ -7,11 +7,13 @@ pub mod conv;
 mod cpu_op;
 pub mod device;
 pub mod error;
+pub mod gguf;
 pub mod group_norm;
 pub mod lora;
 pub mod memory;
 pub mod nn;
 pub mod parity;
+pub mod qlinear;
 pub mod rng;
 pub mod weights;
 

@@ -11,6 +11,7 @@ use crate::frame::{RawFrame, Signature};
 use crate::schema::InputSchema;
 use crate::tabular::glm;
 use crate::tensor::Tensor;
+use crate::text_generation;
 use crate::text_to_image::flux;
 use crate::text_to_image::sdxl;
 
@@ -82,6 +83,12 @@ pub trait Pipeline: Send + Sync {
     ) -> Result<Prediction, PipelineError> {
         self.predict(request)
     }
+
+    /// The streaming text-generation engine behind this pipeline, for protocols
+    /// that stream tokens (OpenAI chat and completions). `None` for other tasks.
+    fn text_generation(&self) -> Option<Arc<dyn kiln_textgen::TextGeneration>> {
+        None
+    }
 }
 
 type LoadFn = fn(&ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError>;
@@ -91,6 +98,7 @@ const PIPELINES: &[(&str, LoadFn)] = &[
     (glm::PIPELINE_KIND, glm::load),
     (flux::PIPELINE_KIND, flux::load),
     (sdxl::PIPELINE_KIND, sdxl::load),
+    (text_generation::PIPELINE_KIND, text_generation::load),
 ];
 
 /// Load the pipeline a resolved model's manifest names.
@@ -108,7 +116,8 @@ pub fn known_pipelines() -> Vec<&'static str> {
     PIPELINES.iter().map(|(name, _)| *name).collect()
 }
 
-/// A manifest for a model folder that has none (a diffusers FLUX folder, ...), so
+/// A manifest for a model folder that has none (a diffusers FLUX folder, an LLM
+/// folder or GGUF file, ...), so
 /// `kiln models register --from` can publish it. `None` when the folder is not
 /// recognised.
 pub fn describe_model_folder(
@@ -120,6 +129,9 @@ pub fn describe_model_folder(
     }
     if flux::is_flux_folder(dir) {
         return flux::manifest_for_folder(dir).map(Some);
+    }
+    if text_generation::is_llm_source(dir) {
+        return text_generation::manifest_for_source(dir).map(Some);
     }
     Ok(None)
 }

@@ -13,6 +13,7 @@ pub mod rows;
 pub mod schema;
 pub mod tabular;
 pub mod tensor;
+pub mod text_generation;
 pub mod text_to_image;
 
 pub use contract::{

@@ -28,7 +28,7 @@ pub use state::{AppState, LoadState, Loader, ModelSettings, ServedModel};
 
 use config::ProtocolMounts;
 use jobs::{JobStore, Jobs};
-use protocols::{cog, kserve, mlflow, openai, runpod};
+use protocols::{cog, kserve, mlflow, openai, openai_text, runpod};
 
 /// A model to serve and how to load it.
 pub struct ModelSpec {
@@ -120,6 +120,8 @@ fn openai_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/models", get(openai::models))
         .route("/v1/images/generations", post(openai::image_generations))
+        .route("/v1/chat/completions", post(openai_text::chat_completions))
+        .route("/v1/completions", post(openai_text::completions))
 }
 
 fn mount(

@@ -2,7 +2,7 @@
 
 pub mod flux;
 pub mod image_io;
-mod loading;
+pub(crate) mod loading;
 pub mod schedulers;
 pub mod sdxl;
 

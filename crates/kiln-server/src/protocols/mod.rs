@@ -5,6 +5,7 @@ pub mod cog;
 pub mod kserve;
 pub mod mlflow;
 pub mod openai;
+pub mod openai_text;
 pub mod runpod;
 pub mod tensor_codec;
 

@@ -1,0 +1,384 @@
+//! The seam between protocols and generation: a request goes in, a stream of
+//! token events comes out (`submit`), a dropped or aborted stream stops its
+//! work, and `health` reports free capacity, as TGI's `Backend` and vLLM's
+//! engine client do. [`SerialEngine`] runs one sequence at a time on its own
+//! thread; a batching engine slots in behind the same trait.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::bundle::LanguageModel;
+use crate::error::TextGenError;
+use crate::sampling::{Sampler, SamplingParams, log_softmax, top_entries};
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::tokenizer::IncrementalDecoder;
+
+/// The most `top_logprobs` a request may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// One sequence to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Strings that end generation (not returned).
+    pub stop: Vec<String>,
+    /// Ids that end generation besides the model's EOS ids.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past EOS ids.
+    pub ignore_eos: bool,
+    /// `Some(n)`: report each token's log-probability and the `n` most likely.
+    pub logprobs: Option<usize>,
+}
+
+/// A token and its log-probability under the raw logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    /// The token's own text (may hold a partial character as U+FFFD).
+    pub token: String,
+    pub logprob: f32,
+    /// The most likely alternatives, most likely first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS id or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// A generated token and the text it releases (possibly empty: held back
+    /// for a stop string or an incomplete character).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// The end: the remaining text, the reason and the token counts.
+    Finished {
+        text: String,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// Generation failed part-way.
+    Failed(TextGenError),
+}
+
+/// Stops a sequence from outside; dropping the stream does the same.
+#[derive(Debug, Clone, Default)]
+pub struct AbortHandle(Arc<AtomicBool>);
+
+impl AbortHandle {
+    pub fn abort(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The events of one submitted request.
+pub struct GenerationStream {
+    events: UnboundedReceiver<GenerationEvent>,
+    abort: AbortHandle,
+}
+
+impl GenerationStream {
+    /// The next event (async); `None` after the last.
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking this thread (CLI use, never on an async thread).
+    pub fn next_blocking(&mut self) -> Option<GenerationEvent> {
+        self.events.blocking_recv()
+    }
+
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        self.abort.abort();
+    }
+}
+
+/// How busy an engine is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineHealth {
+    /// Sequences generating now.
+    pub running: usize,
+    /// Sequences waiting to start.
+    pub waiting: usize,
+    /// Sequences it runs at once.
+    pub capacity: usize,
+}
+
+impl EngineHealth {
+    pub fn free(&self) -> usize {
+        self.capacity.saturating_sub(self.running + self.waiting)
+    }
+}
+
+/// What protocols talk to.
+pub trait TextGeneration: Send + Sync {
+    /// The model, for prompt building (templates, tokenizer) and limits.
+    fn model(&self) -> &LanguageModel;
+    /// Start generating; events arrive on the returned stream.
+    fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, TextGenError>;
+    fn health(&self) -> EngineHealth;
+}
+
+struct Job {
+    request: GenerationRequest,
+    events: UnboundedSender<GenerationEvent>,
+    abort: AbortHandle,
+}
+
+/// Runs sequences one after another on a dedicated thread.
+pub struct SerialEngine {
+    model: Arc<LanguageModel>,
+    jobs: std::sync::Mutex<mpsc::Sender<Job>>,
+    running: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl SerialEngine {
+    pub fn start(model: LanguageModel) -> Result<Self, TextGenError> {
+        let model = Arc::new(model);
+        let (sender, receiver) = mpsc::channel::<Job>();
+        let running = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (worker_model, worker_running, worker_waiting) = (
+            Arc::clone(&model),
+            Arc::clone(&running),
+            Arc::clone(&waiting),
+        );
+        std::thread::Builder::new()
+            .name("kiln-textgen".into())
+            .spawn(move || {
+                for job in receiver {
+                    worker_waiting.fetch_sub(1, Ordering::SeqCst);
+                    worker_running.fetch_add(1, Ordering::SeqCst);
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_sequence(&worker_model, &job)
+                    }));
+                    let failure = match outcome {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e),
+                        Err(_) => Some(TextGenError::Engine("the model panicked".into())),
+                    };
+                    if let Some(e) = failure {
+                        let _ = job.events.send(GenerationEvent::Failed(e));
+                    }
+                    worker_running.fetch_sub(1, Ordering::SeqCst);
+                }
+            })
+            .map_err(|e| TextGenError::Engine(format!("cannot start the engine thread: {e}")))?;
+        Ok(SerialEngine {
+            model,
+            jobs: std::sync::Mutex::new(sender),
+            running,
+            waiting,
+        })
+    }
+}
+
+impl TextGeneration for SerialEngine {
+    fn model(&self) -> &LanguageModel {
+        &self.model
+    }
+
+    fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, TextGenError> {
+        validate(&self.model, &request)?;
+        let (events, receiver) = unbounded_channel();
+        let abort = AbortHandle::default();
+        let job = Job {
+            request,
+            events,
+            abort: abort.clone(),
+        };
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let sent = self
+            .jobs
+            .lock()
+            .map_err(|_| TextGenError::Unavailable)?
+            .send(job);
+        if sent.is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(TextGenError::Unavailable);
+        }
+        Ok(GenerationStream {
+            events: receiver,
+            abort,
+        })
+    }
+
+    fn health(&self) -> EngineHealth {
+        EngineHealth {
+            running: self.running.load(Ordering::SeqCst),
+            waiting: self.waiting.load(Ordering::SeqCst),
+            capacity: 1,
+        }
+    }
+}
+
+/// The rules every engine applies before accepting a request.
+pub fn validate(model: &LanguageModel, request: &GenerationRequest) -> Result<(), TextGenError> {
+    request.sampling.validate()?;
+    if request.prompt_ids.is_empty() {
+        return Err(TextGenError::invalid(
+            "prompt",
+            "the prompt is empty (no tokens)",
+        ));
+    }
+    if request.max_tokens == 0 {
+        return Err(TextGenError::invalid("max_tokens", "must be at least 1"));
+    }
+    if let Some(n) = request.logprobs
+        && n > MAX_TOP_LOGPROBS
+    {
+        return Err(TextGenError::invalid(
+            "top_logprobs",
+            format!("must be at most {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    let vocab = model.model.config().vocab_size;
+    if let Some(bad) = request.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(TextGenError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let prompt = request.prompt_ids.len();
+    if prompt + request.max_tokens > model.context_length {
+        return Err(TextGenError::ContextLength {
+            context: model.context_length,
+            prompt,
+            requested: Some(request.max_tokens),
+        });
+    }
+    Ok(())
+}
+
+fn logprob_of(
+    model: &LanguageModel,
+    raw: &[f32],
+    id: u32,
+    top: usize,
+) -> Result<TokenLogprob, TextGenError> {
+    let logprobs = log_softmax(raw);
+    let spell = |id: u32| model.tokenizer.decode(&[id], false);
+    let top = top_entries(&logprobs, top)
+        .into_iter()
+        .map(|(t, lp)| Ok((t, spell(t)?, lp)))
+        .collect::<Result<Vec<_>, TextGenError>>()?;
+    Ok(TokenLogprob {
+        id,
+        token: spell(id)?,
+        logprob: logprobs
+            .get(id as usize)
+            .copied()
+            .unwrap_or(f32::NEG_INFINITY),
+        top,
+    })
+}
+
+/// Generate one sequence, sending its events; stops early when aborted or when
+/// nobody listens any more.
+fn run_sequence(model: &LanguageModel, job: &Job) -> Result<(), TextGenError> {
+    let request = &job.request;
+    let net = &model.model;
+    let mut cache = net.new_cache();
+    let mut sampler = Sampler::new(request.sampling.clone());
+    let mut decoder = IncrementalDecoder::new();
+    let mut stops = StopMatcher::new(request.stop.clone());
+    let mut output: Vec<u32> = Vec::with_capacity(request.max_tokens);
+    let gone = || job.abort.is_aborted() || job.events.is_closed();
+    if gone() {
+        return Ok(());
+    }
+    let mut logits = net.next_logits(&request.prompt_ids, &mut cache)?;
+    let finish = |text: String, reason: FinishReason, output: &[u32]| {
+        let _ = job.events.send(GenerationEvent::Finished {
+            text,
+            reason,
+            prompt_tokens: request.prompt_ids.len(),
+            completion_tokens: output.len(),
+        });
+    };
+    loop {
+        if gone() {
+            return Ok(());
+        }
+        let raw: Vec<f32> = logits.to_vec1()?;
+        let id = sampler.sample(&raw, &request.prompt_ids, &output);
+        output.push(id);
+        let is_stop_id = model.eos_token_ids.contains(&id) || request.stop_token_ids.contains(&id);
+        if is_stop_id && !request.ignore_eos {
+            let mut rest = decoder.finish(&model.tokenizer)?;
+            rest = match stops.push(&rest) {
+                StopOutcome::Continue(t) => t + &stops.finish(),
+                StopOutcome::Stopped(t) => t,
+            };
+            finish(rest, FinishReason::Stop, &output);
+            return Ok(());
+        }
+        let logprob = match request.logprobs {
+            Some(top) => Some(logprob_of(model, &raw, id, top)?),
+            None => None,
+        };
+        let piece = decoder.push(&model.tokenizer, id)?;
+        match stops.push(&piece) {
+            StopOutcome::Stopped(text) => {
+                let _ = job
+                    .events
+                    .send(GenerationEvent::Token { id, text, logprob });
+                finish(String::new(), FinishReason::Stop, &output);
+                return Ok(());
+            }
+            StopOutcome::Continue(text) => {
+                let _ = job
+                    .events
+                    .send(GenerationEvent::Token { id, text, logprob });
+            }
+        }
+        if output.len() >= request.max_tokens {
+            let rest = decoder.finish(&model.tokenizer)?;
+            let rest = match stops.push(&rest) {
+                StopOutcome::Continue(t) => t + &stops.finish(),
+                StopOutcome::Stopped(t) => {
+                    finish(t, FinishReason::Stop, &output);
+                    return Ok(());
+                }
+            };
+            finish(rest, FinishReason::Length, &output);
+            return Ok(());
+        }
+        logits = net.next_logits(&[id], &mut cache)?;
+    }
+}
