@@ -148,10 +148,9 @@ impl TextTokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| TextGenError::Tokenizer(e.to_string()))?;
         let mut ids = encoding.get_ids().to_vec();
-        if add_special_tokens
-            && let Some(bos) = self.prepend_bos
-            && ids.first() != Some(&bos)
-        {
+        // Unconditionally, as transformers and llama.cpp do (a prompt that
+        // already starts with BOS gets a second one).
+        if add_special_tokens && let Some(bos) = self.prepend_bos {
             ids.insert(0, bos);
         }
         Ok(ids)
