@@ -22,13 +22,15 @@ pub enum ModelRef {
         name: ModelName,
         selector: VersionSelector,
     },
-    /// A folder holding a Kiln `manifest.json` and its artifacts.
+    /// A folder holding a Kiln `manifest.json` and its artifacts, a model folder
+    /// Kiln recognises, or a single-file model (GGUF).
     LocalFolder(PathBuf),
 }
 
 impl ModelRef {
     /// Parse a reference. Strings starting with `/`, `./`, `../` or `~/`, or naming
-    /// an existing directory, are local folders; everything else is a registry name.
+    /// an existing directory or file (a GGUF model), are local paths; everything
+    /// else is a registry name.
     pub fn parse(text: &str) -> Result<Self> {
         let text = text.trim();
         if let Some(rest) = text.strip_prefix("models:/") {
@@ -38,7 +40,8 @@ impl ModelRef {
             || text.starts_with("./")
             || text.starts_with("../")
             || text.starts_with("~/")
-            || Path::new(text).is_dir();
+            || Path::new(text).is_dir()
+            || Path::new(text).is_file();
         if looks_like_path {
             return Ok(ModelRef::LocalFolder(expand_home(text)));
         }

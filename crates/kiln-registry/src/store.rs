@@ -182,7 +182,12 @@ impl Registry {
     fn stage(&self, staging: &Path, manifest: &mut Manifest, from: Option<&Path>) -> Result<()> {
         manifest.files.clear();
         let Some(from) = from else { return Ok(()) };
-        for relative in list_files(from)? {
+        // A single-file model (a GGUF file) is its own only artifact.
+        let (from, files) = match (from.is_file(), from.parent(), from.file_name()) {
+            (true, Some(parent), Some(name)) => (parent, vec![PathBuf::from(name)]),
+            _ => (from, list_files(from)?),
+        };
+        for relative in files {
             if relative == Path::new(MANIFEST_FILE) {
                 continue;
             }

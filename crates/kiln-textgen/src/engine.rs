@@ -5,7 +5,7 @@
 //! thread; a batching engine slots in behind the same trait.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -136,6 +136,10 @@ pub struct EngineHealth {
     pub waiting: usize,
     /// Sequences it runs at once.
     pub capacity: usize,
+    /// Tokens generated since start.
+    pub generated_tokens: u64,
+    /// Sequences stopped because their client went away or aborted them.
+    pub aborted: u64,
 }
 
 impl EngineHealth {
@@ -163,29 +167,33 @@ struct Job {
 pub struct SerialEngine {
     model: Arc<LanguageModel>,
     jobs: std::sync::Mutex<mpsc::Sender<Job>>,
-    running: Arc<AtomicUsize>,
-    waiting: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
+}
+
+/// What the worker counts, read by `health`.
+#[derive(Default)]
+struct Counters {
+    running: AtomicUsize,
+    waiting: AtomicUsize,
+    generated: AtomicU64,
+    aborted: AtomicU64,
 }
 
 impl SerialEngine {
     pub fn start(model: LanguageModel) -> Result<Self, TextGenError> {
         let model = Arc::new(model);
         let (sender, receiver) = mpsc::channel::<Job>();
-        let running = Arc::new(AtomicUsize::new(0));
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let (worker_model, worker_running, worker_waiting) = (
-            Arc::clone(&model),
-            Arc::clone(&running),
-            Arc::clone(&waiting),
-        );
+        let counters = Arc::new(Counters::default());
+        let (worker_model, worker_counters) = (Arc::clone(&model), Arc::clone(&counters));
         std::thread::Builder::new()
             .name("kiln-textgen".into())
             .spawn(move || {
+                let c = &worker_counters;
                 for job in receiver {
-                    worker_waiting.fetch_sub(1, Ordering::SeqCst);
-                    worker_running.fetch_add(1, Ordering::SeqCst);
+                    c.waiting.fetch_sub(1, Ordering::SeqCst);
+                    c.running.fetch_add(1, Ordering::SeqCst);
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_sequence(&worker_model, &job)
+                        run_sequence(&worker_model, &job, c)
                     }));
                     let failure = match outcome {
                         Ok(Ok(())) => None,
@@ -195,15 +203,14 @@ impl SerialEngine {
                     if let Some(e) = failure {
                         let _ = job.events.send(GenerationEvent::Failed(e));
                     }
-                    worker_running.fetch_sub(1, Ordering::SeqCst);
+                    c.running.fetch_sub(1, Ordering::SeqCst);
                 }
             })
             .map_err(|e| TextGenError::Engine(format!("cannot start the engine thread: {e}")))?;
         Ok(SerialEngine {
             model,
             jobs: std::sync::Mutex::new(sender),
-            running,
-            waiting,
+            counters,
         })
     }
 }
@@ -222,14 +229,14 @@ impl TextGeneration for SerialEngine {
             events,
             abort: abort.clone(),
         };
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.counters.waiting.fetch_add(1, Ordering::SeqCst);
         let sent = self
             .jobs
             .lock()
             .map_err(|_| TextGenError::Unavailable)?
             .send(job);
         if sent.is_err() {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(TextGenError::Unavailable);
         }
         Ok(GenerationStream {
@@ -239,10 +246,13 @@ impl TextGeneration for SerialEngine {
     }
 
     fn health(&self) -> EngineHealth {
+        let c = &self.counters;
         EngineHealth {
-            running: self.running.load(Ordering::SeqCst),
-            waiting: self.waiting.load(Ordering::SeqCst),
+            running: c.running.load(Ordering::SeqCst),
+            waiting: c.waiting.load(Ordering::SeqCst),
             capacity: 1,
+            generated_tokens: c.generated.load(Ordering::SeqCst),
+            aborted: c.aborted.load(Ordering::SeqCst),
         }
     }
 }
@@ -310,7 +320,7 @@ fn logprob_of(
 
 /// Generate one sequence, sending its events; stops early when aborted or when
 /// nobody listens any more.
-fn run_sequence(model: &LanguageModel, job: &Job) -> Result<(), TextGenError> {
+fn run_sequence(model: &LanguageModel, job: &Job, counters: &Counters) -> Result<(), TextGenError> {
     let request = &job.request;
     let net = &model.model;
     let mut cache = net.new_cache();
@@ -318,7 +328,13 @@ fn run_sequence(model: &LanguageModel, job: &Job) -> Result<(), TextGenError> {
     let mut decoder = IncrementalDecoder::new();
     let mut stops = StopMatcher::new(request.stop.clone());
     let mut output: Vec<u32> = Vec::with_capacity(request.max_tokens);
-    let gone = || job.abort.is_aborted() || job.events.is_closed();
+    let gone = || {
+        let gone = job.abort.is_aborted() || job.events.is_closed();
+        if gone {
+            counters.aborted.fetch_add(1, Ordering::SeqCst);
+        }
+        gone
+    };
     if gone() {
         return Ok(());
     }
@@ -338,6 +354,7 @@ fn run_sequence(model: &LanguageModel, job: &Job) -> Result<(), TextGenError> {
         let raw: Vec<f32> = logits.to_vec1()?;
         let id = sampler.sample(&raw, &request.prompt_ids, &output);
         output.push(id);
+        counters.generated.fetch_add(1, Ordering::SeqCst);
         let is_stop_id = model.eos_token_ids.contains(&id) || request.stop_token_ids.contains(&id);
         if is_stop_id && !request.ignore_eos {
             let mut rest = decoder.finish(&model.tokenizer)?;

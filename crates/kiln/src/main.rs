@@ -33,6 +33,8 @@ enum Command {
     Glm(commands::glm::GlmCommand),
     /// Run a model once (`-i key=value`, `-o out.png`, or `--data rows.csv`).
     Predict(commands::predict::PredictArgs),
+    /// Chat with an LLM in the terminal.
+    Chat(commands::generate::ChatArgs),
     /// Time pipelines for the comparison scripts in bench/.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -68,6 +70,7 @@ fn main() -> Result<()> {
         Command::Models(command) => commands::models::run(&home, command),
         Command::Glm(command) => commands::glm::run(&home, command),
         Command::Predict(args) => commands::predict::run(&home, args),
+        Command::Chat(args) => commands::generate::chat(&home, args),
         Command::Bench(command) => commands::bench::run(command),
     }
 }

@@ -10,6 +10,24 @@ use kiln_registry::{ModelRef, Registry, ResolvedModel, Verification};
 /// Resolve `text` (`models:/a.b.c@alias`, `a.b.c`, or a folder).
 pub fn resolve_model(registry: &Registry, text: &str) -> Result<ResolvedModel> {
     let reference = ModelRef::parse(text)?;
+    if let ModelRef::LocalFolder(path) = &reference
+        && path.is_file()
+    {
+        let manifest = kiln_pipelines::describe_model_folder(path)
+            .map_err(anyhow::Error::msg)?
+            .with_context(|| {
+                format!(
+                    "{} is not a model file Kiln recognises (a GGUF LLM)",
+                    path.display()
+                )
+            })?;
+        return Ok(ResolvedModel {
+            name: None,
+            version: None,
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            manifest,
+        });
+    }
     if let ModelRef::LocalFolder(dir) = &reference
         && dir.is_dir()
         && !dir.join("manifest.json").is_file()

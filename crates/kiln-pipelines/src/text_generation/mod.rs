@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use kiln_registry::{Manifest, ResolvedModel};
 use kiln_textgen::{
-    GenerationEvent, LanguageModel, ModelSource, SerialEngine, TextGenError, TextGeneration,
+    GenerationEvent, GenerationRequest, LanguageModel, ModelSource, SerialEngine, TextGenError,
+    TextGeneration,
 };
 use serde_json::{Map, Value, json};
 
@@ -216,12 +217,7 @@ impl TextGenerationPipeline {
         input: Map<String, Value>,
         progress: Option<ProgressFn>,
     ) -> Result<Prediction, PipelineError> {
-        let model = self.engine.model();
-        let fields = self.interface_fields(&input)?;
-        let prompt = prompt_ids(model, &fields).map_err(pipeline_error)?;
-        let request = model
-            .build_request(prompt, &fields, false)
-            .map_err(pipeline_error)?;
+        let request = generation_request(self.engine.model(), &input)?;
         let total = request.max_tokens;
         let mut stream = self.engine.submit(request).map_err(pipeline_error)?;
         let mut text = String::new();
@@ -262,15 +258,20 @@ impl TextGenerationPipeline {
             "the generation engine stopped".into(),
         ))
     }
+}
 
-    fn interface_fields(
-        &self,
-        input: &Map<String, Value>,
-    ) -> Result<Map<String, Value>, PipelineError> {
-        let mut fields = input_schema().validate(input)?;
-        fields.retain(|_, v| !v.is_null());
-        Ok(fields)
-    }
+/// A generation request from the one-answer fields (schema-checked first):
+/// shared by `predict` and the CLI's streaming `kiln predict` / `kiln chat`.
+pub fn generation_request(
+    model: &LanguageModel,
+    input: &Map<String, Value>,
+) -> Result<GenerationRequest, PipelineError> {
+    let mut fields = input_schema().validate(input)?;
+    fields.retain(|_, v| !v.is_null());
+    let prompt = prompt_ids(model, &fields).map_err(pipeline_error)?;
+    model
+        .build_request(prompt, &fields, false)
+        .map_err(pipeline_error)
 }
 
 /// The prompt's ids: `messages` through the template; `prompt` through the

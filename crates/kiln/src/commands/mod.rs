@@ -1,6 +1,7 @@
 //! One module per `kiln` subcommand.
 
 pub mod bench;
+pub mod generate;
 pub mod glm;
 pub mod models;
 pub mod predict;

@@ -249,7 +249,7 @@ fn register(registry: &Registry, name: &str, from: &Path, alias: Option<&str>) -
             .map_err(anyhow::Error::msg)?
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "{}: no manifest.json and not a recognised model folder (a diffusers FLUX folder with model_index.json, or a Kiln model folder)",
+                    "{}: no manifest.json and not a recognised model (a diffusers FLUX or SDXL folder, a transformers LLM folder, a GGUF file, or a Kiln model folder)",
                     from.display()
                 )
             })?;

@@ -1,6 +1,6 @@
 //! `kiln predict`: run a model once, Cog-style (`-i prompt="a cat" -i image=@in.png
 //! -o out.png`) for generative models, or on a CSV file for tabular ones; a progress
-//! bar follows the denoising steps.
+//! bar follows the denoising steps, and LLMs stream their tokens.
 
 use std::path::{Path, PathBuf};
 
@@ -50,7 +50,7 @@ fn parse_value(value: &str) -> Result<Value> {
     Ok(serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string())))
 }
 
-fn pairs(items: &[String], what: &str) -> Result<Map<String, Value>> {
+pub fn pairs(items: &[String], what: &str) -> Result<Map<String, Value>> {
     let mut map = Map::new();
     for item in items {
         let (key, value) = split_pair(item, what)?;
@@ -101,6 +101,10 @@ fn save_images(result: &mut Value, output: &Path) -> Result<()> {
 pub fn run(home: &Path, args: PredictArgs) -> Result<()> {
     let resolved = crate::resolve::resolve_model(&Registry::open(home), &args.model)?;
     let pipeline = load_pipeline(&resolved)?;
+    if let Some(engine) = pipeline.text_generation() {
+        super::generate::stream_to_terminal(&engine, &pairs(&args.inputs, "inputs")?)?;
+        return Ok(());
+    }
     let params = pairs(&args.params, "parameters")?;
     let input = match (&pipeline.interface().inputs, &args.data) {
         (InputSpec::Columns(_), Some(data)) => {
