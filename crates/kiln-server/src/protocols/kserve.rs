@@ -183,6 +183,47 @@ async fn respond_infer(
     labelled(result.unwrap_or_else(ApiError::kserve), name)
 }
 
+/// Triton's generate-extension tensor names and the fields they stand for
+/// (`text_input` → `prompt` in, `text` → `text_output` out).
+const GENERATE_NAMES: &[(&str, &str)] = &[("text_input", "prompt")];
+const GENERATE_OUTPUT: (&str, &str) = ("text", "text_output");
+
+/// A text-generation result (or one per row) as BYTES tensors, one per field,
+/// with Triton's `text_output` for the text; `None` for other JSON results.
+fn generated_text_tensors(output: &Value) -> Option<Vec<Tensor>> {
+    let rows: Vec<&Map<String, Value>> = match output {
+        Value::Object(row) => vec![row],
+        Value::Array(rows) => rows.iter().map(Value::as_object).collect::<Option<_>>()?,
+        _ => return None,
+    };
+    let first = rows.first()?;
+    if !first.get(GENERATE_OUTPUT.0).is_some_and(Value::is_string) {
+        return None;
+    }
+    let cell = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => s.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+        None => Vec::new(),
+    };
+    Some(
+        first
+            .keys()
+            .map(|key| Tensor {
+                name: if key == GENERATE_OUTPUT.0 {
+                    GENERATE_OUTPUT.1.to_string()
+                } else {
+                    key.clone()
+                },
+                dtype: kiln_pipelines::DataType::Bytes,
+                shape: vec![rows.len()],
+                data: kiln_pipelines::TensorData::Bytes(
+                    rows.iter().map(|r| cell(r.get(key))).collect(),
+                ),
+            })
+            .collect(),
+    )
+}
+
 /// Which outputs the client asked for and how.
 struct OutputSelection {
     /// Requested outputs (name, binary); empty = all, in `default_binary` form.
@@ -241,7 +282,14 @@ impl InferRequest {
                 }
                 None => None,
             };
-            tensors.push(decode_input(spec, blob)?);
+            let mut tensor = decode_input(spec, blob)?;
+            if let Some((_, ours)) = GENERATE_NAMES
+                .iter()
+                .find(|(triton, _)| *triton == tensor.name)
+            {
+                tensor.name = (*ours).to_string();
+            }
+            tensors.push(tensor);
         }
         let mut params = match &value["parameters"] {
             Value::Object(map) => map.clone(),
@@ -297,6 +345,9 @@ impl OutputSelection {
     ) -> Result<Response, ApiError> {
         let tensors = match prediction {
             Prediction::Tensors(tensors) => tensors,
+            Prediction::Json(output) if generated_text_tensors(&output).is_some() => {
+                generated_text_tensors(&output).unwrap_or_default()
+            }
             json_output => vec![Tensor {
                 name: "output".into(),
                 dtype: kiln_pipelines::DataType::Bytes,

@@ -82,6 +82,10 @@ async fn score(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // SageMaker LLM containers (MAX, LMI) take OpenAI chat and completion bodies.
+    if let Some((api, document)) = openai_body(headers, &body) {
+        return super::openai_text::serve_model(state, model, api, document).await;
+    }
     let result = async {
         let body = body_or_error(state, body)?;
         let request = parse_request(headers, &body)?;
@@ -127,6 +131,27 @@ fn parse_json(body: &[u8]) -> Result<PredictRequest, ApiError> {
         ApiError::BadRequest(format!("Invalid input: the body is not valid JSON ({e})"))
     })?;
     parse_json_value(value)
+}
+
+/// An OpenAI chat (`messages`) or completion (`prompt`) body, not MLflow input.
+fn openai_body(
+    headers: &HeaderMap,
+    body: &Result<Bytes, BytesRejection>,
+) -> Option<(super::openai_text::Api, Map<String, Value>)> {
+    if media_type(headers).as_deref() != Some("application/json") {
+        return None;
+    }
+    let document: Map<String, Value> = serde_json::from_slice(body.as_ref().ok()?).ok()?;
+    if is_mlflow_input(&document) {
+        return None;
+    }
+    if document.contains_key("messages") {
+        Some((super::openai_text::Api::Chat, document))
+    } else if document.contains_key("prompt") {
+        Some((super::openai_text::Api::Completions, document))
+    } else {
+        None
+    }
 }
 
 /// Whether a JSON object is in MLflow's input shape (one of its input keys).

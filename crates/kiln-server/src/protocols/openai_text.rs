@@ -35,7 +35,7 @@ const MAX_CHOICES: i64 = 16;
 
 /// Which of the two APIs a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Api {
+pub enum Api {
     Chat,
     Completions,
 }
@@ -709,11 +709,22 @@ async fn serve(state: Arc<AppState>, api: Api, body: Result<Bytes, BytesRejectio
         Ok(model) => model,
         Err(response) => return *response,
     };
-    let lease = match state.lease(&model, false).await {
+    serve_model(&state, &model, api, body).await
+}
+
+/// Answer an OpenAI-shaped body on `model` (also SageMaker's `/invocations`
+/// with a chat or completion body, as MAX serves it).
+pub async fn serve_model(
+    state: &AppState,
+    model: &Arc<ServedModel>,
+    api: Api,
+    body: Map<String, Value>,
+) -> Response {
+    let lease = match state.lease(model, false).await {
         Ok(lease) => lease,
         Err(e) => return labelled(error(e), &model.name),
     };
-    let engine = match engine_of(&lease, &model) {
+    let engine = match engine_of(&lease, model) {
         Ok(engine) => engine,
         Err(response) => return labelled(*response, &model.name),
     };
