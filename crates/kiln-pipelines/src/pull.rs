@@ -1,7 +1,8 @@
-//! `kiln models pull`: a diffusers pipeline repository from the Hugging Face
-//! Hub into the HF cache (shared with Python tools), fetching only what Kiln
-//! loads: `model_index.json`, each component's configs and tokenizer files, and
-//! its safetensors weights (sharded ones with their index). Pickled weights
+//! `kiln models pull`: a diffusers pipeline repository (or a transformers LLM
+//! repository) from the Hugging Face Hub into the HF cache (shared with Python
+//! tools), fetching only what Kiln loads: `model_index.json`, each component's
+//! configs and tokenizer files, and its safetensors weights (sharded ones with
+//! their index); for an LLM the same from the repository's top level. Pickled weights
 //! (`.bin`, `.ckpt`, `.pt`, `.pth`) are never fetched, and a component that has
 //! nothing else is refused by name. Precision variants (`*.fp16.safetensors`)
 //! are skipped unless asked for, as diffusers' `variant=` does.
@@ -50,7 +51,7 @@ pub fn policy_from_env(hub: &Hub) -> Policy {
 /// Extensions of files that can run code when loaded: never fetched.
 const PICKLE_EXTENSIONS: [&str; 4] = [".bin", ".ckpt", ".pt", ".pth"];
 /// Extensions of configuration and tokenizer files.
-const CONFIG_EXTENSIONS: [&str; 3] = [".json", ".txt", ".model"];
+const CONFIG_EXTENSIONS: [&str; 4] = [".json", ".txt", ".model", ".jinja"];
 
 /// The components a diffusers `model_index.json` names (entries `[library, class]`
 /// with a class; `_class_name` and friends are metadata).
@@ -117,52 +118,96 @@ pub fn select_files(
     };
     let mut selected = vec!["model_index.json".to_string()];
     for component in &wanted {
-        let prefix = format!("{component}/");
-        let files: Vec<&str> = listing
-            .iter()
-            .filter_map(|f| f.strip_prefix(&prefix))
-            .filter(|f| !f.contains('/'))
-            .collect();
-        let configs = files
-            .iter()
-            .filter(|f| CONFIG_EXTENSIONS.iter().any(|e| f.ends_with(e)) && !is_weight_index(f));
-        selected.extend(configs.map(|f| format!("{prefix}{f}")));
-        let weights: Vec<&str> = files
+        selected.extend(select_folder(
+            listing,
+            &format!("{component}/"),
+            &format!("component {component}"),
+            request,
+        )?);
+    }
+    Ok(selected)
+}
+
+/// The files of a transformers repository (an LLM: `config.json`,
+/// `generation_config.json`, tokenizer files, `chat_template.jinja`,
+/// safetensors weights) to fetch. Mistral's duplicate `consolidated.safetensors`
+/// is skipped where the transformers shards and their index exist.
+pub fn select_transformers_files(
+    listing: &[String],
+    request: &PullRequest,
+) -> Result<Vec<String>, String> {
+    if request.only.is_some() {
+        return Err(format!(
+            "only: {} is a single model, not a pipeline with components",
+            request.repo
+        ));
+    }
+    let mut files = select_folder(listing, "", "the model", request)?;
+    if files.iter().any(|f| is_weight_index(f)) {
+        files.retain(|f| !f.starts_with("consolidated"));
+    }
+    if !files.iter().any(|f| f.ends_with(".safetensors")) {
+        return Err(format!(
+            "{}: no safetensors weights at the top of the repository",
+            request.repo
+        ));
+    }
+    Ok(files)
+}
+
+/// Configs and weights directly inside `prefix` (`""`: the repo's top level),
+/// honouring the variant; `what` names the folder in errors.
+fn select_folder(
+    listing: &[String],
+    prefix: &str,
+    what: &str,
+    request: &PullRequest,
+) -> Result<Vec<String>, String> {
+    let files: Vec<&str> = listing
+        .iter()
+        .filter_map(|f| f.strip_prefix(prefix))
+        .filter(|f| !f.contains('/'))
+        .collect();
+    let mut selected: Vec<String> = files
+        .iter()
+        .filter(|f| CONFIG_EXTENSIONS.iter().any(|e| f.ends_with(e)) && !is_weight_index(f))
+        .map(|f| format!("{prefix}{f}"))
+        .collect();
+    let weights: Vec<&str> = files
+        .iter()
+        .copied()
+        .filter(|f| f.ends_with(".safetensors") || is_weight_index(f))
+        .collect();
+    let preferred: Vec<&str> = match request.variant.as_deref() {
+        Some(variant) if weights.iter().any(|f| variant_of(f) == Some(variant)) => weights
             .iter()
             .copied()
-            .filter(|f| f.ends_with(".safetensors") || is_weight_index(f))
-            .collect();
-        let preferred: Vec<&str> = match request.variant.as_deref() {
-            Some(variant) if weights.iter().any(|f| variant_of(f) == Some(variant)) => weights
-                .iter()
-                .copied()
-                .filter(|f| variant_of(f) == Some(variant))
-                .collect(),
-            _ => weights
-                .iter()
-                .copied()
-                .filter(|f| variant_of(f).is_none())
-                .collect(),
-        };
-        let pickled = files
+            .filter(|f| variant_of(f) == Some(variant))
+            .collect(),
+        _ => weights
             .iter()
-            .any(|f| PICKLE_EXTENSIONS.iter().any(|e| f.ends_with(e)));
-        if preferred.is_empty() && pickled {
-            return Err(format!(
-                "{}: component {component} has only pickled weights ({}); Kiln loads safetensors only",
-                request.repo,
-                PICKLE_EXTENSIONS.join(", ")
-            ));
-        }
-        if preferred.is_empty() && !weights.is_empty() {
-            return Err(format!(
-                "{}: component {component} has weights only in variants ({}); pass --variant",
-                request.repo,
-                weights.join(", ")
-            ));
-        }
-        selected.extend(preferred.iter().map(|f| format!("{prefix}{f}")));
+            .copied()
+            .filter(|f| variant_of(f).is_none())
+            .collect(),
+    };
+    let pickled = files
+        .iter()
+        .any(|f| PICKLE_EXTENSIONS.iter().any(|e| f.ends_with(e)));
+    if preferred.is_empty() && pickled {
+        return Err(format!(
+            "{}: {what} has only pickled weights ({}); Kiln loads safetensors only",
+            request.repo,
+            PICKLE_EXTENSIONS.join(", ")
+        ));
     }
+    if preferred.is_empty() && !weights.is_empty() {
+        return Err(format!(
+            "{}: {what} has weights only in variants ({}); pass --variant",
+            request.repo,
+            weights.join(", ")
+        ));
+    }
+    selected.extend(preferred.iter().map(|f| format!("{prefix}{f}")));
     Ok(selected)
 }
 
@@ -177,8 +222,22 @@ pub async fn pull(hub: &Hub, policy: &Policy, request: &PullRequest) -> Result<P
         .await
         .map_err(|e| e.to_string())?;
     if !listing.iter().any(|f| f == "model_index.json") {
+        if listing.iter().any(|f| f == "config.json") {
+            let files = select_transformers_files(&listing, request)?;
+            let mut snapshot = None;
+            for file in &files {
+                let path = hub
+                    .file(repo, revision, file, policy)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if file == "config.json" {
+                    snapshot = path.parent().map(PathBuf::from);
+                }
+            }
+            return snapshot.ok_or_else(|| format!("{repo}: config.json was not fetched"));
+        }
         return Err(format!(
-            "{repo}: no model_index.json: not a diffusers pipeline (single-file checkpoints: download the file and `kiln models register --from` its folder)"
+            "{repo}: no model_index.json or config.json: not a diffusers pipeline or a transformers model (single-file checkpoints: download the file and `kiln models register --from` its folder)"
         ));
     }
     let index_path = hub
@@ -249,6 +308,46 @@ mod tests {
             "image_encoder": [null, null],
             "force_zeros_for_empty_prompt": true
         })
+    }
+
+    #[test]
+    fn transformers_repos_fetch_configs_tokenizer_template_and_safetensors() {
+        let listing: Vec<String> = [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "consolidated.safetensors",
+            "pytorch_model.bin",
+            "original/consolidated.00.pth",
+            "README.md",
+        ]
+        .map(String::from)
+        .to_vec();
+        let files = select_transformers_files(&listing, &request(None, None)).unwrap();
+        assert_eq!(
+            files,
+            vec![
+                "config.json",
+                "generation_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "chat_template.jinja",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model.safetensors.index.json",
+            ]
+        );
+        let pickles = vec!["config.json".to_string(), "pytorch_model.bin".to_string()];
+        let e = select_transformers_files(&pickles, &request(None, None)).unwrap_err();
+        assert!(e.contains("pickled"), "{e}");
+        let e =
+            select_transformers_files(&listing, &request(None, Some(&["tokenizer"]))).unwrap_err();
+        assert!(e.contains("only"), "{e}");
     }
 
     #[test]

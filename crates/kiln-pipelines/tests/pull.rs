@@ -1,6 +1,6 @@
 //! `kiln models pull` against a fake Hugging Face Hub: a diffusers pipeline
-//! lands in the HF cache with only the files Kiln loads, loads as a pipeline
-//! from there, and pickle-only components are refused.
+//! (or a transformers LLM) lands in the HF cache with only the files Kiln
+//! loads, loads from there, and pickle-only components are refused.
 
 mod common;
 
@@ -109,9 +109,37 @@ fn pickle_only_components_and_non_pipelines_are_refused() {
         server().hits("/owner/pickled/resolve/main/transformer/diffusion_pytorch_model.bin"),
         0
     );
-    // The LoRA repo of the fake Hub has no model_index.json.
+    // The LoRA repo of the fake Hub has no model_index.json or config.json.
     let error = run(&request("owner/repo"), cache.path()).unwrap_err();
     assert!(error.contains("not a diffusers pipeline"), "{error}");
     let error = run(&request("not-a-repo"), cache.path()).unwrap_err();
     assert!(error.starts_with("repo:"), "{error}");
+}
+
+#[test]
+fn a_transformers_llm_is_pulled_without_pickles_and_loads() {
+    let cache = tempfile::tempdir().unwrap();
+    let folder = run(&request("owner/tiny-qwen3"), cache.path()).unwrap();
+    let source = fixtures().join("../llm/tiny-qwen3");
+    let expected: Vec<String> = files_under(&source)
+        .into_iter()
+        .filter(|f| !f.starts_with("reference/"))
+        .collect();
+    assert_eq!(files_under(&folder), expected);
+    assert!(expected.contains(&"chat_template.jinja".to_string()));
+    assert_eq!(
+        server().hits("/owner/tiny-qwen3/resolve/main/pytorch_model.bin"),
+        0
+    );
+    let manifest = kiln_pipelines::describe_model_folder(&folder)
+        .unwrap()
+        .expect("a recognised LLM folder");
+    assert_eq!(manifest.pipeline, "text_generation/llm");
+    let model = kiln_textgen::LanguageModel::load(
+        &kiln_textgen::ModelSource::Folder(folder),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(model.template.is_some());
 }

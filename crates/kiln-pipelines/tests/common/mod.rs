@@ -177,9 +177,9 @@ async fn handle(server: Arc<LoraServer>, uri: Uri, headers: HeaderMap) -> Respon
             "siblings": [{"rfilename": "README.md"}, {"rfilename": "style.safetensors"}]
         })),
         _ if path.starts_with("/api/models/owner/") => match hub_repo(&path) {
-            Some((folder, extra)) => json(serde_json::json!({
+            Some((folder, hidden, extras)) => json(serde_json::json!({
                 "sha": COMMIT,
-                "siblings": repo_listing(&folder, extra)
+                "siblings": listing_with(&folder, hidden, extras)
                     .iter()
                     .map(|f| serde_json::json!({"rfilename": f}))
                     .collect::<Vec<_>>()
@@ -190,7 +190,7 @@ async fn handle(server: Arc<LoraServer>, uri: Uri, headers: HeaderMap) -> Respon
             let (repo, file) = path.split_once("/resolve/main/").unwrap_or_default();
             let served = hub_repo(&format!("/api/models{repo}/revision/main"))
                 .filter(|_| !file.split('/').any(|part| part == ".." || part.is_empty()))
-                .and_then(|(folder, _)| std::fs::read(folder.join(file)).ok());
+                .and_then(|(folder, _, _)| std::fs::read(folder.join(file)).ok());
             match served {
                 Some(bytes) => file_response_tagged(
                     &bytes,
@@ -212,22 +212,38 @@ const PIPELINE_EXTRAS: [&str; 3] = [
     "transformer/diffusion_pytorch_model.fp16.safetensors",
 ];
 
-/// Pipeline repos on the fake Hub, by their repo-info path: `owner/tiny-flux`
-/// (the tiny FLUX.1-dev fixture plus `PIPELINE_EXTRAS`) and `owner/pickled`
-/// (the same, with the transformer's safetensors left out of the listing).
-fn hub_repo(info_path: &str) -> Option<(PathBuf, &'static str)> {
+/// Listings the fake Hub adds to an LLM repo: the pickled copy of the weights.
+const LLM_EXTRAS: [&str; 1] = ["pytorch_model.bin"];
+
+/// Repos on the fake Hub, by their repo-info path: `owner/tiny-flux` (the tiny
+/// FLUX.1-dev fixture plus `PIPELINE_EXTRAS`), `owner/pickled` (the same, with
+/// the transformer's safetensors left out of the listing) and `owner/tiny-qwen3`
+/// (the transformers LLM fixture plus `LLM_EXTRAS`).
+fn hub_repo(info_path: &str) -> Option<(PathBuf, &'static str, &'static [&'static str])> {
     match info_path {
-        "/api/models/owner/tiny-flux/revision/main" => Some((fixtures().join("tiny-dev"), "")),
+        "/api/models/owner/tiny-flux/revision/main" => {
+            Some((fixtures().join("tiny-dev"), "", &PIPELINE_EXTRAS))
+        }
         "/api/models/owner/pickled/revision/main" => Some((
             fixtures().join("tiny-dev"),
             "transformer/diffusion_pytorch_model.safetensors",
+            &PIPELINE_EXTRAS,
         )),
+        "/api/models/owner/tiny-qwen3/revision/main" => {
+            Some((fixtures().join("../llm/tiny-qwen3"), "", &LLM_EXTRAS))
+        }
         _ => None,
     }
 }
 
 /// The files a pipeline repo lists (`hidden` left out), `reference/` excluded.
 pub fn repo_listing(folder: &Path, hidden: &str) -> Vec<String> {
+    listing_with(folder, hidden, &PIPELINE_EXTRAS)
+}
+
+/// A repo's listing: its folder's files (`hidden` and `reference/` left out)
+/// plus `extras` that the Hub lists but does not serve.
+fn listing_with(folder: &Path, hidden: &str, extras: &[&str]) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
             let path = entry.path();
@@ -246,7 +262,7 @@ pub fn repo_listing(folder: &Path, hidden: &str) -> Vec<String> {
     let mut files = Vec::new();
     walk(folder, folder, &mut files);
     files.retain(|f| !f.starts_with("reference/") && f != hidden);
-    files.extend(PIPELINE_EXTRAS.iter().map(|f| f.to_string()));
+    files.extend(extras.iter().map(|f| f.to_string()));
     files.sort();
     files
 }
