@@ -65,6 +65,55 @@ impl ModelSource {
     pub fn is_language_model(path: &Path) -> bool {
         Self::detect(path).is_some()
     }
+
+    /// Check everything that can be checked without loading the weights: the
+    /// config, every weight file's header (tensor offsets inside the file,
+    /// shapes against the config), the tokenizer and the chat template, so a
+    /// broken model is refused at registration, naming the file and tensor.
+    pub fn check(&self) -> Result<(), TextGenError> {
+        match self {
+            ModelSource::Gguf(path) => {
+                let file = GgufFile::open(path).map_err(load_error)?;
+                let config = config_from_gguf(&file)?;
+                TextTokenizer::from_gguf(&file)?;
+                if let Some(source) = file
+                    .opt_string("tokenizer.chat_template")
+                    .map_err(load_error)?
+                {
+                    ChatTemplate::new(&source, None, None)?;
+                }
+                let interleaved = (config.family == LlmFamily::Llama
+                    || config.family == LlmFamily::Mistral)
+                    .then_some((config.num_heads, config.num_kv_heads));
+                let weights = LlmWeights::Gguf {
+                    file,
+                    interleaved_qk: interleaved,
+                };
+                check_shapes(&config, &weights)
+            }
+            ModelSource::Folder(dir) => {
+                let config_json = read_json(&dir.join("config.json"))?.ok_or_else(|| {
+                    TextGenError::Load(format!("{}: no config.json", dir.display()))
+                })?;
+                let config = LlmConfig::from_json(&config_json)
+                    .map_err(|e| TextGenError::Load(format!("{}: {e}", dir.display())))?;
+                TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+                let files = WeightFiles::open(dir).map_err(load_error)?;
+                check_shapes(&config, &LlmWeights::Safetensors(files))
+            }
+        }
+    }
+}
+
+/// Every tensor the model will read exists with the shape the config implies.
+fn check_shapes(config: &LlmConfig, weights: &LlmWeights) -> Result<(), TextGenError> {
+    for (name, shape) in kiln_models::llm::model::expected_tensors(config) {
+        if name == "lm_head.weight" && config.tie_word_embeddings && !weights.contains(&name) {
+            continue;
+        }
+        weights.check_shape(&name, &shape).map_err(load_error)?;
+    }
+    Ok(())
 }
 
 /// Everything needed to turn requests into tokens and tokens into text.

@@ -371,6 +371,42 @@ fn causal_mask(
     Tensor::from_vec(mask, (groups * len, total), device).map(Some)
 }
 
+/// Every tensor (transformers naming) a model of `config` reads, with its shape.
+pub fn expected_tensors(c: &LlmConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let mut out = vec![
+        (
+            "model.embed_tokens.weight".to_string(),
+            vec![c.vocab_size, h],
+        ),
+        ("model.norm.weight".to_string(), vec![h]),
+        ("lm_head.weight".to_string(), vec![c.vocab_size, h]),
+    ];
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+        push("input_layernorm.weight", vec![h]);
+        push("post_attention_layernorm.weight", vec![h]);
+        push("self_attn.q_proj.weight", vec![c.num_heads * d, h]);
+        push("self_attn.k_proj.weight", vec![c.num_kv_heads * d, h]);
+        push("self_attn.v_proj.weight", vec![c.num_kv_heads * d, h]);
+        push("self_attn.o_proj.weight", vec![h, c.num_heads * d]);
+        if c.attention_bias {
+            push("self_attn.q_proj.bias", vec![c.num_heads * d]);
+            push("self_attn.k_proj.bias", vec![c.num_kv_heads * d]);
+            push("self_attn.v_proj.bias", vec![c.num_kv_heads * d]);
+        }
+        if c.qk_norm {
+            push("self_attn.q_norm.weight", vec![d]);
+            push("self_attn.k_norm.weight", vec![d]);
+        }
+        push("mlp.gate_proj.weight", vec![c.intermediate_size, h]);
+        push("mlp.up_proj.weight", vec![c.intermediate_size, h]);
+        push("mlp.down_proj.weight", vec![h, c.intermediate_size]);
+    }
+    out
+}
+
 /// The largest value of the last dimension, as an index (greedy decoding).
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     logits.argmax(D::Minus1)?.to_scalar::<u32>()

@@ -66,6 +66,21 @@ impl LlmWeights {
         Some(unpermute_rows(heads, rows))
     }
 
+    /// Fail unless `name` is stored with `shape` (reads only the header).
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<(), EngineError> {
+        let (found, files) = match self {
+            LlmWeights::Safetensors(files) => (files.shape(name)?, name.to_string()),
+            LlmWeights::Gguf { file, .. } => {
+                let key = Self::gguf_key(name, file)?;
+                (file.tensor_info(&key)?.0, file.path().display().to_string())
+            }
+        };
+        if found != shape {
+            return Err(shape_error(name, files, shape, found));
+        }
+        Ok(())
+    }
+
     /// A dense tensor of `shape`, dequantized if it is stored quantized.
     pub fn dense(
         &self,

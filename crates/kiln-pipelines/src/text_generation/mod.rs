@@ -29,9 +29,13 @@ pub fn is_llm_source(path: &Path) -> bool {
     ModelSource::is_language_model(path)
 }
 
-/// A manifest for an LLM folder or GGUF file; a GGUF file's name is recorded in
+/// A manifest for an LLM folder or GGUF file, after checking its config, weight
+/// headers, tokenizer and template; a GGUF file's name is recorded in
 /// `config.gguf` (the registry stores the file itself as the artifact).
 pub fn manifest_for_source(path: &Path) -> Result<Manifest, String> {
+    if let Some(source) = ModelSource::detect(path) {
+        source.check().map_err(|e| e.to_string())?;
+    }
     let mut manifest = Manifest::new(PIPELINE_KIND);
     manifest.description = "Text generation (Llama, Qwen, Mistral)".into();
     manifest.config = match ModelSource::detect(path) {
@@ -138,6 +142,12 @@ pub fn input_schema() -> InputSchema {
                 FieldKind::List {
                     max_items: Some(16),
                 },
+            ),
+            FieldSpec::new(
+                "ignore_eos",
+                "Keep generating past end-of-sequence tokens",
+                FieldKind::Boolean,
+                Some(Value::Null),
             ),
             FieldSpec::new(
                 "template",
