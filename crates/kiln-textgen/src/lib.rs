@@ -13,6 +13,7 @@ pub mod sampling;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
+pub mod verify;
 
 pub use bundle::{LanguageModel, ModelSource};
 pub use engine::{

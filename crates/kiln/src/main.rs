@@ -35,6 +35,8 @@ enum Command {
     Predict(commands::predict::PredictArgs),
     /// Chat with an LLM in the terminal.
     Chat(commands::generate::ChatArgs),
+    /// Compare an LLM's logits with a reference dump (MAX-style verification).
+    Verify(commands::verify::VerifyArgs),
     /// Time pipelines for the comparison scripts in bench/.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -71,6 +73,7 @@ fn main() -> Result<()> {
         Command::Glm(command) => commands::glm::run(&home, command),
         Command::Predict(args) => commands::predict::run(&home, args),
         Command::Chat(args) => commands::generate::chat(&home, args),
+        Command::Verify(args) => commands::verify::run(args),
         Command::Bench(command) => commands::bench::run(command),
     }
 }

@@ -913,3 +913,44 @@ fn broken_llm_files_are_refused_at_registration_naming_the_file() {
     let listed = ok(home.path(), &["models", "list"]);
     assert!(!listed.contains("main.llm"), "{listed}");
 }
+
+#[test]
+fn verify_passes_on_matching_weights_and_fails_past_the_thresholds() {
+    let home = tempfile::tempdir().unwrap();
+    let reference = llm_fixture("tiny-llama3/reference");
+    let folder = llm_fixture("tiny-llama3");
+    let table = ok(
+        home.path(),
+        &[
+            "verify",
+            folder.to_str().unwrap(),
+            "--reference",
+            reference.to_str().unwrap(),
+            "--strict",
+        ],
+    );
+    for case in ["short", "long", "chat"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(case) && l.ends_with("pass")),
+            "{table}"
+        );
+    }
+    // Q4_0 blocks move the logits well past a strict KL bound.
+    let q4 = llm_fixture("tiny-llama3/gguf/model-q4_0.gguf");
+    let out = kiln(
+        home.path(),
+        &[
+            "verify",
+            q4.to_str().unwrap(),
+            "--reference",
+            reference.to_str().unwrap(),
+            "--max-kl",
+            "1e-6",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("past the thresholds"));
+}

@@ -1,4 +1,5 @@
-//! `kiln bench flux` / `kiln bench sdxl`: time one FLUX transformer forward and
+//! `kiln bench flux` / `kiln bench sdxl` (and `kiln bench llm`, in its own
+//! module): time one FLUX transformer forward and
 //! whole generations, or one SDXL UNet step (CFG batch) and VAE decode, on a
 //! model folder, for `bench/flux_vs_diffusers.py` and `bench/sdxl_vs_diffusers.py`
 //! to compare with diffusers on the same weights, on the CPU or a CUDA device
@@ -19,6 +20,8 @@ pub enum BenchCommand {
     Flux(FluxBenchArgs),
     /// UNet step and VAE decode timings for an SDXL folder.
     Sdxl(SdxlBenchArgs),
+    /// Prefill and decode tokens/s of one stream for an LLM folder or GGUF file.
+    Llm(super::bench_llm::LlmBenchArgs),
 }
 
 /// Where and in which precision a benchmark runs.
@@ -212,13 +215,13 @@ fn random_lora(
     Ok(set)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
-fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -244,6 +247,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     let args = match command {
         BenchCommand::Flux(args) => args,
         BenchCommand::Sdxl(args) => return bench_sdxl(args),
+        BenchCommand::Llm(args) => return super::bench_llm::run(args),
     };
     if args.offload {
         return bench_flux_offloaded(args);
