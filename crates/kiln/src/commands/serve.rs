@@ -37,7 +37,9 @@ pub struct ServeArgs {
 
 /// Generative pipelines run one job at a time by default; others one per core.
 fn default_concurrency(resolved: &ResolvedModel) -> usize {
-    if resolved.manifest.pipeline.starts_with("text_to_image") {
+    if resolved.manifest.pipeline.starts_with("text_to_image")
+        || resolved.manifest.pipeline == kiln_pipelines::text_generation::PIPELINE_KIND
+    {
         1
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -57,6 +59,16 @@ fn override_config(
     }
 }
 
+/// The one weight file of a single-file model (a GGUF LLM), if it is one.
+fn single_file(resolved: &ResolvedModel) -> Option<PathBuf> {
+    resolved
+        .manifest
+        .config
+        .get("gguf")
+        .and_then(serde_json::Value::as_str)
+        .map(|name| resolved.dir.join(name))
+}
+
 fn model_spec(config: &ServeConfig, entry: &ModelEntry, mut resolved: ResolvedModel) -> ModelSpec {
     if let Some(overrides) = &entry.config {
         override_config(&mut resolved.manifest.config, overrides);
@@ -69,11 +81,19 @@ fn model_spec(config: &ServeConfig, entry: &ModelEntry, mut resolved: ResolvedMo
         execution_timeout: entry.execution_timeout.or(config.jobs.execution_timeout),
         idle_unload: entry.idle_unload,
         load: entry.load.unwrap_or(LoadPolicy::Eager),
-        memory_bytes: folder_bytes(&resolved.dir),
+        memory_bytes: match single_file(&resolved) {
+            Some(file) => std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
+            None => folder_bytes(&resolved.dir),
+        },
     };
+    // A single-file model outside the registry is named after its file.
+    let file_stem = single_file(&resolved)
+        .filter(|_| resolved.name.is_none())
+        .and_then(|f| f.file_stem().map(|s| s.to_string_lossy().into_owned()));
     let name = entry
         .name
         .clone()
+        .or(file_stem)
         .unwrap_or_else(|| resolved.display_name());
     let resolved = Arc::new(resolved);
     ModelSpec {
