@@ -76,6 +76,8 @@ pub struct ServedModel {
     failed_at: Mutex<Option<Instant>>,
     slots: Arc<Semaphore>,
     in_use: AtomicUsize,
+    /// Direct requests waiting for a slot (bounded by `max_queue`).
+    waiting: AtomicUsize,
     last_used: Mutex<Instant>,
 }
 
@@ -102,6 +104,7 @@ impl ServedModel {
             failed_at: Mutex::new(None),
             slots: Arc::new(Semaphore::new(concurrency)),
             in_use: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
         }
     }
@@ -333,6 +336,30 @@ impl AppState {
             _use: in_use,
             _slot: slot,
         })
+    }
+
+    /// [`lease`](Self::lease) for a request answered directly (not a job): at
+    /// most `max_queue` such requests wait for a slot; past that the client
+    /// gets 429 with `Retry-After` instead of an unbounded backlog.
+    pub async fn lease_bounded(&self, model: &Arc<ServedModel>) -> Result<ModelLease, ApiError> {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        if model.slots.available_permits() == 0 {
+            let before = model.waiting.fetch_add(1, Ordering::SeqCst);
+            let _waiting = Waiting(&model.waiting);
+            if before >= model.settings.max_queue {
+                return Err(ApiError::QueueFull {
+                    model: model.name.clone(),
+                    limit: model.settings.max_queue,
+                });
+            }
+            return self.lease(model, false).await;
+        }
+        self.lease(model, false).await
     }
 
     /// Load `model` unless it is loaded; concurrent callers share one load. The

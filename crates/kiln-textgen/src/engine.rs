@@ -106,6 +106,22 @@ pub struct GenerationStream {
 }
 
 impl GenerationStream {
+    /// A new stream and the sender its engine feeds (for engines implementing
+    /// [`TextGeneration`]); the handle tells the engine when to stop.
+    pub fn channel() -> (
+        UnboundedSender<GenerationEvent>,
+        AbortHandle,
+        GenerationStream,
+    ) {
+        let (events, receiver) = unbounded_channel();
+        let abort = AbortHandle::default();
+        let stream = GenerationStream {
+            events: receiver,
+            abort: abort.clone(),
+        };
+        (events, abort, stream)
+    }
+
     /// The next event (async); `None` after the last.
     pub async fn next(&mut self) -> Option<GenerationEvent> {
         self.events.recv().await
@@ -222,12 +238,11 @@ impl TextGeneration for SerialEngine {
 
     fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, TextGenError> {
         validate(&self.model, &request)?;
-        let (events, receiver) = unbounded_channel();
-        let abort = AbortHandle::default();
+        let (events, abort, stream) = GenerationStream::channel();
         let job = Job {
             request,
             events,
-            abort: abort.clone(),
+            abort,
         };
         self.counters.waiting.fetch_add(1, Ordering::SeqCst);
         let sent = self
@@ -239,10 +254,7 @@ impl TextGeneration for SerialEngine {
             self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(TextGenError::Unavailable);
         }
-        Ok(GenerationStream {
-            events: receiver,
-            abort,
-        })
+        Ok(stream)
     }
 
     fn health(&self) -> EngineHealth {

@@ -720,7 +720,7 @@ pub async fn serve_model(
     api: Api,
     body: Map<String, Value>,
 ) -> Response {
-    let lease = match state.lease(model, false).await {
+    let lease = match state.lease_bounded(model).await {
         Ok(lease) => lease,
         Err(e) => return labelled(error(e), &model.name),
     };
