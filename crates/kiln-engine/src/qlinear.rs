@@ -27,6 +27,36 @@ impl AnyLinear {
     }
 }
 
+/// `x W_i^T + b_i` for several layers reading the same `x` (q/k/v, gate/up).
+/// Quantized weights of one type go through candle's fused kernel where it has
+/// one (one quantization of `x`, one parallel region; AVX-512 VNNI, one row);
+/// otherwise each layer runs on its own. Results are the same either way.
+pub fn forward_shared(layers: &[&AnyLinear], x: &Tensor) -> Result<Vec<Tensor>> {
+    let quantized: Option<Vec<&QTensor>> = layers
+        .iter()
+        .map(|l| match l {
+            AnyLinear::Quantized {
+                weight: QMatMul::QTensor(t),
+                ..
+            } => Some(t.as_ref()),
+            _ => None,
+        })
+        .collect();
+    if let Some(tensors) = quantized
+        && let Some(outputs) = QTensor::gemv_fused_shared_lhs(&tensors, x)?
+    {
+        return outputs
+            .into_iter()
+            .zip(layers)
+            .map(|(y, layer)| match layer {
+                AnyLinear::Quantized { bias: Some(b), .. } => y.broadcast_add(b),
+                _ => Ok(y),
+            })
+            .collect();
+    }
+    layers.iter().map(|l| l.forward(x)).collect()
+}
+
 impl From<Linear> for AnyLinear {
     fn from(linear: Linear) -> Self {
         AnyLinear::Dense(linear)
@@ -42,6 +72,50 @@ impl Module for AnyLinear {
                 match bias {
                     Some(bias) => y.broadcast_add(bias),
                     None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn shared_forward_equals_separate_forwards() {
+        let device = Device::Cpu;
+        // Sizes the fused x86 kernel accepts (k a multiple of 256, n of its tile).
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let layers: Vec<AnyLinear> = [512usize, 256, 256]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let w = Tensor::randn(0f32, 1.0, (n, 512), &device).unwrap();
+                    let bias = (i == 1).then(|| Tensor::randn(0f32, 1.0, n, &device).unwrap());
+                    AnyLinear::quantized(QTensor::quantize(&w, dtype).unwrap(), bias).unwrap()
+                })
+                .collect();
+            let refs: Vec<&AnyLinear> = layers.iter().collect();
+            for rows in [1usize, 3] {
+                let x = Tensor::randn(0f32, 1.0, (1, rows, 512), &device).unwrap();
+                let shared = forward_shared(&refs, &x).unwrap();
+                for (layer, y) in layers.iter().zip(&shared) {
+                    let alone = layer.forward(&x).unwrap();
+                    assert_eq!(alone.dims(), y.dims());
+                    let diff = (alone - y)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(diff < 1e-3, "{dtype:?} rows {rows}: {diff}");
                 }
             }
         }

@@ -6,7 +6,7 @@
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use kiln_engine::activation;
-use kiln_engine::qlinear::AnyLinear;
+use kiln_engine::qlinear::{AnyLinear, forward_shared};
 
 use super::config::LlmConfig;
 use super::rope::{Rope, inverse_frequencies};
@@ -258,8 +258,10 @@ impl CausalLm {
             let x1 = (residual + attended)?;
             let normed = layer.post_attention_norm.forward(&x1)?;
             let mlp = &layer.mlp;
-            let gated =
-                (activation::silu(&mlp.gate.forward(&normed)?)? * mlp.up.forward(&normed)?)?;
+            let [gate, up]: [Tensor; 2] = forward_shared(&[&mlp.gate, &mlp.up], &normed)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up projections".into()))?;
+            let gated = (activation::silu(&gate)? * up)?;
             x = (x1 + mlp.down.forward(&gated)?)?;
         }
         cache.len += len;
@@ -317,9 +319,12 @@ impl Attention {
             };
             t.transpose(1, 2)?.contiguous()
         };
-        let q = heads(self.q.forward(x)?, self.heads, &self.q_norm)?;
-        let k = heads(self.k.forward(x)?, self.kv_heads, &self.k_norm)?;
-        let v = heads(self.v.forward(x)?, self.kv_heads, &None)?;
+        let [q, k, v]: [Tensor; 3] = forward_shared(&[&self.q, &self.k, &self.v], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q/k/v projections".into()))?;
+        let q = heads(q, self.heads, &self.q_norm)?;
+        let k = heads(k, self.kv_heads, &self.k_norm)?;
+        let v = heads(v, self.kv_heads, &None)?;
         let q = Rope::apply(&q, cos, sin)?;
         let k = Rope::apply(&k, cos, sin)?;
         let (k, v) = kv.append(&k, &v)?;
