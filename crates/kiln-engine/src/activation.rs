@@ -155,6 +155,13 @@ fn map_slice<K: Pointwise>(src: &[f32], dst: &mut [f32]) {
 
 fn map_parallel<K: Pointwise>(src: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; src.len()];
+    // One chunk's work (an LLM decode step's activations) stays on this thread:
+    // handing it to rayon wakes a worker that then spins, taking a core from
+    // the quantized matmul that follows.
+    if src.len() <= CHUNK {
+        map_slice::<K>(src, &mut out);
+        return out;
+    }
     out.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
         .for_each(|(d, s)| map_slice::<K>(s, d));
@@ -276,6 +283,10 @@ impl CustomOp1 for SoftmaxLastDim {
         let src = contiguous_f32(storage, layout, self.name())?;
         let mut out = vec![0f32; src.len()];
         let rows_per_item = (CHUNK / row).max(1);
+        if src.len() <= rows_per_item * row {
+            softmax_rows(&src, &mut out, row);
+            return Ok((CpuStorage::F32(out), layout.shape().clone()));
+        }
         out.par_chunks_mut(rows_per_item * row)
             .zip(src.par_chunks(rows_per_item * row))
             .for_each(|(d, s)| softmax_rows(s, d, row));

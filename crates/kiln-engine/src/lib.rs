@@ -15,6 +15,7 @@ pub mod nn;
 pub mod parity;
 pub mod qlinear;
 pub mod rng;
+pub mod threads;
 pub mod weights;
 
 pub use error::{EngineError, Result};

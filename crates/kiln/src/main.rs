@@ -62,10 +62,15 @@ fn init_logging() {
 }
 
 fn main() -> Result<()> {
+    let threads = kiln_engine::threads::settle_thread_count();
     let allocator = kiln_engine::memory::tune_allocator();
     let cli = Cli::parse();
     init_logging();
-    tracing::debug!(?allocator, "malloc settings for tensor work");
+    tracing::debug!(
+        ?allocator,
+        ?threads,
+        "malloc and thread settings for tensor work"
+    );
     let home = cli.home.unwrap_or_else(kiln_registry::default_home);
     match cli.command {
         Command::Serve(args) => commands::serve::run(&home, args),
