@@ -244,7 +244,17 @@ def summarize(firsts: list[float], per_tokens: list[float], n: int, extra: dict)
     first, per_token = statistics.median(firsts), statistics.median(per_tokens)
     return {"time_to_first_token_s": first, "prefill_tokens_per_s": n / first, "decode_tokens_per_s": 1 / per_token,
             "ttft_runs_s": firsts, "decode_s_per_token_runs": per_tokens,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
+            "peak_rss_mib": peak_rss_mib(), **extra}
+
+
+def peak_rss_mib(pid: str = "self") -> float | None:
+    """VmHWM, as `kiln bench llm` reports it (ru_maxrss would carry over the parent's peak across exec)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1024 if line else None
 
 
 def llama_cpp_worker(path: Path, n: int, m: int, runs: int, threads: int) -> dict:
@@ -360,6 +370,20 @@ def max_stream(port: int, ids: list[int], m: int, model_name: str) -> tuple[floa
     return first, last, usage if usage is not None else chunks
 
 
+def scheduler_steps(log_path: Path) -> tuple[list[float], list[float]]:
+    """Seconds of each context-encoding (prefill) and token-generation step, as MAX's scheduler logs them
+    (MAX_SERVE_SCHEDULER_STATS_LOG_INTERVAL_S=0 logs every batch): the model's own time, without HTTP."""
+    import re
+
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    ce, tg = [], []
+    for line in log_path.read_text(errors="replace").splitlines():
+        hit = re.search(r"Executed (CE|TG) batch .*?Execution: ([0-9.]+)(us|ms|s)\b", line)
+        if hit:
+            (ce if hit[1] == "CE" else tg).append(float(hit[2]) * scale[hit[3]])
+    return ce, tg
+
+
 def max_worker(max_bin: str, fmt: str, path: Path, folder: Path, n: int, m: int, runs: int, log_path: Path) -> dict:
     port = free_port()
     cmd = [max_bin, "serve", "--devices", "cpu", "--port", str(port), "--max-batch-size", "1",
@@ -368,7 +392,8 @@ def max_worker(max_bin: str, fmt: str, path: Path, folder: Path, n: int, m: int,
         cmd += ["--model-path", str(folder), "--quantization-encoding", "float32"]
     else:
         cmd += ["--model-path", str(folder), "--weight-path", str(path), "--quantization-encoding", "q4_k"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MAX_SERVE_DISABLE_TELEMETRY="1",
+               MAX_SERVE_SCHEDULER_STATS_LOG_INTERVAL_S="0")
     started = time.perf_counter()
     with open(log_path, "w") as logf:
         server = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -387,17 +412,30 @@ def max_worker(max_bin: str, fmt: str, path: Path, folder: Path, n: int, m: int,
         load_s = time.perf_counter() - started
         ids = prompt_ids(n)
         max_stream(port, ids, m, model_name)
+        # the server's workers are not this process's children, so account for them here
+        t0, (busy0, own0), server0 = time.perf_counter(), cpu_seconds(), session_cpu_seconds(server.pid)
         firsts, per_tokens, counts = [], [], []
         for _ in range(runs):
             first, last, count = max_stream(port, ids, m, model_name)
             firsts.append(first)
             per_tokens.append((last - first) / max(count - 1, 1))
             counts.append(count)
+        (busy1, own1), server1 = cpu_seconds(), session_cpu_seconds(server.pid)
+        other = (busy1 - busy0) - (own1 - own0) - (server1 - server0)
+        other_share = max(0.0, other) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
         if any(c != m for c in counts):
             raise RuntimeError(f"MAX generated {counts} tokens, not {m}")
-        version = subprocess.run([max_bin, "--version"], capture_output=True, text=True).stdout.strip()
-        out = summarize(firsts, per_tokens, n, {"load_s": load_s, "server_cmd": cmd, "max_version": version})
-        out.pop("peak_rss_mib")  # this process is only the HTTP client
+        time.sleep(0.5)  # let the scheduler flush its last log line
+        ce, tg = scheduler_steps(log_path)
+        ce, tg = ce[-runs:], tg[-runs * (m - 1):]  # the timed runs, not the warm-up
+        steps = {"server_prefill_tokens_per_s": n / statistics.median(ce) if ce else None,
+                  "server_decode_tokens_per_s": 1 / statistics.median(tg) if tg else None}
+        out = summarize(firsts, per_tokens, n, {"load_s": load_s, "server_cmd": cmd, **steps,
+                                                "other_cpu_share_timed": other_share})
+        # this process is only the HTTP client; the server's processes peak at different times, so the sum of
+        # their peaks is an upper bound
+        out["peak_rss_mib"] = sum(filter(None, (peak_rss_mib(p) for p in session_pids(server.pid))))
+        out["peak_rss_note"] = "sum of VmHWM over the max serve processes"
         return out
     finally:
         os.killpg(server.pid, 15)
@@ -437,19 +475,77 @@ def cpu_info() -> dict:
             "amx": sorted(f for f in flags if f.startswith("amx")), "platform": platform.platform()}
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes have used, CPU seconds of this process and its reaped children)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        own += r.ru_utime + r.ru_stime
+    return busy, own
+
+
+def session_pids(sid: int) -> list[str]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                pids.append(stat.parent.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """CPU seconds used so far by the live processes of session `sid` (and their reaped children)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields[0] is the state (field 3 of stat); the session id is field 6
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def background_cpu(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `seconds` while this script waits: what else is running."""
+    def sample():
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def binary_id(path: Path) -> dict:
+    import hashlib
+
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stat.st_mtime))}
+
+
 def versions(kiln: Path, max_bin: str | None) -> dict:
     out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "gguf", "llama_cpp"):
+    from importlib import metadata
+
+    for dist in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "gguf", "llama_cpp_python"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(e).__name__})"
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
     try:
         import llama_cpp
         out["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
     except Exception:  # noqa: BLE001
         pass
     out["kiln"] = subprocess.run([str(kiln), "--version"], capture_output=True, text=True).stdout.strip()
+    out["kiln_binary"] = binary_id(kiln)
     if max_bin:
         try:
             out["max"] = subprocess.run([max_bin, "--version"], capture_output=True, text=True,
@@ -483,6 +579,48 @@ def print_table(results: list[dict], configs: list[str], metric: str, title: str
                   f"{ratio(k, l):>14} | {ratio(k, t):>17} | {ratio(k, x):>8}")
 
 
+def measure(args, engine: str, config: str, fmt: str, paths: dict[str, Path], max_bin: str | None) -> dict:
+    """One engine on one model file, with how busy the other processes kept the CPUs."""
+    n, m = args.prompt_tokens, args.gen_tokens
+    row = {"config": config, "format": fmt, "engine": engine}
+    busy, waited = background_cpu(), time.perf_counter()
+    while busy > 0.15 and time.perf_counter() - waited < args.quiet_wait:
+        busy = background_cpu(5.0)
+    row["other_cpu_busy_before"] = busy
+    log(f"[{config} {fmt}] {engine} ..." + (f" (warning: the CPUs were {busy:.0%} busy just before; "
+                                             "something else is running)" if busy > 0.15 else ""))
+    started, (busy0, own0) = time.perf_counter(), cpu_seconds()
+    try:
+        path = paths[fmt]
+        worker_args = ["--prompt-tokens", str(n), "--gen-tokens", str(m), "--runs", str(args.runs),
+                       "--threads", str(args.threads), "--model", str(path)]
+        if engine == "kiln":
+            row.update(run_kiln(args.kiln, path, n, m, args.runs, args.timeout))
+        elif engine in ("llama.cpp", "transformers"):
+            row.update(run_worker(["--worker", engine, *worker_args], args.timeout))
+        elif engine == "max":
+            if not max_bin:
+                raise RuntimeError("no `max` CLI (pip install modular)")
+            row.update(max_worker(max_bin, fmt, path, paths["folder-f32"], n, m, args.runs,
+                                  args.work / f"max-{config}-{fmt}.log"))
+    except Exception as e:  # noqa: BLE001
+        row["error"] = str(e)
+        log(f"  failed: {str(e)[-600:]}")
+    row["wall_s"] = time.perf_counter() - started
+    busy1, own1 = cpu_seconds()
+    # CPU time used meanwhile by processes that are not this benchmark, as a share of all CPUs
+    row["other_cpu_share_during"] = row.pop("other_cpu_share_timed", None)  # MAX: over its timed requests
+    if row["other_cpu_share_during"] is None:
+        row["other_cpu_share_during"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / (
+            row["wall_s"] * (os.cpu_count() or 1))
+    if row["other_cpu_share_during"] > 0.1:
+        log(f"  warning: other processes used {row['other_cpu_share_during']:.0%} of the CPUs meanwhile")
+    if "decode_tokens_per_s" in row:
+        log(f"  prefill {row['prefill_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.2f} "
+            f"tok/s ({row['wall_s']:.0f} s)")
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -499,6 +637,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/kiln-llm-bench"))
     parser.add_argument("--llama-cpp-src", type=Path, help="llama.cpp tree with convert_hf_to_gguf.py")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
+    parser.add_argument("--quiet-wait", type=float, default=300,
+                        help="seconds to wait, before each engine, for other processes to leave the CPUs idle")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="measure an engine again (up to this many times) when other processes used over 10%% "
+                             "of the CPUs during its run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -537,38 +680,25 @@ def main() -> None:
             for engine in engines:
                 if fmt not in ENGINE_FORMATS[engine]:
                     continue
-                row = {"config": config, "format": fmt, "engine": engine}
-                log(f"[{config} {fmt}] {engine} ...")
-                started = time.perf_counter()
-                try:
-                    path = paths[fmt]
-                    worker_args = ["--prompt-tokens", str(n), "--gen-tokens", str(m), "--runs", str(args.runs),
-                                   "--threads", str(args.threads), "--model", str(path)]
-                    if engine == "kiln":
-                        row.update(run_kiln(args.kiln, path, n, m, args.runs, args.timeout))
-                    elif engine in ("llama.cpp", "transformers"):
-                        row.update(run_worker(["--worker", engine, *worker_args], args.timeout))
-                    elif engine == "max":
-                        if not max_bin:
-                            raise RuntimeError("no `max` CLI (pip install modular)")
-                        row.update(max_worker(max_bin, fmt, path, paths["folder-f32"], n, m, args.runs,
-                                              args.work / f"max-{config}-{fmt}.log"))
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = str(e)
-                    log(f"  failed: {str(e)[-600:]}")
-                row["wall_s"] = time.perf_counter() - started
-                if "decode_tokens_per_s" in row:
-                    log(f"  prefill {row['prefill_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.2f} "
-                        f"tok/s ({row['wall_s']:.0f} s)")
+                for attempt in range(1 + args.retries):
+                    row = measure(args, engine, config, fmt, paths, max_bin)
+                    row["attempt"] = attempt + 1
+                    if "error" in row or row["other_cpu_share_during"] <= 0.1:
+                        break
+                    if attempt < args.retries:
+                        log("  measuring again: other processes shared the CPUs")
                 report["results"].append(row)
                 if args.json:  # keep what is done so far
                     args.json.write_text(json.dumps(report, indent=2))
 
+    if binary_id(args.kiln)["sha256"] != report["versions"]["kiln_binary"]["sha256"]:
+        report["versions"]["kiln_binary_changed_during_run"] = binary_id(args.kiln)
+        log(f"warning: {args.kiln} was rebuilt during the run; its rows may mix two builds")
     cpu = report["cpu"]
     print(f"\nCPU: {cpu['model_name']} ({cpu['logical_cpus']} CPUs; AVX-512: {'yes' if cpu['avx512'] else 'no'}; "
           f"AMX: {'yes' if cpu['amx'] else 'no'}); threads: llama.cpp/torch {args.threads}, kiln rayon default")
     v = report["versions"]
-    print("versions: " + ", ".join(f"{k} {v[k]}" for k in ("kiln", "llama_cpp", "torch", "transformers", "max")
+    print("versions: " + ", ".join(f"{k} {v[k]}" for k in ("kiln", "llama_cpp_python", "torch", "transformers", "max")
                                    if k in v))
     for c in configs:
         mdl = report["models"][c]
@@ -577,6 +707,12 @@ def main() -> None:
     print(f"prompt {n} tokens, {m} generated (greedy, EOS ignored), median of {args.runs} runs after a warm-up")
     print_table(report["results"], configs, "decode_tokens_per_s", "decode tok/s (higher is better)")
     print_table(report["results"], configs, "prefill_tokens_per_s", "prefill tok/s = prompt / TTFT (higher is better)")
+    print_table(report["results"], configs, "peak_rss_mib", "peak RSS MiB (VmHWM; MAX: sum over its processes; lower is better)")
+    for r in report["results"]:
+        if r["engine"] == "max" and r.get("server_decode_tokens_per_s"):
+            print(f"MAX {r['config']} {r['format']}: its scheduler logs {r['server_prefill_tokens_per_s']:.1f} prefill tok/s, "
+                  f"{r['server_decode_tokens_per_s']:.1f} decode tok/s (model steps only, no HTTP); "
+                  f"server start incl. graph compile {r['load_s']:.0f} s")
     failed = [r for r in report["results"] if "error" in r]
     for r in failed:
         print(f"failed: {r['config']} {r['format']} {r['engine']}: {r['error'].splitlines()[-1][:300]}")
