@@ -284,7 +284,7 @@ impl CustomOp1 for SoftmaxLastDim {
         let mut out = vec![0f32; src.len()];
         let rows_per_item = (CHUNK / row).max(1);
         if src.len() <= rows_per_item * row {
-            softmax_rows(&src, &mut out, row);
+            softmax_rows(src, &mut out, row);
             return Ok((CpuStorage::F32(out), layout.shape().clone()));
         }
         out.par_chunks_mut(rows_per_item * row)
