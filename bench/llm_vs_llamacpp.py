@@ -37,6 +37,9 @@ Run:
     /tmp/llmvenv/bin/python bench/llm_vs_llamacpp.py --runs 3 [--configs 60m,0.5b] [--prompt-tokens 128]
         [--gen-tokens 64] [--engines kiln,llama.cpp,transformers,max] [--max-bin /tmp/maxvenv/bin/max]
         [--json out.json]
+    /tmp/llmvenv/bin/python bench/llm_vs_llamacpp.py --update --json out.json --configs 0.5b --engines llama.cpp
+--update re-measures only the selected rows and replaces them in the --json file.  Before each engine the
+script waits for the CPUs to be idle, and measures again when other processes took over 10% of them.
 """
 
 from __future__ import annotations
@@ -595,6 +598,7 @@ def measure(args, engine: str, config: str, fmt: str, paths: dict[str, Path], ma
         worker_args = ["--prompt-tokens", str(n), "--gen-tokens", str(m), "--runs", str(args.runs),
                        "--threads", str(args.threads), "--model", str(path)]
         if engine == "kiln":
+            row["kiln_binary"] = binary_id(args.kiln)
             row.update(run_kiln(args.kiln, path, n, m, args.runs, args.timeout))
         elif engine in ("llama.cpp", "transformers"):
             row.update(run_worker(["--worker", engine, *worker_args], args.timeout))
@@ -643,6 +647,9 @@ def main() -> None:
                         help="measure an engine again (up to this many times) when other processes used over 10%% "
                              "of the CPUs during its run")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--update", action="store_true",
+                        help="measure only the selected rows again and replace them in --json FILE; the tables show "
+                             "every row of the file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -667,15 +674,23 @@ def main() -> None:
               "settings": {"prompt_tokens": n, "gen_tokens": m, "runs": args.runs, "threads": args.threads,
                            "prompt": f"[1 + (i*7919) % (vocab-2) for i in range({n})]", "work": str(args.work)},
               "models": {}, "results": []}
+    if args.update:
+        if not args.json or not args.json.exists():
+            sys.exit("--update needs --json FILE from an earlier run")
+        previous = json.loads(args.json.read_text())
+        if previous["settings"]["prompt_tokens"] != n or previous["settings"]["gen_tokens"] != m:
+            sys.exit(f"{args.json} was measured with other --prompt-tokens / --gen-tokens")
+        report["models"] = previous["models"]
+        report["results"] = previous["results"]
+        report["versions"]["earlier"] = previous["versions"]
     log(f"CPU: {report['cpu']['model_name']}, {report['cpu']['logical_cpus']} CPUs, "
         f"AVX-512: {' '.join(report['cpu']['avx512']) or 'no'}, AMX: {' '.join(report['cpu']['amx']) or 'no'}")
     for config in configs:
         paths = build_models(args.work, config, args.llama_cpp_src, args.threads)
         params = json.loads((paths["folder-f32"] / "bench_params.json").read_text())["parameters"]
-        report["models"][config] = {"parameters": params, **CONFIGS[config],
-                                    "files_mib": {f: round(sum(p.stat().st_size for p in ([paths[f]] if paths[f].is_file()
-                                                                                          else paths[f].glob("*.safetensors"))) / 2**20, 1)
-                                                  for f in FORMATS}}
+        files = {f: [paths[f]] if paths[f].is_file() else list(paths[f].glob("*.safetensors")) for f in FORMATS}
+        report["models"][config] = {"parameters": params, **CONFIGS[config], "files_mib": {
+            f: round(sum(p.stat().st_size for p in ps) / 2**20, 1) for f, ps in files.items()}}
         for fmt in formats:
             for engine in engines:
                 if fmt not in ENGINE_FORMATS[engine]:
@@ -687,7 +702,8 @@ def main() -> None:
                         break
                     if attempt < args.retries:
                         log("  measuring again: other processes shared the CPUs")
-                report["results"].append(row)
+                report["results"] = [r for r in report["results"]
+                                     if (r["config"], r["format"], r["engine"]) != (config, fmt, engine)] + [row]
                 if args.json:  # keep what is done so far
                     args.json.write_text(json.dumps(report, indent=2))
 
@@ -700,6 +716,7 @@ def main() -> None:
     v = report["versions"]
     print("versions: " + ", ".join(f"{k} {v[k]}" for k in ("kiln", "llama_cpp_python", "torch", "transformers", "max")
                                    if k in v))
+    configs = [c for c in CONFIGS if c in report["models"]]
     for c in configs:
         mdl = report["models"][c]
         print(f"model {c}: {mdl['parameters'] / 1e6:.0f}M parameters, files (MiB) " +
@@ -707,11 +724,12 @@ def main() -> None:
     print(f"prompt {n} tokens, {m} generated (greedy, EOS ignored), median of {args.runs} runs after a warm-up")
     print_table(report["results"], configs, "decode_tokens_per_s", "decode tok/s (higher is better)")
     print_table(report["results"], configs, "prefill_tokens_per_s", "prefill tok/s = prompt / TTFT (higher is better)")
-    print_table(report["results"], configs, "peak_rss_mib", "peak RSS MiB (VmHWM; MAX: sum over its processes; lower is better)")
+    print_table(report["results"], configs, "peak_rss_mib",
+                "peak RSS MiB (VmHWM; MAX: sum over its processes; lower is better)")
     for r in report["results"]:
         if r["engine"] == "max" and r.get("server_decode_tokens_per_s"):
-            print(f"MAX {r['config']} {r['format']}: its scheduler logs {r['server_prefill_tokens_per_s']:.1f} prefill tok/s, "
-                  f"{r['server_decode_tokens_per_s']:.1f} decode tok/s (model steps only, no HTTP); "
+            print(f"MAX {r['config']} {r['format']}: its scheduler logs {r['server_prefill_tokens_per_s']:.1f} "
+                  f"prefill tok/s, {r['server_decode_tokens_per_s']:.1f} decode tok/s (model steps only, no HTTP); "
                   f"server start incl. graph compile {r['load_s']:.0f} s")
     failed = [r for r in report["results"] if "error" in r]
     for r in failed:
