@@ -35,6 +35,25 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
 }
 
+impl GenerationRequest {
+    /// Greedy decoding of exactly `max_tokens` tokens (EOS ignored, no stops):
+    /// what parity checks and benchmarks run.
+    pub fn greedy(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
+        GenerationRequest {
+            prompt_ids,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+            logprobs: None,
+        }
+    }
+}
+
 /// A token and its log-probability under the raw logits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {

@@ -23,18 +23,7 @@ fn engine(folder: &str) -> SerialEngine {
 }
 
 fn request(engine: &SerialEngine, prompt: &str, max_tokens: usize) -> GenerationRequest {
-    GenerationRequest {
-        prompt_ids: engine.model().text_prompt(prompt).unwrap(),
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        stop: vec![],
-        stop_token_ids: vec![],
-        ignore_eos: true,
-        logprobs: None,
-    }
+    GenerationRequest::greedy(engine.model().text_prompt(prompt).unwrap(), max_tokens)
 }
 
 /// All events of one request: (token ids, text, finish reason).

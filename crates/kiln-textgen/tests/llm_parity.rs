@@ -11,8 +11,7 @@ use candle_core::{DType, Device};
 use kiln_engine::parity::compare_logits;
 use kiln_textgen::verify::{ReferenceCase, read_reference, teacher_forced_logits};
 use kiln_textgen::{
-    GenerationEvent, GenerationRequest, LanguageModel, ModelSource, SamplingParams, SerialEngine,
-    TextGeneration,
+    GenerationEvent, GenerationRequest, LanguageModel, ModelSource, SerialEngine, TextGeneration,
 };
 
 fn fixtures() -> PathBuf {
@@ -87,18 +86,10 @@ fn check_folder(model_name: &str) {
 fn greedy(name: &str, case: &ReferenceCase) -> Vec<u32> {
     let engine = SerialEngine::start(load(source_of(name))).unwrap();
     let mut stream = engine
-        .submit(GenerationRequest {
-            prompt_ids: case.input_ids.clone(),
-            max_tokens: case.output_ids.len(),
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            },
-            stop: vec![],
-            stop_token_ids: vec![],
-            ignore_eos: true,
-            logprobs: None,
-        })
+        .submit(GenerationRequest::greedy(
+            case.input_ids.clone(),
+            case.output_ids.len(),
+        ))
         .unwrap();
     let mut ids = Vec::new();
     while let Some(event) = stream.next_blocking() {

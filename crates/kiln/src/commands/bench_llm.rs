@@ -11,8 +11,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_textgen::{
-    GenerationEvent, GenerationRequest, LanguageModel, ModelSource, SamplingParams, SerialEngine,
-    TextGeneration,
+    GenerationEvent, GenerationRequest, LanguageModel, ModelSource, SerialEngine, TextGeneration,
 };
 use serde_json::json;
 
@@ -40,18 +39,7 @@ pub struct LlmBenchArgs {
 /// Seconds to the first token (prefill + one sample) and per later token.
 fn one_run(engine: &SerialEngine, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
     let started = Instant::now();
-    let mut stream = engine.submit(GenerationRequest {
-        prompt_ids: prompt.to_vec(),
-        max_tokens: gen_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        stop: vec![],
-        stop_token_ids: vec![],
-        ignore_eos: true,
-        logprobs: None,
-    })?;
+    let mut stream = engine.submit(GenerationRequest::greedy(prompt.to_vec(), gen_tokens))?;
     let mut first = None;
     while let Some(event) = stream.next_blocking() {
         match event {
