@@ -234,12 +234,19 @@ impl ServeConfig {
                 .map_err(|_| format!("PORT={port:?} is not a port number"))?;
         }
         if let Some(keys) = get("KILN_API_KEYS") {
-            self.server.api_keys = keys
+            let keys: Vec<String> = keys
                 .split(',')
                 .map(str::trim)
                 .filter(|k| !k.is_empty())
                 .map(String::from)
                 .collect();
+            // An empty or blank variable must never switch authentication off.
+            if keys.is_empty() {
+                return Err(
+                    "KILN_API_KEYS is set but lists no key; unset it, or list keys separated by commas".into(),
+                );
+            }
+            self.server.api_keys = keys;
         }
         if let Some(budget) = get("KILN_MEMORY_BUDGET") {
             self.server.memory_budget =
@@ -353,6 +360,17 @@ mod tests {
             .unwrap();
         assert_eq!(config.server.port, 7000);
         assert_eq!(config.server.api_keys, vec!["x", "y"]);
+        for blank in ["", ",", " , "] {
+            let error = config
+                .apply_env(|k| (k == "KILN_API_KEYS").then(|| blank.to_string()))
+                .unwrap_err();
+            assert!(error.contains("KILN_API_KEYS"), "{error}");
+            assert_eq!(
+                config.server.api_keys,
+                vec!["x", "y"],
+                "{blank:?} kept the keys"
+            );
+        }
     }
 
     #[test]
