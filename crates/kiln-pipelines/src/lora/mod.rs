@@ -64,20 +64,27 @@ pub fn read(path: &Path) -> Result<LoraFile, LoraError> {
             "{size} bytes is over the {MAX_LORA_BYTES}-byte limit"
         )));
     }
-    let mut magic = [0u8; 4];
-    if let Ok(mut file) = std::fs::File::open(path) {
-        use std::io::Read;
-        let _ = file.read(&mut magic);
-    }
-    // Pickle protocol 2+ starts with 0x80; torch.save's zip archives with "PK".
-    if magic[0] == 0x80 || magic == *b"PK\x03\x04" {
-        return Err(LoraError::Unsupported(format!(
-            "{} is a pickle (torch.save) checkpoint; Kiln reads only safetensors (pickle can run code)",
-            path.display()
-        )));
-    }
-    let tensors = kiln_engine::weights::load_all(path, &Device::Cpu)
-        .map_err(|e| unreadable(format!("not a valid safetensors file ({e})")))?;
+    // Decide by parsing: a safetensors file whose header length starts with
+    // byte 0x80 is still safetensors. Only a file that does not parse is
+    // looked at for pickle's (0x80, protocol 2-5) or torch.save's zip magic.
+    let tensors = match kiln_engine::weights::load_all(path, &Device::Cpu) {
+        Ok(tensors) => tensors,
+        Err(e) => {
+            let mut magic = [0u8; 4];
+            if let Ok(mut file) = std::fs::File::open(path) {
+                use std::io::Read;
+                let _ = file.read(&mut magic);
+            }
+            let pickle = magic[0] == 0x80 && (2..=5).contains(&magic[1]);
+            if pickle || magic == *b"PK\x03\x04" {
+                return Err(LoraError::Unsupported(format!(
+                    "{} is a pickle (torch.save) checkpoint; Kiln reads only safetensors (pickle can run code)",
+                    path.display()
+                )));
+            }
+            return Err(unreadable(format!("not a valid safetensors file ({e})")));
+        }
+    };
     let metadata = adapter_metadata(path).map_err(unreadable)?;
     parse_with_metadata(
         tensors.into_iter().collect::<BTreeMap<_, _>>(),
@@ -279,4 +286,38 @@ pub fn adapters(
     }
     report.layers = set.layer_count();
     Ok((set, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file whose 8-byte header length is `len` (padded with
+    /// spaces, as the format allows).
+    fn safetensors_with_header_length(len: usize) -> Vec<u8> {
+        let mut header = br#"{"lora_unet_x.lora_down.weight":{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]}}"#.to_vec();
+        header.resize(len, b' ');
+        let mut bytes = (len as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&1f32.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn a_header_length_starting_with_0x80_is_safetensors_not_pickle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("style.safetensors");
+        let bytes = safetensors_with_header_length(0x180);
+        assert_eq!(bytes[0], 0x80);
+        std::fs::write(&path, &bytes).unwrap();
+        match read(&path) {
+            Err(LoraError::Unsupported(message)) => panic!("refused as pickle: {message}"),
+            Err(LoraError::Unreadable { message, .. }) => panic!("not parsed: {message}"),
+            // Parsed: whatever the tensor names mean, it was read as safetensors.
+            Ok(_) | Err(_) => {}
+        }
+        // A real pickle header (protocol 4) that does not parse is still refused.
+        std::fs::write(&path, b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}").unwrap();
+        assert!(matches!(read(&path), Err(LoraError::Unsupported(m)) if m.contains("pickle")));
+    }
 }
