@@ -255,3 +255,11 @@ def test_kserve_v2_text_input_gives_text_output(llm_server):
     generated = out[0].decode() if isinstance(out[0], bytes) else out[0]
     # The model may reach EOS first; what it says is transformers' greedy text.
     assert case["output_text"].startswith(generated) and generated
+
+
+def test_models_retrieve_and_unknown_routes_speak_openai(client, llm_server):
+    model = client.models.retrieve("qwen-gguf")
+    assert (model.id, model.object, model.owned_by) == ("qwen-gguf", "model", "kiln")
+    r = requests.get(f"{llm_server.base_url}/v1/embeddings-typo", headers=llm_server.auth_headers)
+    assert r.status_code == 404
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}

@@ -122,6 +122,7 @@ fn openai_routes() -> Router<Arc<AppState>> {
         .route("/v1/images/generations", post(openai::image_generations))
         .route("/v1/chat/completions", post(openai_text::chat_completions))
         .route("/v1/completions", post(openai_text::completions))
+        .route("/v1/{*rest}", axum::routing::any(openai::unknown_route))
 }
 
 fn mount(

@@ -259,11 +259,24 @@ async fn kserve_v2_and_v1_speak_the_open_inference_protocol() {
     )
     .await;
     assert_eq!(v1.json()["predictions"][0], mlflow["predictions"][0]);
+    let v1_model = http(addr, "GET", &format!("/v1/models/{MODEL}"), &[], b"")
+        .await
+        .json();
+    assert_eq!(v1_model["ready"], true);
+    // The path OpenAI's `models.retrieve` reads too.
     assert_eq!(
-        http(addr, "GET", &format!("/v1/models/{MODEL}"), &[], b"")
-            .await
-            .json()["ready"],
-        true
+        (v1_model["id"].as_str(), v1_model["object"].as_str()),
+        (Some(MODEL), Some("model"))
+    );
+    assert!(v1_model["created"].is_i64() && v1_model["owned_by"] == "kiln");
+    let unknown = http(addr, "GET", "/v1/no-such-route", &[], b"").await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"]["type"], "invalid_request_error");
+    assert!(
+        unknown.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/no-such-route")
     );
     server.stop().await;
 }

@@ -409,9 +409,30 @@ impl OutputSelection {
     }
 }
 
-/// `GET /v1/models/{name}`.
+/// `GET /v1/models/{name}`: KServe v1's `{"name", "ready"}`, with OpenAI's
+/// model fields (`id`, `object`, `created`, `owned_by`) beside them, since both
+/// protocols claim this path (`client.models.retrieve` reads the latter).
 pub async fn v1_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
-    respond_ready(&state, &name, None)
+    match state.model(&name) {
+        Ok(model) => {
+            let ready = model.is_ready();
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = json!({
+                "name": model.name,
+                "ready": ready,
+                "id": model.name,
+                "object": "model",
+                "created": state.started_unix_ms() / 1000,
+                "owned_by": "kiln",
+            });
+            labelled((status, Json(body)).into_response(), &name)
+        }
+        Err(error) => error.kserve(),
+    }
 }
 
 /// `POST /v1/models/{name}:predict` (the `:predict` suffix is part of the segment).

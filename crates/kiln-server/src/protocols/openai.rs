@@ -104,6 +104,17 @@ fn bad_param(param: &str, message: String) -> Response {
     )
 }
 
+/// Any other `/v1/...` path: OpenAI's 404 envelope rather than an empty body.
+pub async fn unknown_route(uri: axum::http::Uri) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        &format!("Invalid URL ({})", uri.path()),
+        "invalid_request_error",
+        None,
+        Some("unknown_url"),
+    )
+}
+
 /// `GET /v1/models`.
 pub async fn models(State(state): State<Arc<AppState>>) -> Response {
     let created = state.started_unix_ms() / 1000;
