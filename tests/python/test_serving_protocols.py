@@ -1044,3 +1044,16 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS in /proc status")
+
+
+@pytest.mark.parametrize("url", ["not a url", "file:///etc/passwd", "ftp://example.com/hook"])
+def test_unusable_webhooks_are_refused_at_submission(flux_server, url):
+    """Issue 20 item 8: a webhook delivery could never use is refused, naming the field."""
+    cog = cog_post(flux_server, "/predictions", {"input": fast_input(), "webhook": url},
+                   headers={"Prefer": "respond-async"})
+    assert cog.status_code == 422, cog.text[:300]
+    assert ["body", "webhook"] in [d.get("loc") for d in cog.json()["detail"]], cog.text[:300]
+    runpod = requests.post(f"{flux_server.base_url}/v2/{MODEL}/run", headers=flux_server.auth_headers,
+                           json={"input": fast_input(), "webhook": url}, timeout=30)
+    assert runpod.status_code == 400, runpod.text[:300]
+    assert "webhook" in runpod.text

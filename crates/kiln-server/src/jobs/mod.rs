@@ -6,7 +6,7 @@
 mod job;
 mod live;
 pub mod store;
-mod webhook;
+pub(crate) mod webhook;
 mod worker;
 
 use std::collections::{HashMap, VecDeque};

@@ -18,6 +18,22 @@ pub struct Sender {
 }
 
 /// Resolve the webhook's host to one address it may be sent to.
+/// Refuse, at submission, a webhook URL that delivery could never use: it
+/// must parse, be `http` or `https`, and name a host. (Addresses are checked
+/// again at delivery, on every attempt.)
+pub fn check_webhook_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "{url:?}: only http and https webhooks are delivered"
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} names no host"));
+    }
+    Ok(())
+}
+
 async fn checked_address(url: &reqwest::Url, allow_private: bool) -> Result<SocketAddr, String> {
     kiln_fetch::address::checked_address(url, allow_private)
         .await
@@ -124,6 +140,21 @@ async fn deliver(url: &str, body: Value, attempts: u32, delay: Duration, allow_p
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unusable_webhook_urls_are_refused_at_submission() {
+        assert!(check_webhook_url("https://hooks.example.com/x?y=1").is_ok());
+        assert!(check_webhook_url("http://127.0.0.1:9000/hook").is_ok());
+        for bad in [
+            "not a url",
+            "file:///etc/passwd",
+            "ftp://example.com/x",
+            "http://",
+            "",
+        ] {
+            assert!(check_webhook_url(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[tokio::test]
     async fn loopback_webhooks_are_refused_unless_allowed() {

@@ -329,7 +329,10 @@ fn parse(
     };
     let webhook = match document.get("webhook") {
         None | Some(Value::Null) => None,
-        Some(Value::String(url)) => Some(url.clone()),
+        Some(Value::String(url)) => {
+            crate::jobs::webhook::check_webhook_url(url).map_err(|e| invalid("webhook", e))?;
+            Some(url.clone())
+        }
         Some(_) => return Err(invalid("webhook", "webhook must be a URL".into())),
     };
     let webhook_events = match document.get("webhook_events_filter") {

@@ -155,7 +155,11 @@ fn parse_run(
     };
     let webhook = match document.remove("webhook") {
         None | Some(Value::Null) => None,
-        Some(Value::String(url)) => Some(url),
+        Some(Value::String(url)) => {
+            crate::jobs::webhook::check_webhook_url(&url)
+                .map_err(|e| ApiError::BadRequest(format!("\"webhook\": {e}")))?;
+            Some(url)
+        }
         Some(_) => {
             return Err(ApiError::BadRequest(
                 "\"webhook\" must be a URL string".into(),
