@@ -15,12 +15,12 @@ use kiln_textgen::{
 use serde_json::{Map, Value, json};
 
 use crate::contract::{
-    InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction, Progress,
-    ProgressFn,
+    InputSpec, ModelInterface, Pipeline, PredictRequest, Prediction, ProgressFn,
 };
 use crate::error::{PipelineError, ProblemKind};
 use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
+use crate::text_to_image::predict_fields;
 
 pub const PIPELINE_KIND: &str = "text_generation/llm";
 
@@ -224,23 +224,20 @@ impl TextGenerationPipeline {
 
     fn run(
         &self,
-        input: Map<String, Value>,
-        progress: Option<ProgressFn>,
-    ) -> Result<Prediction, PipelineError> {
-        let request = generation_request(self.engine.model(), &input)?;
+        input: &Map<String, Value>,
+        on_token: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Value, PipelineError> {
+        let request = generation_request(self.engine.model(), input)?;
         let total = request.max_tokens;
         let mut stream = self.engine.submit(request).map_err(pipeline_error)?;
         let mut text = String::new();
         let mut step = 0;
-        let mut progress = progress;
         while let Some(event) = stream.next_blocking() {
             match event {
                 GenerationEvent::Token { text: piece, .. } => {
                     text.push_str(&piece);
                     step += 1;
-                    if let Some(report) = progress.as_deref_mut()
-                        && !report(Progress { step, total })
-                    {
+                    if !on_token(step, total) {
                         return Err(PipelineError::Stopped);
                     }
                 }
@@ -251,7 +248,7 @@ impl TextGenerationPipeline {
                     completion_tokens,
                 } => {
                     text.push_str(&rest);
-                    return Ok(Prediction::Json(json!({
+                    return Ok(json!({
                         "text": text,
                         "finish_reason": reason.as_str(),
                         "usage": {
@@ -259,7 +256,7 @@ impl TextGenerationPipeline {
                             "completion_tokens": completion_tokens,
                             "total_tokens": prompt_tokens + completion_tokens,
                         }
-                    })));
+                    }));
                 }
                 GenerationEvent::Failed(e) => return Err(pipeline_error(e)),
             }
@@ -347,14 +344,9 @@ impl Pipeline for TextGenerationPipeline {
     }
 
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {
-        let PredictInput::Fields(input) = request.input else {
-            return Err(PipelineError::invalid(
-                "input",
-                ProblemKind::Malformed,
-                "an LLM takes an object of fields (prompt, max_tokens, ...), not a table",
-            ));
-        };
-        self.run(input, None)
+        predict_fields(request, "an LLM", None, |input, on_token| {
+            self.run(input, on_token)
+        })
     }
 
     fn predict_with_progress(
@@ -362,14 +354,9 @@ impl Pipeline for TextGenerationPipeline {
         request: PredictRequest,
         progress: ProgressFn,
     ) -> Result<Prediction, PipelineError> {
-        let PredictInput::Fields(input) = request.input else {
-            return Err(PipelineError::invalid(
-                "input",
-                ProblemKind::Malformed,
-                "an LLM takes an object of fields (prompt, max_tokens, ...), not a table",
-            ));
-        };
-        self.run(input, Some(progress))
+        predict_fields(request, "an LLM", Some(progress), |input, on_token| {
+            self.run(input, on_token)
+        })
     }
 
     fn text_generation(&self) -> Option<Arc<dyn TextGeneration>> {

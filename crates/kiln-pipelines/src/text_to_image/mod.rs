@@ -19,7 +19,7 @@ pub fn random_seed() -> u64 {
     (z ^ (z >> 31)) & 0xffff_ffff
 }
 
-/// Run a fields-taking image pipeline for `Pipeline::predict` (no `progress`)
+/// Run a fields-taking pipeline (images, LLMs) for `Pipeline::predict` (no `progress`)
 /// or `predict_with_progress`: tables are refused naming `model`.
 pub(crate) fn predict_fields(
     request: crate::contract::PredictRequest,
@@ -34,7 +34,7 @@ pub(crate) fn predict_fields(
         return Err(crate::error::PipelineError::invalid(
             "input",
             crate::error::ProblemKind::Malformed,
-            format!("{model} takes an object of fields (prompt, width, ...), not a table"),
+            format!("{model} takes an object of fields (prompt, ...), not a table"),
         ));
     };
     let output = match progress {

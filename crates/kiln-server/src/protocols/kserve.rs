@@ -127,15 +127,20 @@ pub async fn version_ready(
     respond_ready(&state, &name, Some(&version))
 }
 
+/// 200 for a ready model, 503 otherwise (KServe's readiness answer).
+fn ready_status(ready: bool) -> StatusCode {
+    if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
 fn respond_ready(state: &AppState, name: &str, version: Option<&str>) -> Response {
     match versioned(state, name, version) {
         Ok(model) => {
             let ready = model.is_ready();
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
+            let status = ready_status(ready);
             labelled(
                 (status, Json(json!({"name": model.name, "ready": ready}))).into_response(),
                 name,
@@ -416,11 +421,7 @@ pub async fn v1_model(State(state): State<Arc<AppState>>, Path(name): Path<Strin
     match state.model(&name) {
         Ok(model) => {
             let ready = model.is_ready();
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
+            let status = ready_status(ready);
             let body = json!({
                 "name": model.name,
                 "ready": ready,
