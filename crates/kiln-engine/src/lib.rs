@@ -12,10 +12,12 @@ pub mod group_norm;
 pub mod lora;
 pub mod memory;
 pub mod nn;
+pub mod paged_attention;
 pub mod parity;
 pub mod qlinear;
 pub mod rng;
 pub mod threads;
+pub mod units;
 pub mod weights;
 
 pub use error::{EngineError, Result};

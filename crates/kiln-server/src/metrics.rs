@@ -278,9 +278,32 @@ pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: N
     response
 }
 
+/// The serving metrics of every loaded model whose engine keeps them (read at
+/// scrape time).
+fn engine_metrics(state: &AppState) -> Vec<(String, kiln_textgen::EngineMetrics)> {
+    state
+        .models
+        .iter()
+        .filter_map(|model| match model.state() {
+            crate::state::LoadState::Ready(pipeline) => pipeline
+                .text_generation()
+                .and_then(|engine| engine.metrics())
+                .map(|m| (model.name.clone(), m)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// `GET /metrics`.
 pub async fn metrics_endpoint(State(state): State<Arc<AppState>>) -> Response {
-    let mut response = state.metrics.render().into_response();
+    let mut text = state.metrics.render();
+    let engines = engine_metrics(&state);
+    if !engines.is_empty() {
+        // The engines' families go before OpenMetrics' closing `# EOF`.
+        let end = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(end, &kiln_textgen::metrics::render_prometheus(&engines));
+    }
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),

@@ -152,6 +152,7 @@ async fn one_slot_one_waiter_then_429_and_a_disconnect_frees_the_slot() {
             reason: FinishReason::Length,
             prompt_tokens: 2,
             completion_tokens: 1,
+            details: Default::default(),
         })
         .unwrap();
     let b = b.await.unwrap();

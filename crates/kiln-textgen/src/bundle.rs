@@ -62,6 +62,24 @@ impl ModelSource {
     }
 
     /// Whether `path` is something this crate loads.
+    /// Bytes of weights on disk (the GGUF file, or the folder's safetensors).
+    pub fn weight_bytes(&self) -> u64 {
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        match self {
+            ModelSource::Gguf(file) => size(file),
+            ModelSource::Folder(dir) => std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                        .map(|p| size(&p))
+                        .sum()
+                })
+                .unwrap_or(0),
+        }
+    }
+
     pub fn is_language_model(path: &Path) -> bool {
         Self::detect(path).is_some()
     }

@@ -12,9 +12,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::bundle::LanguageModel;
 use crate::error::TextGenError;
+use crate::metrics::EngineMetrics;
 use crate::sampling::{Sampler, SamplingParams, log_softmax, top_entries};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::tokenizer::IncrementalDecoder;
+use std::time::Instant;
 
 /// The most `top_logprobs` a request may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -99,9 +101,82 @@ pub enum GenerationEvent {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        details: FinishDetails,
     },
     /// Generation failed part-way.
     Failed(TextGenError),
+}
+
+/// Where a request's time went, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequestTimings {
+    /// Submitted → first scheduled.
+    pub queue: f64,
+    /// Submitted → first token sampled.
+    pub time_to_first_token: f64,
+    /// First token → last token.
+    pub decode: f64,
+}
+
+impl RequestTimings {
+    /// From the instants a request was submitted, first scheduled and got
+    /// its first token, up to now.
+    pub fn measured(submitted: Instant, scheduled: Instant, first_token: Option<Instant>) -> Self {
+        let now = Instant::now();
+        let first = first_token.unwrap_or(now);
+        RequestTimings {
+            queue: scheduled.saturating_duration_since(submitted).as_secs_f64(),
+            time_to_first_token: first.saturating_duration_since(submitted).as_secs_f64(),
+            decode: now.saturating_duration_since(first).as_secs_f64(),
+        }
+    }
+}
+
+/// What a finished request reports besides its text.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FinishDetails {
+    /// Prompt tokens whose keys and values came from the prefix cache
+    /// (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
+    pub timings: RequestTimings,
+}
+
+impl FinishDetails {
+    /// OpenAI's `usage` object, with `prompt_tokens_details.cached_tokens`.
+    pub fn usage_json(&self, prompt_tokens: usize, completion_tokens: usize) -> serde_json::Value {
+        serde_json::json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        })
+    }
+
+    /// Per-request timings in llama-server's `timings` shape (milliseconds;
+    /// `cache_n` prompt tokens came from the prefix cache), plus the queue time.
+    pub fn timings_json(
+        &self,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    ) -> serde_json::Value {
+        let t = &self.timings;
+        let ms = |s: f64| (s * 1e6).round() / 1e3;
+        let prompt_ms = ms((t.time_to_first_token - t.queue).max(0.0));
+        let per_second = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
+        let computed = prompt_tokens.saturating_sub(self.cached_tokens);
+        let decoded = completion_tokens.saturating_sub(1);
+        serde_json::json!({
+            "queue_ms": ms(t.queue),
+            "ttft_ms": ms(t.time_to_first_token),
+            "cache_n": self.cached_tokens,
+            "prompt_n": computed,
+            "prompt_ms": prompt_ms,
+            "prompt_per_second": per_second(computed, prompt_ms),
+            "predicted_n": completion_tokens,
+            "predicted_ms": ms(t.decode),
+            "predicted_per_second": per_second(decoded, ms(t.decode)),
+        })
+    }
 }
 
 /// Stops a sequence from outside; dropping the stream does the same.
@@ -190,12 +265,17 @@ pub trait TextGeneration: Send + Sync {
     /// Start generating; events arrive on the returned stream.
     fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, TextGenError>;
     fn health(&self) -> EngineHealth;
+    /// Serving metrics, for engines that keep them.
+    fn metrics(&self) -> Option<EngineMetrics> {
+        None
+    }
 }
 
 struct Job {
     request: GenerationRequest,
     events: UnboundedSender<GenerationEvent>,
     abort: AbortHandle,
+    submitted: Instant,
 }
 
 /// Runs sequences one after another on a dedicated thread.
@@ -262,6 +342,7 @@ impl TextGeneration for SerialEngine {
             request,
             events,
             abort,
+            submitted: Instant::now(),
         };
         self.counters.waiting.fetch_add(1, Ordering::SeqCst);
         let sent = self
@@ -349,16 +430,103 @@ fn logprob_of(
     })
 }
 
+/// One sequence's output side, shared by every engine: the sampler, the
+/// incremental detokeniser, stop strings, the tokens so far, and the events
+/// sent for them.
+pub(crate) struct SequenceOutput {
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    pub(crate) tokens: Vec<u32>,
+    first_token_at: Option<Instant>,
+}
+
+impl SequenceOutput {
+    pub(crate) fn new(request: &GenerationRequest) -> Self {
+        SequenceOutput {
+            sampler: Sampler::new(request.sampling.clone()),
+            decoder: IncrementalDecoder::new(),
+            stops: StopMatcher::new(request.stop.clone()),
+            tokens: Vec::with_capacity(request.max_tokens),
+            first_token_at: None,
+        }
+    }
+
+    pub(crate) fn first_token_at(&self) -> Option<Instant> {
+        self.first_token_at
+    }
+
+    /// Pick the next token from `raw` logits and send what it releases.
+    /// Returns how the sequence ended, or `None` while it goes on.
+    pub(crate) fn push(
+        &mut self,
+        model: &LanguageModel,
+        request: &GenerationRequest,
+        raw: &[f32],
+        events: &UnboundedSender<GenerationEvent>,
+    ) -> Result<Option<(String, FinishReason)>, TextGenError> {
+        let id = self.sampler.sample(raw, &request.prompt_ids, &self.tokens);
+        self.tokens.push(id);
+        self.first_token_at.get_or_insert_with(Instant::now);
+        let is_stop_id = model.eos_token_ids.contains(&id) || request.stop_token_ids.contains(&id);
+        if is_stop_id && !request.ignore_eos {
+            let rest = self.decoder.finish(&model.tokenizer)?;
+            let rest = match self.stops.push(&rest) {
+                StopOutcome::Continue(t) => t + &self.stops.finish(),
+                StopOutcome::Stopped(t) => t,
+            };
+            return Ok(Some((rest, FinishReason::Stop)));
+        }
+        let logprob = match request.logprobs {
+            Some(top) => Some(logprob_of(model, raw, id, top)?),
+            None => None,
+        };
+        let piece = self.decoder.push(&model.tokenizer, id)?;
+        match self.stops.push(&piece) {
+            StopOutcome::Stopped(text) => {
+                let _ = events.send(GenerationEvent::Token { id, text, logprob });
+                return Ok(Some((String::new(), FinishReason::Stop)));
+            }
+            StopOutcome::Continue(text) => {
+                let _ = events.send(GenerationEvent::Token { id, text, logprob });
+            }
+        }
+        if self.tokens.len() >= request.max_tokens {
+            let rest = self.decoder.finish(&model.tokenizer)?;
+            return Ok(Some(match self.stops.push(&rest) {
+                StopOutcome::Continue(t) => (t + &self.stops.finish(), FinishReason::Length),
+                StopOutcome::Stopped(t) => (t, FinishReason::Stop),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The closing event.
+    pub(crate) fn finished(
+        &self,
+        request: &GenerationRequest,
+        text: String,
+        reason: FinishReason,
+        details: FinishDetails,
+    ) -> GenerationEvent {
+        GenerationEvent::Finished {
+            text,
+            reason,
+            prompt_tokens: request.prompt_ids.len(),
+            completion_tokens: self.tokens.len(),
+            details,
+        }
+    }
+}
+
 /// Generate one sequence, sending its events; stops early when aborted or when
 /// nobody listens any more.
 fn run_sequence(model: &LanguageModel, job: &Job, counters: &Counters) -> Result<(), TextGenError> {
     let request = &job.request;
     let net = &model.model;
+    let started = Instant::now();
     let mut cache = net.new_cache();
-    let mut sampler = Sampler::new(request.sampling.clone());
-    let mut decoder = IncrementalDecoder::new();
-    let mut stops = StopMatcher::new(request.stop.clone());
-    let mut output: Vec<u32> = Vec::with_capacity(request.max_tokens);
+    let mut output = SequenceOutput::new(request);
     let gone = || {
         let gone = job.abort.is_aborted() || job.events.is_closed();
         if gone {
@@ -370,63 +538,24 @@ fn run_sequence(model: &LanguageModel, job: &Job, counters: &Counters) -> Result
         return Ok(());
     }
     let mut logits = net.next_logits(&request.prompt_ids, &mut cache)?;
-    let finish = |text: String, reason: FinishReason, output: &[u32]| {
-        let _ = job.events.send(GenerationEvent::Finished {
-            text,
-            reason,
-            prompt_tokens: request.prompt_ids.len(),
-            completion_tokens: output.len(),
-        });
-    };
     loop {
         if gone() {
             return Ok(());
         }
         let raw: Vec<f32> = logits.to_vec1()?;
-        let id = sampler.sample(&raw, &request.prompt_ids, &output);
-        output.push(id);
+        let outcome = output.push(model, request, &raw, &job.events)?;
         counters.generated.fetch_add(1, Ordering::SeqCst);
-        let is_stop_id = model.eos_token_ids.contains(&id) || request.stop_token_ids.contains(&id);
-        if is_stop_id && !request.ignore_eos {
-            let mut rest = decoder.finish(&model.tokenizer)?;
-            rest = match stops.push(&rest) {
-                StopOutcome::Continue(t) => t + &stops.finish(),
-                StopOutcome::Stopped(t) => t,
+        if let Some((text, reason)) = outcome {
+            let details = FinishDetails {
+                cached_tokens: 0,
+                timings: RequestTimings::measured(job.submitted, started, output.first_token_at()),
             };
-            finish(rest, FinishReason::Stop, &output);
+            let _ = job
+                .events
+                .send(output.finished(request, text, reason, details));
             return Ok(());
         }
-        let logprob = match request.logprobs {
-            Some(top) => Some(logprob_of(model, &raw, id, top)?),
-            None => None,
-        };
-        let piece = decoder.push(&model.tokenizer, id)?;
-        match stops.push(&piece) {
-            StopOutcome::Stopped(text) => {
-                let _ = job
-                    .events
-                    .send(GenerationEvent::Token { id, text, logprob });
-                finish(String::new(), FinishReason::Stop, &output);
-                return Ok(());
-            }
-            StopOutcome::Continue(text) => {
-                let _ = job
-                    .events
-                    .send(GenerationEvent::Token { id, text, logprob });
-            }
-        }
-        if output.len() >= request.max_tokens {
-            let rest = decoder.finish(&model.tokenizer)?;
-            let rest = match stops.push(&rest) {
-                StopOutcome::Continue(t) => t + &stops.finish(),
-                StopOutcome::Stopped(t) => {
-                    finish(t, FinishReason::Stop, &output);
-                    return Ok(());
-                }
-            };
-            finish(rest, FinishReason::Length, &output);
-            return Ok(());
-        }
-        logits = net.next_logits(&[id], &mut cache)?;
+        let last = output.tokens[output.tokens.len() - 1];
+        logits = net.next_logits(&[last], &mut cache)?;
     }
 }

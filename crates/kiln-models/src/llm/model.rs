@@ -14,7 +14,7 @@ use super::weights::LlmWeights;
 
 /// transformers' LlamaRMSNorm: `weight * (x * rsqrt(mean(x²) + eps))`, in f32.
 #[derive(Debug, Clone)]
-struct RmsNorm {
+pub(super) struct RmsNorm {
     weight: Tensor,
     eps: f32,
 }
@@ -47,17 +47,17 @@ fn load_err(e: kiln_engine::EngineError) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
 
-struct Attention {
+pub(super) struct Attention {
     q: AnyLinear,
     k: AnyLinear,
     v: AnyLinear,
-    o: AnyLinear,
+    pub(super) o: AnyLinear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    window: Option<usize>,
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) window: Option<usize>,
 }
 
 struct Mlp {
@@ -66,9 +66,9 @@ struct Mlp {
     down: AnyLinear,
 }
 
-struct DecoderLayer {
-    input_norm: RmsNorm,
-    attention: Attention,
+pub(super) struct DecoderLayer {
+    pub(super) input_norm: RmsNorm,
+    pub(super) attention: Attention,
     post_attention_norm: RmsNorm,
     mlp: Mlp,
 }
@@ -92,13 +92,13 @@ impl SequenceCache {
 
 /// A loaded causal language model.
 pub struct CausalLm {
-    config: LlmConfig,
+    pub(super) config: LlmConfig,
     embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: AnyLinear,
-    rope: Rope,
-    dtype: DType,
+    pub(super) layers: Vec<DecoderLayer>,
+    pub(super) norm: RmsNorm,
+    pub(super) lm_head: AnyLinear,
+    pub(super) rope: Rope,
+    pub(super) dtype: DType,
     device: Device,
 }
 
@@ -239,14 +239,9 @@ impl CausalLm {
         if tokens.is_empty() {
             candle_core::bail!("no tokens to run");
         }
-        let vocab = self.config.vocab_size as u32;
-        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
-        }
         let start = cache.len;
         let len = tokens.len();
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
+        let mut x = self.embed(tokens)?;
         let (cos, sin) = self.rope.tables(start, len)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             if let Some(states) = keep.as_deref_mut() {
@@ -255,17 +250,20 @@ impl CausalLm {
             let residual = &x;
             let normed = layer.input_norm.forward(&x)?;
             let attended = layer.attention.forward(&normed, &cos, &sin, start, kv)?;
-            let x1 = (residual + attended)?;
-            let normed = layer.post_attention_norm.forward(&x1)?;
-            let mlp = &layer.mlp;
-            let [gate, up]: [Tensor; 2] = forward_shared(&[&mlp.gate, &mlp.up], &normed)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("gate/up projections".into()))?;
-            let gated = (activation::silu(&gate)? * up)?;
-            x = (x1 + mlp.down.forward(&gated)?)?;
+            x = layer.finish(residual, &attended, Projection::Shared)?;
         }
         cache.len += len;
         x.squeeze(0)
+    }
+
+    /// `(1, len, hidden)` embeddings of `tokens` (ids checked against the vocabulary).
+    pub(super) fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let vocab = self.config.vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)
     }
 
     /// Feed `tokens` and return the logits `(vocab,)` for the token after them.
@@ -300,7 +298,73 @@ impl CausalLm {
     }
 }
 
+/// How a layer runs projections that read the same input (q/k/v, gate/up):
+/// through candle's fused one-row kernel where it has one, or each on its own
+/// (the same arithmetic for every row whatever the batch, which the batching
+/// engine needs for batch-independent greedy output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Projection {
+    Shared,
+    Separate,
+}
+
+fn project<const N: usize>(
+    layers: [&AnyLinear; N],
+    x: &Tensor,
+    how: Projection,
+    what: &str,
+) -> Result<[Tensor; N]> {
+    let outputs = match how {
+        Projection::Shared => forward_shared(&layers, x)?,
+        Projection::Separate => layers
+            .iter()
+            .map(|l| l.forward(x))
+            .collect::<Result<Vec<_>>>()?,
+    };
+    outputs
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("{what} projections")))
+}
+
+impl DecoderLayer {
+    /// The rest of the layer after attention: the residual, the post-attention
+    /// norm and the SwiGLU MLP with its residual.
+    pub(super) fn finish(
+        &self,
+        residual: &Tensor,
+        attended: &Tensor,
+        how: Projection,
+    ) -> Result<Tensor> {
+        let x1 = (residual + attended)?;
+        let normed = self.post_attention_norm.forward(&x1)?;
+        let mlp = &self.mlp;
+        let [gate, up] = project([&mlp.gate, &mlp.up], &normed, how, "gate/up")?;
+        let gated = (activation::silu(&gate)? * up)?;
+        x1 + mlp.down.forward(&gated)?
+    }
+}
+
 impl Attention {
+    /// Queries, keys and values `(b, len, heads, head_dim)`, each head normed
+    /// where the model has q/k norms, before RoPE.
+    pub(super) fn project(&self, x: &Tensor, how: Projection) -> Result<[Tensor; 3]> {
+        let (b, len, _) = x.dims3()?;
+        let d = self.head_dim;
+        let heads = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((b, len, n, d))?;
+            match norm {
+                Some(norm) => norm.forward(&t),
+                None => Ok(t),
+            }
+        };
+        let [q, k, v] = project([&self.q, &self.k, &self.v], x, how, "q/k/v")?;
+        Ok([
+            heads(q, self.heads, &self.q_norm)?,
+            heads(k, self.kv_heads, &self.k_norm)?,
+            heads(v, self.kv_heads, &None)?,
+        ])
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -311,20 +375,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, len, _) = x.dims3()?;
         let d = self.head_dim;
-        let heads = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let t = t.reshape((b, len, n, d))?;
-            let t = match norm {
-                Some(norm) => norm.forward(&t)?,
-                None => t,
-            };
-            t.transpose(1, 2)?.contiguous()
-        };
-        let [q, k, v]: [Tensor; 3] = forward_shared(&[&self.q, &self.k, &self.v], x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("q/k/v projections".into()))?;
-        let q = heads(q, self.heads, &self.q_norm)?;
-        let k = heads(k, self.kv_heads, &self.k_norm)?;
-        let v = heads(v, self.kv_heads, &None)?;
+        let [q, k, v] = self
+            .project(x, Projection::Shared)?
+            .map(|t| t.transpose(1, 2).and_then(|t| t.contiguous()));
+        let (q, k, v) = (q?, k?, v?);
         let q = Rope::apply(&q, cos, sin)?;
         let k = Rope::apply(&k, cos, sin)?;
         let (k, v) = kv.append(&k, &v)?;

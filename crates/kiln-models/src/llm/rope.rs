@@ -77,10 +77,20 @@ impl Rope {
 
     /// cos and sin, each `(len, head_dim / 2)`, for positions `start..start + len`.
     pub fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        self.tables_at(start..start + len)
+    }
+
+    /// cos and sin, each `(positions, head_dim / 2)`, one row per position given
+    /// (the tokens of a batch, each at its own sequence's position).
+    pub fn tables_at(
+        &self,
+        positions: impl ExactSizeIterator<Item = usize>,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
+        let len = positions.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
-        for position in start..start + len {
+        for position in positions {
             for &f in &self.inv_freq {
                 // transformers multiplies in f32 (inv_freq @ position_ids).
                 let angle = f * position as f32;
@@ -96,6 +106,12 @@ impl Rope {
     /// Rotate `(batch, heads, len, head_dim)` queries or keys (rotate-half pairing).
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
+    }
+
+    /// Rotate `(batch, len, heads, head_dim)` queries or keys, the same
+    /// arithmetic as [`Rope::apply`] in token-major layout.
+    pub fn apply_token_major(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use kiln_registry::{Manifest, ResolvedModel};
 use kiln_textgen::{
-    GenerationEvent, GenerationRequest, LanguageModel, ModelSource, SerialEngine, TextGenError,
-    TextGeneration,
+    BatchConfig, BatchEngine, GenerationEvent, GenerationRequest, LanguageModel, ModelSource,
+    SerialEngine, TextGenError, TextGeneration,
 };
 use serde_json::{Map, Value, json};
 
@@ -187,7 +187,15 @@ fn model_source(model: &ResolvedModel) -> Result<ModelSource, String> {
     }
 }
 
-/// Load a `text_generation/llm` model (`KILN_DEVICE`, `KILN_DTYPE`).
+/// The batching settings in a model's config (`max_batch_size`,
+/// `max_num_batched_tokens`, `kv_cache_bytes`, `kv_cache_block_size`,
+/// `prefix_caching`); the server sizes the model's slots from them.
+pub fn batch_config(model: &ResolvedModel) -> Result<BatchConfig, String> {
+    BatchConfig::from_json(&model.manifest.config).map_err(|e| format!("config.{e}"))
+}
+
+/// Load a `text_generation/llm` model (`KILN_DEVICE`, `KILN_DTYPE`): on the
+/// CPU behind the continuous-batching engine, elsewhere one sequence at a time.
 pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
     let load_error = |message: String| PipelineError::Load {
         model: model.display_name(),
@@ -196,10 +204,19 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
     let (device, dtype) =
         crate::text_to_image::loading::device_and_dtype_from_env().map_err(load_error)?;
     let source = model_source(model).map_err(load_error)?;
+    let batching = batch_config(model).map_err(load_error)?;
     let language_model =
         LanguageModel::load(&source, dtype, &device).map_err(|e| load_error(e.to_string()))?;
-    let engine = SerialEngine::start(language_model).map_err(|e| load_error(e.to_string()))?;
-    Ok(Arc::new(TextGenerationPipeline::new(Arc::new(engine))))
+    let engine: Arc<dyn TextGeneration> = if device.is_cpu() {
+        let weight_bytes = source.weight_bytes();
+        Arc::new(
+            BatchEngine::start(language_model, batching, weight_bytes)
+                .map_err(|e| load_error(e.to_string()))?,
+        )
+    } else {
+        Arc::new(SerialEngine::start(language_model).map_err(|e| load_error(e.to_string()))?)
+    };
+    Ok(Arc::new(TextGenerationPipeline::new(engine)))
 }
 
 impl TextGenerationPipeline {
@@ -246,16 +263,14 @@ impl TextGenerationPipeline {
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    details,
                 } => {
                     text.push_str(&rest);
                     return Ok(json!({
                         "text": text,
                         "finish_reason": reason.as_str(),
-                        "usage": {
-                            "prompt_tokens": prompt_tokens,
-                            "completion_tokens": completion_tokens,
-                            "total_tokens": prompt_tokens + completion_tokens,
-                        }
+                        "usage": details.usage_json(prompt_tokens, completion_tokens),
+                        "timings": details.timings_json(prompt_tokens, completion_tokens),
                     }));
                 }
                 GenerationEvent::Failed(e) => return Err(pipeline_error(e)),

@@ -19,8 +19,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use kiln_textgen::{
-    FinishReason, GenerationEvent, GenerationRequest, GenerationStream, TextGenError,
-    TextGeneration, TokenLogprob,
+    FinishDetails, FinishReason, GenerationEvent, GenerationRequest, GenerationStream,
+    TextGenError, TextGeneration, TokenLogprob,
 };
 use serde_json::{Map, Value, json};
 
@@ -374,6 +374,7 @@ struct Choice {
     logprobs: Vec<TokenLogprob>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    details: FinishDetails,
 }
 
 async fn collect(mut stream: GenerationStream) -> Result<Choice, TextGenError> {
@@ -394,6 +395,7 @@ async fn collect(mut stream: GenerationStream) -> Result<Choice, TextGenError> {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                details,
             } => {
                 text.push_str(&rest);
                 return Ok(Choice {
@@ -402,6 +404,7 @@ async fn collect(mut stream: GenerationStream) -> Result<Choice, TextGenError> {
                     logprobs,
                     prompt_tokens,
                     completion_tokens,
+                    details,
                 });
             }
             GenerationEvent::Failed(e) => return Err(e),
@@ -410,11 +413,42 @@ async fn collect(mut stream: GenerationStream) -> Result<Choice, TextGenError> {
     Err(TextGenError::Unavailable)
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// Token counts over a request's choices; a prompt shared by several choices
+/// counts once, as OpenAI counts it.
+#[derive(Default)]
+struct UsageTally {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    cached_tokens: usize,
+    counted_prompts: std::collections::HashSet<Vec<u32>>,
 }
 
-/// Generate every choice, one after another, and answer with the whole body.
+impl UsageTally {
+    fn add(
+        &mut self,
+        prompt: Vec<u32>,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        cached: usize,
+    ) {
+        if self.counted_prompts.insert(prompt) {
+            self.prompt_tokens += prompt_tokens;
+            self.cached_tokens += cached;
+        }
+        self.completion_tokens += completion_tokens;
+    }
+
+    fn json(&self) -> Value {
+        FinishDetails {
+            cached_tokens: self.cached_tokens,
+            ..FinishDetails::default()
+        }
+        .usage_json(self.prompt_tokens, self.completion_tokens)
+    }
+}
+
+/// Generate every choice (submitted together, so a batching engine runs them
+/// side by side) and answer with the whole body.
 async fn complete(
     engine: Arc<dyn TextGeneration>,
     prepared: Prepared,
@@ -426,22 +460,35 @@ async fn complete(
         uuid::Uuid::new_v4().simple()
     );
     let mut choices = Vec::with_capacity(prepared.requests.len());
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    let mut counted_prompts = std::collections::HashSet::new();
-    for (index, request) in prepared.requests.into_iter().enumerate() {
-        let prompt_key = request.prompt_ids.clone();
-        let stream = match engine.submit(request) {
-            Ok(stream) => stream,
+    let mut tally = UsageTally::default();
+    let mut prompts = Vec::with_capacity(prepared.requests.len());
+    let mut streams = Vec::with_capacity(prepared.requests.len());
+    for request in prepared.requests {
+        prompts.push(request.prompt_ids.clone());
+        match engine.submit(request) {
+            Ok(stream) => streams.push(collect(stream)),
             Err(e) => return textgen_error(&e),
-        };
-        let choice = match collect(stream).await {
+        }
+    }
+    let collected = futures_util::future::join_all(streams).await;
+    let single = collected.len() == 1;
+    let mut timings = Value::Null;
+    for (index, (prompt, choice)) in prompts.into_iter().zip(collected).enumerate() {
+        let choice = match choice {
             Ok(choice) => choice,
             Err(e) => return textgen_error(&e),
         };
-        if counted_prompts.insert(prompt_key) {
-            prompt_tokens += choice.prompt_tokens;
+        tally.add(
+            prompt,
+            choice.prompt_tokens,
+            choice.completion_tokens,
+            choice.details.cached_tokens,
+        );
+        if single {
+            timings = choice
+                .details
+                .timings_json(choice.prompt_tokens, choice.completion_tokens);
         }
-        completion_tokens += choice.completion_tokens;
         choices.push(match prepared.api {
             Api::Chat => json!({
                 "index": index,
@@ -465,8 +512,9 @@ async fn complete(
         "created": now_seconds(),
         "model": prepared.model_name,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": tally.json(),
         "system_fingerprint": null,
+        "timings": timings,
     }))
     .into_response()
 }
@@ -500,9 +548,7 @@ struct StreamState {
     id: String,
     created: i64,
     model: String,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    counted_prompts: std::collections::HashSet<Vec<u32>>,
+    usage: UsageTally,
     phase: Phase,
     /// Keeps the model's slot until the stream ends or the client leaves.
     _lease: ModelLease,
@@ -521,7 +567,13 @@ fn error_event(e: &TextGenError) -> Event {
 
 impl StreamState {
     fn chunk(&self, choices: Vec<Value>) -> Event {
-        let body = json!({
+        self.chunk_with_timings(choices, None)
+    }
+
+    /// A chunk; a choice's last one carries its `timings` (llama-server's
+    /// extra field, ignored by OpenAI clients).
+    fn chunk_with_timings(&self, choices: Vec<Value>, timings: Option<Value>) -> Event {
+        let mut body = json!({
             "id": self.id,
             "object": self.api.object(true),
             "created": self.created,
@@ -529,6 +581,9 @@ impl StreamState {
             "choices": choices,
             "system_fingerprint": null,
         });
+        if let (Some(timings), Some(body)) = (timings, body.as_object_mut()) {
+            body.insert("timings".into(), timings);
+        }
         Event::default().data(body.to_string())
     }
 
@@ -539,6 +594,7 @@ impl StreamState {
         logprob: Option<&TokenLogprob>,
         reason: Option<&FinishReason>,
         offset: usize,
+        timings: Option<Value>,
     ) -> Event {
         let reason = reason.map(FinishReason::as_str);
         let choice = match self.api {
@@ -561,7 +617,7 @@ impl StreamState {
                 "finish_reason": reason,
             }),
         };
-        self.chunk(vec![choice])
+        self.chunk_with_timings(vec![choice], timings)
     }
 
     /// Start the next choice; the chat API announces the assistant role first.
@@ -615,7 +671,7 @@ impl StreamState {
                     let body = json!({
                         "id": self.id, "object": self.api.object(true), "created": self.created,
                         "model": self.model, "choices": [],
-                        "usage": usage(self.prompt_tokens, self.completion_tokens),
+                        "usage": self.usage.json(),
                     });
                     return Some(Event::default().data(body.to_string()));
                 }
@@ -636,22 +692,27 @@ impl StreamState {
                     if text.is_empty() && logprob.is_none() {
                         continue;
                     }
-                    return Some(self.piece(index, text, logprob.as_ref(), None, at));
+                    return Some(self.piece(index, text, logprob.as_ref(), None, at, None));
                 }
                 Some(GenerationEvent::Finished {
                     text,
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    details,
                 }) => {
                     let at = current.offset;
                     let prompt = std::mem::take(&mut current.prompt);
                     self.current = None;
-                    if self.counted_prompts.insert(prompt) {
-                        self.prompt_tokens += prompt_tokens;
-                    }
-                    self.completion_tokens += completion_tokens;
-                    return Some(self.piece(index, text, None, Some(&reason), at));
+                    self.usage.add(
+                        prompt,
+                        prompt_tokens,
+                        completion_tokens,
+                        details.cached_tokens,
+                    );
+                    let timings = details.timings_json(prompt_tokens, completion_tokens);
+                    let last = self.piece(index, text, None, Some(&reason), at, Some(timings));
+                    return Some(last);
                 }
                 Some(GenerationEvent::Failed(e)) => {
                     self.current = None;
@@ -688,9 +749,7 @@ fn event_stream(
         ),
         created: now_seconds(),
         model: prepared.model_name,
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        counted_prompts: std::collections::HashSet::new(),
+        usage: UsageTally::default(),
         phase: Phase::Generating,
         _lease: lease,
     };
