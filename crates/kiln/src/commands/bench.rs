@@ -1,5 +1,5 @@
-//! `kiln bench flux` / `kiln bench sdxl` (and `kiln bench llm`, in its own
-//! module): time one FLUX transformer forward and
+//! `kiln bench flux` / `kiln bench sdxl` (and `kiln bench llm` and
+//! `kiln bench serve`, in their own modules): time one FLUX transformer forward and
 //! whole generations, or one SDXL UNet step (CFG batch) and VAE decode, on a
 //! model folder, for `bench/flux_vs_diffusers.py` and `bench/sdxl_vs_diffusers.py`
 //! to compare with diffusers on the same weights, on the CPU or a CUDA device
@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Sdxl(SdxlBenchArgs),
     /// Prefill and decode tokens/s of one stream for an LLM folder or GGUF file.
     Llm(super::bench_llm::LlmBenchArgs),
+    /// Load-test an OpenAI-compatible server: throughput, TTFT, TPOT, ITL, latency.
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 /// Where and in which precision a benchmark runs.
@@ -248,6 +250,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Flux(args) => args,
         BenchCommand::Sdxl(args) => return bench_sdxl(args),
         BenchCommand::Llm(args) => return super::bench_llm::run(args),
+        BenchCommand::Serve(args) => return super::bench_serve::run(args),
     };
     if args.offload {
         return bench_flux_offloaded(args);

@@ -3,6 +3,9 @@
 //! transformers on the same weights. The prompt is fixed token ids (no
 //! tokenizer in the timing); decode runs greedy with EOS ignored, so every
 //! run generates exactly `--gen-tokens`. Prints JSON (median tokens/s).
+//! `--engine batch` (the default) times the continuous-batching engine that
+//! `kiln serve` runs on the CPU, with prefix caching off so every run prefills
+//! its whole prompt; `--engine serial` the one-sequence engine.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,7 +14,8 @@ use anyhow::{Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_textgen::{
-    GenerationEvent, GenerationRequest, LanguageModel, ModelSource, SerialEngine, TextGeneration,
+    BatchConfig, BatchEngine, GenerationEvent, GenerationRequest, LanguageModel, ModelSource,
+    SerialEngine, TextGeneration,
 };
 use serde_json::json;
 
@@ -34,10 +38,13 @@ pub struct LlmBenchArgs {
     /// f32, f16 or bf16 for folders (GGUF files compute in f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// `batch` (what `kiln serve` runs on the CPU) or `serial`.
+    #[arg(long, default_value = "batch", value_parser = ["batch", "serial"])]
+    engine: String,
 }
 
 /// Seconds to the first token (prefill + one sample) and per later token.
-fn one_run(engine: &SerialEngine, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
+fn one_run(engine: &dyn TextGeneration, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
     let started = Instant::now();
     let mut stream = engine.submit(GenerationRequest::greedy(prompt.to_vec(), gen_tokens))?;
     let mut first = None;
@@ -73,7 +80,17 @@ pub fn run(args: LlmBenchArgs) -> Result<()> {
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
         .map(|i| 1 + (i * 7919) % (vocab - 2))
         .collect();
-    let engine = SerialEngine::start(model)?;
+    let engine: Box<dyn TextGeneration> = if args.engine == "serial" {
+        Box::new(SerialEngine::start(model)?)
+    } else {
+        let config = BatchConfig {
+            max_num_batched_tokens: args.prompt_tokens.max(512),
+            prefix_caching: false,
+            ..BatchConfig::default()
+        };
+        Box::new(BatchEngine::start(model, config, source.weight_bytes())?)
+    };
+    let engine = engine.as_ref();
     let bar = ProgressBar::new(args.runs as u64 + 1);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} runs {elapsed_precise}")
@@ -81,11 +98,11 @@ pub fn run(args: LlmBenchArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     bar.set_message("bench llm");
-    one_run(&engine, &prompt, args.gen_tokens)?;
+    one_run(engine, &prompt, args.gen_tokens)?;
     bar.inc(1);
     let (mut firsts, mut per_tokens) = (Vec::new(), Vec::new());
     for _ in 0..args.runs.max(1) {
-        let (first, per_token) = one_run(&engine, &prompt, args.gen_tokens)?;
+        let (first, per_token) = one_run(engine, &prompt, args.gen_tokens)?;
         firsts.push(first);
         per_tokens.push(per_token);
         bar.inc(1);
@@ -96,6 +113,7 @@ pub fn run(args: LlmBenchArgs) -> Result<()> {
         "{}",
         serde_json::to_string_pretty(&json!({
             "model": args.model.display().to_string(),
+            "engine": args.engine,
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
             "time_to_first_token_s": first,

@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod bench_llm;
+// In the library, so that tests/bench_serve.rs can call `run_benchmark`.
+pub use kiln::bench_serve;
 pub mod generate;
 pub mod glm;
 pub mod models;

@@ -35,11 +35,13 @@ pub struct ServeArgs {
     models: Vec<String>,
 }
 
-/// Generative pipelines run one job at a time by default; others one per core.
+/// Image pipelines run one job at a time by default, LLMs as many requests as
+/// their batching engine runs at once (`max_batch_size`); others one per core.
 fn default_concurrency(resolved: &ResolvedModel) -> usize {
-    if resolved.manifest.pipeline.starts_with("text_to_image")
-        || resolved.manifest.pipeline == kiln_pipelines::text_generation::PIPELINE_KIND
-    {
+    if resolved.manifest.pipeline == kiln_pipelines::text_generation::PIPELINE_KIND {
+        // A bad value fails the model's load, naming the key.
+        kiln_pipelines::text_generation::batch_config(resolved).map_or(1, |c| c.max_batch_size)
+    } else if resolved.manifest.pipeline.starts_with("text_to_image") {
         1
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
