@@ -216,7 +216,9 @@ def model_paths(work: Path, config: str) -> dict[str, Path]:
             "gguf-q4_k_m": base / "model-q4_k_m.gguf"}
 
 
-def build_models(work: Path, config: str, src: Path | None, threads: int) -> dict[str, Path]:
+def build_models(work: Path, config: str, src: Path | None, threads: int,
+                 formats: list[str] = FORMATS) -> dict[str, Path]:
+    """The folder, then whichever of the GGUF files in `formats` are missing."""
     paths = model_paths(work, config)
     folder = paths["folder-f32"]
     if not (folder / "bench_params.json").exists():
@@ -224,14 +226,14 @@ def build_models(work: Path, config: str, src: Path | None, threads: int) -> dic
         shutil.rmtree(folder, ignore_errors=True)
         build_folder(folder, config)
     for fmt, outtype in (("gguf-f32", "f32"), ("gguf-q8_0", "q8_0")):
-        if not paths[fmt].exists():
+        if fmt in formats and not paths[fmt].exists():
             tree = llama_cpp_source(work, src)
             log(f"convert_hf_to_gguf.py --outtype {outtype} -> {paths[fmt]}")
             tmp = paths[fmt].with_suffix(".tmp")
             checked([sys.executable, "-c", CONVERT, str(tree), str(folder), "--outtype", outtype,
                      "--outfile", str(tmp)])
             tmp.rename(paths[fmt])
-    if not paths["gguf-q4_k_m"].exists():
+    if "gguf-q4_k_m" in formats and not paths["gguf-q4_k_m"].exists():
         log(f"llama_model_quantize Q4_K_M -> {paths['gguf-q4_k_m']}")
         tmp = paths["gguf-q4_k_m"].with_suffix(".tmp")
         checked([sys.executable, "-c", QUANTIZE, str(paths["gguf-f32"]), str(tmp), str(threads)])

@@ -6,6 +6,8 @@
 
 use rayon::prelude::*;
 
+use crate::cpu_op;
+
 /// One layer's cache as the kernel reads it: `[slot][kv_head][head_dim]`
 /// rows, where slot `b · block_size + i` is position `i` of block `b`.
 #[derive(Debug, Clone, Copy)]
@@ -53,40 +55,42 @@ pub fn paged_attention(
     scale: f32,
     window: Option<usize>,
 ) -> Vec<f32> {
+    let fma = cpu_op::has_avx2_fma();
+    paged_attention_with(layer, queries, tokens, heads, scale, window, fma)
+}
+
+/// [`paged_attention`] with the AVX2+FMA path chosen by the caller.
+fn paged_attention_with(
+    layer: PagedLayer<'_>,
+    queries: &[f32],
+    tokens: &[QueryToken<'_>],
+    heads: usize,
+    scale: f32,
+    window: Option<usize>,
+    fma: bool,
+) -> Vec<f32> {
     let d = layer.head_dim;
-    let groups = heads / layer.kv_heads.max(1);
     let mut out = vec![0f32; queries.len()];
-    let visible = |position: usize| {
-        let lo = window.map_or(0, |w| (position + 1).saturating_sub(w));
-        lo..position + 1
+    let job = Job {
+        layer,
+        queries,
+        tokens,
+        heads,
+        groups: heads / layer.kv_heads.max(1),
+        scale,
+        window,
     };
     let one_head = |index: usize, dst: &mut [f32]| {
-        let (token, head) = (index / heads, index % heads);
-        let QueryToken { position, blocks } = tokens[token];
-        let q = &queries[index * d..(index + 1) * d];
-        let kv_head = head / groups;
-        let keys = visible(position);
-        let mut scores: Vec<f32> = keys
-            .clone()
-            .map(|k| {
-                let row = layer.row(blocks, k, kv_head);
-                dot(q, &layer.keys[row..row + d]) * scale
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        #[cfg(target_arch = "x86_64")]
+        if fma {
+            // SAFETY: the caller checked that the CPU has AVX2 and FMA.
+            return unsafe { job.head_avx2_fma(index, dst) };
         }
-        for (k, p) in keys.zip(&scores) {
-            let row = layer.row(blocks, k, kv_head);
-            axpy(*p / sum, &layer.values[row..row + d], dst);
-        }
+        job.head::<false>(index, dst)
     };
     let work: usize = tokens
         .iter()
-        .map(|t| visible(t.position).len() * heads * d)
+        .map(|t| job.visible(t.position).len() * heads * d)
         .sum();
     if work < PARALLEL_WORK {
         out.chunks_mut(d)
@@ -100,24 +104,95 @@ pub fn paged_attention(
     out
 }
 
+/// One call's operands.
+struct Job<'a> {
+    layer: PagedLayer<'a>,
+    queries: &'a [f32],
+    tokens: &'a [QueryToken<'a>],
+    heads: usize,
+    groups: usize,
+    scale: f32,
+    window: Option<usize>,
+}
+
+impl Job<'_> {
+    /// The keys a query at `position` sees.
+    fn visible(&self, position: usize) -> std::ops::Range<usize> {
+        let lo = self.window.map_or(0, |w| (position + 1).saturating_sub(w));
+        lo..position + 1
+    }
+
+    /// [`Job::head`] compiled for AVX2 with fused multiply-adds.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn head_avx2_fma(&self, index: usize, dst: &mut [f32]) {
+        self.head::<true>(index, dst)
+    }
+
+    /// Attention of query row `index` (token-major, then head) into `dst`.
+    /// `FMA`: multiply-adds fused (only where the CPU has them: elsewhere
+    /// `mul_add` is a slow library call).
+    #[inline(always)]
+    fn head<const FMA: bool>(&self, index: usize, dst: &mut [f32]) {
+        let layer = &self.layer;
+        let d = layer.head_dim;
+        let (token, head) = (index / self.heads, index % self.heads);
+        let QueryToken { position, blocks } = self.tokens[token];
+        let q = &self.queries[index * d..(index + 1) * d];
+        let kv_head = head / self.groups;
+        let keys = self.visible(position);
+        // Plain loops, no closures: a closure would not inherit the caller's
+        // target features, and its `mul_add` would become a library call.
+        let mut scores = Vec::with_capacity(keys.len());
+        for k in keys.clone() {
+            let row = layer.row(blocks, k, kv_head);
+            scores.push(dot::<FMA>(q, &layer.keys[row..row + d]) * self.scale);
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for (k, p) in keys.zip(&scores) {
+            let row = layer.row(blocks, k, kv_head);
+            axpy::<FMA>(*p / sum, &layer.values[row..row + d], dst);
+        }
+    }
+}
+
+#[inline(always)]
+fn multiply_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
 /// `Σ aᵢ·bᵢ` in eight lanes (vectorised by the compiler).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let (a_rest, b_rest) = (a8.remainder(), b8.remainder());
     for (x, y) in a8.zip(b8) {
         for i in 0..8 {
-            lanes[i] = x[i].mul_add(y[i], lanes[i]);
+            lanes[i] = multiply_add::<FMA>(x[i], y[i], lanes[i]);
         }
     }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    lanes.iter().sum::<f32>() + tail
+    let mut tail = 0f32;
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        tail = multiply_add::<FMA>(*x, *y, tail);
+    }
+    let mut sum = 0f32;
+    for lane in lanes {
+        sum += lane;
+    }
+    sum + tail
 }
 
 /// `dst += alpha · x`.
-fn axpy(alpha: f32, x: &[f32], dst: &mut [f32]) {
+#[inline(always)]
+fn axpy<const FMA: bool>(alpha: f32, x: &[f32], dst: &mut [f32]) {
     for (d, x) in dst.iter_mut().zip(x) {
-        *d = x.mul_add(alpha, *d);
+        *d = multiply_add::<FMA>(*x, alpha, *d);
     }
 }
 
@@ -213,8 +288,12 @@ mod tests {
         let queries: Vec<f32> = (0..tokens.len() * heads * d)
             .map(|_| pseudo(&mut seed))
             .collect();
-        for window in [None, Some(3)] {
-            let out = paged_attention(layer, &queries, &tokens, heads, 0.3, window);
+        let fma = [false, cpu_op::has_avx2_fma()];
+        for (window, fma) in [None, Some(3)]
+            .into_iter()
+            .flat_map(|w| fma.map(|f| (w, f)))
+        {
+            let out = paged_attention_with(layer, &queries, &tokens, heads, 0.3, window, fma);
             for (t, token) in tokens.iter().enumerate() {
                 let rows = &plain[owner[t]][..=token.position];
                 let lo = window.map_or(0, |w| (token.position + 1).saturating_sub(w));

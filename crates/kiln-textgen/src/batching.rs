@@ -96,6 +96,17 @@ impl BatchConfig {
                 ));
             }
         };
+        // Every running sequence decodes in each step (as vLLM requires).
+        if out.max_num_batched_tokens < out.max_batch_size {
+            return Err(TextGenError::invalid(
+                "max_num_batched_tokens",
+                format!(
+                    "must be at least max_batch_size ({}), so that every running sequence \
+                     decodes in each step",
+                    out.max_batch_size
+                ),
+            ));
+        }
         Ok(out)
     }
 

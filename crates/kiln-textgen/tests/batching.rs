@@ -34,7 +34,7 @@ fn engine(name: &str, config: BatchConfig) -> BatchEngine {
 /// Small blocks and a small step budget, so prompts are chunked and span blocks.
 fn chunky() -> BatchConfig {
     BatchConfig {
-        max_batch_size: 16,
+        max_batch_size: 8,
         max_num_batched_tokens: 12,
         block_size: 4,
         ..BatchConfig::default()
@@ -370,6 +370,10 @@ fn batching_settings_are_read_from_the_model_config_with_named_errors() {
         ),
         (json!({"kv_cache_bytes": "lots"}), "kv_cache_bytes"),
         (json!({"prefix_caching": "yes"}), "prefix_caching"),
+        (
+            json!({"max_batch_size": 64, "max_num_batched_tokens": 32}),
+            "max_num_batched_tokens",
+        ),
     ] {
         match BatchConfig::from_json(&bad) {
             Err(TextGenError::Invalid { field, .. }) => assert_eq!(field, key),

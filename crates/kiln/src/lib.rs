@@ -1,5 +1,4 @@
 //! The library side of the `kiln` package: command code that integration
 //! tests call directly (the binary itself is `src/main.rs`).
 
-#[path = "commands/bench_serve.rs"]
 pub mod bench_serve;
