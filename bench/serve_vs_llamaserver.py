@@ -7,7 +7,8 @@ one at a time, each with --threads threads. `kiln bench serve` (Kiln's load gene
 for both) sends --num-prompts streamed /v1/completions requests of --input-len random token ids each
 (exact lengths), asking for --output-len tokens greedily with EOS ignored, at each --concurrency level
 (all requests queued at once, at most C in flight), and reports output throughput, TTFT, TPOT and ITL.
-Before any level, one request warms each server up.
+Before any level, one request warms each server up. Every level draws its own prompts (seed + level
+index), so neither server's prefix cache can serve one level from another's prompts.
 
 Server settings (each its own continuous batching, sized for the largest level):
   * kiln:         `kiln serve --config` with the GGUF as one model, `max_batch_size` = the largest level,
@@ -112,12 +113,12 @@ def start_llama_server(args, gguf: Path, slots: int, work: Path) -> tuple[subpro
     return proc, base
 
 
-def bench(args, base: str, concurrency: int, num_prompts: int, label: str, work: Path) -> dict:
+def bench(args, base: str, concurrency: int, num_prompts: int, label: str, work: Path, seed: int) -> dict:
     out = work / f"{label}.json"
     cmd = [str(args.kiln), "bench", "serve", "--base-url", base, "--model", "bench", "--prompt-ids",
            "--vocab-size", "32000", "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts),
-           "--max-concurrency", str(concurrency), "--seed", str(args.seed), "--json", str(out),
+           "--max-concurrency", str(concurrency), "--seed", str(seed), "--json", str(out),
            "--label", label]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
@@ -135,11 +136,13 @@ def run_server(args, server: str, gguf: Path, work: Path) -> list[dict]:
     proc, base = start(args, gguf, slots, work)
     rows = []
     try:
-        bench(args, base, 1, 1, f"{server}-warmup", work)
-        for c in levels:
+        # Each level has prompts of its own (another seed): both servers keep
+        # earlier prompts' blocks, and a repeated prompt would be a cache hit.
+        bench(args, base, 1, 1, f"{server}-warmup", work, args.seed + 1000)
+        for i, c in enumerate(levels):
             n = max(args.num_prompts, c)
             log(f"  {server} concurrency {c}: {n} requests")
-            r = bench(args, base, c, n, f"{server}-c{c}", work)
+            r = bench(args, base, c, n, f"{server}-c{c}", work, args.seed + i)
             rows.append({"server": server, "concurrency": c, "requests": n,
                          "output_tok_s": r["output_throughput"], "request_s": r["request_throughput"],
                          "ttft_ms_median": r["median_ttft_ms"], "ttft_ms_p99": r["p99_ttft_ms"],

@@ -13,6 +13,7 @@ pub mod lora;
 pub mod memory;
 pub mod nn;
 pub mod paged_attention;
+pub mod q8_gemm;
 pub mod parity;
 pub mod qlinear;
 pub mod rng;

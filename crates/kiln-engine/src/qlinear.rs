@@ -2,8 +2,8 @@
 //! quantized blocks (candle's `QMatMul`: Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, ... with
 //! its runtime-dispatched AVX2 / AVX-512 kernels), so model code is written once.
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
 
 use crate::nn::Linear;
 
@@ -63,12 +63,43 @@ impl From<Linear> for AnyLinear {
     }
 }
 
+/// Several rows through a Q8_0 matrix with Kiln's blocked kernel, where it
+/// applies (an f32 CPU input of more than one row, an AVX2 CPU without
+/// AVX-512 VNNI); `None` leaves the product to candle. Rows come out equal
+/// to candle's one-row products (see `q8_gemm`).
+fn q8_0_rows(weight: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> {
+    let QMatMul::QTensor(t) = weight else {
+        return Ok(None);
+    };
+    let (n, k) = t.shape().dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    if t.dtype() != GgmlDType::Q8_0
+        || rows < 2
+        || !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || !crate::q8_gemm::applies()
+    {
+        return Ok(None);
+    }
+    let data = t.data()?;
+    let input = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = crate::q8_gemm::matmul(&input, k, &data, n).map_err(candle_core::Error::wrap)?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(y, dims, x.device()).map(Some)
+}
+
 impl Module for AnyLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             AnyLinear::Dense(linear) => linear.forward(x),
             AnyLinear::Quantized { weight, bias } => {
-                let y = weight.forward(x)?;
+                let y = match q8_0_rows(weight, x)? {
+                    Some(y) => y,
+                    None => weight.forward(x)?,
+                };
                 match bias {
                     Some(bias) => y.broadcast_add(bias),
                     None => Ok(y),
@@ -81,8 +112,7 @@ impl Module for AnyLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::GgmlDType;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     #[test]
     fn shared_forward_equals_separate_forwards() {
