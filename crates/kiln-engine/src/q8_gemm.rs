@@ -17,6 +17,8 @@ const QK: usize = 32;
 const BLOCK_BYTES: usize = 2 + QK;
 /// Rows of the register tile.
 const ROWS: usize = 4;
+/// Rows whose quantized values stay in L1 while a task's columns pass.
+const ROW_BLOCK: usize = 16;
 /// Output columns each parallel task takes.
 const COLUMNS_PER_TASK: usize = 32;
 
@@ -140,35 +142,80 @@ fn columns_product(
     out: &mut [f32],
 ) {
     let n = columns.len() / row_bytes;
-    let mut c = 0;
-    while c < n {
-        let pair = (n - c).min(2);
-        let w = &columns[c * row_bytes..(c + pair) * row_bytes];
-        let mut r = 0;
-        while r < m {
-            let quad = (m - r).min(ROWS);
-            let mut tile = [[0f32; 2]; ROWS];
-            // SAFETY: `matmul` checked AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                x86::tile(rows, r, quad, w, pair, row_bytes, &mut tile);
-            }
-            for (i, row) in tile.iter().take(quad).enumerate() {
-                for (j, v) in row.iter().take(pair).enumerate() {
-                    out[(c + j) * m + r + i] = *v;
+    let kb = rows.blocks_per_row;
+    let mut scales = vec![[0f32; 2]; kb];
+    // A block of rows small enough to stay in L1 while every column pair of
+    // this task passes over it (streaming all rows per pair was bound by L3).
+    for row_block in (0..m).step_by(ROW_BLOCK) {
+        let row_end = (row_block + ROW_BLOCK).min(m);
+        let mut c = 0;
+        while c < n {
+            let pair = (n - c).min(2);
+            let w = &columns[c * row_bytes..(c + pair) * row_bytes];
+            // The pair's block scales, converted once for the block of rows.
+            for (b, s) in scales.iter_mut().enumerate() {
+                for (j, d) in s.iter_mut().enumerate().take(pair) {
+                    let at = j * row_bytes + b * BLOCK_BYTES;
+                    *d = f16::from_le_bytes([w[at], w[at + 1]]).to_f32();
                 }
             }
-            r += quad;
+            pair_product(
+                rows,
+                (row_block, row_end),
+                m,
+                w,
+                pair,
+                row_bytes,
+                &scales,
+                c,
+                out,
+            );
+            c += pair;
         }
-        c += pair;
+    }
+}
+
+/// Rows `rows_range` against one column pair starting at column `c`.
+#[allow(clippy::too_many_arguments)]
+fn pair_product(
+    rows: &QuantizedRows,
+    (first, end): (usize, usize),
+    m: usize,
+    w: &[u8],
+    pair: usize,
+    row_bytes: usize,
+    scales: &[[f32; 2]],
+    c: usize,
+    out: &mut [f32],
+) {
+    let mut r = first;
+    while r < end {
+        let quad = (end - r).min(ROWS);
+        let mut tile = [[0f32; 2]; ROWS];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let operands = x86::Operands {
+                rows,
+                first_row: r,
+                weights: w,
+                row_bytes,
+                scales,
+            };
+            // SAFETY: `matmul` checked AVX2 and FMA.
+            unsafe { operands.tile(quad, pair, &mut tile) };
+        }
+        for (i, row) in tile.iter().take(quad).enumerate() {
+            for (j, v) in row.iter().take(pair).enumerate() {
+                out[(c + j) * m + r + i] = *v;
+            }
+        }
+        r += quad;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-
-    use half::f16;
 
     use super::{BLOCK_BYTES, QK, QuantizedRows, ROWS};
 
@@ -182,54 +229,88 @@ mod x86 {
         _mm_cvtss_f32(res)
     }
 
-    /// Rows `r..r + quad` against the `pair` weight rows in `w`: for each
-    /// output, candle's `vec_dot_q8_0_q8_0` loop (`acc += (dw·dx) ·
-    /// madd(maddubs(|w|, sign(x, w)), 1)` block by block, then `hsum`).
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `w` holds `pair` rows of `row_bytes`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(
-        rows: &QuantizedRows,
-        r: usize,
-        quad: usize,
-        w: &[u8],
-        pair: usize,
-        row_bytes: usize,
-        out: &mut [[f32; 2]; ROWS],
-    ) {
-        let kb = rows.blocks_per_row;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
-        for b in 0..kb {
-            let mut dw = [0f32; 2];
-            let mut wq = [_mm256_setzero_si256(); 2];
-            let mut aw = [_mm256_setzero_si256(); 2];
-            for j in 0..pair {
-                let block = &w[j * row_bytes + b * BLOCK_BYTES..][..BLOCK_BYTES];
-                dw[j] = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                // SAFETY: the block holds 32 value bytes after its scale.
-                wq[j] = unsafe { _mm256_loadu_si256(block[2..].as_ptr() as *const __m256i) };
-                aw[j] = _mm256_sign_epi8(wq[j], wq[j]);
-            }
-            for i in 0..quad {
-                let row = r + i;
-                let dx = rows.scales[row * kb + b];
-                let xq = &rows.values[(row * kb + b) * QK..][..QK];
-                // SAFETY: 32 values.
-                let x = unsafe { _mm256_loadu_si256(xq.as_ptr() as *const __m256i) };
-                for j in 0..pair {
-                    let d = _mm256_set1_ps(dw[j] * dx);
-                    let sy = _mm256_sign_epi8(x, wq[j]);
-                    let dot = _mm256_maddubs_epi16(aw[j], sy);
-                    let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, dot));
-                    acc[i][j] = _mm256_fmadd_ps(d, q, acc[i][j]);
+    /// One register tile's inputs: rows `first_row..` of the quantized
+    /// activations against the (one or two) weight rows in `weights`, whose
+    /// block scales are `scales[block][column]`.
+    pub(super) struct Operands<'a> {
+        pub(super) rows: &'a QuantizedRows,
+        pub(super) first_row: usize,
+        pub(super) weights: &'a [u8],
+        pub(super) row_bytes: usize,
+        pub(super) scales: &'a [[f32; 2]],
+    }
+
+    impl Operands<'_> {
+        /// `quad` rows × `pair` columns into `out`, through a kernel whose
+        /// tile size is a constant (so its accumulators stay in registers).
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and FMA; `quad <= 4`, `pair <= 2`, and the rows
+        /// and weights exist.
+        pub(super) unsafe fn tile(&self, quad: usize, pair: usize, out: &mut [[f32; 2]; ROWS]) {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match (quad, pair) {
+                    (4, 2) => self.kernel::<4, 2>(out),
+                    (3, 2) => self.kernel::<3, 2>(out),
+                    (2, 2) => self.kernel::<2, 2>(out),
+                    (1, 2) => self.kernel::<1, 2>(out),
+                    (4, _) => self.kernel::<4, 1>(out),
+                    (3, _) => self.kernel::<3, 1>(out),
+                    (2, _) => self.kernel::<2, 1>(out),
+                    _ => self.kernel::<1, 1>(out),
                 }
             }
         }
-        for i in 0..quad {
-            for j in 0..pair {
-                out[i][j] = hsum(acc[i][j]);
+
+        /// For each output, candle's `vec_dot_q8_0_q8_0` loop: `acc +=
+        /// (dw·dx) · madd(maddubs(|w|, sign(x, w)), 1)` block by block, then
+        /// `hsum`.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn kernel<const R: usize, const C: usize>(&self, out: &mut [[f32; 2]; ROWS]) {
+            let rows = self.rows;
+            let kb = rows.blocks_per_row;
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            let x_values: [&[i8]; R] = std::array::from_fn(|i| {
+                let row = self.first_row + i;
+                &rows.values[row * kb * QK..(row + 1) * kb * QK]
+            });
+            let x_scales: [&[f32]; R] = std::array::from_fn(|i| {
+                let row = self.first_row + i;
+                &rows.scales[row * kb..(row + 1) * kb]
+            });
+            let w_rows: [&[u8]; C] = std::array::from_fn(|j| {
+                &self.weights[j * self.row_bytes..(j + 1) * self.row_bytes]
+            });
+            for b in 0..kb {
+                let dw = self.scales[b];
+                let mut wq = [_mm256_setzero_si256(); C];
+                let mut aw = [_mm256_setzero_si256(); C];
+                for j in 0..C {
+                    let block = &w_rows[j][b * BLOCK_BYTES + 2..(b + 1) * BLOCK_BYTES];
+                    // SAFETY: the block holds 32 value bytes.
+                    wq[j] = unsafe { _mm256_loadu_si256(block.as_ptr() as *const __m256i) };
+                    aw[j] = _mm256_sign_epi8(wq[j], wq[j]);
+                }
+                for i in 0..R {
+                    let dx = x_scales[i][b];
+                    let xq = &x_values[i][b * QK..(b + 1) * QK];
+                    // SAFETY: 32 values.
+                    let x = unsafe { _mm256_loadu_si256(xq.as_ptr() as *const __m256i) };
+                    for j in 0..C {
+                        let d = _mm256_set1_ps(dw[j] * dx);
+                        let sy = _mm256_sign_epi8(x, wq[j]);
+                        let dot = _mm256_maddubs_epi16(aw[j], sy);
+                        let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, dot));
+                        acc[i][j] = _mm256_fmadd_ps(d, q, acc[i][j]);
+                    }
+                }
+            }
+            for i in 0..R {
+                for j in 0..C {
+                    out[i][j] = hsum(acc[i][j]);
+                }
             }
         }
     }
@@ -265,7 +346,11 @@ mod tests {
                     .unwrap();
                 let got = &ours[r * n..(r + 1) * n];
                 for (c, (a, b)) in one.iter().zip(got).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "({m},{n},{k}) row {r} col {c}: {a} vs {b}");
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "({m},{n},{k}) row {r} col {c}: {a} vs {b}"
+                    );
                 }
             }
         }

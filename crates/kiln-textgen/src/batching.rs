@@ -7,8 +7,8 @@
 //! forward pass.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use kiln_models::llm::{PagedKvCache, PagedSequence};
@@ -21,6 +21,7 @@ use crate::engine::{
     RequestTimings, SequenceOutput, TextGeneration, validate,
 };
 use crate::error::TextGenError;
+use crate::inbox::{Counters, Inbox, Submission};
 use crate::kv_blocks::{BlockId, BlockPool};
 use crate::metrics::{EngineMetrics, SharedMetrics};
 
@@ -123,14 +124,6 @@ impl BatchConfig {
     }
 }
 
-/// A request the engine thread has not picked up yet.
-struct Submission {
-    request: GenerationRequest,
-    events: UnboundedSender<GenerationEvent>,
-    abort: AbortHandle,
-    submitted: Instant,
-}
-
 /// A request inside the engine.
 struct Sequence {
     arrival: u64,
@@ -203,19 +196,10 @@ impl Sequence {
     }
 }
 
-/// What the engine thread shares with `health`.
-#[derive(Default)]
-struct Counters {
-    running: AtomicUsize,
-    waiting: AtomicUsize,
-    generated: AtomicU64,
-    aborted: AtomicU64,
-}
-
 /// The continuous-batching engine.
 pub struct BatchEngine {
     model: Arc<LanguageModel>,
-    submissions: Mutex<mpsc::Sender<Submission>>,
+    inbox: Inbox,
     counters: Arc<Counters>,
     metrics: Arc<SharedMetrics>,
     config: BatchConfig,
@@ -232,7 +216,7 @@ impl BatchEngine {
     ) -> Result<Self, TextGenError> {
         let num_blocks = config.num_blocks(&model, weight_bytes);
         let model = Arc::new(model);
-        let (sender, receiver) = mpsc::channel::<Submission>();
+        let (inbox, receiver) = Inbox::new();
         let counters = Arc::new(Counters::default());
         let metrics = Arc::new(SharedMetrics::default());
         metrics.update(|m| m.kv_cache_blocks = num_blocks);
@@ -253,7 +237,7 @@ impl BatchEngine {
             .map_err(|e| TextGenError::Engine(format!("cannot start the engine thread: {e}")))?;
         Ok(BatchEngine {
             model,
-            submissions: Mutex::new(sender),
+            inbox,
             counters,
             metrics,
             capacity_tokens: num_blocks * config.block_size,
@@ -291,35 +275,11 @@ impl TextGeneration for BatchEngine {
                 ),
             ));
         }
-        let (events, abort, stream) = GenerationStream::channel();
-        let submission = Submission {
-            request,
-            events,
-            abort,
-            submitted: Instant::now(),
-        };
-        self.counters.waiting.fetch_add(1, Ordering::SeqCst);
-        let sent = self
-            .submissions
-            .lock()
-            .map_err(|_| TextGenError::Unavailable)?
-            .send(submission);
-        if sent.is_err() {
-            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(TextGenError::Unavailable);
-        }
-        Ok(stream)
+        self.inbox.submit(request, &self.counters)
     }
 
     fn health(&self) -> EngineHealth {
-        let c = &self.counters;
-        EngineHealth {
-            running: c.running.load(Ordering::SeqCst),
-            waiting: c.waiting.load(Ordering::SeqCst),
-            capacity: self.config.max_batch_size,
-            generated_tokens: c.generated.load(Ordering::SeqCst),
-            aborted: c.aborted.load(Ordering::SeqCst),
-        }
+        self.counters.health(self.config.max_batch_size)
     }
 
     fn metrics(&self) -> Option<EngineMetrics> {

@@ -5,18 +5,18 @@
 //! thread; a batching engine slots in behind the same trait.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::bundle::LanguageModel;
 use crate::error::TextGenError;
+use crate::inbox::{Counters, Inbox, Submission};
 use crate::metrics::EngineMetrics;
 use crate::sampling::{Sampler, SamplingParams, log_softmax, top_entries};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::tokenizer::IncrementalDecoder;
-use std::time::Instant;
 
 /// The most `top_logprobs` a request may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -271,33 +271,17 @@ pub trait TextGeneration: Send + Sync {
     }
 }
 
-struct Job {
-    request: GenerationRequest,
-    events: UnboundedSender<GenerationEvent>,
-    abort: AbortHandle,
-    submitted: Instant,
-}
-
 /// Runs sequences one after another on a dedicated thread.
 pub struct SerialEngine {
     model: Arc<LanguageModel>,
-    jobs: std::sync::Mutex<mpsc::Sender<Job>>,
+    inbox: Inbox,
     counters: Arc<Counters>,
-}
-
-/// What the worker counts, read by `health`.
-#[derive(Default)]
-struct Counters {
-    running: AtomicUsize,
-    waiting: AtomicUsize,
-    generated: AtomicU64,
-    aborted: AtomicU64,
 }
 
 impl SerialEngine {
     pub fn start(model: LanguageModel) -> Result<Self, TextGenError> {
         let model = Arc::new(model);
-        let (sender, receiver) = mpsc::channel::<Job>();
+        let (inbox, receiver) = Inbox::new();
         let counters = Arc::new(Counters::default());
         let (worker_model, worker_counters) = (Arc::clone(&model), Arc::clone(&counters));
         std::thread::Builder::new()
@@ -324,7 +308,7 @@ impl SerialEngine {
             .map_err(|e| TextGenError::Engine(format!("cannot start the engine thread: {e}")))?;
         Ok(SerialEngine {
             model,
-            jobs: std::sync::Mutex::new(sender),
+            inbox,
             counters,
         })
     }
@@ -337,35 +321,11 @@ impl TextGeneration for SerialEngine {
 
     fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, TextGenError> {
         validate(&self.model, &request)?;
-        let (events, abort, stream) = GenerationStream::channel();
-        let job = Job {
-            request,
-            events,
-            abort,
-            submitted: Instant::now(),
-        };
-        self.counters.waiting.fetch_add(1, Ordering::SeqCst);
-        let sent = self
-            .jobs
-            .lock()
-            .map_err(|_| TextGenError::Unavailable)?
-            .send(job);
-        if sent.is_err() {
-            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(TextGenError::Unavailable);
-        }
-        Ok(stream)
+        self.inbox.submit(request, &self.counters)
     }
 
     fn health(&self) -> EngineHealth {
-        let c = &self.counters;
-        EngineHealth {
-            running: c.running.load(Ordering::SeqCst),
-            waiting: c.waiting.load(Ordering::SeqCst),
-            capacity: 1,
-            generated_tokens: c.generated.load(Ordering::SeqCst),
-            aborted: c.aborted.load(Ordering::SeqCst),
-        }
+        self.counters.health(1)
     }
 }
 
@@ -521,7 +481,11 @@ impl SequenceOutput {
 
 /// Generate one sequence, sending its events; stops early when aborted or when
 /// nobody listens any more.
-fn run_sequence(model: &LanguageModel, job: &Job, counters: &Counters) -> Result<(), TextGenError> {
+fn run_sequence(
+    model: &LanguageModel,
+    job: &Submission,
+    counters: &Counters,
+) -> Result<(), TextGenError> {
     let request = &job.request;
     let net = &model.model;
     let started = Instant::now();

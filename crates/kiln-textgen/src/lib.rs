@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod engine;
 pub mod error;
 pub mod generation_config;
+mod inbox;
 pub mod kv_blocks;
 pub mod metrics;
 pub mod prompt;

@@ -250,8 +250,12 @@ fn http_client(api_key: Option<&str>) -> Result<reqwest::Client> {
         value.set_sensitive(true);
         headers.insert(AUTHORIZATION, value);
     }
+    // A fresh connection per request: servers such as llama-server close idle
+    // keep-alive connections, and a request sent on one that the server just
+    // closed fails ("connection closed before message completed").
     Ok(reqwest::Client::builder()
         .default_headers(headers)
+        .pool_max_idle_per_host(0)
         .build()?)
 }
 
