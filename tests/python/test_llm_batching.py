@@ -47,6 +47,9 @@ def client(batching_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{batching_server.base_url}/v1", api_key=API_KEY, max_retries=0)
 
 
+# Long enough that requests sent together overlap even on a fast machine.
+GENERATED = 24
+
 PROMPTS = [
     "Once upon a time",
     "The quick brown fox jumps over the lazy dog and keeps on running far away",
@@ -59,7 +62,8 @@ PROMPTS = [
 
 def complete(client: openai.OpenAI, prompt: str, **extra):
     return client.completions.create(
-        model="qwen", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True, **extra}
+        model="qwen", prompt=prompt, max_tokens=GENERATED, temperature=0,
+        extra_body={"ignore_eos": True, **extra},
     )
 
 
@@ -111,10 +115,10 @@ def test_repeated_system_prompt_reports_cached_tokens(batching_server, client):
 def test_responses_carry_timings_and_streams_their_cached_usage(batching_server, client):
     reply = complete(client, PROMPTS[1])
     timings = reply.model_extra["timings"]
-    assert timings["predicted_n"] == 12 and timings["ttft_ms"] >= timings["queue_ms"] >= 0
+    assert timings["predicted_n"] == GENERATED and timings["ttft_ms"] >= timings["queue_ms"] >= 0
     chunks = list(
         client.completions.create(
-            model="qwen", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True,
+            model="qwen", prompt=PROMPTS[1], max_tokens=GENERATED, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
         )
     )
@@ -137,7 +141,7 @@ def test_past_the_slots_and_the_queue_requests_get_429(batching_server):
     # "single": one slot (max_batch_size 1) and a queue of one. Of six requests
     # sent at once, one runs, one waits, and the others are refused at once.
     url = f"{batching_server.base_url}/v1/completions"
-    body = {"model": "single", "prompt": "Go on", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    body = {"model": "single", "prompt": "Go on", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
     barrier = threading.Barrier(6)
 
     def send(_):
