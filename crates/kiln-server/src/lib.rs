@@ -203,7 +203,8 @@ impl Server {
             .iter()
             .map(|m| (m.name.clone(), m.settings.max_queue))
             .collect();
-        let jobs = Jobs::new(store, config.jobs.clone(), &queues);
+        let metrics = Arc::new(metrics::Metrics::new());
+        let jobs = Jobs::new(store, config.jobs.clone(), &queues, Arc::clone(&metrics));
         let served: Vec<Arc<ServedModel>> = models
             .into_iter()
             .map(|spec| {
@@ -218,7 +219,7 @@ impl Server {
             .collect();
         let state = Arc::new(AppState {
             models: served,
-            metrics: Arc::new(metrics::Metrics::new()),
+            metrics,
             body_limit: usize::try_from(config.server.body_limit).unwrap_or(usize::MAX),
             started: Instant::now(),
             memory_budget: config.server.memory_budget,

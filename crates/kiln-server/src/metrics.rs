@@ -195,17 +195,23 @@ impl Metrics {
 
     /// A job reached a final state after running `seconds`.
     pub fn job_finished(&self, model: &str, status: &str, seconds: f64) {
+        self.job_ended(model, status);
+        self.execution
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// A job reached a final state (counted once, by whoever recorded it:
+    /// the worker, or a cancellation).
+    pub fn job_ended(&self, model: &str, status: &str) {
         self.jobs
             .get_or_create(&JobLabels {
                 model: model.to_string(),
                 status: status.to_string(),
             })
             .inc();
-        self.execution
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
-            .observe(seconds);
     }
 
     /// One denoising step ran.
@@ -296,6 +302,12 @@ fn engine_metrics(state: &AppState) -> Vec<(String, kiln_textgen::EngineMetrics)
 
 /// `GET /metrics`.
 pub async fn metrics_endpoint(State(state): State<Arc<AppState>>) -> Response {
+    // Queue depths as they are now, not as a timer last saw them.
+    for model in &state.models {
+        state
+            .metrics
+            .queue_depth(&model.name, state.jobs.queue_depth(&model.name));
+    }
     let mut text = state.metrics.render();
     let engines = engine_metrics(&state);
     if !engines.is_empty() {

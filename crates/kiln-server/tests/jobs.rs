@@ -282,6 +282,12 @@ async fn queues_are_bounded_and_cancel_timeout_and_purge_stop_jobs() {
     let refused = post_json(server.addr, "/run", &json!({"input": {"steps": 1}})).await;
     assert_eq!(refused.status, 429, "{}", refused.text());
     assert_eq!(refused.header("retry-after"), Some("5"));
+    // The queue depth is read when scraped, not up to a second late.
+    let metrics = get(&server, "/metrics").await.text();
+    assert!(
+        metrics.contains("kiln_queue_depth{model=\"steps\"} 2"),
+        "{metrics}"
+    );
 
     // Cancelling a queued job keeps it from running; cancelling the running one
     // stops it at its next step and frees the worker.
@@ -325,6 +331,12 @@ async fn queues_are_bounded_and_cancel_timeout_and_purge_stop_jobs() {
         assert_eq!(final_status(&server, id).await["status"], "CANCELLED");
     }
     post_json(server.addr, &format!("/cancel/{blocker}"), &json!({})).await;
+    // Every cancellation is counted once: one queued, two running, two purged.
+    let metrics = get(&server, "/metrics").await.text();
+    assert!(
+        metrics.contains("kiln_jobs_total{model=\"steps\",status=\"CANCELLED\"} 5"),
+        "{metrics}"
+    );
     server.stop().await;
 }
 

@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::config::JobsSection;
+use crate::metrics::Metrics;
 use crate::state::AppState;
 pub use job::{InputProblem, Job, JobError, JobOptions, JobStatus, Protocol, SubmitError, now_ms};
 pub use live::{JobEvent, LiveJob};
@@ -64,6 +65,8 @@ pub struct Jobs {
     running: std::sync::atomic::AtomicUsize,
     /// Set at shutdown: workers take no new jobs.
     draining: AtomicBool,
+    /// Where final states are counted (cancellations are counted here).
+    metrics: Arc<Metrics>,
     drained: Notify,
 }
 
@@ -96,7 +99,12 @@ impl Jobs {
     }
 
     /// A job system for these models (name, queue bound).
-    pub fn new(store: JobStore, settings: JobsSection, models: &[(String, usize)]) -> Jobs {
+    pub fn new(
+        store: JobStore,
+        settings: JobsSection,
+        models: &[(String, usize)],
+        metrics: Arc<Metrics>,
+    ) -> Jobs {
         let queues = models
             .iter()
             .map(|(name, limit)| {
@@ -122,6 +130,7 @@ impl Jobs {
             live: Mutex::new(HashMap::new()),
             webhooks,
             running: std::sync::atomic::AtomicUsize::new(0),
+            metrics,
             draining: AtomicBool::new(false),
             drained: Notify::new(),
         }
@@ -263,6 +272,10 @@ impl Jobs {
             self.expiry(&job.options, now),
         )?;
         if cancelled {
+            // The worker of a running job finds it already final and does
+            // not count it again.
+            self.metrics
+                .job_ended(&job.model, JobStatus::Cancelled.as_str());
             if let Some(queue) = self.queue(&job.model)
                 && let Ok(mut pending) = queue.pending.lock()
             {
@@ -402,11 +415,6 @@ impl Jobs {
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot purge expired jobs"),
-                }
-                for model in &state.models {
-                    state
-                        .metrics
-                        .queue_depth(&model.name, state.jobs.queue_depth(&model.name));
                 }
             }
         });
