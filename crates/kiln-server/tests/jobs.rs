@@ -282,8 +282,15 @@ async fn queues_are_bounded_and_cancel_timeout_and_purge_stop_jobs() {
     let refused = post_json(server.addr, "/run", &json!({"input": {"steps": 1}})).await;
     assert_eq!(refused.status, 429, "{}", refused.text());
     assert_eq!(refused.header("retry-after"), Some("5"));
-    // The queue depth is read when scraped, not up to a second late.
+    // The queue depth is read when scraped, not up to a second late; the
+    // refusal counts against its model.
     let metrics = get(&server, "/metrics").await.text();
+    assert!(
+        metrics.contains(
+            "kiln_http_requests_total{route=\"/run\",method=\"POST\",status=\"429\",model=\"steps\"} 1"
+        ),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("kiln_queue_depth{model=\"steps\"} 2"),
         "{metrics}"
@@ -331,8 +338,15 @@ async fn queues_are_bounded_and_cancel_timeout_and_purge_stop_jobs() {
         assert_eq!(final_status(&server, id).await["status"], "CANCELLED");
     }
     post_json(server.addr, &format!("/cancel/{blocker}"), &json!({})).await;
-    // Every cancellation is counted once: one queued, two running, two purged.
+    // Every cancellation is counted once: one queued, two running, two purged;
+    // the cancel requests count against the model.
     let metrics = get(&server, "/metrics").await.text();
+    assert!(
+        metrics.contains(
+            "kiln_http_requests_total{route=\"/cancel/{id}\",method=\"POST\",status=\"200\",model=\"steps\"} 3"
+        ),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("kiln_jobs_total{model=\"steps\",status=\"CANCELLED\"} 5"),
         "{metrics}"

@@ -450,7 +450,7 @@ async fn predict_inner(
                 Err(e) => error(ApiError::Internal(e.to_string())),
             };
         }
-        Err(e) => return error(ApiError::from(e)),
+        Err(e) => return labelled(error(ApiError::from(e)), &model.name),
     };
     if asynchronous {
         return labelled(
@@ -584,7 +584,7 @@ pub async fn predict_idempotent(
 /// `POST /predictions/{id}/cancel`.
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     match state.jobs.cancel(&id) {
-        Ok(Some(_)) => Json(json!({})).into_response(),
+        Ok(Some(job)) => labelled(Json(json!({})).into_response(), &job.model),
         Ok(None) => detail(StatusCode::NOT_FOUND, json!("Not Found")),
         Err(e) => error(ApiError::Internal(e.to_string())),
     }

@@ -282,7 +282,7 @@ pub async fn image_generations(
         .submit(None, &model.name, Protocol::OpenAi, input, options)
     {
         Ok(job) => job,
-        Err(e) => return error(ApiError::from(e)),
+        Err(e) => return labelled(error(ApiError::from(e)), &model.name),
     };
     let done = match state.jobs.wait_final(&job.id).await {
         Ok(Some(done)) => done,

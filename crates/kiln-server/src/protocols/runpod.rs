@@ -214,19 +214,18 @@ async fn run_inner(
     model: Option<&str>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = (|| {
-        let model = endpoint(state, model)?;
-        let (input, options) = parse_run(state, body, false)?;
-        let job = submit(state, &model, input, options)?;
-        Ok::<_, ApiError>((model, job))
-    })();
-    match result {
-        Ok((model, job)) => labelled(
-            Json(json!({"id": job.id, "status": job.status.as_str()})).into_response(),
-            &model.name,
-        ),
+    let model = match endpoint(state, model) {
+        Ok(model) => model,
+        Err(e) => return error(e),
+    };
+    let result = parse_run(state, body, false)
+        .and_then(|(input, options)| submit(state, &model, input, options));
+    // Refusals (a full queue's 429 included) count against the model too.
+    let response = match result {
+        Ok(job) => Json(json!({"id": job.id, "status": job.status.as_str()})).into_response(),
         Err(e) => error(e),
-    }
+    };
+    labelled(response, &model.name)
 }
 
 /// `POST /run`.
@@ -386,7 +385,10 @@ fn cancel_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
         return error(e);
     }
     match state.jobs.cancel(id) {
-        Ok(Some(job)) => Json(json!({"id": job.id, "status": job.status.as_str()})).into_response(),
+        Ok(Some(job)) => labelled(
+            Json(json!({"id": job.id, "status": job.status.as_str()})).into_response(),
+            &job.model,
+        ),
         Ok(None) => error(ApiError::JobNotFound(id.to_string())),
         Err(e) => error(ApiError::Internal(e.to_string())),
     }
