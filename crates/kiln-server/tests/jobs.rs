@@ -758,3 +758,33 @@ async fn shutdown_lets_running_jobs_record_their_results() {
     assert_eq!(final_status(&server, &queued).await["status"], "COMPLETED");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_model_that_cannot_load_is_unavailable_on_openai_images() {
+    let broken = ModelSpec {
+        name: "broken".into(),
+        version: None,
+        reference: "test".into(),
+        settings: ModelSettings {
+            load: LoadPolicy::Lazy,
+            ..settings(4)
+        },
+        loader: Arc::new(|| Err("weights are corrupt".to_string())),
+    };
+    let server = start_with(&test_config(1 << 20), vec![broken]).await;
+    // 503 as MLflow, KServe and SageMaker answer, not a 500.
+    let reply = post_json(
+        server.addr,
+        "/v1/images/generations",
+        &json!({"prompt": "a cat", "model": "broken"}),
+    )
+    .await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "server_error");
+    assert!(
+        reply.text().contains("weights are corrupt"),
+        "{}",
+        reply.text()
+    );
+    server.stop().await;
+}

@@ -113,7 +113,10 @@ impl InputProblem {
 pub enum JobError {
     /// The input broke the model's schema.
     Invalid { problems: Vec<InputProblem> },
-    /// Anything else: load failure, execution error, timeout, cancellation.
+    /// The model could not be loaded: the service is unavailable (503 where
+    /// a protocol answers with a status), not the request at fault.
+    Unavailable { message: String },
+    /// Anything else: execution error, timeout, cancellation.
     Failed { message: String },
 }
 
@@ -127,7 +130,9 @@ impl std::fmt::Display for JobError {
                     .collect();
                 write!(f, "invalid input: {}", text.join("; "))
             }
-            JobError::Failed { message } => f.write_str(message),
+            JobError::Failed { message } | JobError::Unavailable { message } => {
+                f.write_str(message)
+            }
         }
     }
 }

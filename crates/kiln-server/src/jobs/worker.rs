@@ -10,6 +10,7 @@ use kiln_pipelines::{PipelineError, Progress};
 use serde_json::Value;
 
 use super::{InputProblem, Job, JobError, JobEvent, JobStatus, LiveJob, now_ms};
+use crate::error::ApiError;
 use crate::protocols::{prediction_json, request_from_json};
 use crate::state::{AppState, ServedModel};
 
@@ -184,6 +185,15 @@ async fn execute(
 ) -> Outcome {
     let lease = match state.lease(model, true).await {
         Ok(lease) => lease,
+        Err(e @ (ApiError::ModelFailed { .. } | ApiError::ModelNotReady(_))) => {
+            return Outcome {
+                status: JobStatus::Failed,
+                output: None,
+                error: Some(JobError::Unavailable {
+                    message: e.to_string(),
+                }),
+            };
+        }
         Err(e) => return Outcome::failed(e.to_string()),
     };
     let request = match request_from_json(lease.pipeline.interface(), &job.input) {

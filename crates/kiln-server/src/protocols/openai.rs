@@ -292,6 +292,14 @@ pub async fn image_generations(
     let response = match (&done.status, &done.error) {
         (JobStatus::Completed, _) => Json(images_body(&done, as_url)).into_response(),
         (_, Some(JobError::Invalid { problems })) => invalid(problems),
+        // A model that cannot load is a 503, as on every other protocol.
+        (_, Some(JobError::Unavailable { message })) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            message,
+            "server_error",
+            None,
+            None,
+        ),
         (status, error) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             &error

@@ -66,7 +66,7 @@ fn error_text(error: &JobError) -> String {
             .map(rp_validator_sentence)
             .collect::<Vec<_>>()
             .join(" "),
-        JobError::Failed { message } => message.clone(),
+        JobError::Failed { message } | JobError::Unavailable { message } => message.clone(),
     }
 }
 
