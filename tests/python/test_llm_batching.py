@@ -156,3 +156,19 @@ def test_past_the_slots_and_the_queue_requests_get_429(batching_server):
         if r.status_code == 429:
             assert r.headers["Retry-After"]
             assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_streamed_choices_run_side_by_side_and_equal_the_whole_answer(client):
+    body = dict(model="qwen", prompt=PROMPTS[0], max_tokens=GENERATED, temperature=0.8, seed=11, n=3,
+                extra_body={"ignore_eos": True})
+    whole = client.completions.create(**body)
+    texts = ["", "", ""]
+    order = []
+    for chunk in client.completions.create(stream=True, **body):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.text:
+                order.append(choice.index)
+    assert texts == [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    # The three choices were generated together: their tokens interleave.
+    assert order != sorted(order), order

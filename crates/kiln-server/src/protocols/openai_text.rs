@@ -540,9 +540,16 @@ struct Current {
 struct StreamState {
     engine: Arc<dyn TextGeneration>,
     api: Api,
-    requests: std::vec::IntoIter<GenerationRequest>,
-    current: Option<Current>,
-    next_index: usize,
+    /// Requests not yet submitted (all go to the engine together, so a
+    /// batching engine runs the choices side by side).
+    pending: Option<Vec<GenerationRequest>>,
+    /// Choices still generating.
+    active: Vec<Current>,
+    /// Events to send before any token (the chat API's role chunks).
+    queued: std::collections::VecDeque<Event>,
+    /// Which choice is asked first next time (round robin, so one choice's
+    /// buffered tokens do not hold back the others').
+    turn: usize,
     wants_logprobs: bool,
     include_usage: bool,
     id: String,
@@ -620,41 +627,36 @@ impl StreamState {
         self.chunk_with_timings(vec![choice], timings)
     }
 
-    /// Start the next choice; the chat API announces the assistant role first.
-    fn start_next(&mut self) -> Option<Event> {
-        let Some(request) = self.requests.next() else {
-            self.phase = if self.include_usage {
-                Phase::Usage
-            } else {
-                Phase::Done
-            };
-            return None;
-        };
-        let index = self.next_index;
-        self.next_index += 1;
-        let prompt = request.prompt_ids.clone();
-        match self.engine.submit(request) {
-            Ok(stream) => {
-                self.current = Some(Current {
+    /// Submit every choice; the chat API announces each one's assistant role
+    /// first. A refused submission ends the stream with its error.
+    fn start_all(&mut self, requests: Vec<GenerationRequest>) -> Option<Event> {
+        for (index, request) in requests.into_iter().enumerate() {
+            let prompt = request.prompt_ids.clone();
+            match self.engine.submit(request) {
+                Ok(stream) => self.active.push(Current {
                     index,
                     stream,
                     offset: 0,
                     prompt,
-                });
-                (self.api == Api::Chat).then(|| {
-                    self.chunk(vec![json!({
-                        "index": index,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": null,
-                        "finish_reason": null,
-                    })])
-                })
+                }),
+                Err(e) => {
+                    self.active.clear();
+                    self.queued.clear();
+                    self.phase = Phase::Done;
+                    return Some(error_event(&e));
+                }
             }
-            Err(e) => {
-                self.phase = Phase::Done;
-                Some(error_event(&e))
+            if self.api == Api::Chat {
+                let role = self.chunk(vec![json!({
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": null,
+                    "finish_reason": null,
+                })]);
+                self.queued.push_back(role);
             }
         }
+        None
     }
 
     /// The next SSE event, or `None` after `[DONE]`.
@@ -677,14 +679,38 @@ impl StreamState {
                 }
                 Phase::Generating => {}
             }
-            let Some(current) = self.current.as_mut() else {
-                if let Some(event) = self.start_next() {
-                    return Some(event);
-                }
+            if let Some(requests) = self.pending.take()
+                && let Some(error) = self.start_all(requests)
+            {
+                return Some(error);
+            }
+            if let Some(event) = self.queued.pop_front() {
+                return Some(event);
+            }
+            if self.active.is_empty() {
+                self.phase = if self.include_usage {
+                    Phase::Usage
+                } else {
+                    Phase::Done
+                };
                 continue;
+            }
+            // The next event of whichever choice has one, asking each in turn.
+            let (event, slot) = {
+                let count = self.active.len();
+                let first = self.turn % count;
+                let (before, after) = self.active.split_at_mut(first);
+                let next = after
+                    .iter_mut()
+                    .chain(before.iter_mut())
+                    .map(|c| Box::pin(c.stream.next()));
+                let (event, position, _others) = futures_util::future::select_all(next).await;
+                self.turn = first + position + 1;
+                (event, (first + position) % count)
             };
+            let current = &mut self.active[slot];
             let index = current.index;
-            match current.stream.next().await {
+            match event {
                 Some(GenerationEvent::Token { text, logprob, .. }) => {
                     let at = current.offset;
                     current.offset += text.len();
@@ -703,7 +729,7 @@ impl StreamState {
                 }) => {
                     let at = current.offset;
                     let prompt = std::mem::take(&mut current.prompt);
-                    self.current = None;
+                    self.active.remove(slot);
                     self.usage.add(
                         prompt,
                         prompt_tokens,
@@ -715,12 +741,12 @@ impl StreamState {
                     return Some(last);
                 }
                 Some(GenerationEvent::Failed(e)) => {
-                    self.current = None;
+                    self.active.clear();
                     self.phase = Phase::Done;
                     return Some(error_event(&e));
                 }
                 None => {
-                    self.current = None;
+                    self.active.clear();
                     self.phase = Phase::Done;
                     return Some(error_event(&TextGenError::Unavailable));
                 }
@@ -737,9 +763,10 @@ fn event_stream(
     let state = StreamState {
         engine,
         api: prepared.api,
-        requests: prepared.requests.into_iter(),
-        current: None,
-        next_index: 0,
+        pending: Some(prepared.requests),
+        active: Vec::new(),
+        queued: std::collections::VecDeque::new(),
+        turn: 0,
         wants_logprobs: prepared.wants_logprobs,
         include_usage: prepared.include_usage,
         id: format!(
