@@ -14,6 +14,7 @@
 
 mod error;
 mod fsutil;
+mod integrity;
 mod manifest;
 mod name;
 mod reference;
@@ -21,6 +22,7 @@ mod store;
 
 pub use error::{Error, Result};
 pub use fsutil::{hf_cache_snapshot, sha256_file};
+pub use integrity::IntegrityCache;
 pub use manifest::{FileEntry, MANIFEST_FILE, Manifest};
 pub use name::{Alias, ModelName};
 pub use reference::{ModelRef, VersionSelector};

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{WriterLock, confined, list_files, sha256_file, unique_suffix, write_atomic};
+use crate::fsutil::{WriterLock, list_files, sha256_file, unique_suffix, write_atomic};
+use crate::integrity::IntegrityCache;
 use crate::manifest::{FileEntry, MANIFEST_FILE, Manifest};
 use crate::name::{Alias, ModelName};
 use crate::reference::{ModelRef, VersionSelector};
@@ -279,7 +280,16 @@ impl Registry {
         reference: &ModelRef,
         verification: Verification,
     ) -> Result<ResolvedModel> {
-        let resolved = match reference {
+        let resolved = self.locate(reference)?;
+        IntegrityCache::new().verify(&resolved, verification)?;
+        Ok(resolved)
+    }
+
+    /// Resolve a reference to a folder and manifest without reading the
+    /// artifacts: a server checks them on every load instead, through an
+    /// [`IntegrityCache`].
+    pub fn locate(&self, reference: &ModelRef) -> Result<ResolvedModel> {
+        Ok(match reference {
             ModelRef::LocalFolder(path) => ResolvedModel {
                 name: None,
                 version: None,
@@ -296,9 +306,7 @@ impl Registry {
                     dir,
                 }
             }
-        };
-        verify(&resolved, verification)?;
-        Ok(resolved)
+        })
     }
 
     fn select_version(&self, name: &ModelName, selector: &VersionSelector) -> Result<u64> {
@@ -467,44 +475,6 @@ impl Registry {
         change(self, &mut record)?;
         self.write_record(name, &record)
     }
-}
-
-fn verify(model: &ResolvedModel, verification: Verification) -> Result<()> {
-    let label = model
-        .name
-        .as_ref()
-        .map(|n| match model.version {
-            Some(v) => format!("{n} version {v}"),
-            None => n.to_string(),
-        })
-        .unwrap_or_else(|| model.dir.display().to_string());
-    for entry in &model.manifest.files {
-        let fail = |problem: String| Error::Integrity {
-            model: label.clone(),
-            file: entry.path.clone(),
-            problem,
-        };
-        let path = model.dir.join(confined(&entry.path)?);
-        let size = fs::metadata(&path)
-            .map_err(|e| fail(format!("cannot read it ({e})")))?
-            .len();
-        if size != entry.size {
-            return Err(fail(format!(
-                "size is {size} bytes, manifest says {}",
-                entry.size
-            )));
-        }
-        if verification == Verification::Full {
-            let digest = sha256_file(&path)?;
-            if digest != entry.sha256 {
-                return Err(fail(format!(
-                    "sha256 is {digest}, manifest says {}",
-                    entry.sha256
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 fn subdirs(dir: &Path) -> Result<Vec<String>> {

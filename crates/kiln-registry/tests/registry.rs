@@ -4,7 +4,9 @@
 use std::fs;
 use std::path::Path;
 
-use kiln_registry::{Alias, Error, Manifest, ModelName, ModelRef, Registry, Verification};
+use kiln_registry::{
+    Alias, Error, IntegrityCache, Manifest, ModelName, ModelRef, Registry, Verification,
+};
 
 fn model_folder(dir: &Path, weights: &[u8]) {
     fs::create_dir_all(dir.join("weights")).unwrap();
@@ -164,6 +166,46 @@ fn tampered_artifacts_fail_the_integrity_check_naming_the_file() {
     fs::write(published.dir.join("weights/params.bin"), b"short").unwrap();
     let err = resolve(&registry, "a.b.c").unwrap_err().to_string();
     assert!(err.contains("size is 5 bytes"), "{err}");
+}
+
+#[test]
+fn a_reload_verifies_files_rewritten_since_the_last_check() {
+    let home = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    model_folder(source.path(), b"original");
+    let registry = Registry::open(home.path());
+    let published = registry
+        .register_folder(&name("a.b.c"), source.path(), None)
+        .unwrap();
+    let located = registry.locate(&ModelRef::parse("a.b.c").unwrap()).unwrap();
+    let cache = IntegrityCache::new();
+    cache.verify(&located, Verification::Full).unwrap();
+    cache.verify(&located, Verification::Full).unwrap();
+
+    // Same size, and the modification time put back: the change time and the
+    // new inode of a replaced file still give it away.
+    let weights = published.dir.join("weights/params.bin");
+    let modified = fs::metadata(&weights).unwrap().modified().unwrap();
+    let replacement = published.dir.join("weights/params.new");
+    fs::write(&replacement, b"ORIGINAL").unwrap();
+    fs::rename(&replacement, &weights).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    let err = cache
+        .verify(&located, Verification::Full)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sha256"), "{err}");
+
+    // Written in place, same size.
+    fs::write(&weights, b"original").unwrap();
+    cache.verify(&located, Verification::Full).unwrap();
+    fs::write(&weights, b"0riginal").unwrap();
+    assert!(cache.verify(&located, Verification::Full).is_err());
 }
 
 #[test]

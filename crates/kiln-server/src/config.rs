@@ -32,6 +32,10 @@ pub struct ServerSection {
     /// unloaded to make room. None: no budget.
     #[serde(deserialize_with = "optional_bytes")]
     pub memory_budget: Option<u64>,
+    /// Whether one failed model makes the whole server unready (Triton's
+    /// `--strict-readiness`). Off by default: a model that failed is reported
+    /// failed on its own routes and the others are served.
+    pub strict_readiness: bool,
 }
 
 impl Default for ServerSection {
@@ -42,6 +46,7 @@ impl Default for ServerSection {
             body_limit: 32 * 1024 * 1024,
             api_keys: Vec::new(),
             memory_budget: None,
+            strict_readiness: false,
         }
     }
 }

@@ -107,6 +107,7 @@ fn cog_routes() -> Router<Arc<AppState>> {
         .route("/", get(cog::root))
         .route("/health-check", get(cog::health_check))
         .route("/openapi.json", get(cog::openapi))
+        .route("/docs", get(cog::docs))
         .route("/predictions", post(cog::predict))
         .route(
             "/predictions/{id}",
@@ -223,6 +224,7 @@ impl Server {
             body_limit: usize::try_from(config.server.body_limit).unwrap_or(usize::MAX),
             started: Instant::now(),
             memory_budget: config.server.memory_budget,
+            strict_readiness: config.server.strict_readiness,
             api_keys: config.server.api_keys.clone(),
             jobs,
             started_at_ms: jobs::now_ms(),

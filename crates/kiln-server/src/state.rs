@@ -135,9 +135,25 @@ impl ServedModel {
         match self.state() {
             LoadState::Ready(_) => true,
             LoadState::Failed(_) => false,
+            LoadState::Unloaded | LoadState::Loading => self.settled(),
+        }
+    }
+
+    /// Past its start: anything but an eager model's first load in progress.
+    pub fn settled(&self) -> bool {
+        match self.state() {
+            LoadState::Ready(_) | LoadState::Failed(_) => true,
             LoadState::Unloaded | LoadState::Loading => {
                 self.settings.load == LoadPolicy::Lazy || self.ever_loaded.load(Ordering::SeqCst)
             }
+        }
+    }
+
+    /// Why the model failed, when it did.
+    pub fn failure(&self) -> Option<String> {
+        match self.state() {
+            LoadState::Failed(message) => Some(message),
+            _ => None,
         }
     }
 
@@ -262,6 +278,8 @@ pub struct AppState {
     pub started: Instant,
     /// Bytes all loaded models may take together.
     pub memory_budget: Option<u64>,
+    /// One failed model makes the server unready (else only itself).
+    pub strict_readiness: bool,
     /// API keys; empty means no authentication.
     pub api_keys: Vec<String>,
     pub jobs: Jobs,
@@ -282,9 +300,21 @@ impl AppState {
         self.shutdown.notify_one();
     }
 
-    /// True once every eager model has loaded and none has failed.
+    /// True once every eager model has loaded or failed and at least one can
+    /// serve; with `strict_readiness`, only when none has failed.
     pub fn ready(&self) -> bool {
-        self.models.iter().all(|m| m.allows_readiness())
+        if self.strict_readiness {
+            return self.models.iter().all(|m| m.allows_readiness());
+        }
+        self.models.iter().all(|m| m.settled()) && self.models.iter().any(|m| m.allows_readiness())
+    }
+
+    /// Models that failed to load, with the reasons.
+    pub fn failures(&self) -> Vec<(String, String)> {
+        self.models
+            .iter()
+            .filter_map(|m| m.failure().map(|reason| (m.name.clone(), reason)))
+            .collect()
     }
 
     /// Look a model up by the name clients use.

@@ -428,6 +428,52 @@ async fn a_failed_load_keeps_the_server_unready_and_says_why() {
 }
 
 #[tokio::test]
+async fn a_failed_model_beside_a_good_one_leaves_the_server_ready_unless_strict() {
+    let broken = || ModelSpec {
+        name: "test.broken.model".into(),
+        version: None,
+        reference: "test".into(),
+        settings: ModelSettings::default(),
+        loader: Arc::new(|| Err("weights are corrupt".into())),
+    };
+    for strict in [false, true] {
+        let mut config = test_config(1 << 20);
+        config.server.strict_readiness = strict;
+        let server = Server::bind(&config, vec![glm_spec(MODEL), broken()])
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let task = tokio::spawn(server.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ready = http(addr, "GET", "/v2/health/ready", &[], b"").await;
+        assert_eq!(ready.status, if strict { 503 } else { 200 });
+        assert_eq!(
+            ready.json()["failed_models"][0]["error"],
+            "weights are corrupt"
+        );
+        let ping = http(addr, "GET", "/ping", &[], b"").await;
+        if strict {
+            assert_eq!(ping.status, 503);
+            assert!(
+                ping.text()
+                    .contains("failed: test.broken.model: weights are corrupt")
+            );
+        } else {
+            assert_eq!(ping.status, 200);
+        }
+        let model_ready = http(addr, "GET", "/v2/models/test.broken.model/ready", &[], b"").await;
+        assert_eq!(model_ready.status, 503);
+        assert_eq!(model_ready.json()["error"], "weights are corrupt");
+        // Cog's health check is about the default (first) model.
+        let cog = http(addr, "GET", "/health-check", &[], b"").await;
+        assert_eq!(cog.json()["status"], "READY");
+        let reply = post_json(addr, "/invocations", &json!({"dataframe_split": rows()})).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        task.abort();
+    }
+}
+
+#[tokio::test]
 async fn a_panicking_prediction_fails_alone() {
     let slow = ModelSpec {
         name: "test.slow.model".into(),

@@ -5,10 +5,21 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use kiln_registry::{ModelRef, Registry, ResolvedModel, Verification};
+use kiln_registry::{IntegrityCache, ModelRef, Registry, ResolvedModel, Verification};
 
-/// Resolve `text` (`models:/a.b.c@alias`, `a.b.c`, or a folder).
+/// Resolve `text` (`models:/a.b.c@alias`, `a.b.c`, or a folder) and check its
+/// files against the manifest.
 pub fn resolve_model(registry: &Registry, text: &str) -> Result<ResolvedModel> {
+    let resolved = locate_model(registry, text)?;
+    IntegrityCache::new()
+        .verify(&resolved, Verification::Full)
+        .with_context(|| format!("cannot load {text}"))?;
+    Ok(resolved)
+}
+
+/// Find the folder and manifest `text` names without reading the weights: a
+/// server verifies them on every load instead.
+pub fn locate_model(registry: &Registry, text: &str) -> Result<ResolvedModel> {
     let reference = ModelRef::parse(text)?;
     if let ModelRef::LocalFolder(path) = &reference
         && path.is_file()
@@ -48,7 +59,7 @@ pub fn resolve_model(registry: &Registry, text: &str) -> Result<ResolvedModel> {
         });
     }
     registry
-        .resolve(&reference, Verification::Full)
+        .locate(&reference)
         .with_context(|| format!("cannot load {text}"))
 }
 

@@ -166,12 +166,29 @@ pub async fn root() -> Response {
     .into_response()
 }
 
+/// `GET /docs`: Swagger UI over `/openapi.json`, the page FastAPI serves for
+/// Cog (the browser loads Swagger UI's script and style from jsDelivr).
+pub async fn docs() -> Response {
+    axum::response::Html(concat!(
+        "<!DOCTYPE html>\n<html><head><title>Kiln - Swagger UI</title>\n",
+        "<link rel=\"stylesheet\" href=\"https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css\">\n",
+        "</head><body><div id=\"swagger-ui\"></div>\n",
+        "<script src=\"https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js\"></script>\n",
+        "<script>SwaggerUIBundle({url: 'openapi.json', dom_id: '#swagger-ui'});</script>\n",
+        "</body></html>\n"
+    ))
+    .into_response()
+}
+
 /// `GET /health-check`: always 200, the status in the body.
 pub async fn health_check(State(state): State<Arc<AppState>>) -> Response {
     let model = state.default_model().ok();
     let (status, setup_status, logs) = match model.as_ref().map(|m| m.state()) {
         Some(LoadState::Failed(message)) => ("SETUP_FAILED", "failed", message),
-        _ if !state.ready() => ("STARTING", "processing", String::new()),
+        // Cog serves one model: its readiness is the default model's own.
+        _ if !model.as_ref().is_some_and(|m| m.allows_readiness()) => {
+            ("STARTING", "processing", String::new())
+        }
         _ => match &model {
             Some(model) if state.jobs.queue_depth(&model.name) >= model.settings.max_queue => {
                 ("BUSY", "succeeded", String::new())

@@ -39,12 +39,15 @@ pub async fn live() -> Json<Value> {
 /// `GET /v2/health/ready`: every model loaded.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let ready = state.ready();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(json!({"ready": ready}))).into_response()
+    let mut body = json!({"ready": ready});
+    let failures = state.failures();
+    if !failures.is_empty() {
+        body["failed_models"] = failures
+            .into_iter()
+            .map(|(name, error)| json!({"name": name, "error": error}))
+            .collect();
+    }
+    (ready_status(ready), Json(body)).into_response()
 }
 
 fn versioned(
@@ -141,10 +144,11 @@ fn respond_ready(state: &AppState, name: &str, version: Option<&str>) -> Respons
         Ok(model) => {
             let ready = model.is_ready();
             let status = ready_status(ready);
-            labelled(
-                (status, Json(json!({"name": model.name, "ready": ready}))).into_response(),
-                name,
-            )
+            let mut body = json!({"name": model.name, "ready": ready});
+            if let Some(reason) = model.failure() {
+                body["error"] = Value::String(reason);
+            }
+            labelled((status, Json(body)).into_response(), name)
         }
         Err(error) => error.kserve(),
     }

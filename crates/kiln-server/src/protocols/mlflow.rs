@@ -33,13 +33,22 @@ const INPUT_KEYS: [&str; 4] = [
     "inputs",
 ];
 
-/// `GET /ping` and `GET /health`: 200 once every model is loaded, 503 before.
+/// `GET /ping` and `GET /health`: 200 once the server is ready, else 503 with
+/// why: `loading`, or each failed model and its reason.
 pub async fn ping(State(state): State<Arc<AppState>>) -> Response {
     if state.ready() {
-        (StatusCode::OK, "\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "loading\n").into_response()
+        return (StatusCode::OK, "\n").into_response();
     }
+    let failures = state.failures();
+    let body = if failures.is_empty() {
+        "loading\n".to_string()
+    } else {
+        failures
+            .iter()
+            .map(|(model, reason)| format!("failed: {model}: {reason}\n"))
+            .collect()
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
 }
 
 /// `GET /version`.

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_pipelines::load_pipeline;
-use kiln_registry::{Registry, ResolvedModel};
+use kiln_registry::{IntegrityCache, ModelRef, Registry, ResolvedModel, Verification};
 use kiln_server::config::{LoadPolicy, ModelEntry, ServeConfig, parse_bytes};
 use kiln_server::{ModelSettings, ModelSpec, Server, shutdown_signal};
 
 use crate::builtin;
-use crate::resolve::{folder_bytes, resolve_model};
+use crate::resolve::{folder_bytes, locate_model};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -98,12 +98,50 @@ fn model_spec(config: &ServeConfig, entry: &ModelEntry, mut resolved: ResolvedMo
         .or(file_stem)
         .unwrap_or_else(|| resolved.display_name());
     let resolved = Arc::new(resolved);
+    // Every load checks the files again, hashing those changed since the last
+    // check: weights rewritten after start are never served unverified.
+    let integrity = IntegrityCache::new();
     ModelSpec {
         name,
         version: resolved.version,
         reference: entry.source.clone(),
         settings,
-        loader: Arc::new(move || load_pipeline(&resolved).map_err(|e| e.to_string())),
+        loader: Arc::new(move || {
+            integrity
+                .verify(&resolved, Verification::Full)
+                .map_err(|e| e.to_string())?;
+            load_pipeline(&resolved).map_err(|e| e.to_string())
+        }),
+    }
+}
+
+/// A configured model that cannot even be found (an unknown name, a missing
+/// folder or manifest): the server starts anyway and reports it failed, with
+/// the reason, while serving the others.
+fn unresolvable_spec(config: &ServeConfig, entry: &ModelEntry, error: &anyhow::Error) -> ModelSpec {
+    let name = entry
+        .name
+        .clone()
+        .unwrap_or_else(|| match ModelRef::parse(&entry.source) {
+            Ok(ModelRef::Registered { name, .. }) => name.to_string(),
+            Ok(ModelRef::LocalFolder(path)) => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| entry.source.clone()),
+            Err(_) => entry.source.clone(),
+        });
+    let message = format!("{error:#}");
+    tracing::error!(model = %name, reference = %entry.source, %message, "model cannot be found; serving the others");
+    ModelSpec {
+        name,
+        version: None,
+        reference: entry.source.clone(),
+        settings: ModelSettings {
+            max_queue: entry.max_queue.unwrap_or(config.jobs.max_queue),
+            load: entry.load.unwrap_or(LoadPolicy::Eager),
+            ..ModelSettings::default()
+        },
+        loader: Arc::new(move || Err(message.clone())),
     }
 }
 
@@ -175,9 +213,10 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
     let registry = Registry::open(home);
     let mut specs: Vec<ModelSpec> = Vec::new();
     for entry in &config.models {
-        let resolved = resolve_model(&registry, &entry.source)
-            .with_context(|| format!("cannot serve {}", entry.source))?;
-        let spec = model_spec(&config, entry, resolved);
+        let spec = match locate_model(&registry, &entry.source) {
+            Ok(resolved) => model_spec(&config, entry, resolved),
+            Err(error) => unresolvable_spec(&config, entry, &error),
+        };
         if specs.iter().any(|s| s.name == spec.name) {
             anyhow::bail!(
                 "{} is given twice; serve one version per name (set `name` in the configuration)",
