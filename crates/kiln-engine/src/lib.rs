@@ -9,6 +9,7 @@ pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod group_norm;
+pub mod json;
 pub mod lora;
 pub mod memory;
 pub mod nn;

@@ -247,7 +247,8 @@ pub async fn pull(hub: &Hub, policy: &Policy, request: &PullRequest) -> Result<P
     let index: serde_json::Value = std::fs::read_to_string(&index_path)
         .map_err(|e| format!("{}: {e}", index_path.display()))
         .and_then(|text| {
-            serde_json::from_str(&text).map_err(|e| format!("{repo}/model_index.json: {e}"))
+            kiln_engine::json::parse_lenient(&text)
+                .map_err(|e| format!("{repo}/model_index.json: {e}"))
         })?;
     for file in select_files(&listing, &index, request)? {
         hub.file(repo, revision, &file, policy)

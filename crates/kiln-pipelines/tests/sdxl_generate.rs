@@ -153,6 +153,55 @@ fn merge_scheduler_config(folder: &Path, overrides: &Value) {
     std::fs::write(&file, config.to_string()).unwrap();
 }
 
+/// Copy `from`'s files (one level of folders) into `to`, replacing what is there.
+fn copy_folder(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_folder(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_vae_of_another_depth_and_a_scheduler_config_with_infinity_match_diffusers() {
+    // fixtures/sdxl/generate_vae_depth.py: a 3-level VAE (scale factor 4) and
+    // DPMSolverMultistepScheduler's saved config, `lambda_min_clipped: -Infinity`.
+    let extra = fixture().with_file_name("vae-depth3");
+    let folder = folder_with_scheduler(&serde_json::json!({}));
+    std::fs::remove_dir_all(folder.path().join("vae")).unwrap();
+    copy_folder(&extra, folder.path());
+    let scheduler =
+        std::fs::read_to_string(folder.path().join("scheduler/scheduler_config.json")).unwrap();
+    assert!(scheduler.contains("-Infinity"), "{scheduler}");
+
+    let components =
+        SdxlComponents::load(folder.path(), &parity::device_under_test(), DType::F32).unwrap();
+    assert_eq!(components.vae_scale_factor(), 4);
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(extra.join("index.json")).unwrap()).unwrap();
+    let refs = load_all(
+        &extra.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let generated = generate(&components, &request_for(&index["call"]), &mut |_, _| true).unwrap();
+    assert_eq!(generated.images.dims(), &[1, 32, 48, 3]);
+    let diff = parity::compare(&generated.images, &refs["image"])
+        .unwrap()
+        .max_abs;
+    assert!(diff <= 1.0 / 255.0, "max abs diff {diff}");
+
+    // Registering the folder reads the same configs: the default size is the
+    // UNet's sample_size (8) times the VAE's factor.
+    let manifest = kiln_pipelines::text_to_image::sdxl::manifest_for_folder(folder.path()).unwrap();
+    assert_eq!(manifest.config["default_size"], 32);
+}
+
 #[test]
 fn v_prediction_models_match_diffusers_from_their_scheduler_config() {
     let (_, refs, index) = setup();

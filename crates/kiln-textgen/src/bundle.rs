@@ -45,7 +45,7 @@ impl ModelSource {
         if path.join("config.json").is_file() {
             let config: Value = std::fs::read_to_string(path.join("config.json"))
                 .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())?;
+                .and_then(|t| kiln_engine::json::parse_lenient(&t).ok())?;
             return LlmConfig::from_json(&config)
                 .ok()
                 .map(|_| ModelSource::Folder(path.to_path_buf()));
@@ -152,7 +152,7 @@ fn read_json(path: &Path) -> Result<Option<Value>, TextGenError> {
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| TextGenError::Load(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text)
+    kiln_engine::json::parse_lenient(&text)
         .map(Some)
         .map_err(|e| TextGenError::Load(format!("{}: invalid JSON: {e}", path.display())))
 }

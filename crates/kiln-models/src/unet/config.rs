@@ -97,8 +97,8 @@ fn one_per_block() -> PerBlock {
 impl UNetConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let config: UNetConfig =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config: UNetConfig = kiln_engine::json::from_str_lenient(&text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         config
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;

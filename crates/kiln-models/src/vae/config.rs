@@ -103,7 +103,7 @@ impl VaeConfig {
     pub fn from_file(path: &Path) -> candle_core::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| candle_core::Error::Msg(format!("read {}: {e}", path.display())))?;
-        let config: VaeConfig = serde_json::from_str(&text)
+        let config: VaeConfig = kiln_engine::json::from_str_lenient(&text)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
         config
             .validate()

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    kiln_engine::json::from_str_lenient(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 pub(crate) fn var_builder(

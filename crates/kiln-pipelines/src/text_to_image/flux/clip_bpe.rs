@@ -65,7 +65,7 @@ pub fn from_vocab_and_merges(folder: &Path) -> Result<Tokenizer, String> {
     }
     let config: Value = read("tokenizer_config.json")
         .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
+        .and_then(|text| kiln_engine::json::parse_lenient(&text).ok())
         .unwrap_or_default();
     let bos = config_token(&config, "bos_token", "<|startoftext|>");
     let eos = config_token(&config, "eos_token", "<|endoftext|>");

@@ -231,7 +231,7 @@ fn nearest_multiples(value: i64) -> String {
 pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
     let config_path = dir.join("transformer/config.json");
     let has_guidance = match std::fs::read_to_string(&config_path) {
-        Ok(text) => serde_json::from_str::<Value>(&text)
+        Ok(text) => kiln_engine::json::parse_lenient(&text)
             .map_err(|e| format!("{}: {e}", config_path.display()))?["guidance_embeds"]
             .as_bool()
             .unwrap_or(false),

@@ -55,7 +55,7 @@ impl PromptTokenizer {
         let config: serde_json::Value =
             std::fs::read_to_string(folder.join("tokenizer_config.json"))
                 .ok()
-                .and_then(|text| serde_json::from_str(&text).ok())
+                .and_then(|text| kiln_engine::json::parse_lenient(&text).ok())
                 .unwrap_or_default();
         let pad_token = match &config["pad_token"] {
             serde_json::Value::String(token) => Some(token.clone()),

@@ -38,6 +38,14 @@ pub struct SdxlComponents {
     pub dtype: DType,
 }
 
+impl SdxlComponents {
+    /// Pixels per latent along each side, from the VAE's depth (diffusers'
+    /// `vae_scale_factor`, 2^(len(block_out_channels) - 1); 8 for SDXL's VAE).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downscale_factor()
+    }
+}
+
 /// The OpenCLIP tensor that marks an SDXL single file, and its prefix there.
 const OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 const CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
@@ -61,7 +69,7 @@ fn has_unet_weights(dir: &Path) -> bool {
 pub fn is_sdxl_folder(dir: &Path) -> bool {
     let index: serde_json::Value = std::fs::read_to_string(dir.join("model_index.json"))
         .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
+        .and_then(|t| kiln_engine::json::parse_lenient(&t).ok())
         .unwrap_or_default();
     if index["_class_name"]
         .as_str()

@@ -190,7 +190,8 @@ fn generate_with_active_adapters(
                 e.to_string(),
             )
         })?;
-    let (lh, lw) = (request.height / 8, request.width / 8);
+    let scale = components.vae_scale_factor();
+    let (lh, lw) = (request.height / scale, request.width / scale);
     let channels = components.unet.config().in_channels;
     let timesteps = sampler.timesteps().to_vec();
     let start = match &request.init_image {
@@ -250,11 +251,11 @@ fn generate_with_active_adapters(
             latents
         }
     };
-    // The mask at latent resolution (nearest: every 8th pixel), 1 = repaint.
+    // The mask at latent resolution (nearest: every `scale`-th pixel), 1 = repaint.
     let mask = match &request.mask {
         Some(mask) => Some(
             mask.to_device(device)
-                .and_then(|m| m.reshape((1, 1, lh, 8, lw, 8)))
+                .and_then(|m| m.reshape((1, 1, lh, scale, lw, scale)))
                 .and_then(|m| m.narrow(3, 0, 1))
                 .and_then(|m| m.narrow(5, 0, 1))
                 .and_then(|m| m.reshape((1, 1, lh, lw)))

@@ -215,17 +215,25 @@ pub fn input_schema(defaults: &SdxlDefaults, presets: &[String]) -> InputSchema 
     InputSchema { fields }
 }
 
-fn unet_sample_size(dir: &std::path::Path) -> usize {
-    std::fs::read_to_string(dir.join("unet/config.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-        .and_then(|config| config["sample_size"].as_u64())
-        .map_or(1024, |s| s as usize * 8)
+/// diffusers' default size: the UNet's `sample_size` times the VAE's scale
+/// factor (both from their configs; SDXL's 128 × 8 when a file has none).
+fn default_image_size(dir: &std::path::Path) -> usize {
+    let config = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|text| kiln_engine::json::parse_lenient(&text).ok())
+    };
+    let scale = config("vae/config.json")
+        .and_then(|c| c["block_out_channels"].as_array().map(Vec::len))
+        .map_or(8, |levels| 1usize << levels.saturating_sub(1));
+    config("unet/config.json")
+        .and_then(|c| c["sample_size"].as_u64())
+        .map_or(1024, |s| s as usize * scale)
 }
 
 /// A manifest for an SDXL folder being registered: defaults and a `fast` preset.
 pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
-    let size = unet_sample_size(dir);
+    let size = default_image_size(dir);
     let mut manifest = Manifest::new(PIPELINE_KIND);
     manifest.description = "Stable Diffusion XL text-to-image".into();
     manifest.config = json!({"max_pixels": DEFAULT_MAX_PIXELS, "default_size": size});
@@ -249,6 +257,9 @@ pub struct SdxlPipeline {
     interface: ModelInterface,
     presets: Map<String, Value>,
     max_pixels: usize,
+    /// Sizes must be multiples of this: 8 (diffusers' rule) or the VAE's scale
+    /// factor when that is larger.
+    size_multiple: usize,
     model_name: String,
 }
 
@@ -264,17 +275,17 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
     Ok(Arc::new(SdxlPipeline::new(
         components,
         &model.manifest,
-        unet_sample_size(&model.dir),
+        default_image_size(&model.dir),
         model.display_name(),
     )))
 }
 
-fn nearest_multiples_of_8(value: i64) -> String {
-    let low = (value / 8) * 8;
-    if low >= 8 {
-        format!("{low} or {}", low + 8)
+fn nearest_multiples(value: i64, multiple: i64) -> String {
+    let low = (value / multiple) * multiple;
+    if low >= multiple {
+        format!("{low} or {}", low + multiple)
     } else {
-        "8".into()
+        multiple.to_string()
     }
 }
 
@@ -289,7 +300,9 @@ impl SdxlPipeline {
         let preset_names: Vec<String> = presets.keys().cloned().collect();
         let defaults = SdxlDefaults::from_config(&manifest.config, default_size);
         let schema = input_schema(&defaults, &preset_names);
+        let size_multiple = components.vae_scale_factor().max(8);
         SdxlPipeline {
+            size_multiple,
             lora_targets: components.lora_targets(),
             lora_settings: crate::lora::sources::LoraSettings::from_env(),
             dtype: components.dtype,
@@ -362,14 +375,15 @@ impl SdxlPipeline {
                 ("height", Some((_, h))) if !explicit(key) => Some(h),
                 _ => None,
             };
-            let value = from_image.or_else(|| int(key)).unwrap_or(8);
-            if value % 8 != 0 {
+            let multiple = self.size_multiple as i64;
+            let value = from_image.or_else(|| int(key)).unwrap_or(multiple);
+            if value % multiple != 0 {
                 problems.push(FieldProblem::new(
                     key,
                     ProblemKind::Constraint,
                     format!(
-                        "must be a multiple of 8, got {value}; nearest valid: {}",
-                        nearest_multiples_of_8(value)
+                        "must be a multiple of {multiple}, got {value}; nearest valid: {}",
+                        nearest_multiples(value, multiple)
                     ),
                 ));
             }
