@@ -15,6 +15,7 @@ pub mod tabular;
 pub mod tensor;
 pub mod text_generation;
 pub mod text_to_image;
+pub mod weight_check;
 
 pub use contract::{
     InputSpec, ModelInterface, Pipeline, PredictInput, PredictRequest, Prediction, Progress,

@@ -378,6 +378,43 @@ fn register_with_artifact(home: &Path, name: &str) -> PathBuf {
     file
 }
 
+#[test]
+fn register_refuses_truncated_safetensors_and_pickles_naming_the_file() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    fit_and_register(home, "scratch.glm.source", "base");
+    let source = home.join("registry/models/scratch/glm/source/versions/1/manifest.json");
+    let folder = home.join("folder");
+    std::fs::create_dir_all(folder.join("weights")).unwrap();
+    std::fs::copy(&source, folder.join("manifest.json")).unwrap();
+    // A header for 16 bytes of F32 data, with only 8 of them present.
+    let header = br#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(&[0u8; 8]);
+    std::fs::write(folder.join("weights/model.safetensors"), &file).unwrap();
+    let register = [
+        "models",
+        "register",
+        "main.bad.model",
+        "--from",
+        folder.to_str().unwrap(),
+    ];
+    let error = fails(home, &register);
+    assert!(error.contains("weights/model.safetensors"), "{error}");
+
+    file.extend_from_slice(&[0u8; 8]);
+    std::fs::write(folder.join("weights/model.safetensors"), &file).unwrap();
+    std::fs::write(folder.join("weights/pytorch_model.bin"), b"\x80\x02junk").unwrap();
+    let error = fails(home, &register);
+    assert!(
+        error.contains("weights/pytorch_model.bin") && error.contains("pickle"),
+        "{error}"
+    );
+    std::fs::remove_file(folder.join("weights/pytorch_model.bin")).unwrap();
+    ok(home, &register);
+}
+
 /// Flip one byte of a file, keeping its size.
 fn tamper(path: &Path) {
     let mut bytes = std::fs::read(path).unwrap();

@@ -242,6 +242,10 @@ fn register(registry: &Registry, name: &str, from: &Path, alias: Option<&str>) -
     let name = ModelName::parse(name)?;
     let from = kiln_registry::hf_cache_snapshot(from);
     let alias = alias.map(Alias::parse).transpose()?;
+    // Every weight header parsed, pickles refused, shapes checked against the
+    // component configs: a broken folder fails here, not at its first load.
+    kiln_pipelines::weight_check::check_weight_files(&from)
+        .map_err(|e| anyhow::anyhow!("{} cannot be registered: {e}", from.display()))?;
     let published = if from.join(kiln_registry::MANIFEST_FILE).is_file() {
         registry.register_folder(&name, &from, alias.as_ref())?
     } else {

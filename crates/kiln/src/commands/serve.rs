@@ -215,6 +215,10 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
     for entry in &config.models {
         let spec = match locate_model(&registry, &entry.source) {
             Ok(resolved) => model_spec(&config, entry, resolved),
+            // With nothing else to serve, a typo is better told at once.
+            Err(error) if config.models.len() == 1 => {
+                return Err(error.context(format!("cannot serve {}", entry.source)));
+            }
             Err(error) => unresolvable_spec(&config, entry, &error),
         };
         if specs.iter().any(|s| s.name == spec.name) {
