@@ -69,12 +69,33 @@ fn read_confined(field: &str, path: &Path, allowed: &[PathBuf]) -> Result<Vec<u8
         .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))
 }
 
-/// Decode an input image given as base64, a `data:` URL or a path in `allowed`.
-pub fn decode_image(
+/// An input image read but not yet decoded: its size comes from the header,
+/// so every cheap check runs before the pixels are decoded.
+pub struct EncodedImage {
+    field: String,
+    bytes: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl EncodedImage {
+    /// Decode the pixels (the costly part).
+    pub fn decode(&self) -> Result<RgbImage, PipelineError> {
+        let image = image::load_from_memory(&self.bytes)
+            .map_err(|e| invalid(&self.field, format!("undecodable image: {e}")))?;
+        Ok(image.to_rgb8())
+    }
+}
+
+/// Read an input image given as base64, a `data:` URL or a path in `allowed`,
+/// and its dimensions from the header; refuse it past `max_pixels` without
+/// decoding it.
+pub fn read_image(
     field: &str,
     text: &str,
     allowed: &[PathBuf],
-) -> Result<RgbImage, PipelineError> {
+    max_pixels: u64,
+) -> Result<EncodedImage, PipelineError> {
     let bytes = if let Some(rest) = text.strip_prefix("data:") {
         let (_, data) = rest.split_once(";base64,").ok_or_else(|| {
             invalid(
@@ -102,18 +123,25 @@ pub fn decode_image(
     let reader = image::ImageReader::new(Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| invalid(field, format!("cannot read the image: {e}")))?;
-    let (w, h) = reader
+    let (width, height) = reader
         .into_dimensions()
         .map_err(|e| invalid(field, format!("undecodable image: {e}")))?;
-    if u64::from(w) * u64::from(h) > MAX_INPUT_PIXELS {
+    let pixels = u64::from(width) * u64::from(height);
+    let limit = max_pixels.min(MAX_INPUT_PIXELS);
+    if pixels > limit {
         return Err(invalid(
             field,
-            format!("image is {w}x{h}, larger than {MAX_INPUT_PIXELS} pixels"),
+            format!(
+                "image is {width}x{height} ({pixels} pixels); this model takes at most {limit} (its max_pixels)"
+            ),
         ));
     }
-    let image = image::load_from_memory(&bytes)
-        .map_err(|e| invalid(field, format!("undecodable image: {e}")))?;
-    Ok(image.to_rgb8())
+    Ok(EncodedImage {
+        field: field.to_string(),
+        bytes,
+        width,
+        height,
+    })
 }
 
 /// Output encodings.
@@ -265,4 +293,68 @@ pub fn images_json(
             }))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &byte in bytes {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+        out
+    }
+
+    /// A PNG that claims `width`×`height` and holds no pixel data: only a
+    /// decoder that trusted it would allocate the whole image.
+    fn png_header_only(width: u32, height: u32) -> String {
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut header = width.to_be_bytes().to_vec();
+        header.extend_from_slice(&height.to_be_bytes());
+        header.extend_from_slice(&[8, 2, 0, 0, 0]);
+        png.extend(chunk(b"IHDR", &header));
+        png.extend(chunk(b"IDAT", &[]));
+        png.extend(chunk(b"IEND", &[]));
+        STANDARD.encode(png)
+    }
+
+    #[test]
+    fn oversized_images_are_refused_from_their_header() {
+        let started = std::time::Instant::now();
+        let Err(PipelineError::InvalidInput(problems)) =
+            read_image("image", &png_header_only(8192, 8192), &[], 1024 * 1024)
+        else {
+            panic!("an 8192x8192 image must be refused");
+        };
+        assert_eq!(problems[0].field, "image");
+        assert!(
+            problems[0].message.contains("8192x8192") && problems[0].message.contains("1048576"),
+            "{}",
+            problems[0].message
+        );
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+
+        // Within the limit the header is read, and decoding is a separate step.
+        let small = read_image("image", &png_header_only(16, 8), &[], 1024 * 1024).unwrap();
+        assert_eq!((small.width, small.height), (16, 8));
+        assert!(small.decode().is_err(), "no pixel data to decode");
+    }
 }

@@ -18,7 +18,7 @@ use crate::lora::request::ResolvedLoras;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
-    OutputFormat, allowed_input_dirs, decode_image, image_tensor, to_rgb_images,
+    OutputFormat, allowed_input_dirs, image_tensor, read_image, to_rgb_images,
 };
 use crate::text_to_image::{predict_fields, random_seed};
 
@@ -505,7 +505,12 @@ impl FluxPipeline {
             ));
         }
         let init_image = match get_s("image").filter(|_| problems.is_empty()) {
-            Some(text) => match decode_image("image", &text, &allowed_input_dirs()) {
+            Some(text) => match read_image(
+                "image",
+                &text,
+                &allowed_input_dirs(),
+                self.max_pixels as u64,
+            ) {
                 Ok(image) => Some(image),
                 Err(PipelineError::InvalidInput(mut p)) => {
                     problems.append(&mut p);
@@ -520,7 +525,7 @@ impl FluxPipeline {
         }
         let strength = get_f("strength").unwrap_or(0.6);
         let init_image = init_image
-            .map(|image| image_tensor(&image, width, height).map(|t| (t, strength)))
+            .map(|image| image_tensor(&image.decode()?, width, height).map(|t| (t, strength)))
             .transpose()?;
         let negative = get_s("negative_prompt").filter(|s| !s.is_empty());
         let seed = get_i("seed").map(|s| s as u64).unwrap_or_else(random_seed);

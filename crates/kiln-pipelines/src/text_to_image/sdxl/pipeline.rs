@@ -19,7 +19,7 @@ use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
-    OutputFormat, allowed_input_dirs, decode_image, image_tensor, mask_tensor, to_rgb_images,
+    OutputFormat, allowed_input_dirs, image_tensor, mask_tensor, read_image, to_rgb_images,
 };
 use crate::text_to_image::schedulers::SamplerKind;
 use crate::text_to_image::{predict_fields, random_seed};
@@ -353,8 +353,9 @@ impl SdxlPipeline {
         let text = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
         let mut problems = Vec::new();
         let allowed = allowed_input_dirs();
-        let mut decode = |key: &str| match text(key) {
-            Some(value) => match decode_image(key, &value, &allowed) {
+        // Headers only: every cheap check runs before any pixel is decoded.
+        let mut read = |key: &str| match text(key) {
+            Some(value) => match read_image(key, &value, &allowed, self.max_pixels as u64) {
                 Ok(image) => Some(image),
                 Err(PipelineError::InvalidInput(mut found)) => {
                     problems.append(&mut found);
@@ -364,11 +365,13 @@ impl SdxlPipeline {
             },
             None => None,
         };
-        let init = decode("image");
-        let mask = decode("mask");
+        let init = read("image");
+        let mask = read("mask");
         // An init image sets the size unless the request gives one.
         let explicit = |key: &str| input.get(key).is_some_and(|v| !v.is_null());
-        let image_size = init.as_ref().map(|i| (i.width() as i64, i.height() as i64));
+        let image_size = init
+            .as_ref()
+            .map(|i| (i64::from(i.width), i64::from(i.height)));
         let mut size = |key: &str| -> usize {
             let from_image = match (key, image_size) {
                 ("width", Some((w, _))) if !explicit(key) => Some(w),
@@ -408,17 +411,14 @@ impl SdxlPipeline {
                 "inpainting needs the image to repaint: give image with mask",
             )),
             (Some(image), Some(mask))
-                if (image.width(), image.height()) != (mask.width(), mask.height()) =>
+                if (image.width, image.height) != (mask.width, mask.height) =>
             {
                 problems.push(FieldProblem::new(
                     "mask",
                     ProblemKind::Constraint,
                     format!(
                         "is {}x{}, the image is {}x{}; they must be the same size",
-                        mask.width(),
-                        mask.height(),
-                        image.width(),
-                        image.height()
+                        mask.width, mask.height, image.width, image.height
                     ),
                 ))
             }
@@ -441,12 +441,12 @@ impl SdxlPipeline {
         let or = |key: &str, fallback: usize| int(key).map_or(fallback, |v| v as usize);
         let init_image = init
             .as_ref()
-            .map(|image| image_tensor(image, width, height))
+            .map(|image| image_tensor(&image.decode()?, width, height))
             .transpose()?;
         let mask = match mask {
             Some(mask) => {
                 let resized = image::imageops::resize(
-                    &mask,
+                    &mask.decode()?,
                     width as u32,
                     height as u32,
                     image::imageops::FilterType::Nearest,
