@@ -75,10 +75,16 @@ async fn request_hop(
     if let Some(range) = range {
         request = request.header(RANGE, range);
     }
-    request
-        .send()
-        .await
-        .map_err(|e| FetchError::Network(format!("{url}: {e}")))
+    request.send().await.map_err(|e| network(&url, &e))
+}
+
+/// A transport error, told apart as a timeout where reqwest says so.
+fn network(url: &dyn std::fmt::Display, error: &reqwest::Error) -> FetchError {
+    if error.is_timeout() {
+        FetchError::Timeout(format!("{url}: {error}"))
+    } else {
+        FetchError::Network(format!("{url}: {error}"))
+    }
 }
 
 fn redirect_target(url: &Url, response: &Response) -> Result<Option<Url>, FetchError> {
@@ -172,8 +178,8 @@ async fn read_body(
     loop {
         let piece = tokio::time::timeout(idle, response.chunk())
             .await
-            .map_err(|_| FetchError::Network(format!("{url}: no data for {idle:?}")))?
-            .map_err(|e| FetchError::Network(format!("{url}: {e}")))?;
+            .map_err(|_| FetchError::Timeout(format!("{url}: no data for {idle:?}")))?
+            .map_err(|e| network(&url, &e))?;
         let Some(piece) = piece else { break };
         total += piece.len() as u64;
         if total > limit {

@@ -37,10 +37,39 @@ pub enum FetchError {
     TooManyRedirects(String),
     #[error("network error: {0}")]
     Network(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
     #[error("Hugging Face Hub: {0}")]
     Hub(String),
     #[error("file error: {0}")]
     Io(String),
+}
+
+/// How a failed fetch is the upstream's fault rather than the request's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The host failed or answered with a server error (HTTP 502).
+    Failed,
+    /// The host did not answer in time (HTTP 504).
+    TimedOut,
+}
+
+impl FetchError {
+    /// `Some` when the remote side failed (network errors, 5xx, timeouts);
+    /// `None` when the request named something unusable (a bad or disallowed
+    /// URL, a missing file, a file over the limit).
+    pub fn upstream(&self) -> Option<UpstreamFailure> {
+        match self {
+            FetchError::Timeout(_) => Some(UpstreamFailure::TimedOut),
+            FetchError::Network(_) | FetchError::TooManyRedirects(_) => {
+                Some(UpstreamFailure::Failed)
+            }
+            FetchError::Status { status, .. } if *status >= 500 || *status == 429 => {
+                Some(UpstreamFailure::Failed)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Run `future` to completion from synchronous code, on a thread of its own

@@ -60,6 +60,14 @@ pub enum PipelineError {
     /// The progress callback asked the pipeline to stop (cancellation or timeout).
     #[error("stopped before finishing")]
     Stopped,
+    /// A remote host the request pointed at (a LoRA URL, the Hub, CivitAI)
+    /// failed or did not answer in time: not the caller's mistake (502/504).
+    #[error("{field}: {message}")]
+    Upstream {
+        field: String,
+        message: String,
+        timed_out: bool,
+    },
 }
 
 impl PipelineError {

@@ -103,6 +103,12 @@ fn bad_urls_are_clear_errors_that_leave_nothing_behind() {
         &settings,
     ));
     assert!(missing.contains("answered 404"), "{missing}");
+    // A missing file is the request's mistake; a host that cannot be reached
+    // is the upstream's (the server answers 502 for it, not 400).
+    assert!(matches!(
+        locate("loras[0]", &server.url("/missing.safetensors"), &settings),
+        Err(kiln_pipelines::PipelineError::InvalidInput(_))
+    ));
     let closed = {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -111,8 +117,17 @@ fn bad_urls_are_clear_errors_that_leave_nothing_behind() {
             .port();
         format!("http://127.0.0.1:{port}/x.safetensors")
     };
-    let unreachable = error(locate("loras[0]", &closed, &settings));
-    assert!(unreachable.contains("network error"), "{unreachable}");
+    match locate("loras[0]", &closed, &settings) {
+        Err(kiln_pipelines::PipelineError::Upstream {
+            field,
+            message,
+            timed_out: false,
+        }) => {
+            assert_eq!(field, "loras[0]");
+            assert!(message.contains("network error"), "{message}");
+        }
+        other => panic!("an unreachable host is an upstream failure: {other:?}"),
+    }
 
     settings.policy.max_bytes = 1024;
     let big = error(locate(

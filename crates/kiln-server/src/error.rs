@@ -40,6 +40,12 @@ pub enum ApiError {
     /// An unknown or expired job.
     #[error("job {0:?} does not exist (unknown id, or its results have expired)")]
     JobNotFound(String),
+    /// A host the request pointed at failed (502) or timed out (504).
+    #[error("{message}")]
+    Upstream { message: String, timed_out: bool },
+    /// The model cannot serve now (its pipeline failed to load).
+    #[error("{0}")]
+    Unavailable(String),
     /// A failure that is not the caller's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -57,7 +63,19 @@ impl From<PipelineError> for ApiError {
     fn from(error: PipelineError) -> Self {
         match error {
             PipelineError::InvalidInput(problems) => ApiError::InvalidInput(problems),
-            other => ApiError::Internal(other.to_string()),
+            PipelineError::Upstream {
+                field,
+                message,
+                timed_out,
+            } => ApiError::Upstream {
+                message: format!("{field}: {message}"),
+                timed_out,
+            },
+            PipelineError::Load { model, message } => ApiError::ModelFailed { model, message },
+            other @ PipelineError::UnknownPipeline(_) => ApiError::Unavailable(other.to_string()),
+            other @ (PipelineError::Execution(_) | PipelineError::Stopped) => {
+                ApiError::Internal(other.to_string())
+            }
         }
     }
 }
@@ -86,9 +104,13 @@ impl ApiError {
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::ModelNotReady(_) | ApiError::ModelFailed { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::ModelNotReady(_)
+            | ApiError::ModelFailed { .. }
+            | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Upstream {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
@@ -123,7 +145,10 @@ impl ApiError {
             ApiError::Unauthorized => "UNAUTHENTICATED",
             ApiError::JobNotFound(_) => "RESOURCE_DOES_NOT_EXIST",
             ApiError::ModelNotFound(_) => "RESOURCE_DOES_NOT_EXIST",
-            ApiError::ModelNotReady(_) | ApiError::ModelFailed { .. } => "TEMPORARILY_UNAVAILABLE",
+            ApiError::ModelNotReady(_)
+            | ApiError::ModelFailed { .. }
+            | ApiError::Unavailable(_)
+            | ApiError::Upstream { .. } => "TEMPORARILY_UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL_ERROR",
         };
         let message = match &self {
@@ -151,5 +176,41 @@ impl ApiError {
         )
             .into_response();
         self.with_retry_after(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_errors_keep_their_kind_up_to_the_status_code() {
+        let status = |e: PipelineError| ApiError::from(e).status();
+        assert_eq!(
+            status(PipelineError::invalid(
+                "x",
+                kiln_pipelines::ProblemKind::Missing,
+                "m"
+            )),
+            StatusCode::BAD_REQUEST
+        );
+        let upstream = |timed_out| PipelineError::Upstream {
+            field: "loras[0]".into(),
+            message: "network error".into(),
+            timed_out,
+        };
+        assert_eq!(status(upstream(false)), StatusCode::BAD_GATEWAY);
+        assert_eq!(status(upstream(true)), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            status(PipelineError::Load {
+                model: "m".into(),
+                message: "corrupt".into()
+            }),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(PipelineError::Execution("nan".into())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

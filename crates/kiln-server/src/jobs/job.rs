@@ -116,6 +116,9 @@ pub enum JobError {
     /// The model could not be loaded: the service is unavailable (503 where
     /// a protocol answers with a status), not the request at fault.
     Unavailable { message: String },
+    /// A host the input pointed at (a LoRA URL) failed or timed out (502/504
+    /// where a protocol answers with a status).
+    Upstream { message: String, timed_out: bool },
     /// Anything else: execution error, timeout, cancellation.
     Failed { message: String },
 }
@@ -130,9 +133,9 @@ impl std::fmt::Display for JobError {
                     .collect();
                 write!(f, "invalid input: {}", text.join("; "))
             }
-            JobError::Failed { message } | JobError::Unavailable { message } => {
-                f.write_str(message)
-            }
+            JobError::Failed { message }
+            | JobError::Unavailable { message }
+            | JobError::Upstream { message, .. } => f.write_str(message),
         }
     }
 }

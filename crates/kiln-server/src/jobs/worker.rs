@@ -279,6 +279,25 @@ async fn execute(
                     .collect(),
             }),
         },
+        Ok(Ok(Err(PipelineError::Upstream {
+            field,
+            message,
+            timed_out,
+        }))) => Outcome {
+            status: JobStatus::Failed,
+            output: None,
+            error: Some(JobError::Upstream {
+                message: format!("{field}: {message}"),
+                timed_out,
+            }),
+        },
+        Ok(Ok(Err(error @ PipelineError::Load { .. }))) => Outcome {
+            status: JobStatus::Failed,
+            output: None,
+            error: Some(JobError::Unavailable {
+                message: error.to_string(),
+            }),
+        },
         Ok(Ok(Err(error))) => Outcome::failed(error.to_string()),
         Ok(Err(panic)) => Outcome::failed(format!(
             "the pipeline panicked: {}",

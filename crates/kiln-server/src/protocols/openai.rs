@@ -60,9 +60,11 @@ pub fn error(e: ApiError) -> Response {
             None,
             Some("invalid_api_key"),
         ),
-        ApiError::ModelNotReady(_) | ApiError::ModelFailed { .. } | ApiError::Internal(_) => {
-            error_response(status, &message, "server_error", None, None)
-        }
+        ApiError::ModelNotReady(_)
+        | ApiError::ModelFailed { .. }
+        | ApiError::Unavailable(_)
+        | ApiError::Upstream { .. }
+        | ApiError::Internal(_) => error_response(status, &message, "server_error", None, None),
         _ => error_response(status, &message, "invalid_request_error", None, None),
     };
     e.with_retry_after(response)
@@ -295,6 +297,18 @@ pub async fn image_generations(
         // A model that cannot load is a 503, as on every other protocol.
         (_, Some(JobError::Unavailable { message })) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
+            message,
+            "server_error",
+            None,
+            None,
+        ),
+        // A LoRA host that failed is the gateway's problem, not the request's.
+        (_, Some(JobError::Upstream { message, timed_out })) => error_response(
+            if *timed_out {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::BAD_GATEWAY
+            },
             message,
             "server_error",
             None,

@@ -66,7 +66,9 @@ fn error_text(error: &JobError) -> String {
             .map(rp_validator_sentence)
             .collect::<Vec<_>>()
             .join(" "),
-        JobError::Failed { message } | JobError::Unavailable { message } => message.clone(),
+        JobError::Failed { message }
+        | JobError::Unavailable { message }
+        | JobError::Upstream { message, .. } => message.clone(),
     }
 }
 
