@@ -370,8 +370,24 @@ fn requests_name_loras_by_file_with_cog_and_runpod_aliases() {
     );
     let escape = predict(&pipeline, with(serde_json::json!({"loras": [{"source": "../tiny-dev/transformer/diffusion_pytorch_model.safetensors"}]}))).unwrap_err();
     assert!(
-        escape.contains("loras[0]") && escape.contains("outside"),
+        escape.contains("loras[0]")
+            && escape.contains("../tiny-dev/transformer/diffusion_pytorch_model.safetensors is not a file in the LoRA folders"),
         "{escape}"
+    );
+    let missing = predict(
+        &pipeline,
+        with(serde_json::json!({"lora_weights": "/etc/no-such-lora.safetensors"})),
+    )
+    .unwrap_err();
+    let existing = predict(
+        &pipeline,
+        with(serde_json::json!({"lora_weights": "/etc/passwd"})),
+    )
+    .unwrap_err();
+    assert_eq!(
+        missing.replace("/etc/no-such-lora.safetensors", "X"),
+        existing.replace("/etc/passwd", "X"),
+        "a client cannot tell a missing file from one outside the folders"
     );
     let url = predict(
         &pipeline,

@@ -89,10 +89,19 @@ fn every_problem_is_reported_with_field_and_rule() {
             || found[0].starts_with("image: cannot read"),
         "{found:?}"
     );
+    // One message whether the file exists outside the folders or not at all.
     let found = problems(predict(&*p, json!({"prompt": "x", "image": "/etc/passwd"})));
-    assert!(
-        found[0].contains("outside the folders files may be read from (KILN_INPUT_DIRS)"),
-        "{found:?}"
+    assert_eq!(
+        found[0],
+        "image: /etc/passwd is not a file in the folders files may be read from (KILN_INPUT_DIRS)"
+    );
+    let found = problems(predict(
+        &*p,
+        json!({"prompt": "x", "image": "/etc/no-such-file"}),
+    ));
+    assert_eq!(
+        found[0],
+        "image: /etc/no-such-file is not a file in the folders files may be read from (KILN_INPUT_DIRS)"
     );
 }
 

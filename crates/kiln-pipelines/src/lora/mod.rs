@@ -41,8 +41,14 @@ pub enum LoraError {
 /// Read a LoRA file: safetensors only (pickle checkpoints are refused), at most
 /// [`MAX_LORA_BYTES`].
 pub fn read(path: &Path) -> Result<LoraFile, LoraError> {
+    // Named by file name only: a downloaded LoRA lives in the server's cache,
+    // whose location is no business of the client's.
+    let shown = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let unreadable = |message: String| LoraError::Unreadable {
-        path: path.display().to_string(),
+        path: shown.clone(),
         message,
     };
     let extension = path
@@ -52,8 +58,7 @@ pub fn read(path: &Path) -> Result<LoraFile, LoraError> {
         .to_ascii_lowercase();
     if matches!(extension.as_str(), "ckpt" | "pt" | "pth" | "bin" | "pkl") {
         return Err(LoraError::Unsupported(format!(
-            "{} is a pickle checkpoint; Kiln reads only .safetensors (pickle can run code)",
-            path.display()
+            "{shown} is a pickle checkpoint; Kiln reads only .safetensors (pickle can run code)"
         )));
     }
     let size = std::fs::metadata(path)
@@ -78,8 +83,7 @@ pub fn read(path: &Path) -> Result<LoraFile, LoraError> {
             let pickle = magic[0] == 0x80 && (2..=5).contains(&magic[1]);
             if pickle || magic == *b"PK\x03\x04" {
                 return Err(LoraError::Unsupported(format!(
-                    "{} is a pickle (torch.save) checkpoint; Kiln reads only safetensors (pickle can run code)",
-                    path.display()
+                    "{shown} is a pickle (torch.save) checkpoint; Kiln reads only safetensors (pickle can run code)"
                 )));
             }
             return Err(unreadable(format!("not a valid safetensors file ({e})")));

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-use kiln_fetch::{FetchError, Hub, Policy, SingleFlight};
+use kiln_fetch::{FetchError, Hub, Policy, SingleFlight, UpstreamFailure};
 use serde_json::json;
 
 use super::{LoraFile, read};
@@ -228,17 +228,44 @@ fn hub_kind(id: &str) -> SourceKind {
     }
 }
 
-/// A fetch error as users read it, with the setting to change where one helps.
-fn describe(error: FetchError) -> String {
-    match &error {
-        FetchError::HostNotAllowed { .. } => format!("{error}; add the host to {ALLOWED_HOSTS}"),
-        _ => error.to_string(),
+/// A fetch error as users read it (with the setting to change where one
+/// helps), and whether the remote side is to blame.
+#[derive(Debug, Clone)]
+struct FetchFailure {
+    message: String,
+    upstream: Option<UpstreamFailure>,
+}
+
+impl FetchFailure {
+    /// The request's error on `field`: 502/504 when the host failed, else the
+    /// caller's mistake.
+    fn on(self, field: &str, source: &str) -> PipelineError {
+        let message = format!("{source}: {}", self.message);
+        match self.upstream {
+            Some(kind) => PipelineError::Upstream {
+                field: field.to_string(),
+                message,
+                timed_out: kind == UpstreamFailure::TimedOut,
+            },
+            None => invalid(field, message),
+        }
     }
 }
 
-/// Downloads in progress, by cache key; their outcome as (located, error text).
-fn downloads() -> &'static SingleFlight<String, Result<Located, String>> {
-    static FLIGHTS: OnceLock<SingleFlight<String, Result<Located, String>>> = OnceLock::new();
+fn describe(error: FetchError) -> FetchFailure {
+    let message = match &error {
+        FetchError::HostNotAllowed { .. } => format!("{error}; add the host to {ALLOWED_HOSTS}"),
+        _ => error.to_string(),
+    };
+    FetchFailure {
+        message,
+        upstream: error.upstream(),
+    }
+}
+
+/// Downloads in progress, by cache key, and their outcome.
+fn downloads() -> &'static SingleFlight<String, Result<Located, FetchFailure>> {
+    static FLIGHTS: OnceLock<SingleFlight<String, Result<Located, FetchFailure>>> = OnceLock::new();
     FLIGHTS.get_or_init(SingleFlight::default)
 }
 
@@ -259,7 +286,9 @@ pub fn locate(
                     ),
                 ));
             }
-            if !path.is_absolute() && !path.exists() {
+            // A relative name was looked up in the LoRA folders already; it is
+            // never tried against the server's working directory.
+            if !path.is_absolute() && !settings.dirs.iter().any(|dir| path.starts_with(dir)) {
                 return Err(invalid(
                     field,
                     format!(
@@ -267,7 +296,16 @@ pub fn locate(
                     ),
                 ));
             }
-            confined_path(field, &path, &settings.dirs, LORA_DIRS).map(Located::local)
+            // The same answer for a missing file and one outside the folders,
+            // naming the source as the client wrote it (never a server path).
+            confined_path(field, &path, &settings.dirs, LORA_DIRS)
+                .map(Located::local)
+                .map_err(|_| {
+                    invalid(
+                        field,
+                        format!("{trimmed} is not a file in the LoRA folders ({LORA_DIRS})"),
+                    )
+                })
         }
         SourceKind::Url(url) => {
             let key = kiln_fetch::download::sha256_hex(&url);
@@ -275,12 +313,12 @@ pub fn locate(
                 .run(key.clone(), || {
                     cached_download(&url, &key, settings).map_err(describe)
                 })
-                .map_err(|message| invalid(field, format!("{trimmed}: {message}")))
+                .map_err(|failure| failure.on(field, trimmed))
         }
         SourceKind::CivitaiModel(model) => {
             let url = format!("{}/api/v1/models/{model}", settings.civitai);
             let info = kiln_fetch::block_on(kiln_fetch::get_json(&url, &settings.policy))
-                .map_err(|e| invalid(field, format!("{trimmed}: {}", describe(e))))?;
+                .map_err(|e| describe(e).on(field, trimmed))?;
             let version = info["modelVersions"][0]["id"].as_u64().ok_or_else(|| {
                 invalid(
                     field,
@@ -299,7 +337,7 @@ pub fn locate(
                 .run(key, || {
                     hub_file(&repo, file.as_deref(), settings).map_err(describe)
                 })
-                .map_err(|message| invalid(field, format!("{trimmed}: {message}")))
+                .map_err(|failure| failure.on(field, trimmed))
         }
     }
 }
@@ -463,8 +501,10 @@ impl LoraCache {
     /// The parsed file at `path` (read and parsed on a miss, once however many
     /// requests ask at the same time).
     pub fn get(&self, field: &str, path: &Path) -> Result<Arc<LoraFile>, PipelineError> {
-        let metadata = std::fs::metadata(path)
-            .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+        let metadata = std::fs::metadata(path).map_err(|e| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            invalid(field, format!("cannot read {name}: {}", e.kind()))
+        })?;
         let key: CacheKey = (path.to_path_buf(), metadata.len(), metadata.modified().ok());
         if let Some(file) = self.lookup(&key) {
             return Ok(file);

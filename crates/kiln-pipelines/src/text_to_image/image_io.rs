@@ -44,21 +44,24 @@ pub fn confined_path(
     allowed: &[PathBuf],
     setting: &str,
 ) -> Result<PathBuf, PipelineError> {
-    let canonical = path
-        .canonicalize()
-        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    // One answer whether the file is missing or outside the folders: a client
+    // learns nothing about files it may not read.
+    let refused = || {
+        invalid(
+            field,
+            format!(
+                "{} is not a file in the folders files may be read from ({setting})",
+                path.display()
+            ),
+        )
+    };
+    let canonical = path.canonicalize().map_err(|_| refused())?;
     let inside = allowed
         .iter()
         .filter_map(|dir| dir.canonicalize().ok())
         .any(|dir| canonical.starts_with(dir));
-    if !inside {
-        return Err(invalid(
-            field,
-            format!(
-                "{} is outside the folders files may be read from ({setting})",
-                path.display()
-            ),
-        ));
+    if !inside || !canonical.is_file() {
+        return Err(refused());
     }
     Ok(canonical)
 }

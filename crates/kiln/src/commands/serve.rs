@@ -71,7 +71,12 @@ fn single_file(resolved: &ResolvedModel) -> Option<PathBuf> {
         .map(|name| resolved.dir.join(name))
 }
 
-fn model_spec(config: &ServeConfig, entry: &ModelEntry, mut resolved: ResolvedModel) -> ModelSpec {
+fn model_spec(
+    config: &ServeConfig,
+    entry: &ModelEntry,
+    mut resolved: ResolvedModel,
+    home: PathBuf,
+) -> ModelSpec {
     if let Some(overrides) = &entry.config {
         override_config(&mut resolved.manifest.config, overrides);
     }
@@ -107,12 +112,31 @@ fn model_spec(config: &ServeConfig, entry: &ModelEntry, mut resolved: ResolvedMo
         reference: entry.source.clone(),
         settings,
         loader: Arc::new(move || {
+            let relative = |message: String| relative_paths(&message, &resolved.dir, &home);
             integrity
                 .verify(&resolved, Verification::Full)
-                .map_err(|e| e.to_string())?;
-            load_pipeline(&resolved).map_err(|e| e.to_string())
+                .map_err(|e| relative(e.to_string()))?;
+            load_pipeline(&resolved).map_err(|e| relative(e.to_string()))
         }),
     }
+}
+
+/// A load error as clients see it: paths inside the model relative to its
+/// folder, other paths under the Kiln home as `$KILN_HOME/...`, so no
+/// absolute server path reaches a client.
+fn relative_paths(message: &str, model_dir: &Path, home: &Path) -> String {
+    let mut out = message.to_string();
+    let dir = model_dir.display().to_string();
+    if !dir.is_empty() {
+        out = out
+            .replace(&format!("{dir}/"), "")
+            .replace(&dir, "the model folder");
+    }
+    let home = home.display().to_string();
+    if !home.is_empty() {
+        out = out.replace(&home, "$KILN_HOME");
+    }
+    out
 }
 
 /// A configured model that cannot even be found (an unknown name, a missing
@@ -214,7 +238,7 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
     let mut specs: Vec<ModelSpec> = Vec::new();
     for entry in &config.models {
         let spec = match locate_model(&registry, &entry.source) {
-            Ok(resolved) => model_spec(&config, entry, resolved),
+            Ok(resolved) => model_spec(&config, entry, resolved, home.to_path_buf()),
             // With nothing else to serve, a typo is better told at once.
             Err(error) if config.models.len() == 1 => {
                 return Err(error.context(format!("cannot serve {}", entry.source)));
@@ -250,6 +274,19 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_errors_show_no_absolute_server_paths() {
+        let message = "cannot load model a.b.c: /srv/kiln/registry/models/a/b/c/versions/1/vae/config.json: missing field; see /srv/kiln/registry/models/a/b/c/versions/1 and /srv/kiln/cache";
+        assert_eq!(
+            relative_paths(
+                message,
+                Path::new("/srv/kiln/registry/models/a/b/c/versions/1"),
+                Path::new("/srv/kiln")
+            ),
+            "cannot load model a.b.c: vae/config.json: missing field; see the model folder and $KILN_HOME/cache"
+        );
+    }
 
     #[test]
     fn model_config_keys_override_the_manifest() {
