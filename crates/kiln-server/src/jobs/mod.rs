@@ -11,7 +11,7 @@ mod worker;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -27,6 +27,17 @@ pub use worker::progress_logs;
 
 /// The longest a request may ask results to be kept (RunPod `policy.ttl`).
 const MAX_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Lock `mutex`, recovering it when a thread panicked while holding it: the
+/// queues and maps behind these locks are whole after every single operation,
+/// so their data is kept (a poisoned lock once read as a full queue forever).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| {
+        tracing::warn!("a job lock was poisoned by a panic; recovered it");
+        mutex.clear_poison();
+        poisoned.into_inner()
+    })
+}
 
 /// One model's queue of job ids.
 struct ModelQueue {
@@ -46,7 +57,7 @@ impl ModelQueue {
             model: model.into(),
             limit: self.limit,
         };
-        let pending = self.pending.lock().map_err(|_| full())?;
+        let pending = lock(&self.pending);
         if pending.len() >= self.limit {
             return Err(full());
         }
@@ -143,20 +154,18 @@ impl Jobs {
     /// Jobs waiting for `model`.
     pub fn queue_depth(&self, model: &str) -> usize {
         self.queue(model)
-            .and_then(|q| q.pending.lock().ok().map(|p| p.len()))
+            .map(|q| lock(&q.pending).len())
             .unwrap_or(0)
     }
 
     /// The live companion of a queued or running job.
     pub fn live(&self, id: &str) -> Option<Arc<LiveJob>> {
-        self.live.lock().ok().and_then(|l| l.get(id).cloned())
+        lock(&self.live).get(id).cloned()
     }
 
     fn track(&self, id: &str) -> Arc<LiveJob> {
         let live = Arc::new(LiveJob::new());
-        if let Ok(mut map) = self.live.lock() {
-            map.insert(id.to_string(), Arc::clone(&live));
-        }
+        lock(&self.live).insert(id.to_string(), Arc::clone(&live));
         live
     }
 
@@ -276,10 +285,8 @@ impl Jobs {
             // not count it again.
             self.metrics
                 .job_ended(&job.model, JobStatus::Cancelled.as_str());
-            if let Some(queue) = self.queue(&job.model)
-                && let Ok(mut pending) = queue.pending.lock()
-            {
-                pending.retain(|queued| queued != id);
+            if let Some(queue) = self.queue(&job.model) {
+                lock(&queue.pending).retain(|queued| queued != id);
             }
             if let Some(live) = self.live(id) {
                 live.cancelled.store(true, Ordering::SeqCst);
@@ -316,11 +323,7 @@ impl Jobs {
     /// Cancel every queued job of `model`; returns how many.
     pub fn purge_queue(&self, model: &str) -> Result<usize, StoreError> {
         let ids: Vec<String> = match self.queue(model) {
-            Some(queue) => queue
-                .pending
-                .lock()
-                .map(|mut p| p.drain(..).collect())
-                .unwrap_or_default(),
+            Some(queue) => lock(&queue.pending).drain(..).collect(),
             None => Vec::new(),
         };
         // Every drained id is cancelled even if one fails, so none is stranded.
@@ -375,10 +378,8 @@ impl Jobs {
             match self.queue(&job.model) {
                 Some(queue) => {
                     self.track(&job.id);
-                    if let Ok(mut pending) = queue.pending.lock() {
-                        pending.push_back(job.id.clone());
-                        count += 1;
-                    }
+                    lock(&queue.pending).push_back(job.id.clone());
+                    count += 1;
                     queue.ready.notify_one();
                 }
                 None => {
@@ -408,10 +409,9 @@ impl Jobs {
                 state.unload_idle();
                 match state.jobs.store.delete_expired(now_ms()) {
                     Ok(ids) => {
-                        if let Ok(mut live) = state.jobs.live.lock() {
-                            for id in &ids {
-                                live.remove(id);
-                            }
+                        let mut live = lock(&state.jobs.live);
+                        for id in &ids {
+                            live.remove(id);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot purge expired jobs"),
@@ -528,5 +528,32 @@ fn wants_event(job: &Job, event: &str) -> bool {
     match (&job.options.webhook_events, job.protocol) {
         (Some(filter), Protocol::Cog) => filter.iter().any(|e| e == event),
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_poisoned_by_a_panic_keeps_taking_and_giving_jobs() {
+        let queue = Arc::new(ModelQueue {
+            pending: Mutex::new(VecDeque::from(["queued".to_string()])),
+            ready: Notify::new(),
+            limit: 4,
+        });
+        let poisoner = Arc::clone(&queue);
+        let _ = std::thread::spawn(move || {
+            let _guard = poisoner.pending.lock();
+            panic!("a panic while the queue is locked");
+        })
+        .join();
+        assert!(queue.pending.is_poisoned());
+        // Not "queue full" forever: there is room, and the queued job is kept.
+        let mut pending = queue.reserve("m").expect("room in the queue");
+        pending.push_back("next".into());
+        drop(pending);
+        assert!(!queue.pending.is_poisoned());
+        assert_eq!(lock(&queue.pending).pop_front().as_deref(), Some("queued"));
     }
 }

@@ -45,9 +45,9 @@ pub(super) async fn run(state: Arc<AppState>, model: Arc<ServedModel>) {
         if state.jobs.is_draining() {
             return;
         }
-        let (next, more) = match queue.pending.lock() {
-            Ok(mut pending) => (pending.pop_front(), !pending.is_empty()),
-            Err(_) => (None, false),
+        let (next, more) = {
+            let mut pending = super::lock(&queue.pending);
+            (pending.pop_front(), !pending.is_empty())
         };
         match next {
             Some(id) => {
@@ -93,10 +93,8 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
         Err(e) => {
             // Still IN_QUEUE in the store: put it back and try again shortly.
             tracing::error!(job_id = id, error = %e, "cannot start job; re-queueing it");
-            if let Some(queue) = jobs.queue(&model.name)
-                && let Ok(mut pending) = queue.pending.lock()
-            {
-                pending.push_back(id.to_string());
+            if let Some(queue) = jobs.queue(&model.name) {
+                super::lock(&queue.pending).push_back(id.to_string());
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
             return;
