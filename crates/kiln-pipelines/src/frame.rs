@@ -403,7 +403,8 @@ fn convert_column(spec: &ColumnSpec, cells: &[Value]) -> Result<ColumnValues, Fi
                 match cell.as_f64() {
                     Some(x) if x.is_finite() => out.push(x),
                     Some(_) => note(row, "value must be finite".into()),
-                    None if missing(cell) => note(row, "missing value".into()),
+                    // pandas reads a missing number as NaN, and MLflow scores it.
+                    None if missing(cell) => out.push(f64::NAN),
                     None if cell
                         .as_str()
                         .and_then(|s| s.parse::<f64>().ok())
@@ -583,6 +584,31 @@ mod tests {
         );
         assert_eq!(problems[2].kind, ProblemKind::Missing);
         assert!(text[2].contains("required column `region`"));
+    }
+
+    #[test]
+    fn a_missing_number_is_nan_as_pandas_reads_it() {
+        let frame = RawFrame::from_split(&json!({
+            "columns": ["age", "income", "region"],
+            "data": [[30, null, "north"]]
+        }))
+        .unwrap();
+        let conformed = frame.conform(&signature()).unwrap();
+        let Some(ColumnValues::Float(income)) = conformed.column("income") else {
+            panic!("income is a double column");
+        };
+        assert!(income[0].is_nan());
+        // A missing whole number has no NaN: still an error naming the row.
+        let frame = RawFrame::from_split(&json!({
+            "columns": ["age", "income", "region"],
+            "data": [[null, 1.0, "north"]]
+        }))
+        .unwrap();
+        let err = frame.conform(&signature()).unwrap_err().to_string();
+        assert!(
+            err.contains("age") && err.contains("missing value"),
+            "{err}"
+        );
     }
 
     #[test]

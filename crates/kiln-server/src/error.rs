@@ -136,6 +136,14 @@ impl ApiError {
     pub fn mlflow(self) -> Response {
         let code = match &self {
             ApiError::InvalidParameters(_) => "INVALID_PARAMETER_VALUE",
+            // MLflow's schema enforcement calls a missing column a bad parameter.
+            ApiError::InvalidInput(problems)
+                if problems
+                    .iter()
+                    .any(|p| p.kind == kiln_pipelines::ProblemKind::Missing) =>
+            {
+                "INVALID_PARAMETER_VALUE"
+            }
             ApiError::InvalidInput(_)
             | ApiError::BadRequest(_)
             | ApiError::UnsupportedMediaType { .. } => "BAD_REQUEST",

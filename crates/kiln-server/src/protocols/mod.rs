@@ -61,10 +61,22 @@ pub async fn predict(
     request: PredictRequest,
 ) -> Result<Prediction, ApiError> {
     let lease = state.lease(model, false).await?;
+    let mut request = request;
     if let Err(PipelineError::InvalidInput(problems)) =
         lease.pipeline.interface().params.validate(&request.params)
     {
-        return Err(ApiError::InvalidParameters(problems));
+        // Parameters the model does not take are dropped with a warning, as
+        // MLflow's scoring server does; a bad value of a known one is an error.
+        let (unknown, known): (Vec<_>, Vec<_>) = problems
+            .into_iter()
+            .partition(|p| p.kind == ProblemKind::Unknown);
+        if !known.is_empty() {
+            return Err(ApiError::InvalidParameters(known));
+        }
+        for problem in unknown {
+            tracing::warn!(model = %model.name, param = %problem.field, "ignoring a parameter the model does not take");
+            request.params.remove(&problem.field);
+        }
     }
     tokio::task::spawn_blocking(move || kiln_pipelines::predict_any(&*lease.pipeline, request))
         .await
