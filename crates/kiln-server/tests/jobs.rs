@@ -169,6 +169,7 @@ async fn runpod_jobs_run_report_progress_and_fail_alone() {
         "{done}"
     );
     let stream = get(&server, &format!("/stream/{id}")).await.json();
+    assert_eq!(stream["id"], id.as_str());
     assert_eq!(
         stream["stream"],
         json!([{"output": {"step": 1, "total": 3}}, {"output": {"step": 2, "total": 3}},
@@ -194,6 +195,8 @@ async fn runpod_jobs_run_report_progress_and_fail_alone() {
         error.contains("Unexpected input. colour is not a valid input option."),
         "{error}"
     );
+    // Every problem at once, as rp_validator lists them.
+    assert!(error.contains("steps should be"), "{error}");
     assert!(error.contains("steps should be"), "{error}");
 
     // A panicking job fails alone; the next one runs.
@@ -482,6 +485,26 @@ async fn next_hook(receiver: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -
         .await
         .expect("no webhook arrived")
         .expect("receiver closed")
+}
+
+#[tokio::test]
+async fn a_runpod_job_that_fails_validation_still_sends_its_webhook() {
+    let mut config = test_config(1 << 20);
+    config.jobs.webhook_private_addresses = true;
+    let server = start_with(&config, vec![step_spec("steps", settings(4), None)]).await;
+    let (url, mut hooks) = webhook_receiver().await;
+    let reply = post_json(
+        server.addr,
+        "/run",
+        &json!({"input": {"steps": "many"}, "webhook": url}),
+    )
+    .await;
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    let hook = next_hook(&mut hooks).await;
+    assert_eq!(hook["id"], id.as_str());
+    assert_eq!(hook["status"], "FAILED");
+    assert!(hook["error"].as_str().unwrap().contains("steps"), "{hook}");
+    server.stop().await;
 }
 
 #[tokio::test]

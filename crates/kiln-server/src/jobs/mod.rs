@@ -219,8 +219,14 @@ impl Jobs {
         );
         self.store.insert(&job)?;
         self.record_failure(&job.id, &job.options, &error)?;
-        self.get(&job.id)?
-            .ok_or_else(|| StoreError::from(rusqlite::Error::QueryReturnedNoRows))
+        let failed = self
+            .get(&job.id)?
+            .ok_or_else(|| StoreError::from(rusqlite::Error::QueryReturnedNoRows))?;
+        self.metrics
+            .job_ended(&failed.model, JobStatus::Failed.as_str());
+        // The client that gave a webhook hears of the failure there too.
+        self.deliver_final(&failed);
+        Ok(failed)
     }
 
     /// The job as stored now, unless unknown or expired.

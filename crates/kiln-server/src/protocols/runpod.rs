@@ -360,7 +360,7 @@ fn stream_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
             JobEvent::Started => {}
         }
     }
-    let mut body = json!({"status": job.status.as_str(), "stream": stream});
+    let mut body = json!({"id": job.id, "status": job.status.as_str(), "stream": stream});
     if let Some(e) = &job.error
         && job.status != JobStatus::Completed
     {
