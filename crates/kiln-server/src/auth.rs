@@ -24,6 +24,8 @@ pub fn is_health_route(template: &str) -> bool {
         "/health-check",
         "/v2/health/live",
         "/v2/health/ready",
+        // The Databricks SDK's host-metadata probe (an empty answer).
+        "/.well-known/databricks-config",
     ]
     .iter()
     .any(|probe| template.ends_with(probe))

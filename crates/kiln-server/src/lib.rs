@@ -28,7 +28,7 @@ pub use state::{AppState, LoadState, Loader, ModelSettings, ServedModel};
 
 use config::ProtocolMounts;
 use jobs::{JobStore, Jobs};
-use protocols::{cog, kserve, mlflow, openai, openai_text, runpod};
+use protocols::{cog, databricks, kserve, mlflow, openai, openai_text, runpod};
 
 /// A model to serve and how to load it.
 pub struct ModelSpec {
@@ -48,6 +48,18 @@ fn mlflow_routes() -> Router<Arc<AppState>> {
         .route(
             "/models/{name}/invocations",
             post(mlflow::model_invocations),
+        )
+        // Databricks Model Serving, for `mlflow.deployments`' databricks client.
+        .route("/api/2.0/serving-endpoints", get(databricks::list))
+        .route("/api/2.0/serving-endpoints/", get(databricks::list))
+        .route("/api/2.0/serving-endpoints/{name}", get(databricks::get))
+        .route(
+            "/serving-endpoints/{name}/invocations",
+            post(databricks::invocations),
+        )
+        .route(
+            "/.well-known/databricks-config",
+            get(databricks::host_metadata),
         )
 }
 

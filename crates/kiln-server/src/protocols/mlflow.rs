@@ -85,7 +85,7 @@ pub async fn model_invocations(
     }
 }
 
-async fn score(
+pub(crate) async fn score(
     state: &AppState,
     model: &Arc<ServedModel>,
     headers: &HeaderMap,

@@ -2,6 +2,7 @@
 //! the common `Prediction` and `ApiError` back to its own shapes.
 
 pub mod cog;
+pub mod databricks;
 pub mod kserve;
 pub mod mlflow;
 pub mod openai;
