@@ -170,12 +170,15 @@ def _toml_value(value) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def serve_config_toml(server: dict, jobs: dict, models: list[dict]) -> str:
-    """The `kiln serve --config` file: [server], [jobs], [[models]]."""
+def serve_config_toml(server: dict, jobs: dict, models: list[dict], cog: dict | None = None) -> str:
+    """The `kiln serve --config` file: [server], [jobs], [cog], [[models]]."""
     lines = ["[server]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in server.items()]
     lines += ["", "[jobs]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in jobs.items()]
+    if cog:
+        lines += ["", "[cog]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in cog.items()]
     for model in models:
         lines += ["", "[[models]]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in model.items()]
@@ -307,6 +310,7 @@ def kiln_serve():
         api_keys: list[str] | None = None,
         name: str = "serve",
         env: dict | None = None,
+        cog: dict | None = None,
     ) -> KilnProcess:
         if models is None:
             models = [flux_model_entry(**(model_overrides or {}))]
@@ -324,7 +328,7 @@ def kiln_serve():
             "webhook_private_addresses": True,
         }
         jobs_section.update(jobs or {})
-        text = serve_config_toml(server, jobs_section, models)
+        text = serve_config_toml(server, jobs_section, models, cog)
         process = KilnProcess(binary, workdir, port, text, env)
         started.append(process)
         process.start()
@@ -339,8 +343,11 @@ def kiln_serve():
 @pytest.fixture(scope="session")
 def flux_server(kiln_serve) -> KilnProcess:
     """The shared server for the protocol tests: tiny FLUX.1-schnell as
-    "flux-schnell", API key "test-key", max_queue 8, concurrency 1."""
-    return kiln_serve(name="flux")
+    "flux-schnell", API key "test-key", max_queue 8, concurrency 1. Cog
+    predictions queue behind a busy slot (`[cog] queue`), so tests can hold the
+    worker with a RunPod job and see Cog predictions wait; Cog's default (409
+    and BUSY) is tested on a server of its own."""
+    return kiln_serve(name="flux", cog={"queue": True})
 
 
 class WebhookSink:

@@ -785,6 +785,24 @@ def test_cog_cancel(flux_server, webhook_sink):
     assert final.get("id") == pred_id and final.get("status") == "canceled", short(final)
 
 
+def test_cog_defaults_busy_409_and_stripped_inputs(kiln_serve):
+    """Cog's own behaviour, on a server without `[cog] queue`: all slots busy is
+    BUSY and 409; unknown input fields are dropped and named in the logs."""
+    server = kiln_serve(name="cog-default")
+    r = cog_post(server, "/predictions", {"input": fast_input(seed=3, colour="red")})
+    assert r.status_code == 200, r.text[:300]
+    assert "colour" not in r.json()["input"], short(r.json())
+    assert r.json()["logs"].startswith("Stripped unknown input fields: colour\n"), short(r.json())
+    with busy_worker(server):
+        health = requests.get(f"{server.base_url}/health-check", timeout=10).json()
+        assert health["status"] == "BUSY", health
+        r = cog_post(server, "/predictions", {"input": fast_input(seed=4)},
+                     headers={"Prefer": "respond-async"})
+        assert r.status_code == 409, r.text[:300]
+        assert r.json() == {"detail": "Already running a prediction"}, r.text[:300]
+    server.stop()
+
+
 # ------------------------------------------------------------- OpenAI (SDK)
 
 

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use kiln_pipelines::text_to_image::flux::{load, manifest_for_folder, size_for_aspect_ratio};
+use kiln_pipelines::text_to_image::flux::{
+    load, manifest_for_folder, size_for, size_for_aspect_ratio,
+};
 use kiln_pipelines::{Pipeline, PipelineError, PredictInput, PredictRequest, Prediction};
 use kiln_registry::ResolvedModel;
 use serde_json::{Map, Value, json};
@@ -191,6 +193,10 @@ fn aspect_ratios_give_megapixel_multiples_of_16() {
     let (w, h) = size_for_aspect_ratio("9:16").unwrap();
     assert_eq!((w % 16, h % 16), (0, 0));
     assert!(h > w && (w * h) as f64 > 0.9e6 && ((w * h) as f64) < 1.1e6);
+    // Replicate's `megapixels: "0.25"` halves each side.
+    assert_eq!(size_for("1:1", 0.25), Some((512, 512)));
+    let (w, h) = size_for("16:9", 0.25).unwrap();
+    assert!(w > h && (w * h) as f64 > 0.22e6 && ((w * h) as f64) < 0.28e6);
 }
 
 #[test]

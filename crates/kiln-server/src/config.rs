@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 pub struct ServeConfig {
     pub server: ServerSection,
     pub protocols: ProtocolMounts,
+    pub cog: CogSection,
     pub jobs: JobsSection,
     pub models: Vec<ModelEntry>,
 }
@@ -113,6 +114,17 @@ impl Default for ProtocolMounts {
             openai: root(),
         }
     }
+}
+
+/// `[cog]`: where Kiln's Cog routes may differ from Cog on purpose.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CogSection {
+    /// Refuse unknown input fields with 422 (Cog strips them and predicts).
+    pub strict_inputs: bool,
+    /// Queue predictions behind busy slots, up to `max_queue` (Cog answers 409
+    /// and its health check says BUSY while every slot is taken).
+    pub queue: bool,
 }
 
 /// What happens at start-up to jobs that were running when the server stopped.

@@ -237,6 +237,7 @@ impl Server {
             started: Instant::now(),
             memory_budget: config.server.memory_budget,
             strict_readiness: config.server.strict_readiness,
+            cog: config.cog.clone(),
             api_keys: config.server.api_keys.clone(),
             jobs,
             started_at_ms: jobs::now_ms(),

@@ -280,6 +280,8 @@ pub struct AppState {
     pub memory_budget: Option<u64>,
     /// One failed model makes the server unready (else only itself).
     pub strict_readiness: bool,
+    /// Cog's routes: input strictness and queueing behind busy slots.
+    pub cog: crate::config::CogSection,
     /// API keys; empty means no authentication.
     pub api_keys: Vec<String>,
     pub jobs: Jobs,

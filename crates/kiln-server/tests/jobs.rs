@@ -508,6 +508,47 @@ async fn a_runpod_job_that_fails_validation_still_sends_its_webhook() {
 }
 
 #[tokio::test]
+async fn cog_strict_inputs_and_queueing_are_options() {
+    let mut config = test_config(1 << 20);
+    config.cog.strict_inputs = true;
+    config.cog.queue = true;
+    let server = start_with(&config, vec![step_spec("steps", settings(4), None)]).await;
+    let addr = server.addr;
+    let unknown = post_json(
+        addr,
+        "/predictions",
+        &json!({"input": {"steps": 1, "colour": "red"}}),
+    )
+    .await;
+    assert_eq!(unknown.status, 422);
+    assert_eq!(
+        unknown.json()["detail"][0]["loc"],
+        json!(["body", "input", "colour"])
+    );
+    // Behind a busy slot, predictions queue (up to max_queue) instead of 409.
+    let slow = json!({"input": {"steps": 50, "delay_ms": 5}}).to_string();
+    for _ in 0..2 {
+        let accepted = http(
+            addr,
+            "POST",
+            "/predictions",
+            &[
+                ("Content-Type", "application/json"),
+                ("Prefer", "respond-async"),
+            ],
+            slow.as_bytes(),
+        )
+        .await;
+        assert_eq!(accepted.status, 202, "{}", accepted.text());
+    }
+    assert_eq!(
+        get(&server, "/health-check").await.json()["status"],
+        "READY"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn cog_predictions_sync_async_idempotent_events_and_webhooks() {
     let mut config = test_config(1 << 20);
     // The receiver below is on loopback, which webhooks may not reach by default.
@@ -563,7 +604,7 @@ async fn cog_predictions_sync_async_idempotent_events_and_webhooks() {
     assert_eq!(hook["status"], "succeeded");
     assert_eq!(hook["output"], json!({"done": 2}));
 
-    // PUT with an existing id answers with that prediction, running nothing new.
+    // PUT on a finished id starts a new prediction under that id, as Cog does.
     let again = http(
         addr,
         "PUT",
@@ -572,11 +613,26 @@ async fn cog_predictions_sync_async_idempotent_events_and_webhooks() {
             ("Content-Type", "application/json"),
             ("Prefer", "respond-async"),
         ],
-        br#"{"input": {"steps": 9}}"#,
+        br#"{"input": {"steps": 3}}"#,
     )
     .await;
-    assert_eq!(again.status, 202);
-    assert_eq!(again.json()["input"], json!({"steps": 2}));
+    assert_eq!(again.status, 202, "{}", again.text());
+    assert_eq!(again.json()["input"], json!({"steps": 3}));
+    assert_eq!(
+        final_status(&server, "p-1").await["output"],
+        json!({"done": 3})
+    );
+    // A body id that differs from the path's is Cog's 422.
+    let mismatch = http(
+        addr,
+        "PUT",
+        "/predictions/p-9",
+        &[("Content-Type", "application/json")],
+        br#"{"id": "other", "input": {"steps": 1}}"#,
+    )
+    .await;
+    assert_eq!(mismatch.status, 422);
+    assert_eq!(mismatch.json()["detail"][0]["loc"], json!(["body", "id"]));
 
     // A running async prediction can be cancelled; unknown ids are 404.
     let accepted = http(
@@ -587,11 +643,33 @@ async fn cog_predictions_sync_async_idempotent_events_and_webhooks() {
             ("Content-Type", "application/json"),
             ("Prefer", "respond-async"),
         ],
-        br#"{"input": {"steps": 1000, "delay_ms": 5}}"#,
+        json!({"input": {"steps": 1000, "delay_ms": 5}, "webhook": url, "webhook_events_filter": ["completed"]})
+            .to_string()
+            .as_bytes(),
     )
     .await;
     assert_eq!(accepted.status, 202);
     wait_for_status(&server, "p-2", "IN_PROGRESS").await;
+    // PUT of the running id again answers with it as it is (202).
+    let running = http(
+        addr,
+        "PUT",
+        "/predictions/p-2",
+        &[
+            ("Content-Type", "application/json"),
+            ("Prefer", "respond-async"),
+        ],
+        br#"{"input": {"steps": 1}}"#,
+    )
+    .await;
+    assert_eq!(running.status, 202);
+    assert_eq!(running.json()["input"]["steps"], 1000);
+    // Every slot is taken: Cog says BUSY and refuses a new prediction with 409.
+    assert_eq!(get(&server, "/health-check").await.json()["status"], "BUSY");
+    let busy = post_json(addr, "/predictions", &json!({"input": {"steps": 1}})).await;
+    assert_eq!(busy.status, 409, "{}", busy.text());
+    assert_eq!(busy.json()["detail"], "Already running a prediction");
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
         post_json(addr, "/predictions/p-2/cancel", &json!({}))
             .await
@@ -605,6 +683,42 @@ async fn cog_predictions_sync_async_idempotent_events_and_webhooks() {
         404
     );
     assert_eq!(final_status(&server, "p-2").await["status"], "CANCELLED");
+    // The cancelled prediction keeps the logs it had written.
+    let cancelled = next_hook(&mut hooks).await;
+    assert_eq!(cancelled["id"], "p-2");
+    assert_eq!(cancelled["status"], "canceled");
+    assert!(
+        cancelled["logs"]
+            .as_str()
+            .unwrap()
+            .starts_with("step 1/1000\n"),
+        "{cancelled}"
+    );
+
+    // The slot frees once the worker sees the cancellation.
+    for _ in 0..200 {
+        if get(&server, "/health-check").await.json()["status"] == "READY" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Unknown input fields are stripped, as Cog does, and named in the logs.
+    let stripped = post_json(
+        addr,
+        "/predictions",
+        &json!({"input": {"steps": 1, "colour": "red", "go_faster": true}}),
+    )
+    .await;
+    assert_eq!(stripped.status, 200, "{}", stripped.text());
+    assert_eq!(stripped.json()["input"], json!({"steps": 1}));
+    assert!(
+        stripped.json()["logs"]
+            .as_str()
+            .unwrap()
+            .starts_with("Stripped unknown input fields: colour, go_faster\n"),
+        "{}",
+        stripped.text()
+    );
 
     // Server-sent events: start, one log per step, output, completed.
     let events = http(

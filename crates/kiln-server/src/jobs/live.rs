@@ -12,7 +12,12 @@ use tokio::sync::watch;
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
     Started,
-    Progress { step: usize, total: usize },
+    Progress {
+        step: usize,
+        total: usize,
+    },
+    /// A line for the prediction's logs (e.g. input fields Cog strips).
+    Log(String),
     Finished,
 }
 
@@ -52,7 +57,7 @@ impl LiveJob {
             .unwrap_or(true)
     }
 
-    pub(super) fn push(&self, event: JobEvent) {
+    pub(crate) fn push(&self, event: JobEvent) {
         if let Ok(mut events) = self.events.lock() {
             events.push(event);
         }

@@ -229,6 +229,15 @@ impl Jobs {
         Ok(failed)
     }
 
+    /// Forget a finished job (its record and live events), freeing its id.
+    pub fn forget_final(&self, id: &str) -> Result<bool, StoreError> {
+        let removed = self.store.delete_final(id)?;
+        if removed {
+            lock(&self.live).remove(id);
+        }
+        Ok(removed)
+    }
+
     /// The job as stored now, unless unknown or expired.
     pub fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
         self.store.get(id, now_ms())
@@ -277,12 +286,17 @@ impl Jobs {
         let error = JobError::Failed {
             message: "cancelled".into(),
         };
+        // The logs so far live in memory until the job ends: keep them.
+        let logs = match self.live(id) {
+            Some(live) => progress_logs(&live.events()),
+            None => job.logs.clone(),
+        };
         let cancelled = self.store.finish(
             id,
             JobStatus::Cancelled,
             None,
             Some(&error),
-            &job.logs,
+            &logs,
             now,
             self.expiry(&job.options, now),
         )?;

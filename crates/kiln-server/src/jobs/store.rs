@@ -157,6 +157,18 @@ impl JobStore {
         })
     }
 
+    /// Remove a finished job, so its id can be used again (Cog's PUT on a
+    /// finished id starts a new prediction). A job still queued or running is
+    /// never removed; returns whether one was.
+    pub fn delete_final(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM jobs WHERE id = ?1 AND status NOT IN ('IN_QUEUE', 'IN_PROGRESS')",
+                [id],
+            )? > 0)
+        })
+    }
+
     /// Whether a job with this id exists (expired jobs included until purged).
     pub fn exists(&self, id: &str) -> Result<bool, StoreError> {
         self.with(|c| {

@@ -80,6 +80,7 @@ pub fn progress_logs(events: &[JobEvent]) -> String {
         .iter()
         .filter_map(|e| match e {
             JobEvent::Progress { step, total } => Some(format!("step {step}/{total}\n")),
+            JobEvent::Log(line) => Some(format!("{line}\n")),
             _ => None,
         })
         .collect()

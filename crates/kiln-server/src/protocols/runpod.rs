@@ -357,7 +357,7 @@ fn stream_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
                     stream.push(json!({"output": render_output(&job, output)}));
                 }
             }
-            JobEvent::Started => {}
+            JobEvent::Started | JobEvent::Log(_) => {}
         }
     }
     let mut body = json!({"id": job.id, "status": job.status.as_str(), "stream": stream});

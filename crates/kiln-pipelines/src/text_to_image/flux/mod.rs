@@ -12,6 +12,6 @@ pub use generate::{
 };
 pub use pipeline::{
     ASPECT_RATIOS, FluxPipeline, PIPELINE_KIND, VariantDefaults, input_schema, load,
-    manifest_for_folder, size_for_aspect_ratio,
+    manifest_for_folder, size_for, size_for_aspect_ratio,
 };
 pub use prompt::{PromptEmbeddings, PromptTokenizer, TextEncoders};

@@ -35,9 +35,15 @@ pub const DEFAULT_MAX_PIXELS: usize = 2048 * 1024;
 
 /// Width and height for an aspect ratio at about one megapixel, multiples of 16.
 pub fn size_for_aspect_ratio(ratio: &str) -> Option<(usize, usize)> {
+    size_for(ratio, 1.0)
+}
+
+/// The size of `ratio` at about `megapixels` (Replicate's FLUX `megapixels`:
+/// 1 or 0.25), each side a multiple of 16.
+pub fn size_for(ratio: &str, megapixels: f64) -> Option<(usize, usize)> {
     let (w, h) = ratio.split_once(':')?;
     let (w, h): (f64, f64) = (w.parse().ok()?, h.parse().ok()?);
-    let scale = (1024.0 * 1024.0 / (w * h)).sqrt();
+    let scale = (megapixels * 1024.0 * 1024.0 / (w * h)).sqrt();
     let round16 = |x: f64| ((x / 16.0).round() as usize).max(1) * 16;
     Some((round16(w * scale), round16(h * scale)))
 }
@@ -193,6 +199,25 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
         field(
             "vae_tiling",
             "Decode in 512-pixel tiles, one image at a time, to bound memory on large images",
+            FieldKind::Boolean,
+            Some(json!(false)),
+        ),
+        // Fields Replicate's FLUX models take, so their clients' inputs apply.
+        field(
+            "megapixels",
+            "Approximate size of an aspect_ratio image in megapixels (Replicate's FLUX field)",
+            choice(&["1", "0.25"]),
+            Some(json!("1")),
+        ),
+        field(
+            "go_fast",
+            "Replicate's fp8 fast path; accepted for compatibility: Kiln runs the weights as loaded either way",
+            FieldKind::Boolean,
+            Some(json!(false)),
+        ),
+        field(
+            "disable_safety_checker",
+            "Accepted for compatibility: Kiln's FLUX pipelines run no safety checker",
             FieldKind::Boolean,
             Some(json!(false)),
         ),
@@ -473,7 +498,10 @@ impl FluxPipeline {
         let get_f = |k: &str| values.get(k).and_then(Value::as_f64);
         let get_s = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
         let ratio = get_s("aspect_ratio").unwrap_or_else(|| "1:1".into());
-        let (ratio_w, ratio_h) = size_for_aspect_ratio(&ratio).unwrap_or((1024, 1024));
+        let megapixels = get_s("megapixels")
+            .and_then(|m| m.parse::<f64>().ok())
+            .unwrap_or(1.0);
+        let (ratio_w, ratio_h) = size_for(&ratio, megapixels).unwrap_or((1024, 1024));
         let mut size = |key: &str, fallback: usize| -> usize {
             match get_i(key) {
                 Some(v) if v % 16 != 0 => {

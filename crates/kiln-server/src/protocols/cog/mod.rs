@@ -26,7 +26,7 @@ use crate::jobs::{
     progress_logs,
 };
 use crate::metrics::labelled;
-use crate::state::{AppState, LoadState};
+use crate::state::{AppState, LoadState, ServedModel};
 
 /// Cog's event names for `webhook_events_filter`.
 const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
@@ -190,7 +190,12 @@ pub async fn health_check(State(state): State<Arc<AppState>>) -> Response {
             ("STARTING", "processing", String::new())
         }
         _ => match &model {
-            Some(model) if state.jobs.queue_depth(&model.name) >= model.settings.max_queue => {
+            // Busy when a new prediction would be refused: every slot taken
+            // (Cog), or with `[cog] queue`, the queue full.
+            Some(model)
+                if (!state.cog.queue && slots_busy(&state, model))
+                    || state.jobs.queue_depth(&model.name) >= model.settings.max_queue =>
+            {
                 ("BUSY", "succeeded", String::new())
             }
             _ => ("READY", "succeeded", String::new()),
@@ -422,9 +427,15 @@ async fn predict_inner(
         Err(response) => return *response,
     };
     if let Some(id) = path_id {
-        // Idempotent PUT: the same id again answers with the prediction as it is.
+        if request.id.as_ref().is_some_and(|body_id| *body_id != id) {
+            return detail(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!([{"loc": ["body", "id"], "msg": "prediction ID must match the ID supplied in the URL", "type": "value_error"}]),
+            );
+        }
         match state.jobs.get(&id) {
-            Ok(Some(job)) => {
+            // Idempotent PUT: a prediction still running answers as it is.
+            Ok(Some(job)) if !job.status.is_final() => {
                 let live = state.jobs.live(&id);
                 return labelled(
                     (
@@ -435,12 +446,30 @@ async fn predict_inner(
                     &model.name,
                 );
             }
+            // A finished one is forgotten: Cog starts a new prediction.
+            Ok(Some(_)) => {
+                if let Err(e) = state.jobs.forget_final(&id) {
+                    return error(ApiError::Internal(e.to_string()));
+                }
+                request.id = Some(id);
+            }
             Ok(None) => request.id = Some(id),
             Err(e) => return error(ApiError::Internal(e.to_string())),
         }
     }
+    let stripped = if state.cog.strict_inputs {
+        Vec::new()
+    } else {
+        strip_unknown_inputs(&model, &mut request.input)
+    };
     if let Some(problems) = validation_problems(&model, &request.input) {
         return unprocessable(&problems);
+    }
+    if !state.cog.queue && slots_busy(&state, &model) {
+        return labelled(
+            detail(StatusCode::CONFLICT, json!("Already running a prediction")),
+            &model.name,
+        );
     }
     let asynchronous = wants_async(&headers);
     request.options.sync = !asynchronous;
@@ -469,6 +498,15 @@ async fn predict_inner(
         }
         Err(e) => return labelled(error(ApiError::from(e)), &model.name),
     };
+    if !stripped.is_empty()
+        && let Some(live) = state.jobs.live(&job.id)
+    {
+        tracing::warn!(prediction_id = %job.id, fields = ?stripped, "Stripped unknown input fields");
+        live.push(JobEvent::Log(format!(
+            "Stripped unknown input fields: {}",
+            stripped.join(", ")
+        )));
+    }
     if asynchronous {
         return labelled(
             (StatusCode::ACCEPTED, Json(prediction_body(&job, None))).into_response(),
@@ -490,6 +528,32 @@ async fn predict_inner(
         Json(prediction_body(&done, None)).into_response(),
         &model.name,
     )
+}
+
+/// Every prediction slot of the model taken (running or queued): Cog's BUSY.
+fn slots_busy(state: &AppState, model: &ServedModel) -> bool {
+    model.in_use() + state.jobs.queue_depth(&model.name) >= model.settings.concurrency.max(1)
+}
+
+/// Drop input fields the model's schema does not know, as Cog does; returns
+/// their names, sorted.
+fn strip_unknown_inputs(model: &ServedModel, input: &mut Value) -> Vec<String> {
+    let (Some(interface), Value::Object(fields)) = (model.interface(), input) else {
+        return Vec::new();
+    };
+    let InputSpec::Fields(schema) = &interface.inputs else {
+        return Vec::new();
+    };
+    let mut unknown: Vec<String> = fields
+        .keys()
+        .filter(|key| !schema.fields.iter().any(|f| &f.name == *key))
+        .cloned()
+        .collect();
+    unknown.sort();
+    for key in &unknown {
+        fields.remove(key);
+    }
+    unknown
 }
 
 /// Server-sent events for one prediction, as coglet sends them: `start`, one
@@ -525,6 +589,9 @@ fn events(
                         JobEvent::Progress { step, total } => Event::default().event("log").data(
                             json!({"data": format!("step {step}/{total}\n"), "source": "stdout"})
                                 .to_string(),
+                        ),
+                        JobEvent::Log(line) => Event::default().event("log").data(
+                            json!({"data": format!("{line}\n"), "source": "stderr"}).to_string(),
                         ),
                         JobEvent::Finished => {
                             // Output and completion together: the job is final now.
