@@ -588,6 +588,19 @@ def test_cog_openapi_input_schema(flux_server):
     assert props["width"].get("minimum") == 16 and props["width"].get("maximum") == 4096, (
         f"width bounds: {props['width']}"
     )
+    # As cog's FastAPI server writes it: a choice is a component of its own.
+    assert props["output_format"]["allOf"] == [{"$ref": "#/components/schemas/output_format"}]
+    assert schemas["output_format"]["enum"] == ["png", "jpeg", "webp"]
+    assert props["image"]["format"] == "uri"
+    for name in ("HTTPValidationError", "ValidationError", "PredictionRequest",
+                 "PredictionResponse", "Status", "WebhookEvent", "Output"):
+        assert name in schemas, sorted(schemas)
+    paths = r.json()["paths"]
+    put = paths["/predictions/{prediction_id}"]["put"]
+    assert put["operationId"] == "predict_idempotent_predictions__prediction_id__put"
+    assert {"name": "prediction_id", "in": "path", "required": True,
+            "schema": {"type": "string", "title": "Prediction ID"}} in put["parameters"]
+    assert {"200", "202", "422"} <= set(put["responses"]), put["responses"]
 
 
 def test_cog_sync_prediction(flux_server):

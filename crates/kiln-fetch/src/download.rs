@@ -193,14 +193,14 @@ async fn read_body(
     Ok(total)
 }
 
-/// GET `url` as JSON (at most 4 MiB).
-pub async fn get_json(url: &str, policy: &Policy) -> Result<serde_json::Value, FetchError> {
+/// GET `url` into memory (at most `policy.max_bytes`).
+pub async fn get_bytes(url: &str, policy: &Policy) -> Result<(Url, Vec<u8>), FetchError> {
     let (final_url, response) = get(url, policy).await?;
     let mut body = Vec::new();
     read_body(
         &final_url,
         response,
-        policy.max_bytes.min(4 << 20),
+        policy.max_bytes,
         policy.idle_timeout,
         &mut |piece| {
             body.extend_from_slice(piece);
@@ -208,6 +208,16 @@ pub async fn get_json(url: &str, policy: &Policy) -> Result<serde_json::Value, F
         },
     )
     .await?;
+    Ok((final_url, body))
+}
+
+/// GET `url` as JSON (at most 4 MiB).
+pub async fn get_json(url: &str, policy: &Policy) -> Result<serde_json::Value, FetchError> {
+    let limited = Policy {
+        max_bytes: policy.max_bytes.min(4 << 20),
+        ..policy.clone()
+    };
+    let (final_url, body) = get_bytes(url, &limited).await?;
     serde_json::from_slice(&body)
         .map_err(|e| FetchError::Network(format!("{final_url} did not return JSON: {e}")))
 }

@@ -9,7 +9,7 @@ pub mod hub;
 pub mod policy;
 pub mod single_flight;
 
-pub use download::{Downloaded, download_to, get_json, remote_size};
+pub use download::{Downloaded, download_to, get_bytes, get_json, remote_size};
 pub use hub::Hub;
 pub use policy::Policy;
 pub use single_flight::SingleFlight;

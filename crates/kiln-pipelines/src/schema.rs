@@ -288,14 +288,24 @@ fn check_value(field: &FieldSpec, value: &Value) -> Result<Value, FieldProblem> 
         |message: String| FieldProblem::new(&field.name, ProblemKind::Constraint, message);
     match &field.kind {
         FieldKind::Integer { minimum, maximum } => {
-            let v = value.as_i64().ok_or_else(type_error)?;
+            // A float with no fraction is an integer (JSON Schema's rule, and
+            // pydantic's lax mode in Cog): 2.0 is 2, 2.5 is a type error.
+            let v = value
+                .as_i64()
+                .or_else(|| {
+                    value
+                        .as_f64()
+                        .filter(|x| x.fract() == 0.0 && x.abs() < 9.0e15)
+                        .map(|x| x as i64)
+                })
+                .ok_or_else(type_error)?;
             if let Some(min) = minimum.filter(|m| v < *m) {
                 return Err(constraint(format!("must be >= {min}, got {v}")));
             }
             if let Some(max) = maximum.filter(|m| v > *m) {
                 return Err(constraint(format!("must be <= {max}, got {v}")));
             }
-            Ok(value.clone())
+            Ok(Value::from(v))
         }
         FieldKind::Number { minimum, maximum } => {
             let v = value.as_f64().ok_or_else(type_error)?;
@@ -396,6 +406,16 @@ mod tests {
             Value::Object(out),
             json!({"prompt": "a cat", "num_outputs": 1, "output_format": "png"})
         );
+    }
+
+    #[test]
+    fn a_whole_float_is_an_integer_and_a_fraction_is_not() {
+        let whole = json!({"prompt": "a cat", "num_outputs": 2.0});
+        let out = schema().validate(whole.as_object().unwrap()).unwrap();
+        assert_eq!(out["num_outputs"], json!(2));
+        assert!(out["num_outputs"].is_i64());
+        let fraction = json!({"prompt": "a cat", "num_outputs": 2.5});
+        assert!(schema().validate(fraction.as_object().unwrap()).is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! LoRA sources over the network, against a loopback server (`common`): URL
+//! LoRA sources (and input images given as URLs) over the network, against a
+//! loopback server (`common`): URL
 //! downloads into the disk cache (keyed by the URL's SHA-256, fetched once
 //! under concurrency), the redirect, host, scheme and size guards, CivitAI's
 //! API with its token, and Hugging Face ids through hf-hub into the HF cache.
@@ -227,4 +228,38 @@ fn hub_ids_download_through_hf_hub_into_the_hf_cache() {
         missing.contains("lora_path") && missing.contains("404"),
         "{missing}"
     );
+}
+
+#[test]
+fn input_images_given_as_urls_are_fetched_through_the_guard() {
+    use kiln_pipelines::text_to_image::image_io::{InputSources, read_image};
+    let server = server();
+    let sources = InputSources {
+        dirs: Vec::new(),
+        policy: server.settings(std::path::Path::new("/nonexistent")).policy,
+    };
+    let image = read_image("image", &server.url("/files/input.png"), &sources, 1 << 20).unwrap();
+    assert_eq!((image.width, image.height), (24, 16));
+    assert_eq!(image.decode().unwrap().get_pixel(0, 0).0, [200, 40, 10]);
+
+    // A host off the list is the request's mistake, naming the setting.
+    let elsewhere = InputSources {
+        dirs: Vec::new(),
+        policy: kiln_fetch::Policy::default(),
+    };
+    let refused = error(read_image(
+        "image",
+        &server.url("/files/input.png"),
+        &elsewhere,
+        1 << 20,
+    ));
+    assert!(
+        refused.contains("image") && refused.contains("KILN_INPUT_ALLOWED_HOSTS"),
+        "{refused}"
+    );
+    // A host that fails is the upstream's (502), not a 400.
+    assert!(matches!(
+        read_image("image", &server.url("/files/broken"), &sources, 1 << 20),
+        Err(kiln_pipelines::PipelineError::Upstream { .. })
+    ));
 }

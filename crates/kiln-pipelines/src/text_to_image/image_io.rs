@@ -23,6 +23,70 @@ pub fn allowed_input_dirs() -> Vec<PathBuf> {
     dirs_from_env("KILN_INPUT_DIRS")
 }
 
+/// Hosts input images may be fetched from unless `KILN_INPUT_ALLOWED_HOSTS`
+/// says otherwise: where Replicate's clients upload the files they pass.
+pub const DEFAULT_INPUT_HOSTS: &[&str] = &["replicate.delivery", "replicate.com"];
+
+/// The largest input image download (bytes) unless `KILN_INPUT_MAX_BYTES`.
+pub const MAX_INPUT_DOWNLOAD: u64 = 32 << 20;
+
+/// Where an input image may come from: files in these folders, and URLs
+/// fetched under this policy (host allow-list, address checks, size limit).
+#[derive(Debug, Clone)]
+pub struct InputSources {
+    pub dirs: Vec<PathBuf>,
+    pub policy: kiln_fetch::Policy,
+}
+
+impl InputSources {
+    /// `KILN_INPUT_DIRS`, `KILN_INPUT_ALLOWED_HOSTS`, `KILN_INPUT_PRIVATE_HOSTS`,
+    /// `KILN_INPUT_MAX_BYTES`.
+    pub fn from_env() -> Self {
+        let max_bytes = std::env::var("KILN_INPUT_MAX_BYTES")
+            .ok()
+            .and_then(|v| kiln_engine::units::parse_bytes(&v).ok())
+            .unwrap_or(MAX_INPUT_DOWNLOAD);
+        InputSources {
+            dirs: allowed_input_dirs(),
+            policy: kiln_fetch::Policy {
+                allowed_hosts: kiln_fetch::policy::list_from_env(
+                    "KILN_INPUT_ALLOWED_HOSTS",
+                    DEFAULT_INPUT_HOSTS,
+                ),
+                private_hosts: kiln_fetch::policy::list_from_env("KILN_INPUT_PRIVATE_HOSTS", &[]),
+                max_bytes,
+                idle_timeout: std::time::Duration::from_secs(30),
+                ..kiln_fetch::Policy::default()
+            },
+        }
+    }
+}
+
+/// Download an input image through the guard: a host or size the rules refuse
+/// is the request's mistake, a host that fails is the upstream's (502/504).
+fn fetch_input(
+    field: &str,
+    url: &str,
+    policy: &kiln_fetch::Policy,
+) -> Result<Vec<u8>, PipelineError> {
+    kiln_fetch::block_on(kiln_fetch::get_bytes(url, policy))
+        .map(|(_, bytes)| bytes)
+        .map_err(|e| {
+            let mut message = e.to_string();
+            if matches!(e, kiln_fetch::FetchError::HostNotAllowed { .. }) {
+                message.push_str("; add the host to KILN_INPUT_ALLOWED_HOSTS");
+            }
+            match e.upstream() {
+                Some(kind) => PipelineError::Upstream {
+                    field: field.to_string(),
+                    message,
+                    timed_out: kind == kiln_fetch::UpstreamFailure::TimedOut,
+                },
+                None => invalid(field, message),
+            }
+        })
+}
+
 /// The `:`-separated folders in environment variable `name`.
 pub fn dirs_from_env(name: &str) -> Vec<PathBuf> {
     std::env::var(name)
@@ -74,6 +138,7 @@ fn read_confined(field: &str, path: &Path, allowed: &[PathBuf]) -> Result<Vec<u8
 
 /// An input image read but not yet decoded: its size comes from the header,
 /// so every cheap check runs before the pixels are decoded.
+#[derive(Debug)]
 pub struct EncodedImage {
     field: String,
     bytes: Vec<u8>,
@@ -96,10 +161,13 @@ impl EncodedImage {
 pub fn read_image(
     field: &str,
     text: &str,
-    allowed: &[PathBuf],
+    sources: &InputSources,
     max_pixels: u64,
 ) -> Result<EncodedImage, PipelineError> {
-    let bytes = if let Some(rest) = text.strip_prefix("data:") {
+    let allowed = &sources.dirs;
+    let bytes = if text.starts_with("https://") || text.starts_with("http://") {
+        fetch_input(field, text.trim(), &sources.policy)?
+    } else if let Some(rest) = text.strip_prefix("data:") {
         let (_, data) = rest.split_once(";base64,").ok_or_else(|| {
             invalid(
                 field,
@@ -119,7 +187,7 @@ pub fn read_image(
         STANDARD.decode(text.trim()).map_err(|e| {
             invalid(
                 field,
-                format!("not base64, a data URL or an allowed file path ({e})"),
+                format!("not a URL, base64, a data URL or an allowed file path ({e})"),
             )
         })?
     };
@@ -302,6 +370,13 @@ pub fn images_json(
 mod tests {
     use super::*;
 
+    fn no_sources() -> InputSources {
+        InputSources {
+            dirs: Vec::new(),
+            policy: kiln_fetch::Policy::default(),
+        }
+    }
+
     fn crc32(bytes: &[u8]) -> u32 {
         let mut crc = 0xffff_ffffu32;
         for &byte in bytes {
@@ -342,9 +417,12 @@ mod tests {
     #[test]
     fn oversized_images_are_refused_from_their_header() {
         let started = std::time::Instant::now();
-        let Err(PipelineError::InvalidInput(problems)) =
-            read_image("image", &png_header_only(8192, 8192), &[], 1024 * 1024)
-        else {
+        let Err(PipelineError::InvalidInput(problems)) = read_image(
+            "image",
+            &png_header_only(8192, 8192),
+            &no_sources(),
+            1024 * 1024,
+        ) else {
             panic!("an 8192x8192 image must be refused");
         };
         assert_eq!(problems[0].field, "image");
@@ -356,7 +434,8 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_millis(500));
 
         // Within the limit the header is read, and decoding is a separate step.
-        let small = read_image("image", &png_header_only(16, 8), &[], 1024 * 1024).unwrap();
+        let small =
+            read_image("image", &png_header_only(16, 8), &no_sources(), 1024 * 1024).unwrap();
         assert_eq!((small.width, small.height), (16, 8));
         assert!(small.decode().is_err(), "no pixel data to decode");
     }

@@ -162,6 +162,17 @@ async fn handle(server: Arc<LoraServer>, uri: Uri, headers: HeaderMap) -> Respon
         )),
         "/redirect/loop" => redirect("/redirect/loop".into()),
         "/big.safetensors" => Response::new(Body::from(vec![0u8; 4096])),
+        "/files/input.png" => {
+            let mut png = Vec::new();
+            image::RgbImage::from_pixel(24, 16, image::Rgb([200, 40, 10]))
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .unwrap();
+            Response::new(Body::from(png))
+        }
+        "/files/broken" => Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(Body::empty())
+            .unwrap(),
         "/pickle.safetensors" => {
             let mut bytes = vec![0x80, 0x02, b'}', b'q', 0x00];
             bytes.resize(64, b'.');

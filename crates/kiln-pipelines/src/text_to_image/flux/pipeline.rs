@@ -18,7 +18,7 @@ use crate::lora::request::ResolvedLoras;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
-    OutputFormat, allowed_input_dirs, image_tensor, read_image, to_rgb_images,
+    InputSources, OutputFormat, image_tensor, read_image, to_rgb_images,
 };
 use crate::text_to_image::{predict_fields, random_seed};
 
@@ -536,7 +536,7 @@ impl FluxPipeline {
             Some(text) => match read_image(
                 "image",
                 &text,
-                &allowed_input_dirs(),
+                &InputSources::from_env(),
                 self.max_pixels as u64,
             ) {
                 Ok(image) => Some(image),

@@ -19,7 +19,7 @@ use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
-    OutputFormat, allowed_input_dirs, image_tensor, mask_tensor, read_image, to_rgb_images,
+    InputSources, OutputFormat, image_tensor, mask_tensor, read_image, to_rgb_images,
 };
 use crate::text_to_image::schedulers::SamplerKind;
 use crate::text_to_image::{predict_fields, random_seed};
@@ -352,10 +352,10 @@ impl SdxlPipeline {
         let num = |k: &str| values.get(k).and_then(Value::as_f64);
         let text = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
         let mut problems = Vec::new();
-        let allowed = allowed_input_dirs();
+        let sources = InputSources::from_env();
         // Headers only: every cheap check runs before any pixel is decoded.
         let mut read = |key: &str| match text(key) {
-            Some(value) => match read_image(key, &value, &allowed, self.max_pixels as u64) {
+            Some(value) => match read_image(key, &value, &sources, self.max_pixels as u64) {
                 Ok(image) => Some(image),
                 Err(PipelineError::InvalidInput(mut found)) => {
                     problems.append(&mut found);

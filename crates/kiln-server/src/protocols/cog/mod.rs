@@ -19,6 +19,10 @@ use axum::response::{IntoResponse, Response};
 use kiln_pipelines::InputSpec;
 use serde_json::{Map, Value, json};
 
+mod openapi;
+
+pub use openapi::openapi;
+
 use super::{body_or_error, validation_problems};
 use crate::error::ApiError;
 use crate::jobs::{
@@ -29,13 +33,13 @@ use crate::metrics::labelled;
 use crate::state::{AppState, LoadState, ServedModel};
 
 /// Cog's event names for `webhook_events_filter`.
-const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
+pub(super) const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
 
 fn detail(status: StatusCode, detail: Value) -> Response {
     (status, Json(json!({ "detail": detail }))).into_response()
 }
 
-fn error(e: ApiError) -> Response {
+pub(super) fn error(e: ApiError) -> Response {
     match e {
         ApiError::QueueFull { .. } => e.with_retry_after(
             (
@@ -214,103 +218,6 @@ pub async fn health_check(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-/// `GET /openapi.json`, with `Input` from the model's schema.
-pub async fn openapi(State(state): State<Arc<AppState>>) -> Response {
-    let model = match state.default_model() {
-        Ok(model) => model,
-        Err(e) => return error(e),
-    };
-    let interface = match model.interface_or_not_ready() {
-        Ok(interface) => interface,
-        Err(e) => return error(e),
-    };
-    let (input, output) = match &interface.inputs {
-        InputSpec::Fields(schema) => {
-            let images = interface.outputs.inputs.iter().any(|c| c.name == "images");
-            let output = if images {
-                json!({"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}})
-            } else {
-                json!({"title": "Output"})
-            };
-            (schema.json_schema("Input"), output)
-        }
-        InputSpec::Columns(signature) => {
-            let properties: Map<String, Value> = signature
-                .inputs
-                .iter()
-                .enumerate()
-                .map(|(order, c)| (c.name.clone(), json!({"title": c.name, "x-order": order})))
-                .collect();
-            let required: Vec<&str> = signature
-                .inputs
-                .iter()
-                .filter(|c| c.required)
-                .map(|c| c.name.as_str())
-                .collect();
-            (
-                json!({"title": "Input", "type": "object", "properties": properties, "required": required}),
-                json!({"title": "Output"}),
-            )
-        }
-    };
-    let status = json!({"title": "Status", "description": "An enumeration.", "enum": ["starting", "processing", "succeeded", "canceled", "failed"], "type": "string"});
-    let request = json!({
-        "title": "PredictionRequest", "type": "object",
-        "properties": {
-            "id": {"title": "Id", "type": "string"},
-            "input": {"$ref": "#/components/schemas/Input"},
-            "webhook": {"title": "Webhook", "type": "string", "format": "uri", "maxLength": 65536, "minLength": 1},
-            "webhook_events_filter": {"type": "array", "items": {"$ref": "#/components/schemas/WebhookEvent"}, "default": EVENTS},
-        },
-    });
-    let response = json!({
-        "title": "PredictionResponse", "type": "object",
-        "properties": {
-            "id": {"title": "Id", "type": "string"},
-            "input": {"$ref": "#/components/schemas/Input"},
-            "output": {"$ref": "#/components/schemas/Output"},
-            "logs": {"title": "Logs", "type": "string", "default": ""},
-            "error": {"title": "Error", "type": "string"},
-            "status": {"$ref": "#/components/schemas/Status"},
-            "metrics": {"title": "Metrics", "type": "object"},
-            "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
-            "started_at": {"title": "Started At", "type": "string", "format": "date-time"},
-            "completed_at": {"title": "Completed At", "type": "string", "format": "date-time"},
-        },
-    });
-    let prediction_op = |summary: &str| {
-        json!({
-            "summary": summary,
-            "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}},
-            "responses": {
-                "200": {"description": "Successful Response", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}},
-                "422": {"description": "Validation Error"},
-            },
-        })
-    };
-    Json(json!({
-        "openapi": "3.0.2",
-        "info": {"title": "Cog", "version": "0.1.0", "description": format!("{} served by Kiln", model.name)},
-        "paths": {
-            "/": {"get": {"summary": "Root"}},
-            "/health-check": {"get": {"summary": "Healthcheck"}},
-            "/predictions": {"post": prediction_op("Predict")},
-            "/predictions/{prediction_id}": {"put": prediction_op("Predict Idempotent")},
-            "/predictions/{prediction_id}/cancel": {"post": {"summary": "Cancel"}},
-            "/shutdown": {"post": {"summary": "Start Shutdown"}},
-        },
-        "components": {"schemas": {
-            "Input": input,
-            "Output": output,
-            "Status": status,
-            "WebhookEvent": {"title": "WebhookEvent", "enum": EVENTS, "type": "string"},
-            "PredictionRequest": request,
-            "PredictionResponse": response,
-        }},
-    }))
-    .into_response()
-}
-
 struct CogRequest {
     id: Option<String>,
     input: Value,
@@ -349,6 +256,39 @@ fn parse(
             ));
         }
     };
+    // Fields Cog's PredictionRequest declares and Kiln does not use: checked
+    // against their declared types all the same, as pydantic checks them.
+    match document.get("created_at") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(text))
+            if humantime::parse_rfc3339_weak(text.trim_end_matches('Z')).is_ok()
+                || humantime::parse_rfc3339(text).is_ok() => {}
+        Some(_) => {
+            return Err(invalid(
+                "created_at",
+                "created_at must be an RFC 3339 date-time".into(),
+            ));
+        }
+    }
+    match document.get("context") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(context)) if context.values().all(Value::is_string) => {}
+        Some(_) => {
+            return Err(invalid(
+                "context",
+                "context must be an object of strings".into(),
+            ));
+        }
+    }
+    match document.get("output_file_prefix") {
+        None | Some(Value::Null) | Some(Value::String(_)) => {}
+        Some(_) => {
+            return Err(invalid(
+                "output_file_prefix",
+                "output_file_prefix must be a string".into(),
+            ));
+        }
+    }
     let webhook = match document.get("webhook") {
         None | Some(Value::Null) => None,
         Some(Value::String(url)) => {
@@ -465,6 +405,7 @@ async fn predict_inner(
     if let Some(problems) = validation_problems(&model, &request.input) {
         return unprocessable(&problems);
     }
+    whole_numbers_as_integers(&model, &mut request.input);
     if !state.cog.queue && slots_busy(&state, &model) {
         return labelled(
             detail(StatusCode::CONFLICT, json!("Already running a prediction")),
@@ -533,6 +474,28 @@ async fn predict_inner(
 /// Every prediction slot of the model taken (running or queued): Cog's BUSY.
 fn slots_busy(state: &AppState, model: &ServedModel) -> bool {
     model.in_use() + state.jobs.queue_depth(&model.name) >= model.settings.concurrency.max(1)
+}
+
+/// Integer fields given as whole floats (`2.0`, which validation accepts)
+/// stored and echoed as integers, as pydantic coerces them.
+fn whole_numbers_as_integers(model: &ServedModel, input: &mut Value) {
+    let (Some(interface), Value::Object(fields)) = (model.interface(), input) else {
+        return;
+    };
+    let InputSpec::Fields(schema) = &interface.inputs else {
+        return;
+    };
+    for field in &schema.fields {
+        if matches!(field.kind, kiln_pipelines::FieldKind::Integer { .. })
+            && let Some(value) = fields.get_mut(&field.name)
+            && !value.is_i64()
+            && let Some(x) = value
+                .as_f64()
+                .filter(|x| x.fract() == 0.0 && x.abs() < 9.0e15)
+        {
+            *value = Value::from(x as i64);
+        }
+    }
 }
 
 /// Drop input fields the model's schema does not know, as Cog does; returns
