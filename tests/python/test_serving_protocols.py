@@ -850,6 +850,23 @@ def test_openai_images_generate(openai_client):
         assert_image(decode_b64(item.b64_json), what=f"data[{i}]")
 
 
+def test_openai_url_responses_serve_the_image_for_an_hour(openai_client, flux_server):
+    def generate(response_format):
+        return openai_client.images.generate(
+            model=MODEL, prompt="a photo of a cat", n=1, size="32x32",
+            response_format=response_format, extra_body={"seed": 21, "num_inference_steps": 2},
+        ).data[0]
+
+    linked = generate("url")
+    assert linked.url.startswith(f"{flux_server.base_url}/v1/images/files/"), linked.url
+    # Fetched as a browser would: no API key, the token is the capability.
+    r = requests.get(linked.url, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:200]
+    assert r.content == decode_b64(generate("b64_json").b64_json), "the link serves the image"
+    gone = requests.get(f"{flux_server.base_url}/v1/images/files/{'0' * 64}", timeout=30)
+    assert gone.status_code == 404 and "expired" in gone.json()["error"]["message"], gone.text
+
+
 def test_openai_same_seed_same_bytes(openai_client):
     def one():
         resp = openai_client.images.generate(

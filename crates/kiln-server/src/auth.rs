@@ -14,10 +14,15 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Route templates that answer without a key: liveness and readiness probes.
-/// Matched against the route's template (`/v2/{model}/health`), never the raw
+/// Route templates that answer without a key: liveness and readiness probes,
+/// the Databricks SDK's metadata probe, and image links (whose token is the
+/// capability). Matched against the route's template (`/v2/{model}/health`), never the raw
 /// path, so `/predictions/health` is not mistaken for a probe.
-pub fn is_health_route(template: &str) -> bool {
+pub fn is_open_route(template: &str) -> bool {
+    // An image link's token is its own capability, as a signed URL is.
+    if template.ends_with("/v1/images/files/{token}") {
+        return true;
+    }
     [
         "/ping",
         "/health",
@@ -69,7 +74,7 @@ pub async fn require_key(
     let probe = request
         .extensions()
         .get::<MatchedPath>()
-        .is_some_and(|route| is_health_route(route.as_str()));
+        .is_some_and(|route| is_open_route(route.as_str()));
     if state.api_keys.is_empty()
         || probe
         || authorized(
@@ -109,11 +114,13 @@ mod tests {
         assert!(!authorized(&keys, Some(&header("Bearer s3cre"))));
         assert!(!authorized(&keys, Some(&header("Basic s3cret"))));
         assert!(!authorized(&keys, None));
-        assert!(is_health_route("/v2/health/ready"));
-        assert!(is_health_route("/v2/{model}/health"));
-        assert!(is_health_route("/cog/health-check"));
-        assert!(!is_health_route("/v1/models"));
-        assert!(!is_health_route("/predictions/{id}"));
-        assert!(!is_health_route("/status/{id}"));
+        assert!(is_open_route("/v2/health/ready"));
+        assert!(is_open_route("/v2/{model}/health"));
+        assert!(is_open_route("/cog/health-check"));
+        assert!(!is_open_route("/v1/models"));
+        assert!(is_open_route("/v1/images/files/{token}"));
+        assert!(!is_open_route("/v1/images/generations"));
+        assert!(!is_open_route("/predictions/{id}"));
+        assert!(!is_open_route("/status/{id}"));
     }
 }

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod image_links;
 pub mod jobs;
 pub mod metrics;
 pub mod protocols;
@@ -133,6 +134,7 @@ fn openai_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/models", get(openai::models))
         .route("/v1/images/generations", post(openai::image_generations))
+        .route("/v1/images/files/{token}", get(openai::image_file))
         .route("/v1/chat/completions", post(openai_text::chat_completions))
         .route("/v1/completions", post(openai_text::completions))
         .route("/v1/{*rest}", axum::routing::any(openai::unknown_route))
@@ -238,6 +240,8 @@ impl Server {
             memory_budget: config.server.memory_budget,
             strict_readiness: config.server.strict_readiness,
             cog: config.cog.clone(),
+            image_links: image_links::ImageLinks::default(),
+            openai_mount: config.protocols.openai.prefix().unwrap_or("/").to_string(),
             api_keys: config.server.api_keys.clone(),
             jobs,
             started_at_ms: jobs::now_ms(),

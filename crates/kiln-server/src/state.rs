@@ -282,6 +282,10 @@ pub struct AppState {
     pub strict_readiness: bool,
     /// Cog's routes: input strictness and queueing behind busy slots.
     pub cog: crate::config::CogSection,
+    /// Generated images behind OpenAI `url` responses.
+    pub image_links: crate::image_links::ImageLinks,
+    /// Where the OpenAI routes are mounted (`/` or a prefix), for image links.
+    pub openai_mount: String,
     /// API keys; empty means no authentication.
     pub api_keys: Vec<String>,
     pub jobs: Jobs,

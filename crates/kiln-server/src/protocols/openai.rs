@@ -1,15 +1,16 @@
 //! OpenAI-compatible endpoints: `GET /v1/models` and `POST /v1/images/generations`
 //! (`prompt`, `model`, `n`, `size: "WxH"`, `response_format`; the pipeline's own
-//! fields such as `seed` or `num_inference_steps` are accepted as extra fields).
+//! fields such as `seed` or `num_inference_steps` are accepted as extra fields),
+//! and `GET /v1/images/files/{token}` behind `url` responses (an hour each).
 //! Errors use OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
@@ -206,10 +207,27 @@ fn image_fields(mut body: Map<String, Value>) -> Result<ImageRequest, Box<Respon
 
 /// The response body for a finished image job (base64 images).
 pub fn job_body(job: &Job) -> Value {
-    images_body(job, false)
+    images_body(job, None)
 }
 
-fn images_body(job: &Job, as_url: bool) -> Value {
+/// Where image links live for a request: `{scheme}://{host}{mount}/v1/images/files/`
+/// (the scheme from `X-Forwarded-Proto` behind a proxy).
+fn link_base(headers: &HeaderMap, mount: &str) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http");
+    let mount = mount.trim_end_matches('/');
+    format!("{scheme}://{host}{mount}/v1/images/files/")
+}
+
+/// `data` as OpenAI returns it: `b64_json`, or with `links` (the store and
+/// the links' base) a `url` that serves the image for an hour.
+fn images_body(job: &Job, links: Option<(&crate::image_links::ImageLinks, &str)>) -> Value {
     let images = job
         .output
         .as_ref()
@@ -221,10 +239,16 @@ fn images_body(job: &Job, as_url: bool) -> Value {
         .iter()
         .map(|i| {
             let b64 = i["base64"].as_str().unwrap_or_default();
-            if as_url {
-                json!({"url": format!("data:{};base64,{b64}", i["mime_type"].as_str().unwrap_or("image/png"))})
-            } else {
-                json!({"b64_json": b64})
+            match links {
+                Some((store, base)) => {
+                    use base64::Engine;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .unwrap_or_default();
+                    let token = store.put(bytes, i["mime_type"].as_str().unwrap_or("image/png"));
+                    json!({"url": format!("{base}{token}")})
+                }
+                None => json!({"b64_json": b64}),
             }
         })
         .collect();
@@ -238,9 +262,31 @@ fn images_body(job: &Job, as_url: bool) -> Value {
     body
 }
 
+/// `GET /v1/images/files/{token}`: the image behind a `url` response.
+pub async fn image_file(State(state): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
+    match state.image_links.get(&token) {
+        Some((bytes, mime)) => (
+            [
+                (header::CONTENT_TYPE, mime),
+                (header::CACHE_CONTROL, "private, max-age=3600".to_string()),
+            ],
+            bytes.as_ref().clone(),
+        )
+            .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "no such image: the link is unknown or has expired (links last an hour)",
+            "invalid_request_error",
+            None,
+            None,
+        ),
+    }
+}
+
 /// `POST /v1/images/generations`.
 pub async fn image_generations(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let body = match body_or_error(&state, body) {
@@ -292,7 +338,11 @@ pub async fn image_generations(
         Err(e) => return error(ApiError::Internal(e.to_string())),
     };
     let response = match (&done.status, &done.error) {
-        (JobStatus::Completed, _) => Json(images_body(&done, as_url)).into_response(),
+        (JobStatus::Completed, _) => {
+            let base = link_base(&headers, &state.openai_mount);
+            let links = as_url.then_some((&state.image_links, base.as_str()));
+            Json(images_body(&done, links)).into_response()
+        }
         (_, Some(JobError::Invalid { problems })) => invalid(problems),
         // A model that cannot load is a 503, as on every other protocol.
         (_, Some(JobError::Unavailable { message })) => error_response(
