@@ -42,10 +42,22 @@ const RESERVED: [&str; 8] = [
 /// fields are `format: uri`. Returns the schema and the enum components.
 fn cog_input(mut input: Value) -> (Value, Map<String, Value>) {
     let mut enums = Map::new();
+    let required: Vec<String> = input["required"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
     if let Some(properties) = input["properties"].as_object_mut() {
         for (name, property) in properties.iter_mut() {
             if FILE_FIELDS.contains(&name.as_str()) {
                 property["format"] = json!("uri");
+            }
+            // Kiln reads null as "not given" for an optional field.
+            if !required.contains(name) {
+                property["nullable"] = json!(true);
             }
             let Some(choices) = property.get("enum").cloned() else {
                 continue;
@@ -60,7 +72,7 @@ fn cog_input(mut input: Value) -> (Value, Map<String, Value>) {
                 json!({"type": property["type"], "enum": choices, "title": name, "description": "An enumeration."}),
             );
             let mut replaced = Map::new();
-            for key in ["description", "default", "x-order"] {
+            for key in ["description", "default", "x-order", "nullable"] {
                 if let Some(value) = property.get(key) {
                     replaced.insert(key.into(), value.clone());
                 }
@@ -280,8 +292,13 @@ mod tests {
         let schemas = &doc["components"]["schemas"];
         assert_eq!(
             schemas["Input"]["properties"]["scheduler"],
-            json!({"description": "Scheduler", "default": "A", "x-order": 1,
+            json!({"description": "Scheduler", "default": "A", "x-order": 1, "nullable": true,
                    "allOf": [{"$ref": "#/components/schemas/scheduler"}]})
+        );
+        assert!(
+            schemas["Input"]["properties"]["prompt"]
+                .get("nullable")
+                .is_none()
         );
         assert_eq!(
             schemas["scheduler"],
