@@ -11,6 +11,7 @@ pub mod lora;
 pub mod pull;
 pub mod rows;
 pub mod schema;
+pub mod settings;
 pub mod tabular;
 pub mod tensor;
 pub mod text_generation;

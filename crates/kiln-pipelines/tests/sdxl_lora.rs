@@ -27,8 +27,10 @@ fn peft_and_kohya_sdxl_loras_match_diffusers() {
     let components =
         SdxlComponents::load(&dir, &kiln_engine::parity::device_under_test(), DType::F32).unwrap();
     let mut pipeline = SdxlPipeline::new(components, &manifest, 64, "tiny".into());
-    let mut settings = kiln_pipelines::lora::sources::LoraSettings::from_env();
-    settings.dirs = vec![fixtures().join("lora")];
+    let settings = kiln_pipelines::lora::sources::LoraSettings {
+        dirs: vec![fixtures().join("lora")],
+        ..Default::default()
+    };
     pipeline.set_lora_settings(settings);
     let index: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference/index.json")).unwrap())

@@ -28,7 +28,7 @@ use serde_json::json;
 
 use super::{LoraFile, read};
 use crate::error::{PipelineError, ProblemKind};
-use crate::text_to_image::image_io::{confined_path, dirs_from_env};
+use crate::text_to_image::image_io::confined_path;
 
 /// The setting naming the folders LoRA files may be read from.
 pub const LORA_DIRS: &str = "KILN_LORA_DIRS";
@@ -55,38 +55,34 @@ pub struct LoraSettings {
     pub civitai: String,
 }
 
+/// A byte count from the environment, by the one parser (`"1GiB"` or a
+/// count); a bad value is logged and the default kept (the process-wide
+/// parsed-LoRA cache is built on first use, where no load can fail).
 fn env_bytes(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
+    match std::env::var(name) {
+        Ok(text) => kiln_engine::units::parse_bytes(&text).unwrap_or_else(|e| {
+            tracing::warn!(variable = name, error = %e, "ignoring a bad byte size");
+            default
+        }),
+        Err(_) => default,
+    }
 }
 
-impl LoraSettings {
-    /// From the environment (see the module docs for the variables).
-    pub fn from_env() -> Self {
-        let cache_dir = std::env::var_os("KILN_LORA_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("kiln/loras"))
-            })
-            .or_else(|| {
-                std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/kiln/loras"))
-            })
-            .unwrap_or_else(|| std::env::temp_dir().join("kiln-loras"));
-        let policy = Policy {
-            allowed_hosts: kiln_fetch::policy::list_from_env(ALLOWED_HOSTS, DEFAULT_ALLOWED_HOSTS),
-            private_hosts: kiln_fetch::policy::list_from_env("KILN_LORA_PRIVATE_HOSTS", &[]),
-            max_bytes: env_bytes("KILN_LORA_MAX_BYTES", super::MAX_LORA_BYTES),
-            ..Policy::default()
-        }
-        .with_token_from_env("civitai.com", &["CIVITAI_TOKEN", "CIVITAI_API_TOKEN"])
-        .with_token_from_env("huggingface.co", &["HF_TOKEN"]);
+impl Default for LoraSettings {
+    /// No LoRA folders; downloads from the default hosts into the user's cache.
+    fn default() -> Self {
         LoraSettings {
-            dirs: dirs_from_env(LORA_DIRS),
-            policy,
-            cache_dir,
-            disk_budget: env_bytes("KILN_LORA_DISK_CACHE_BYTES", 20 << 30),
+            dirs: Vec::new(),
+            policy: Policy {
+                allowed_hosts: DEFAULT_ALLOWED_HOSTS
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect(),
+                max_bytes: super::MAX_LORA_BYTES,
+                ..Policy::default()
+            },
+            cache_dir: std::env::temp_dir().join("kiln-loras"),
+            disk_budget: 20 << 30,
             hub: Hub::from_env(),
             civitai: CIVITAI.to_string(),
         }

@@ -201,8 +201,9 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         model: model.display_name(),
         message,
     };
-    let (device, dtype) =
-        crate::text_to_image::loading::device_and_dtype_from_env().map_err(load_error)?;
+    let settings =
+        crate::settings::ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
+    let (device, dtype) = (settings.device, settings.dtype);
     let source = model_source(model).map_err(load_error)?;
     let batching = batch_config(model).map_err(load_error)?;
     let language_model =

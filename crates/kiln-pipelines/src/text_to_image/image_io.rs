@@ -18,11 +18,6 @@ fn invalid(field: &str, message: String) -> PipelineError {
     PipelineError::invalid(field, ProblemKind::Constraint, message)
 }
 
-/// Folders input files may be read from (`KILN_INPUT_DIRS`, `:`-separated).
-pub fn allowed_input_dirs() -> Vec<PathBuf> {
-    dirs_from_env("KILN_INPUT_DIRS")
-}
-
 /// Hosts input images may be fetched from unless `KILN_INPUT_ALLOWED_HOSTS`
 /// says otherwise: where Replicate's clients upload the files they pass.
 pub const DEFAULT_INPUT_HOSTS: &[&str] = &["replicate.delivery", "replicate.com"];
@@ -38,23 +33,14 @@ pub struct InputSources {
     pub policy: kiln_fetch::Policy,
 }
 
-impl InputSources {
-    /// `KILN_INPUT_DIRS`, `KILN_INPUT_ALLOWED_HOSTS`, `KILN_INPUT_PRIVATE_HOSTS`,
-    /// `KILN_INPUT_MAX_BYTES`.
-    pub fn from_env() -> Self {
-        let max_bytes = std::env::var("KILN_INPUT_MAX_BYTES")
-            .ok()
-            .and_then(|v| kiln_engine::units::parse_bytes(&v).ok())
-            .unwrap_or(MAX_INPUT_DOWNLOAD);
+impl Default for InputSources {
+    /// No folders; URLs from the default hosts, at most 32 MiB.
+    fn default() -> Self {
         InputSources {
-            dirs: allowed_input_dirs(),
+            dirs: Vec::new(),
             policy: kiln_fetch::Policy {
-                allowed_hosts: kiln_fetch::policy::list_from_env(
-                    "KILN_INPUT_ALLOWED_HOSTS",
-                    DEFAULT_INPUT_HOSTS,
-                ),
-                private_hosts: kiln_fetch::policy::list_from_env("KILN_INPUT_PRIVATE_HOSTS", &[]),
-                max_bytes,
+                allowed_hosts: DEFAULT_INPUT_HOSTS.iter().map(|h| h.to_string()).collect(),
+                max_bytes: MAX_INPUT_DOWNLOAD,
                 idle_timeout: std::time::Duration::from_secs(30),
                 ..kiln_fetch::Policy::default()
             },
@@ -85,18 +71,6 @@ fn fetch_input(
                 None => invalid(field, message),
             }
         })
-}
-
-/// The `:`-separated folders in environment variable `name`.
-pub fn dirs_from_env(name: &str) -> Vec<PathBuf> {
-    std::env::var(name)
-        .map(|v| {
-            v.split(':')
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// `path` resolved (symlinks and `..` included) if it lies inside one of

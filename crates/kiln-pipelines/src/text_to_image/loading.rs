@@ -31,19 +31,6 @@ pub(crate) fn open(path: &Path) -> Result<WeightFiles, String> {
     WeightFiles::open(path).map_err(|e| e.to_string())
 }
 
-/// The device and dtype a pipeline loads on: `KILN_DEVICE` (cpu, cuda,
-/// cuda:N, auto) and `KILN_DTYPE` (f32, f16, bf16; f32 when unset).
-pub(crate) fn device_and_dtype_from_env() -> Result<(Device, DType), String> {
-    let device =
-        kiln_engine::device::select_device(&std::env::var("KILN_DEVICE").unwrap_or_default())
-            .map_err(|e| e.to_string())?;
-    let dtype = match std::env::var("KILN_DTYPE") {
-        Ok(name) => kiln_engine::device::parse_dtype(&name).map_err(|e| e.to_string())?,
-        Err(_) => DType::F32,
-    };
-    Ok((device, dtype))
-}
-
 /// Decode raw latents (already unscaled) to images (B, H, W, 3) in [0, 1],
 /// in `tile`-pixel tiles when given (diffusers' postprocess: x/2 + 0.5, clamped).
 pub(crate) fn decode_images(

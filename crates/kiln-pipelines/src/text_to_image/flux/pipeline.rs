@@ -16,6 +16,7 @@ use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::lora;
 use crate::lora::request::ResolvedLoras;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
+use crate::settings::ModelSettings;
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
     InputSources, OutputFormat, image_tensor, read_image, to_rgb_images,
@@ -318,23 +319,6 @@ struct Loaded {
     fused: Option<String>,
 }
 
-/// `offload` in the model's config, else `KILN_OFFLOAD`: `none` (default) or
-/// `model` (model CPU offload).
-fn offload_setting(manifest: &Manifest) -> Result<bool, String> {
-    let from_env = std::env::var("KILN_OFFLOAD").ok();
-    let value = manifest.config["offload"]
-        .as_str()
-        .map(str::to_string)
-        .or(from_env);
-    match value.as_deref() {
-        None | Some("none") | Some("") => Ok(false),
-        Some("model") => Ok(true),
-        Some(other) => Err(format!(
-            "offload must be \"none\" or \"model\", got {other:?} (model config `offload` or KILN_OFFLOAD)"
-        )),
-    }
-}
-
 /// A loaded FLUX model.
 pub struct FluxPipeline {
     components: Mutex<Loaded>,
@@ -348,6 +332,8 @@ pub struct FluxPipeline {
     lora_targets: lora::LoraTargets,
     /// Where LoRA sources may come from (read from the environment at load).
     lora_settings: lora::sources::LoraSettings,
+    /// Where input images may come from.
+    input_sources: InputSources,
     dtype: candle_core::DType,
     interface: ModelInterface,
     presets: Map<String, Value>,
@@ -361,25 +347,19 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         model: model.display_name(),
         message,
     };
-    let (device, dtype) =
-        crate::text_to_image::loading::device_and_dtype_from_env().map_err(load_error)?;
-    if offload_setting(&model.manifest).map_err(load_error)? {
+    let settings = ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
+    let (device, dtype) = (&settings.device, settings.dtype);
+    let mut pipeline = if settings.offload {
         let (parts, targets) =
-            OffloadedFlux::open(&model.dir, &device, dtype).map_err(load_error)?;
+            OffloadedFlux::open(&model.dir, device, dtype).map_err(load_error)?;
         tracing::info!(model = %model.display_name(), "model CPU offload: parts load per stage");
-        return Ok(Arc::new(FluxPipeline::offloaded(
-            parts,
-            targets,
-            &model.manifest,
-            model.display_name(),
-        )));
-    }
-    let components = FluxComponents::load(&model.dir, &device, dtype).map_err(load_error)?;
-    Ok(Arc::new(FluxPipeline::new(
-        components,
-        &model.manifest,
-        model.display_name(),
-    )))
+        FluxPipeline::offloaded(parts, targets, &model.manifest, model.display_name())
+    } else {
+        let components = FluxComponents::load(&model.dir, device, dtype).map_err(load_error)?;
+        FluxPipeline::new(components, &model.manifest, model.display_name())
+    };
+    pipeline.set_settings(&settings);
+    Ok(Arc::new(pipeline))
 }
 
 impl FluxPipeline {
@@ -436,7 +416,8 @@ impl FluxPipeline {
         FluxPipeline {
             transformer_config,
             lora_targets,
-            lora_settings: lora::sources::LoraSettings::from_env(),
+            lora_settings: lora::sources::LoraSettings::default(),
+            input_sources: InputSources::default(),
             dtype,
             components: Mutex::new(Loaded {
                 weights,
@@ -533,19 +514,16 @@ impl FluxPipeline {
             ));
         }
         let init_image = match get_s("image").filter(|_| problems.is_empty()) {
-            Some(text) => match read_image(
-                "image",
-                &text,
-                &InputSources::from_env(),
-                self.max_pixels as u64,
-            ) {
-                Ok(image) => Some(image),
-                Err(PipelineError::InvalidInput(mut p)) => {
-                    problems.append(&mut p);
-                    None
+            Some(text) => {
+                match read_image("image", &text, &self.input_sources, self.max_pixels as u64) {
+                    Ok(image) => Some(image),
+                    Err(PipelineError::InvalidInput(mut p)) => {
+                        problems.append(&mut p);
+                        None
+                    }
+                    Err(other) => return Err(other),
                 }
-                Err(other) => return Err(other),
-            },
+            }
             None => None,
         };
         if !problems.is_empty() {
@@ -653,6 +631,12 @@ impl FluxPipeline {
         self.lora_settings = settings;
     }
 
+    /// Where inputs and LoRAs may come from, as the model's settings say.
+    pub fn set_settings(&mut self, settings: &ModelSettings) {
+        self.lora_settings = settings.lora.clone();
+        self.input_sources = settings.input.clone();
+    }
+
     /// Generate with a per-step callback (progress; return false to cancel).
     pub fn run(
         &self,
@@ -731,25 +715,5 @@ impl Pipeline for FluxPipeline {
         predict_fields(request, "FLUX", Some(progress), |input, on_step| {
             self.run(input, on_step)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offload_comes_from_the_model_config_and_bad_values_name_the_key() {
-        let mut manifest = Manifest::new(PIPELINE_KIND);
-        manifest.config["offload"] = json!("model");
-        assert_eq!(offload_setting(&manifest), Ok(true));
-        manifest.config["offload"] = json!("none");
-        assert_eq!(offload_setting(&manifest), Ok(false));
-        manifest.config["offload"] = json!("sequential");
-        let err = offload_setting(&manifest).unwrap_err();
-        assert!(
-            err.contains("offload") && err.contains("\"model\""),
-            "{err}"
-        );
     }
 }

@@ -253,6 +253,8 @@ pub struct SdxlPipeline {
     lora_targets: crate::lora::LoraTargets,
     /// Where LoRA sources may come from (read from the environment at load).
     lora_settings: crate::lora::sources::LoraSettings,
+    /// Where input images may come from.
+    input_sources: InputSources,
     dtype: DType,
     interface: ModelInterface,
     presets: Map<String, Value>,
@@ -269,15 +271,18 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         model: model.display_name(),
         message,
     };
-    let (device, dtype) =
-        crate::text_to_image::loading::device_and_dtype_from_env().map_err(load_error)?;
-    let components = SdxlComponents::load(&model.dir, &device, dtype).map_err(load_error)?;
-    Ok(Arc::new(SdxlPipeline::new(
+    let settings =
+        crate::settings::ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
+    let components =
+        SdxlComponents::load(&model.dir, &settings.device, settings.dtype).map_err(load_error)?;
+    let mut pipeline = SdxlPipeline::new(
         components,
         &model.manifest,
         default_image_size(&model.dir),
         model.display_name(),
-    )))
+    );
+    pipeline.set_settings(&settings);
+    Ok(Arc::new(pipeline))
 }
 
 fn nearest_multiples(value: i64, multiple: i64) -> String {
@@ -304,7 +309,8 @@ impl SdxlPipeline {
         SdxlPipeline {
             size_multiple,
             lora_targets: components.lora_targets(),
-            lora_settings: crate::lora::sources::LoraSettings::from_env(),
+            lora_settings: crate::lora::sources::LoraSettings::default(),
+            input_sources: InputSources::default(),
             dtype: components.dtype,
             components: Mutex::new(components),
             interface: ModelInterface {
@@ -352,10 +358,10 @@ impl SdxlPipeline {
         let num = |k: &str| values.get(k).and_then(Value::as_f64);
         let text = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
         let mut problems = Vec::new();
-        let sources = InputSources::from_env();
+        let sources = &self.input_sources;
         // Headers only: every cheap check runs before any pixel is decoded.
         let mut read = |key: &str| match text(key) {
-            Some(value) => match read_image(key, &value, &sources, self.max_pixels as u64) {
+            Some(value) => match read_image(key, &value, sources, self.max_pixels as u64) {
                 Ok(image) => Some(image),
                 Err(PipelineError::InvalidInput(mut found)) => {
                     problems.append(&mut found);
@@ -488,6 +494,12 @@ impl SdxlPipeline {
     /// Use `settings` for LoRA sources instead of the environment's.
     pub fn set_lora_settings(&mut self, settings: crate::lora::sources::LoraSettings) {
         self.lora_settings = settings;
+    }
+
+    /// Where inputs and LoRAs may come from, as the model's settings say.
+    pub fn set_settings(&mut self, settings: &crate::settings::ModelSettings) {
+        self.lora_settings = settings.lora.clone();
+        self.input_sources = settings.input.clone();
     }
 
     /// Generate with a per-step callback (progress; return false to cancel).

@@ -1,0 +1,241 @@
+//! One typed settings object per model, built once when the model loads: the
+//! process environment (`KILN_DEVICE`, `KILN_DTYPE`, `KILN_OFFLOAD`,
+//! `KILN_INPUT_*`, `KILN_LORA_*`) overridden by the model's own config keys
+//! (`[[models]] config` in kiln.toml), byte sizes read by one parser (`"1GiB"`
+//! or a count) wherever they come from, and a bad value an error at load that
+//! names the key, never silently ignored. Requests read these, not the
+//! environment.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use kiln_engine::units::parse_bytes;
+use kiln_fetch::{Hub, Policy};
+use serde_json::Value;
+
+use crate::lora::sources::{self, LoraSettings};
+use crate::text_to_image::image_io::{DEFAULT_INPUT_HOSTS, InputSources, MAX_INPUT_DOWNLOAD};
+
+/// Everything a pipeline reads from its environment, resolved for one model.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    pub device: Device,
+    pub dtype: DType,
+    /// FLUX model CPU offload (`offload = "model"`).
+    pub offload: bool,
+    /// Where input images may come from.
+    pub input: InputSources,
+    /// Where LoRAs may come from, and their caches.
+    pub lora: LoraSettings,
+}
+
+/// One setting's source: the model's config key, else the environment variable.
+struct Lookup<'a> {
+    config: &'a Value,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Lookup<'_> {
+    /// The text of `key` (a string, number or list joined by `,`), else `var`.
+    fn text(&self, key: &str, var: &str) -> Option<(String, String)> {
+        match self.config.get(key) {
+            Some(Value::String(s)) => Some((s.clone(), format!("config `{key}`"))),
+            Some(Value::Number(n)) => Some((n.to_string(), format!("config `{key}`"))),
+            Some(Value::Array(items)) => Some((
+                items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!("config `{key}`"),
+            )),
+            _ => (self.env)(var).map(|v| (v, var.to_string())),
+        }
+    }
+
+    fn bytes(&self, key: &str, var: &str, default: u64) -> Result<u64, String> {
+        match self.text(key, var) {
+            Some((text, from)) => parse_bytes(&text).map_err(|e| format!("{from}: {e}")),
+            None => Ok(default),
+        }
+    }
+
+    fn list(&self, key: &str, var: &str, default: &[&str]) -> Vec<String> {
+        match self.text(key, var) {
+            Some((text, _)) => text
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            None => default.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Folders: a list, or one string split at `:` (as `PATH` is).
+    fn dirs(&self, key: &str, var: &str) -> Vec<PathBuf> {
+        let text = match self.config.get(key) {
+            Some(Value::Array(items)) => {
+                return items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(PathBuf::from)
+                    .collect();
+            }
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => (self.env)(var),
+        };
+        text.map(|t| {
+            t.split(':')
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl ModelSettings {
+    /// The settings of a model whose (manifest plus `[[models]] config`)
+    /// config is `config`, over this process's environment.
+    pub fn for_model(config: &Value) -> Result<Self, String> {
+        Self::resolve(config, &|var| std::env::var(var).ok())
+    }
+
+    /// As [`ModelSettings::for_model`], with the environment given.
+    pub fn resolve(config: &Value, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let get = Lookup { config, env };
+        let device_name = get
+            .text("device", "KILN_DEVICE")
+            .map(|(v, _)| v)
+            .unwrap_or_default();
+        let device = kiln_engine::device::select_device(&device_name).map_err(|e| e.to_string())?;
+        let dtype = match get.text("dtype", "KILN_DTYPE") {
+            Some((name, from)) => {
+                kiln_engine::device::parse_dtype(&name).map_err(|e| format!("{from}: {e}"))?
+            }
+            None => DType::F32,
+        };
+        let offload = match get.text("offload", "KILN_OFFLOAD") {
+            None => false,
+            Some((value, from)) => match value.as_str() {
+                "none" | "" => false,
+                "model" => true,
+                other => {
+                    return Err(format!(
+                        "offload must be \"none\" or \"model\", got {other:?} ({from})"
+                    ));
+                }
+            },
+        };
+        let input = InputSources {
+            dirs: get.dirs("input_dirs", "KILN_INPUT_DIRS"),
+            policy: Policy {
+                allowed_hosts: get.list(
+                    "input_allowed_hosts",
+                    "KILN_INPUT_ALLOWED_HOSTS",
+                    DEFAULT_INPUT_HOSTS,
+                ),
+                private_hosts: get.list("input_private_hosts", "KILN_INPUT_PRIVATE_HOSTS", &[]),
+                max_bytes: get.bytes(
+                    "input_max_bytes",
+                    "KILN_INPUT_MAX_BYTES",
+                    MAX_INPUT_DOWNLOAD,
+                )?,
+                idle_timeout: std::time::Duration::from_secs(30),
+                ..Policy::default()
+            },
+        };
+        let cache_dir = get
+            .text("lora_cache_dir", "KILN_LORA_CACHE_DIR")
+            .map(|(dir, _)| PathBuf::from(dir))
+            .or_else(|| env("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("kiln/loras")))
+            .or_else(|| env("HOME").map(|d| PathBuf::from(d).join(".cache/kiln/loras")))
+            .unwrap_or_else(|| std::env::temp_dir().join("kiln-loras"));
+        let lora_policy = Policy {
+            allowed_hosts: get.list(
+                "lora_allowed_hosts",
+                sources::ALLOWED_HOSTS,
+                sources::DEFAULT_ALLOWED_HOSTS,
+            ),
+            private_hosts: get.list("lora_private_hosts", "KILN_LORA_PRIVATE_HOSTS", &[]),
+            max_bytes: get.bytes(
+                "lora_max_bytes",
+                "KILN_LORA_MAX_BYTES",
+                crate::lora::MAX_LORA_BYTES,
+            )?,
+            ..Policy::default()
+        }
+        .with_token_from_env("civitai.com", &["CIVITAI_TOKEN", "CIVITAI_API_TOKEN"])
+        .with_token_from_env("huggingface.co", &["HF_TOKEN"]);
+        let lora = LoraSettings {
+            dirs: get.dirs("lora_dirs", sources::LORA_DIRS),
+            policy: lora_policy,
+            cache_dir,
+            disk_budget: get.bytes(
+                "lora_disk_cache_bytes",
+                "KILN_LORA_DISK_CACHE_BYTES",
+                20 << 30,
+            )?,
+            hub: Hub::from_env(),
+            civitai: sources::CIVITAI.to_string(),
+        };
+        Ok(ModelSettings {
+            device,
+            dtype,
+            offload,
+            input,
+            lora,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |var| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn model_config_overrides_the_environment_and_sizes_parse_one_way() {
+        let vars = env(&[
+            ("KILN_LORA_MAX_BYTES", "1GiB"),
+            ("KILN_INPUT_DIRS", "/srv/a:/srv/b"),
+            ("KILN_LORA_ALLOWED_HOSTS", "example.com"),
+        ]);
+        let from_env = ModelSettings::resolve(&Value::Null, &vars).unwrap();
+        assert_eq!(from_env.lora.policy.max_bytes, 1 << 30);
+        assert_eq!(
+            from_env.input.dirs,
+            vec![PathBuf::from("/srv/a"), PathBuf::from("/srv/b")]
+        );
+        assert_eq!(from_env.lora.policy.allowed_hosts, vec!["example.com"]);
+        assert!(!from_env.offload);
+
+        let config = json!({"lora_max_bytes": "512MiB", "input_dirs": ["/data/in"],
+                            "lora_allowed_hosts": ["a.org", "b.org"], "offload": "model",
+                            "input_max_bytes": 1000});
+        let per_model = ModelSettings::resolve(&config, &vars).unwrap();
+        assert_eq!(per_model.lora.policy.max_bytes, 512 << 20);
+        assert_eq!(per_model.input.dirs, vec![PathBuf::from("/data/in")]);
+        assert_eq!(per_model.lora.policy.allowed_hosts, vec!["a.org", "b.org"]);
+        assert_eq!(per_model.input.policy.max_bytes, 1000);
+        assert!(per_model.offload);
+    }
+
+    #[test]
+    fn a_bad_value_is_an_error_naming_where_it_came_from() {
+        let vars = env(&[("KILN_LORA_MAX_BYTES", "lots")]);
+        let err = ModelSettings::resolve(&Value::Null, &vars).unwrap_err();
+        assert!(err.contains("KILN_LORA_MAX_BYTES"), "{err}");
+        let err = ModelSettings::resolve(&json!({"offload": "gpu"}), &env(&[])).unwrap_err();
+        assert!(err.contains("config `offload`"), "{err}");
+    }
+}
