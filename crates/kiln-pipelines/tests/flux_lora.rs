@@ -218,6 +218,52 @@ fn concurrent_requests_with_different_loras_each_get_their_own_image() {
 }
 
 #[test]
+fn pipeline_requests_with_different_runtime_loras_run_side_by_side() {
+    // Through the pipeline (its lock included): each request's first step
+    // waits until the other has also taken a step, which a lock held for the
+    // whole generation would never allow.
+    let setup = setup();
+    let pipeline = pipeline_with(local_lora_settings());
+    let style = call_input(
+        &setup,
+        serde_json::json!({"lora_weights": "style_peft.safetensors", "lora_scale": 0.7}),
+    );
+    let detail = call_input(
+        &setup,
+        serde_json::json!({"lora_weights": "detail_peft.safetensors", "lora_scale": 1.3}),
+    );
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let arrived = AtomicUsize::new(0);
+    let (met_a, met_b) = (AtomicBool::new(false), AtomicBool::new(false));
+    let run = |input: &Value, met: &AtomicBool| {
+        let mut first = true;
+        let mut on_step = |_, _| {
+            if first {
+                first = false;
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while arrived.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                met.store(arrived.load(Ordering::SeqCst) == 2, Ordering::SeqCst);
+            }
+            true
+        };
+        pipeline
+            .run(input.as_object().unwrap(), &mut on_step)
+            .unwrap()
+    };
+    let outputs: Vec<Value> = std::thread::scope(|scope| {
+        let a = scope.spawn(|| run(&style, &met_a));
+        let b = scope.spawn(|| run(&detail, &met_b));
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    assert!(met_a.into_inner() && met_b.into_inner());
+    assert_eq!(outputs[0]["loras"][0]["scale"], 0.7);
+    assert_eq!(outputs[1]["loras"][0]["scale"], 1.3);
+}
+
+#[test]
 fn loras_that_do_not_fit_are_clear_errors() {
     let setup = setup();
     let config = setup.components.transformer.config();

@@ -2,7 +2,7 @@
 //! defaults, aspect ratios and manifest presets), validation with size suggestions,
 //! and the prediction result (images as base64 with their seed and timings).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use kiln_registry::{Manifest, ResolvedModel};
 use serde_json::{Map, Value, json};
@@ -321,7 +321,7 @@ struct Loaded {
 
 /// A loaded FLUX model.
 pub struct FluxPipeline {
-    components: Mutex<Loaded>,
+    components: RwLock<Loaded>,
     /// How LoRAs apply unless a request says otherwise (`lora_mode` in the
     /// model's config: `runtime` or `fused`).
     default_lora_mode: LoraMode,
@@ -419,7 +419,7 @@ impl FluxPipeline {
             lora_settings: lora::sources::LoraSettings::default(),
             input_sources: InputSources::default(),
             dtype,
-            components: Mutex::new(Loaded {
+            components: RwLock::new(Loaded {
                 weights,
                 fused: None,
             }),
@@ -655,22 +655,39 @@ impl FluxPipeline {
             None => self.default_lora_mode,
         };
         let loras = self.resolve_loras(input)?;
-        let mut loaded = self
-            .components
-            .lock()
-            .map_err(|_| PipelineError::Execution("the model is unusable after a panic".into()))?;
-        match (mode, &loras) {
-            (LoraMode::Fused, Some(loras)) => {
-                Self::fuse(&mut loaded, Some((&loras.key, &loras.adapters)))?;
-            }
-            _ => {
-                Self::fuse(&mut loaded, None)?;
-                request.adapters = loras.as_ref().map(|l| Arc::clone(&l.adapters));
-            }
+        fn poisoned<E>(_: E) -> PipelineError {
+            PipelineError::Execution("the model is unusable after a panic".into())
         }
-        let generated = match &loaded.weights {
-            Weights::Resident(components) => generate(&components.models(), &request, on_step)?,
-            Weights::Offloaded(parts) => generate(parts, &request, on_step)?,
+        let run = |loaded: &Loaded,
+                   request: &GenerationRequest,
+                   on_step: &mut dyn FnMut(usize, usize) -> bool| {
+            match &loaded.weights {
+                Weights::Resident(components) => generate(&components.models(), request, on_step),
+                Weights::Offloaded(parts) => generate(parts, request, on_step),
+            }
+        };
+        let generated = match (mode, &loras) {
+            // Fusing rewrites the shared weights: one such request at a time.
+            (LoraMode::Fused, Some(loras)) => {
+                let mut loaded = self.components.write().map_err(poisoned)?;
+                Self::fuse(&mut loaded, Some((&loras.key, &loras.adapters)))?;
+                run(&loaded, &request, on_step)?
+            }
+            // Runtime LoRAs (and none) only read the weights, the adapters
+            // being per thread: requests with different LoRAs run side by side.
+            _ => {
+                request.adapters = loras.as_ref().map(|l| Arc::clone(&l.adapters));
+                loop {
+                    let loaded = self.components.read().map_err(poisoned)?;
+                    if loaded.fused.is_none() {
+                        break run(&loaded, &request, on_step)?;
+                    }
+                    drop(loaded);
+                    // A fused LoRA is left in the weights: take it out first.
+                    let mut loaded = self.components.write().map_err(poisoned)?;
+                    Self::fuse(&mut loaded, None)?;
+                }
+            }
         };
         let started = std::time::Instant::now();
         let images = to_rgb_images(&generated.images)?;

@@ -3,7 +3,7 @@
 //! defaults and presets from the manifest, validation with size suggestions,
 //! and the result (images as base64 with their seed, sampler and timings).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use candle_core::DType;
 use kiln_registry::{Manifest, ResolvedModel};
@@ -248,7 +248,7 @@ pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
 
 /// A loaded SDXL model.
 pub struct SdxlPipeline {
-    components: Mutex<SdxlComponents>,
+    components: RwLock<SdxlComponents>,
     /// The layers LoRAs may target, by name.
     lora_targets: crate::lora::LoraTargets,
     /// Where LoRA sources may come from (read from the environment at load).
@@ -312,7 +312,7 @@ impl SdxlPipeline {
             lora_settings: crate::lora::sources::LoraSettings::default(),
             input_sources: InputSources::default(),
             dtype: components.dtype,
-            components: Mutex::new(components),
+            components: RwLock::new(components),
             interface: ModelInterface {
                 pipeline: PIPELINE_KIND.into(),
                 inputs: InputSpec::Fields(schema),
@@ -513,9 +513,11 @@ impl SdxlPipeline {
             crate::lora::adapters(&[(file, scale)], &self.lora_targets, None, self.dtype)
         })?;
         request.adapters = loras.as_ref().map(|l| Arc::clone(&l.adapters));
+        // Generation only reads the weights (LoRAs apply at run time, per
+        // thread): requests run side by side, up to the model's concurrency.
         let components = self
             .components
-            .lock()
+            .read()
             .map_err(|_| PipelineError::Execution("the model is unusable after a panic".into()))?;
         let generated = generate(&components, &request, on_step)?;
         let mut images = to_rgb_images(&generated.images)?;
