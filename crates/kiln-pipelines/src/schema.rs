@@ -356,6 +356,13 @@ fn check_value(field: &FieldSpec, value: &Value) -> Result<Value, FieldProblem> 
                     items.len()
                 )));
             }
+            // The schema promises objects: anything else is named by index.
+            if let Some(index) = items.iter().position(|item| !item.is_object()) {
+                return Err(constraint(format!(
+                    "item {index} must be an object, got {}",
+                    items[index]
+                )));
+            }
             Ok(value.clone())
         }
     }
@@ -406,6 +413,29 @@ mod tests {
             Value::Object(out),
             json!({"prompt": "a cat", "num_outputs": 1, "output_format": "png"})
         );
+    }
+
+    #[test]
+    fn list_items_must_be_objects() {
+        let schema = InputSchema {
+            fields: vec![FieldSpec::new(
+                "loras",
+                "LoRAs",
+                FieldKind::List { max_items: Some(4) },
+                Some(json!([])),
+            )],
+        };
+        let bad = json!({"loras": [{"source": "a"}, null]});
+        let err = schema
+            .validate(bad.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("loras") && err.contains("item 1 must be an object"),
+            "{err}"
+        );
+        let good = json!({"loras": [{"source": "a"}]});
+        assert!(schema.validate(good.as_object().unwrap()).is_ok());
     }
 
     #[test]
