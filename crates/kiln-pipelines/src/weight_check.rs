@@ -34,28 +34,21 @@ pub fn check_weight_files(dir: &Path) -> Result<usize, String> {
                 relative(dir, file)
             ));
         }
-        match extension.as_str() {
-            "safetensors" => {
-                WeightFiles::open(file).map_err(|e| {
-                    format!(
-                        "{}: {}",
-                        relative(dir, file),
-                        strip_path(&e.to_string(), file)
-                    )
-                })?;
-                checked += 1;
-            }
-            "gguf" => {
-                GgufFile::open(file).map_err(|e| {
-                    format!(
-                        "{}: {}",
-                        relative(dir, file),
-                        strip_path(&e.to_string(), file)
-                    )
-                })?;
-                checked += 1;
-            }
-            _ => {}
+        // Each format's own reader parses the header; its error names the file.
+        let parsed = match extension.as_str() {
+            "safetensors" => Some(WeightFiles::open(file).map(|_| ())),
+            "gguf" => Some(GgufFile::open(file).map(|_| ())),
+            _ => None,
+        };
+        if let Some(parsed) = parsed {
+            parsed.map_err(|e| {
+                format!(
+                    "{}: {}",
+                    relative(dir, file),
+                    strip_path(&e.to_string(), file)
+                )
+            })?;
+            checked += 1;
         }
     }
     if dir.is_dir() {

@@ -54,9 +54,10 @@ fn mlflow_routes() -> Router<Arc<AppState>> {
         .route("/api/2.0/serving-endpoints", get(databricks::list))
         .route("/api/2.0/serving-endpoints/", get(databricks::list))
         .route("/api/2.0/serving-endpoints/{name}", get(databricks::get))
+        // Scored as MLflow's per-model route scores (same shapes, same errors).
         .route(
             "/serving-endpoints/{name}/invocations",
-            post(databricks::invocations),
+            post(mlflow::model_invocations),
         )
         .route(
             "/.well-known/databricks-config",

@@ -8,14 +8,10 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::mlflow::score;
 use crate::state::{AppState, LoadState, ServedModel};
 
 /// One served model as a Databricks serving endpoint.
@@ -70,19 +66,6 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Response {
 pub async fn get(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
     match state.model(&name) {
         Ok(model) => Json(endpoint(&state, &model)).into_response(),
-        Err(error) => error.mlflow(),
-    }
-}
-
-/// `POST /serving-endpoints/{name}/invocations`: MLflow scoring of that model.
-pub async fn invocations(
-    State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match state.model(&name) {
-        Ok(model) => score(&state, &model, &headers, body).await,
         Err(error) => error.mlflow(),
     }
 }

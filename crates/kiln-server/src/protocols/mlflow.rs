@@ -85,7 +85,7 @@ pub async fn model_invocations(
     }
 }
 
-pub(crate) async fn score(
+async fn score(
     state: &AppState,
     model: &Arc<ServedModel>,
     headers: &HeaderMap,
