@@ -76,20 +76,32 @@ def metric(server, name: str, model: str) -> float:
 
 def test_concurrent_requests_are_batched_and_equal_their_sequential_answers(batching_server, client):
     alone = [complete(client, p).choices[0].text for p in PROMPTS]
-    steps_before = metric(batching_server, "kiln_llm_batch_size_count", "qwen")
-    sequences_before = metric(batching_server, "kiln_llm_batch_size_sum", "qwen")
-    barrier = threading.Barrier(len(PROMPTS))
 
-    def at_once(prompt: str) -> str:
-        barrier.wait()
-        return complete(client, prompt).choices[0].text
+    def one_round() -> float:
+        steps_before = metric(batching_server, "kiln_llm_batch_size_count", "qwen")
+        sequences_before = metric(batching_server, "kiln_llm_batch_size_sum", "qwen")
+        barrier = threading.Barrier(len(PROMPTS))
 
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = list(pool.map(at_once, PROMPTS))
-    assert together == alone
-    steps = metric(batching_server, "kiln_llm_batch_size_count", "qwen") - steps_before
-    sequences = metric(batching_server, "kiln_llm_batch_size_sum", "qwen") - sequences_before
-    assert sequences / steps > 1.5, "the concurrent requests were not batched"
+        def at_once(prompt: str) -> str:
+            barrier.wait()
+            return complete(client, prompt).choices[0].text
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(at_once, PROMPTS))
+        assert together == alone
+        steps = metric(batching_server, "kiln_llm_batch_size_count", "qwen") - steps_before
+        sequences = metric(batching_server, "kiln_llm_batch_size_sum", "qwen") - sequences_before
+        return sequences / steps
+
+    # Sequences per engine step: exactly 1.0 for an engine that does not batch,
+    # whatever the timing. On a loaded 2-core machine the requests may reach
+    # the server too far apart to share steps in one round, so up to three.
+    ratios = []
+    for _ in range(3):
+        ratios.append(one_round())
+        if ratios[-1] > 1.5:
+            break
+    assert max(ratios) > 1.5, f"the concurrent requests were not batched: {ratios}"
 
 
 def test_repeated_system_prompt_reports_cached_tokens(batching_server, client):

@@ -11,15 +11,21 @@ use candle_nn::var_builder::SimpleBackend;
 
 use crate::error::{EngineError, Result};
 
-const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
+/// Extensions of weight files that are Python pickles (or zips of them).
+pub const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
 
-fn refuse_pickle(path: &Path) -> Result<()> {
+/// Whether `path` names a pickle weight file by its extension (any case).
+pub fn has_pickle_extension(path: &Path) -> bool {
     let extension = path
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if PICKLE_EXTENSIONS.contains(&extension.as_str()) {
+    PICKLE_EXTENSIONS.contains(&extension.as_str())
+}
+
+fn refuse_pickle(path: &Path) -> Result<()> {
+    if has_pickle_extension(path) {
         return Err(EngineError::PickleRefused {
             path: path.to_path_buf(),
         });

@@ -10,9 +10,6 @@ use kiln_engine::gguf::GgufFile;
 use kiln_engine::weights::WeightFiles;
 use serde_json::Value;
 
-/// Extensions of weight formats that are Python pickles (or zips of them).
-const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
-
 /// Check every weight file under `dir` (or the one file `dir` names).
 /// Returns how many weight files were checked.
 pub fn check_weight_files(dir: &Path) -> Result<usize, String> {
@@ -28,7 +25,7 @@ pub fn check_weight_files(dir: &Path) -> Result<usize, String> {
             .and_then(|e| e.to_str())
             .unwrap_or("")
             .to_ascii_lowercase();
-        if PICKLE_EXTENSIONS.contains(&extension.as_str()) {
+        if kiln_engine::weights::has_pickle_extension(file) {
             return Err(format!(
                 "{}: pickle weights can run code when loaded; Kiln reads only safetensors and GGUF (convert it, or leave it out of the folder)",
                 relative(dir, file)

@@ -51,12 +51,7 @@ pub fn read(path: &Path) -> Result<LoraFile, LoraError> {
         path: shown.clone(),
         message,
     };
-    let extension = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if matches!(extension.as_str(), "ckpt" | "pt" | "pth" | "bin" | "pkl") {
+    if kiln_engine::weights::has_pickle_extension(path) {
         return Err(LoraError::Unsupported(format!(
             "{shown} is a pickle checkpoint; Kiln reads only .safetensors (pickle can run code)"
         )));
