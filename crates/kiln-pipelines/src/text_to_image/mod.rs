@@ -1,10 +1,14 @@
-//! Text-to-image pipelines and what they share (schedulers).
+//! Text-to-image pipelines and what they share: schedulers, prompt
+//! tokenizers, generation timings and callbacks, image input and output.
 
+mod clip_bpe;
 pub mod flux;
+pub mod generation;
 pub mod image_io;
 pub(crate) mod loading;
 pub mod schedulers;
 pub mod sdxl;
+pub mod tokenizer;
 
 /// A seed for requests without one: splitmix64 of the clock, in torch's 32-bit range.
 pub fn random_seed() -> u64 {

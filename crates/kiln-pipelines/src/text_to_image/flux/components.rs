@@ -8,10 +8,11 @@
 use std::path::{Path, PathBuf};
 
 use super::generate::{FluxModels, FluxParts, Part};
-use super::prompt::{PromptTokenizer, TextEncoders};
+use super::prompt::TextEncoders;
 use crate::error::PipelineError;
 use crate::text_to_image::loading::{open, read_json, var_builder};
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
+use crate::text_to_image::tokenizer::PromptTokenizer;
 use candle_core::{DType, Device};
 use kiln_engine::KeyAdapter;
 use kiln_models::clip::{ClipTextConfig, ClipTextModel};

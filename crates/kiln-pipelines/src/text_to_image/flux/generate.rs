@@ -14,6 +14,7 @@ use kiln_models::vae::AutoencoderKl;
 
 use super::prompt::{PromptEmbeddings, TextEncoders};
 use crate::error::PipelineError;
+pub use crate::text_to_image::generation::{StepCallback, Timings};
 use crate::text_to_image::loading::decode_images;
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 
@@ -39,22 +40,11 @@ pub struct GenerationRequest {
     pub adapters: Option<std::sync::Arc<kiln_engine::lora::AdapterSet>>,
 }
 
-/// Per-stage wall time, reported with every result.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Timings {
-    pub text_encoding_s: f64,
-    pub denoising_s: f64,
-    pub vae_s: f64,
-}
-
 /// What a generation produces: images as (B, H, W, 3) floats in [0, 1].
 pub struct Generated {
     pub images: Tensor,
     pub timings: Timings,
 }
-
-/// Called after each denoising step with (step, total); returning false cancels.
-pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
 
 /// The loaded model parts the loop needs.
 pub struct FluxModels<'a> {

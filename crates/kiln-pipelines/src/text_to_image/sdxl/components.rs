@@ -17,9 +17,9 @@ use kiln_models::unet::{UNet2DConditionModel, UNetConfig, ldm_unet_adapter, ldm_
 use kiln_models::vae::{AutoencoderKl, VaeConfig, detect_vae_layout};
 
 use super::defaults;
-use crate::text_to_image::flux::PromptTokenizer;
 use crate::text_to_image::loading::{open, read_json, var_builder};
 use crate::text_to_image::schedulers::DiscreteConfig;
+use crate::text_to_image::tokenizer::PromptTokenizer;
 
 /// Everything an SDXL generation needs, loaded.
 pub struct SdxlComponents {

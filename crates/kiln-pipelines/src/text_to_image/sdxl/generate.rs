@@ -20,7 +20,7 @@ use kiln_models::unet::AddedConditioning;
 
 use super::components::SdxlComponents;
 use crate::error::PipelineError;
-use crate::text_to_image::flux::{StepCallback, Timings};
+use crate::text_to_image::generation::{StepCallback, Timings};
 use crate::text_to_image::loading::decode_images;
 use crate::text_to_image::schedulers::SamplerKind;
 
