@@ -3,6 +3,7 @@
 
 mod clip_bpe;
 pub mod flux;
+pub mod front;
 pub mod generation;
 pub mod image_io;
 pub(crate) mod loading;

@@ -10,17 +10,15 @@ use serde_json::{Map, Value, json};
 use super::components::{FluxComponents, OffloadedFlux};
 use super::generate::{GenerationRequest, generate};
 use crate::contract::ProgressFn;
-use crate::contract::{InputSpec, ModelInterface, Pipeline, PredictRequest, Prediction};
+use crate::contract::{ModelInterface, Pipeline, PredictRequest, Prediction};
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
-use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::lora;
 use crate::lora::request::ResolvedLoras;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::settings::ModelSettings;
+use crate::text_to_image::front::ImageFront;
 use crate::text_to_image::image_io::images_json;
-use crate::text_to_image::image_io::{
-    InputSources, OutputFormat, image_tensor, read_image, to_rgb_images,
-};
+use crate::text_to_image::image_io::{OutputFormat, image_tensor, read_image, to_rgb_images};
 use crate::text_to_image::{predict_fields, random_seed};
 
 /// The manifest `pipeline` value for FLUX models.
@@ -330,15 +328,9 @@ pub struct FluxPipeline {
     transformer_config: kiln_models::flux::FluxConfig,
     /// The linear layers LoRAs may target, by name.
     lora_targets: lora::LoraTargets,
-    /// Where LoRA sources may come from (read from the environment at load).
-    lora_settings: lora::sources::LoraSettings,
-    /// Where input images may come from.
-    input_sources: InputSources,
     dtype: candle_core::DType,
-    interface: ModelInterface,
-    presets: Map<String, Value>,
-    max_pixels: usize,
-    model_name: String,
+    /// Interface, presets, limits and sources, as every image family has them.
+    front: ImageFront,
 }
 
 /// Load a `text_to_image/flux` model from its folder.
@@ -406,18 +398,9 @@ impl FluxPipeline {
         model_name: String,
     ) -> Self {
         let defaults = VariantDefaults::for_guidance_model(transformer_config.guidance_embeds);
-        let presets: Map<String, Value> = manifest.presets.clone().into_iter().collect();
-        let preset_names: Vec<String> = presets.keys().cloned().collect();
-        let max_pixels = manifest.config["max_pixels"]
-            .as_u64()
-            .map(|v| v as usize)
-            .unwrap_or(DEFAULT_MAX_PIXELS);
-        let schema = input_schema(defaults, &preset_names);
         FluxPipeline {
             transformer_config,
             lora_targets,
-            lora_settings: lora::sources::LoraSettings::default(),
-            input_sources: InputSources::default(),
             dtype,
             components: RwLock::new(Loaded {
                 weights,
@@ -427,29 +410,13 @@ impl FluxPipeline {
                 .as_str()
                 .and_then(LoraMode::parse)
                 .unwrap_or(LoraMode::Runtime),
-            interface: ModelInterface {
-                pipeline: PIPELINE_KIND.into(),
-                inputs: InputSpec::Fields(schema),
-                params: InputSchema::default(),
-                outputs: Signature {
-                    inputs: vec![ColumnSpec {
-                        name: "images".into(),
-                        column_type: ColumnType::String,
-                        required: true,
-                    }],
-                    outputs: vec![],
-                },
-            },
-            presets,
-            max_pixels,
-            model_name,
-        }
-    }
-
-    fn schema(&self) -> &InputSchema {
-        match &self.interface.inputs {
-            InputSpec::Fields(schema) => schema,
-            InputSpec::Columns(_) => unreachable!("FLUX takes fields"),
+            front: ImageFront::new(
+                PIPELINE_KIND,
+                manifest,
+                DEFAULT_MAX_PIXELS,
+                model_name,
+                |presets| input_schema(defaults, presets),
+            ),
         }
     }
 
@@ -458,16 +425,10 @@ impl FluxPipeline {
         &self,
         input: &Map<String, Value>,
     ) -> Result<(GenerationRequest, OutputFormat, u8), PipelineError> {
-        let mut merged = Map::new();
-        if let Some(name) = input.get("preset").and_then(Value::as_str)
-            && let Some(Value::Object(preset)) = self.presets.get(name)
-        {
-            merged.extend(preset.clone());
-        }
-        merged.extend(input.clone());
+        let merged = self.front.with_preset(input);
         // Schema problems and the size rules below are reported together.
         let mut problems = Vec::new();
-        let values = match self.schema().validate(&merged) {
+        let values = match self.front.schema().validate(&merged) {
             Ok(values) => values,
             Err(PipelineError::InvalidInput(found)) => {
                 problems = found;
@@ -502,20 +463,25 @@ impl FluxPipeline {
         };
         let width = size("width", ratio_w);
         let height = size("height", ratio_h);
-        if width * height > self.max_pixels {
+        if width * height > self.front.max_pixels {
             problems.push(FieldProblem::new(
                 "width",
                 ProblemKind::Constraint,
                 format!(
                     "{width}x{height} is {} pixels; the limit is {}",
                     width * height,
-                    self.max_pixels
+                    self.front.max_pixels
                 ),
             ));
         }
         let init_image = match get_s("image").filter(|_| problems.is_empty()) {
             Some(text) => {
-                match read_image("image", &text, &self.input_sources, self.max_pixels as u64) {
+                match read_image(
+                    "image",
+                    &text,
+                    &self.front.input_sources,
+                    self.front.max_pixels as u64,
+                ) {
                     Ok(image) => Some(image),
                     Err(PipelineError::InvalidInput(mut p)) => {
                         problems.append(&mut p);
@@ -565,7 +531,7 @@ impl FluxPipeline {
         &self,
         input: &Map<String, Value>,
     ) -> Result<Option<ResolvedLoras>, PipelineError> {
-        lora::request::resolve(input, &self.lora_settings, &|file, scale| {
+        lora::request::resolve(input, &self.front.lora_settings, &|file, scale| {
             lora::flux_adapters(
                 &[(file, scale)],
                 &self.lora_targets,
@@ -628,13 +594,12 @@ impl FluxPipeline {
 
     /// Use `settings` for LoRA sources instead of the environment's.
     pub fn set_lora_settings(&mut self, settings: lora::sources::LoraSettings) {
-        self.lora_settings = settings;
+        self.front.lora_settings = settings;
     }
 
     /// Where inputs and LoRAs may come from, as the model's settings say.
     pub fn set_settings(&mut self, settings: &ModelSettings) {
-        self.lora_settings = settings.lora.clone();
-        self.input_sources = settings.input.clone();
+        self.front.set_settings(settings);
     }
 
     /// Generate with a per-step callback (progress; return false to cancel).
@@ -692,19 +657,13 @@ impl FluxPipeline {
         let started = std::time::Instant::now();
         let images = to_rgb_images(&generated.images)?;
         let encoded = images_json(&images, format, quality)?;
-        let mut output = json!({
-            "model": self.model_name,
-            "images": encoded,
-            "seed": request.seed,
-            "width": request.width,
-            "height": request.height,
-            "timings": {
-                "text_encoding_s": generated.timings.text_encoding_s,
-                "denoising_s": generated.timings.denoising_s,
-                "vae_decode_s": generated.timings.vae_s,
-                "encode_s": started.elapsed().as_secs_f64(),
-            },
-        });
+        let mut output = self.front.result(
+            encoded,
+            request.seed,
+            (request.width, request.height),
+            &generated.timings,
+            &[("encode_s", started.elapsed().as_secs_f64())],
+        );
         if let Some(loras) = loras {
             output["loras"] = loras.report;
             output["lora_mode"] = json!(mode.name());
@@ -715,7 +674,7 @@ impl FluxPipeline {
 
 impl Pipeline for FluxPipeline {
     fn interface(&self) -> &ModelInterface {
-        &self.interface
+        self.front.interface()
     }
 
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {

@@ -11,15 +11,13 @@ use serde_json::{Map, Value, json};
 
 use super::components::SdxlComponents;
 use super::generate::{SdxlRequest, generate};
-use crate::contract::{
-    InputSpec, ModelInterface, Pipeline, PredictRequest, Prediction, ProgressFn,
-};
+use crate::contract::{ModelInterface, Pipeline, PredictRequest, Prediction, ProgressFn};
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
-use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
+use crate::text_to_image::front::ImageFront;
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
-    InputSources, OutputFormat, image_tensor, mask_tensor, read_image, to_rgb_images,
+    OutputFormat, image_tensor, mask_tensor, read_image, to_rgb_images,
 };
 use crate::text_to_image::schedulers::SamplerKind;
 use crate::text_to_image::{predict_fields, random_seed};
@@ -251,18 +249,12 @@ pub struct SdxlPipeline {
     components: RwLock<SdxlComponents>,
     /// The layers LoRAs may target, by name.
     lora_targets: crate::lora::LoraTargets,
-    /// Where LoRA sources may come from (read from the environment at load).
-    lora_settings: crate::lora::sources::LoraSettings,
-    /// Where input images may come from.
-    input_sources: InputSources,
     dtype: DType,
-    interface: ModelInterface,
-    presets: Map<String, Value>,
-    max_pixels: usize,
+    /// Interface, presets, limits and sources, as every image family has them.
+    front: ImageFront,
     /// Sizes must be multiples of this: 8 (diffusers' rule) or the VAE's scale
     /// factor when that is larger.
     size_multiple: usize,
-    model_name: String,
 }
 
 /// Load a `text_to_image/sdxl` model from its folder (`KILN_DEVICE`, `KILN_DTYPE`).
@@ -301,43 +293,20 @@ impl SdxlPipeline {
         default_size: usize,
         model_name: String,
     ) -> Self {
-        let presets: Map<String, Value> = manifest.presets.clone().into_iter().collect();
-        let preset_names: Vec<String> = presets.keys().cloned().collect();
         let defaults = SdxlDefaults::from_config(&manifest.config, default_size);
-        let schema = input_schema(&defaults, &preset_names);
         let size_multiple = components.vae_scale_factor().max(8);
         SdxlPipeline {
             size_multiple,
             lora_targets: components.lora_targets(),
-            lora_settings: crate::lora::sources::LoraSettings::default(),
-            input_sources: InputSources::default(),
             dtype: components.dtype,
             components: RwLock::new(components),
-            interface: ModelInterface {
-                pipeline: PIPELINE_KIND.into(),
-                inputs: InputSpec::Fields(schema),
-                params: InputSchema::default(),
-                outputs: Signature {
-                    inputs: vec![ColumnSpec {
-                        name: "images".into(),
-                        column_type: ColumnType::String,
-                        required: true,
-                    }],
-                    outputs: vec![],
-                },
-            },
-            presets,
-            max_pixels: manifest.config["max_pixels"]
-                .as_u64()
-                .map_or(DEFAULT_MAX_PIXELS, |v| v as usize),
-            model_name,
-        }
-    }
-
-    fn schema(&self) -> &InputSchema {
-        match &self.interface.inputs {
-            InputSpec::Fields(schema) => schema,
-            InputSpec::Columns(_) => unreachable!("SDXL takes fields"),
+            front: ImageFront::new(
+                PIPELINE_KIND,
+                manifest,
+                DEFAULT_MAX_PIXELS,
+                model_name,
+                |presets| input_schema(&defaults, presets),
+            ),
         }
     }
 
@@ -346,22 +315,16 @@ impl SdxlPipeline {
         &self,
         input: &Map<String, Value>,
     ) -> Result<(SdxlRequest, OutputFormat, u8), PipelineError> {
-        let mut merged = Map::new();
-        if let Some(name) = input.get("preset").and_then(Value::as_str)
-            && let Some(Value::Object(preset)) = self.presets.get(name)
-        {
-            merged.extend(preset.clone());
-        }
-        merged.extend(input.clone());
-        let values = self.schema().validate(&merged)?;
+        let merged = self.front.with_preset(input);
+        let values = self.front.schema().validate(&merged)?;
         let int = |k: &str| values.get(k).and_then(Value::as_i64);
         let num = |k: &str| values.get(k).and_then(Value::as_f64);
         let text = |k: &str| values.get(k).and_then(Value::as_str).map(str::to_string);
         let mut problems = Vec::new();
-        let sources = &self.input_sources;
+        let sources = &self.front.input_sources;
         // Headers only: every cheap check runs before any pixel is decoded.
         let mut read = |key: &str| match text(key) {
-            Some(value) => match read_image(key, &value, sources, self.max_pixels as u64) {
+            Some(value) => match read_image(key, &value, sources, self.front.max_pixels as u64) {
                 Ok(image) => Some(image),
                 Err(PipelineError::InvalidInput(mut found)) => {
                     problems.append(&mut found);
@@ -399,14 +362,14 @@ impl SdxlPipeline {
             value as usize
         };
         let (width, height) = (size("width"), size("height"));
-        if width * height > self.max_pixels {
+        if width * height > self.front.max_pixels {
             problems.push(FieldProblem::new(
                 "width",
                 ProblemKind::Constraint,
                 format!(
                     "{width}x{height} is {} pixels; the limit is {}",
                     width * height,
-                    self.max_pixels
+                    self.front.max_pixels
                 ),
             ));
         }
@@ -493,13 +456,12 @@ impl SdxlPipeline {
 
     /// Use `settings` for LoRA sources instead of the environment's.
     pub fn set_lora_settings(&mut self, settings: crate::lora::sources::LoraSettings) {
-        self.lora_settings = settings;
+        self.front.lora_settings = settings;
     }
 
     /// Where inputs and LoRAs may come from, as the model's settings say.
     pub fn set_settings(&mut self, settings: &crate::settings::ModelSettings) {
-        self.lora_settings = settings.lora.clone();
-        self.input_sources = settings.input.clone();
+        self.front.set_settings(settings);
     }
 
     /// Generate with a per-step callback (progress; return false to cancel).
@@ -509,9 +471,10 @@ impl SdxlPipeline {
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Value, PipelineError> {
         let (mut request, format, quality) = self.prepare(input)?;
-        let loras = crate::lora::request::resolve(input, &self.lora_settings, &|file, scale| {
-            crate::lora::adapters(&[(file, scale)], &self.lora_targets, None, self.dtype)
-        })?;
+        let loras =
+            crate::lora::request::resolve(input, &self.front.lora_settings, &|file, scale| {
+                crate::lora::adapters(&[(file, scale)], &self.lora_targets, None, self.dtype)
+            })?;
         request.adapters = loras.as_ref().map(|l| Arc::clone(&l.adapters));
         // Generation only reads the weights (LoRAs apply at run time, per
         // thread): requests run side by side, up to the model's concurrency.
@@ -546,22 +509,18 @@ impl SdxlPipeline {
         drop(components);
         let started = std::time::Instant::now();
         let encoded = images_json(&images, format, quality)?;
-        let mut output = json!({
-            "model": self.model_name,
-            "images": encoded,
-            "seed": request.seed,
-            "width": request.width,
-            "height": request.height,
-            "scheduler": input.get("scheduler").cloned().unwrap_or(json!(null)),
-            "nsfw_filtered": filtered,
-            "timings": {
-                "safety_s": safety_s,
-                "text_encoding_s": generated.timings.text_encoding_s,
-                "denoising_s": generated.timings.denoising_s,
-                "vae_decode_s": generated.timings.vae_s,
-                "encode_s": started.elapsed().as_secs_f64(),
-            },
-        });
+        let mut output = self.front.result(
+            encoded,
+            request.seed,
+            (request.width, request.height),
+            &generated.timings,
+            &[
+                ("safety_s", safety_s),
+                ("encode_s", started.elapsed().as_secs_f64()),
+            ],
+        );
+        output["scheduler"] = input.get("scheduler").cloned().unwrap_or(json!(null));
+        output["nsfw_filtered"] = json!(filtered);
         if let Some(loras) = loras {
             output["loras"] = loras.report;
         }
@@ -571,7 +530,7 @@ impl SdxlPipeline {
 
 impl Pipeline for SdxlPipeline {
     fn interface(&self) -> &ModelInterface {
-        &self.interface
+        self.front.interface()
     }
 
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {

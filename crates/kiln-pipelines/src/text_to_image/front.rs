@@ -1,0 +1,128 @@
+//! What every text-to-image pipeline shares around its own model: the
+//! interface (an object of fields in, `images` out), presets merged under the
+//! request's explicit fields, the pixel limit, where input images and LoRAs
+//! may come from, and the result's common part (model, images, seed, size,
+//! per-stage timings). A model family adds its schema fields, its components
+//! and its denoising loop.
+
+use kiln_registry::Manifest;
+use serde_json::{Map, Value, json};
+
+use crate::contract::{InputSpec, ModelInterface};
+use crate::frame::{ColumnSpec, ColumnType, Signature};
+use crate::lora::sources::LoraSettings;
+use crate::schema::InputSchema;
+use crate::settings::ModelSettings;
+use crate::text_to_image::generation::Timings;
+use crate::text_to_image::image_io::InputSources;
+
+/// The family-independent half of a text-to-image pipeline.
+pub struct ImageFront {
+    interface: ModelInterface,
+    schema: InputSchema,
+    presets: Map<String, Value>,
+    /// Largest image, in pixels (the manifest's `max_pixels`).
+    pub max_pixels: usize,
+    /// The name results report.
+    pub model_name: String,
+    /// Where LoRA sources may come from.
+    pub lora_settings: LoraSettings,
+    /// Where input images may come from.
+    pub input_sources: InputSources,
+}
+
+impl ImageFront {
+    /// The front of a `kind` pipeline: `schema` gets the manifest's preset
+    /// names (for its `preset` field); `max_pixels` from the manifest's config,
+    /// else `default_max_pixels`. Sources start closed until
+    /// [`ImageFront::set_settings`].
+    pub fn new(
+        kind: &str,
+        manifest: &Manifest,
+        default_max_pixels: usize,
+        model_name: String,
+        schema: impl FnOnce(&[String]) -> InputSchema,
+    ) -> Self {
+        let presets: Map<String, Value> = manifest.presets.clone().into_iter().collect();
+        let preset_names: Vec<String> = presets.keys().cloned().collect();
+        let schema = schema(&preset_names);
+        ImageFront {
+            interface: ModelInterface {
+                pipeline: kind.into(),
+                inputs: InputSpec::Fields(schema.clone()),
+                params: InputSchema::default(),
+                outputs: Signature {
+                    inputs: vec![ColumnSpec {
+                        name: "images".into(),
+                        column_type: ColumnType::String,
+                        required: true,
+                    }],
+                    outputs: vec![],
+                },
+            },
+            schema,
+            presets,
+            max_pixels: manifest.config["max_pixels"]
+                .as_u64()
+                .map_or(default_max_pixels, |v| v as usize),
+            model_name,
+            lora_settings: LoraSettings::default(),
+            input_sources: InputSources::default(),
+        }
+    }
+
+    pub fn interface(&self) -> &ModelInterface {
+        &self.interface
+    }
+
+    pub fn schema(&self) -> &InputSchema {
+        &self.schema
+    }
+
+    /// The request's fields over its preset's (explicit fields win).
+    pub fn with_preset(&self, input: &Map<String, Value>) -> Map<String, Value> {
+        let mut merged = Map::new();
+        if let Some(name) = input.get("preset").and_then(Value::as_str)
+            && let Some(Value::Object(preset)) = self.presets.get(name)
+        {
+            merged.extend(preset.clone());
+        }
+        merged.extend(input.clone());
+        merged
+    }
+
+    /// Where inputs and LoRAs may come from, as the model's settings say.
+    pub fn set_settings(&mut self, settings: &ModelSettings) {
+        self.lora_settings = settings.lora.clone();
+        self.input_sources = settings.input.clone();
+    }
+
+    /// The result every family returns: `images` (encoded), the `seed`, the
+    /// size and the stage timings, with `stages` (the family's own, e.g. the
+    /// safety checker) added to the timings.
+    pub fn result(
+        &self,
+        images: Vec<Value>,
+        seed: u64,
+        (width, height): (usize, usize),
+        timings: &Timings,
+        stages: &[(&str, f64)],
+    ) -> Value {
+        let mut times = json!({
+            "text_encoding_s": timings.text_encoding_s,
+            "denoising_s": timings.denoising_s,
+            "vae_decode_s": timings.vae_s,
+        });
+        for (name, seconds) in stages {
+            times[*name] = json!(seconds);
+        }
+        json!({
+            "model": self.model_name,
+            "images": images,
+            "seed": seed,
+            "width": width,
+            "height": height,
+            "timings": times,
+        })
+    }
+}
