@@ -329,13 +329,15 @@ pub fn images_json(
         .iter()
         .map(|image| {
             let bytes = encode_image(image, format, quality)?;
-            Ok(serde_json::json!({
-                "base64": to_base64(&bytes),
-                "mime_type": format.mime(),
-                "format": format.name(),
-                "width": image.width(),
-                "height": image.height(),
-            }))
+            let encoded = super::result::OutputImage {
+                base64: to_base64(&bytes),
+                mime_type: format.mime().into(),
+                format: format.name().into(),
+                width: image.width(),
+                height: image.height(),
+            };
+            serde_json::to_value(encoded)
+                .map_err(|e| PipelineError::Execution(format!("encoding the result: {e}")))
         })
         .collect()
 }

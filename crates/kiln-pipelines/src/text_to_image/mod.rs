@@ -7,6 +7,7 @@ pub mod front;
 pub mod generation;
 pub mod image_io;
 pub(crate) mod loading;
+pub mod result;
 pub mod schedulers;
 pub mod sdxl;
 pub mod tokenizer;

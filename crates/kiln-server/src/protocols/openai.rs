@@ -228,36 +228,30 @@ fn link_base(headers: &HeaderMap, mount: &str) -> String {
 /// `data` as OpenAI returns it: `b64_json`, or with `links` (the store and
 /// the links' base) a `url` that serves the image for an hour.
 fn images_body(job: &Job, links: Option<(&crate::image_links::ImageLinks, &str)>) -> Value {
-    let images = job
+    let result = job
         .output
         .as_ref()
-        .and_then(|o| o.get("images"))
-        .and_then(Value::as_array)
-        .cloned()
+        .and_then(kiln_pipelines::text_to_image::result::ImageResult::from_output);
+    let images = result
+        .as_ref()
+        .map(|r| r.images.as_slice())
         .unwrap_or_default();
     let data: Vec<Value> = images
         .iter()
-        .map(|i| {
-            let b64 = i["base64"].as_str().unwrap_or_default();
-            match links {
-                Some((store, base)) => {
-                    use base64::Engine;
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(b64)
-                        .unwrap_or_default();
-                    let token = store.put(bytes, i["mime_type"].as_str().unwrap_or("image/png"));
-                    json!({"url": format!("{base}{token}")})
-                }
-                None => json!({"b64_json": b64}),
+        .map(|image| match links {
+            Some((store, base)) => {
+                let token = store.put(image.bytes(), &image.mime_type);
+                json!({"url": format!("{base}{token}")})
             }
+            None => json!({"b64_json": image.base64}),
         })
         .collect();
     let mut body = json!({
         "created": job.created_at / 1000,
         "data": data,
     });
-    if let Some(seed) = job.output.as_ref().and_then(|o| o.get("seed")) {
-        body["seed"] = seed.clone();
+    if let Some(seed) = result.and_then(|r| r.seed) {
+        body["seed"] = json!(seed);
     }
     body
 }

@@ -26,6 +26,7 @@ use crate::error::ApiError;
 use crate::jobs::{InputProblem, Job, JobError, JobEvent, JobOptions, JobStatus, Protocol};
 use crate::metrics::labelled;
 use crate::state::{AppState, ServedModel};
+use kiln_pipelines::text_to_image::result::{ImageResult, OutputImage};
 
 /// `/runsync` waits this long by default, and at most `MAX_WAIT_MS`.
 const DEFAULT_WAIT_MS: u64 = 90_000;
@@ -75,10 +76,12 @@ fn error_text(error: &JobError) -> String {
 /// A FLUX-style output (`images: [{base64, width, height}]`) in the shorts
 /// handler's shape, with the LoRA report; other outputs unchanged.
 pub fn render_output(job: &Job, output: &Value) -> Value {
-    let Some(images) = output.get("images").and_then(Value::as_array) else {
+    let Some(result) = ImageResult::from_output(output) else {
         return output.clone();
     };
-    let image = |i: &Value| json!({"image_base64": i["base64"], "width": i["width"], "height": i["height"]});
+    let images = &result.images;
+    let image =
+        |i: &OutputImage| json!({"image_base64": i.base64, "width": i.width, "height": i.height});
     let mut body = Map::new();
     body.insert("status".into(), json!("success"));
     body.insert(
@@ -86,8 +89,8 @@ pub fn render_output(job: &Job, output: &Value) -> Value {
         job.input.get("prompt").cloned().unwrap_or(Value::Null),
     );
     body.insert("model".into(), json!(job.model));
-    if let Some(seed) = output.get("seed") {
-        body.insert("seed".into(), seed.clone());
+    if let Some(seed) = result.seed {
+        body.insert("seed".into(), json!(seed));
     }
     if let Some(first) = images.first() {
         body.insert("image".into(), image(first));

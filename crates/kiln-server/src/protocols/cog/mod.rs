@@ -99,19 +99,8 @@ fn cog_status(status: JobStatus) -> &'static str {
 
 /// Images as data URLs (Cog's file outputs); other outputs unchanged.
 pub fn render_output(output: &Value) -> Value {
-    match output.get("images").and_then(Value::as_array) {
-        Some(images) => images
-            .iter()
-            .map(|i| {
-                json!(format!(
-                    "data:{};base64,{}",
-                    i["mime_type"]
-                        .as_str()
-                        .unwrap_or("application/octet-stream"),
-                    i["base64"].as_str().unwrap_or_default()
-                ))
-            })
-            .collect(),
+    match kiln_pipelines::text_to_image::result::ImageResult::from_output(output) {
+        Some(result) => result.images.iter().map(|i| json!(i.data_url())).collect(),
         None => output.clone(),
     }
 }
