@@ -55,6 +55,13 @@ pub struct FluxConfig {
     pub guidance_embeds: bool,
     #[serde(default = "axes")]
     pub axes_dims_rope: Vec<usize>,
+    /// RoPE base (FLUX.1: 10000; diffusers' config names it where it differs).
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+}
+
+fn rope_theta() -> f64 {
+    10000.0
 }
 
 impl FluxConfig {
@@ -72,6 +79,12 @@ impl FluxConfig {
         self.out_channels.unwrap_or(self.in_channels)
     }
 
+    /// Channels of the VAE latents the transformer sees packed in 2×2 patches
+    /// (FLUX.1: 64 / 4 = 16).
+    pub fn latent_channels(&self) -> usize {
+        self.in_channels / 4
+    }
+
     /// Check internal consistency, naming the offending field.
     pub fn validate(&self) -> Result<(), String> {
         if self.patch_size != 1 {
@@ -87,6 +100,18 @@ impl FluxConfig {
                 self.axes_dims_rope, self.attention_head_dim
             ));
         }
+        if !self.in_channels.is_multiple_of(4) || self.in_channels == 0 {
+            return Err(format!(
+                "in_channels {} must be a positive multiple of 4 (2×2 packed latents)",
+                self.in_channels
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(format!(
+                "rope_theta {} must be a finite number above 1",
+                self.rope_theta
+            ));
+        }
         if self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
             return Err(format!(
                 "axes_dims_rope {:?} must all be even",
@@ -94,5 +119,42 @@ impl FluxConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod rope_and_latent_tests {
+    use super::*;
+
+    #[test]
+    fn rope_theta_and_latent_channels_come_from_the_config() {
+        let flux1: FluxConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!((flux1.rope_theta, flux1.latent_channels()), (10000.0, 16));
+        let other: FluxConfig = serde_json::from_str(
+            r#"{"in_channels": 128, "rope_theta": 2000, "attention_head_dim": 128,
+                "axes_dims_rope": [32, 32, 32, 32]}"#,
+        )
+        .unwrap();
+        assert_eq!((other.rope_theta, other.latent_channels()), (2000.0, 32));
+        other.validate().unwrap();
+        let bad: FluxConfig = serde_json::from_str(r#"{"in_channels": 6}"#).unwrap();
+        assert!(bad.validate().unwrap_err().contains("in_channels"));
+    }
+
+    #[test]
+    fn rope_takes_as_many_coordinates_as_it_has_axes() {
+        let device = candle_core::Device::Cpu;
+        let four = vec![[0.0, 1.0, 2.0, 3.0]; 5];
+        let rope = crate::flux::model::Rope::new(&four, &[4, 4, 4, 4], 2000.0, &device);
+        assert!(rope.is_ok());
+        let three = vec![[0.0, 1.0, 2.0]; 5];
+        let err = crate::flux::model::Rope::new(&three, &[4, 4, 4, 4], 2000.0, &device)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("3 coordinates") && err.contains("4 axes"),
+            "{err}"
+        );
     }
 }

@@ -42,12 +42,26 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// From position ids (seq × axes), theta 10000, per-axis dims.
-    pub fn new(ids: &[[f64; 3]], axes: &[usize], theta: f64, device: &Device) -> Result<Self> {
+    /// From position ids (one row of as many coordinates as `axes` has per
+    /// token: FLUX.1 three, FLUX.2 four), the RoPE base and per-axis dims.
+    pub fn new<P: AsRef<[f64]>>(
+        ids: &[P],
+        axes: &[usize],
+        theta: f64,
+        device: &Device,
+    ) -> Result<Self> {
         let half: usize = axes.iter().sum::<usize>() / 2;
         let mut cos = Vec::with_capacity(ids.len() * half);
         let mut sin = Vec::with_capacity(ids.len() * half);
         for position in ids {
+            let position = position.as_ref();
+            if position.len() != axes.len() {
+                candle_core::bail!(
+                    "a position id has {} coordinates, the RoPE has {} axes",
+                    position.len(),
+                    axes.len()
+                );
+            }
             for (axis, &dim) in axes.iter().enumerate() {
                 for i in 0..dim / 2 {
                     let freq = 1.0 / theta.powf((2 * i) as f64 / dim as f64);
@@ -408,7 +422,12 @@ impl FluxTransformer {
                     .forward(&timestep_embedding(&(guidance * 1000.0)?, 256)?.to_dtype(dtype)?)?)?;
         }
         let temb = (temb + self.text_embedder.forward(pooled)?)?;
-        let rope = Rope::new(ids, &self.config.axes_dims_rope, 10000.0, img.device())?;
+        let rope = Rope::new(
+            ids,
+            &self.config.axes_dims_rope,
+            self.config.rope_theta,
+            img.device(),
+        )?;
         let mut img = self.x_embedder.forward(img)?;
         let mut txt = self.context_embedder.forward(txt)?;
         for block in &self.double_blocks {

@@ -175,6 +175,10 @@ impl FluxParts for OffloadedFlux {
         &self.scheduler
     }
 
+    fn config(&self) -> &FluxConfig {
+        OffloadedFlux::config(self)
+    }
+
     fn device(&self) -> &Device {
         &self.device
     }

@@ -80,6 +80,8 @@ pub trait FluxParts {
     fn transformer(&self) -> Result<Part<'_, FluxTransformer>, PipelineError>;
     fn vae(&self) -> Result<Part<'_, AutoencoderKl>, PipelineError>;
     fn scheduler(&self) -> &FlowMatchEulerConfig;
+    /// The transformer's config (known without loading its weights).
+    fn config(&self) -> &kiln_models::flux::FluxConfig;
     fn device(&self) -> &Device;
     fn dtype(&self) -> DType;
 }
@@ -99,6 +101,10 @@ impl FluxParts for FluxModels<'_> {
 
     fn scheduler(&self) -> &FlowMatchEulerConfig {
         self.scheduler
+    }
+
+    fn config(&self) -> &kiln_models::flux::FluxConfig {
+        self.transformer.config()
     }
 
     fn device(&self) -> &Device {
@@ -147,8 +153,9 @@ fn generate_with_active_adapters(
 
     let started = Instant::now();
     let batch = request.num_outputs;
+    // FLUX.1: the VAE's 8× down-scaling, then 2×2 patches of its latents.
     let (latent_h, latent_w) = (2 * (request.height / 16), 2 * (request.width / 16));
-    let shape = (batch, 16, latent_h, latent_w);
+    let shape = (batch, models.config().latent_channels(), latent_h, latent_w);
     let mut generator = TorchGenerator::new(request.seed);
     let image_seq_len = (latent_h / 2) * (latent_w / 2);
     let schedule = models.scheduler().schedule(request.steps, image_seq_len);

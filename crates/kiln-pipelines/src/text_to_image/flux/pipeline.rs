@@ -307,7 +307,7 @@ enum Weights {
     /// Every part loaded on the device.
     Resident(Box<FluxComponents>),
     /// Model CPU offload: each part on the device for its stage only.
-    Offloaded(OffloadedFlux),
+    Offloaded(Box<OffloadedFlux>),
 }
 
 /// The model's weights and which LoRA set is fused into them now.
@@ -380,7 +380,7 @@ impl FluxPipeline {
         let config = parts.config().clone();
         let dtype = parts.dtype();
         Self::with_weights(
-            Weights::Offloaded(parts),
+            Weights::Offloaded(Box::new(parts)),
             config,
             lora_targets,
             dtype,
@@ -628,7 +628,7 @@ impl FluxPipeline {
                    on_step: &mut dyn FnMut(usize, usize) -> bool| {
             match &loaded.weights {
                 Weights::Resident(components) => generate(&components.models(), request, on_step),
-                Weights::Offloaded(parts) => generate(parts, request, on_step),
+                Weights::Offloaded(parts) => generate(parts.as_ref(), request, on_step),
             }
         };
         let generated = match (mode, &loras) {
