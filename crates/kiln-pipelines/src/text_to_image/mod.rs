@@ -2,6 +2,7 @@
 //! tokenizers, generation timings and callbacks, image input and output.
 
 mod clip_bpe;
+pub mod flow_loop;
 pub mod flux;
 pub mod front;
 pub mod generation;

@@ -14,6 +14,7 @@ use kiln_models::vae::AutoencoderKl;
 
 use super::prompt::{PromptEmbeddings, TextEncoders};
 use crate::error::PipelineError;
+use crate::text_to_image::flow_loop::{Conditioning, VelocityModel, denoise};
 pub use crate::text_to_image::generation::{StepCallback, Timings};
 use crate::text_to_image::loading::decode_images;
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
@@ -195,7 +196,7 @@ fn generate_with_active_adapters(
                 .map_err(run)?
         }
     };
-    let mut latents = pack_latents(&latents)
+    let latents = pack_latents(&latents)
         .map_err(run)?
         .to_dtype(dtype)
         .map_err(run)?;
@@ -223,46 +224,22 @@ fn generate_with_active_adapters(
     } else {
         None
     };
-    let total = request.steps - start_step;
-    for (done, step) in (start_step..request.steps).enumerate() {
-        // diffusers passes timestep/1000 and the model multiplies by 1000 again.
-        let t = schedule.timesteps[step] / 1000.0;
-        let timestep = Tensor::from_vec(vec![t; batch], batch, device).map_err(run)?;
-        let predict = |sequence: &Tensor, pooled: &Tensor| {
-            transformer
-                .forward(
-                    &latents,
-                    sequence,
-                    &ids,
-                    &timestep,
-                    guidance.as_ref(),
-                    pooled,
-                )
-                .map_err(run)
-        };
-        let mut velocity = predict(&sequence, &pooled)?;
-        if let Some((negative_sequence, negative_pooled)) = &negative {
-            let unconditional = predict(negative_sequence, negative_pooled)?;
-            velocity = (&unconditional
-                + ((velocity - &unconditional).map_err(run)? * request.true_cfg_scale)
-                    .map_err(run)?)
-            .map_err(run)?;
-        }
-        let dt = schedule.sigmas[step + 1] - schedule.sigmas[step];
-        let step_size = Tensor::new(dt, device).map_err(run)?;
-        latents = (latents.to_dtype(DType::F32).map_err(run)?
-            + velocity
-                .to_dtype(DType::F32)
-                .map_err(run)?
-                .broadcast_mul(&step_size)
-                .map_err(run)?)
-        .map_err(run)?
-        .to_dtype(dtype)
-        .map_err(run)?;
-        if !on_step(done + 1, total) {
-            return Err(PipelineError::Stopped);
-        }
-    }
+    let velocity_model = FluxVelocity {
+        transformer: &transformer,
+        ids: &ids,
+        guidance: guidance.as_ref(),
+        prompt: (&sequence, &pooled),
+        negative: negative.as_ref().map(|(s, p)| (s, p)),
+        batch,
+    };
+    let latents = denoise(
+        &velocity_model,
+        latents,
+        &schedule,
+        start_step,
+        request.true_cfg_scale,
+        on_step,
+    )?;
     drop(transformer);
     let denoising_s = started.elapsed().as_secs_f64();
 
@@ -285,6 +262,52 @@ fn generate_with_active_adapters(
             vae_s: started.elapsed().as_secs_f64(),
         },
     })
+}
+
+/// FLUX.1's transformer as the shared loop's velocity model: the prompt's
+/// (or negative's) T5 sequence and CLIP pooled output, the position ids, and
+/// the guidance embedding for guidance-distilled models.
+struct FluxVelocity<'a> {
+    transformer: &'a FluxTransformer,
+    ids: &'a [[f64; 3]],
+    guidance: Option<&'a Tensor>,
+    prompt: (&'a Tensor, &'a Tensor),
+    negative: Option<(&'a Tensor, &'a Tensor)>,
+    batch: usize,
+}
+
+impl VelocityModel for FluxVelocity<'_> {
+    fn velocity(
+        &self,
+        latents: &Tensor,
+        timestep: f32,
+        conditioning: Conditioning,
+    ) -> Result<Tensor, PipelineError> {
+        let run =
+            |e: candle_core::Error| PipelineError::Execution(format!("denoising failed: {e}"));
+        let (sequence, pooled) = match (conditioning, self.negative) {
+            (Conditioning::Negative, Some(negative)) => negative,
+            _ => self.prompt,
+        };
+        // diffusers passes timestep/1000 and the model multiplies by 1000 again.
+        let t = timestep / 1000.0;
+        let timestep =
+            Tensor::from_vec(vec![t; self.batch], self.batch, latents.device()).map_err(run)?;
+        self.transformer
+            .forward(
+                latents,
+                sequence,
+                self.ids,
+                &timestep,
+                self.guidance,
+                pooled,
+            )
+            .map_err(run)
+    }
+
+    fn has_negative(&self) -> bool {
+        self.negative.is_some()
+    }
 }
 
 /// Generate images for `request` (its LoRA adapters, if any, are active only for
