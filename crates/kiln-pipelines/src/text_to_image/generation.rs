@@ -1,5 +1,37 @@
-//! What every text-to-image generation loop reports: per-stage timings and
-//! the per-step callback (progress, and cancellation when it returns false).
+//! What every text-to-image generation loop shares: the prompt-encoder seam
+//! (a family's text encoders turn one prompt into its conditioning), per-stage
+//! timings, and the per-step callback (progress, and cancellation when it
+//! returns false).
+
+use candle_core::{Device, Tensor};
+
+use crate::error::PipelineError;
+
+/// What one prompt becomes for a denoiser: hidden states per token
+/// (1, tokens, width) and a pooled vector (1, width).
+pub struct PromptConditioning {
+    pub sequence: Tensor,
+    pub pooled: Tensor,
+}
+
+/// The request's knobs a family's encoders may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptOptions {
+    /// Tokens of the sequence encoder (FLUX's T5; fixed-length CLIPs ignore it).
+    pub max_sequence_length: usize,
+    /// CLIP layers skipped from the end (SDXL's `clip_skip`).
+    pub clip_skip: usize,
+}
+
+/// A family's text encoders, as the shared pipeline sees them.
+pub trait PromptEncoder {
+    fn condition(
+        &self,
+        prompt: &str,
+        options: PromptOptions,
+        device: &Device,
+    ) -> Result<PromptConditioning, PipelineError>;
+}
 
 /// Per-stage wall time, reported with every result.
 #[derive(Debug, Clone, Default, PartialEq)]

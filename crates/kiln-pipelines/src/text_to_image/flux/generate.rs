@@ -15,6 +15,7 @@ use kiln_models::vae::AutoencoderKl;
 use super::prompt::{PromptEmbeddings, TextEncoders};
 use crate::error::PipelineError;
 use crate::text_to_image::flow_loop::{Conditioning, VelocityModel, denoise};
+use crate::text_to_image::generation::{PromptEncoder, PromptOptions};
 pub use crate::text_to_image::generation::{StepCallback, Timings};
 use crate::text_to_image::loading::decode_images;
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
@@ -142,10 +143,14 @@ fn generate_with_active_adapters(
     let device = models.device();
     let dtype = models.dtype();
     let text = models.text()?;
-    let embeddings = text.encode(&request.prompt, request.max_sequence_length, device)?;
+    let options = PromptOptions {
+        max_sequence_length: request.max_sequence_length,
+        clip_skip: 0,
+    };
+    let embeddings = text.condition(&request.prompt, options, device)?;
     let negative = match &request.negative_prompt {
         Some(prompt) if request.true_cfg_scale > 1.0 => {
-            Some(text.encode(prompt, request.max_sequence_length, device)?)
+            Some(text.condition(prompt, options, device)?)
         }
         _ => None,
     };

@@ -7,15 +7,12 @@ use kiln_models::clip::ClipTextModel;
 use kiln_models::t5::T5Encoder;
 
 use crate::error::PipelineError;
+use crate::text_to_image::generation::{PromptConditioning, PromptEncoder, PromptOptions};
 use crate::text_to_image::tokenizer::{CLIP_LENGTH, PromptTokenizer};
 
-/// The two text conditionings FLUX takes.
-pub struct PromptEmbeddings {
-    /// T5 hidden states, (1, max_sequence_length, joint_dim).
-    pub sequence: Tensor,
-    /// CLIP pooled output, (1, pooled_dim).
-    pub pooled: Tensor,
-}
+/// The two text conditionings FLUX takes: T5 hidden states
+/// (1, max_sequence_length, joint_dim) and CLIP's pooled output.
+pub type PromptEmbeddings = PromptConditioning;
 
 /// Both text encoders with their tokenizers.
 pub struct TextEncoders {
@@ -46,5 +43,16 @@ impl TextEncoders {
         let t5_ids = Tensor::from_vec(t5_ids, (1, max_sequence_length), device).map_err(run)?;
         let sequence = self.t5.forward(&t5_ids).map_err(run)?;
         Ok(PromptEmbeddings { sequence, pooled })
+    }
+}
+
+impl PromptEncoder for TextEncoders {
+    fn condition(
+        &self,
+        prompt: &str,
+        options: PromptOptions,
+        device: &Device,
+    ) -> Result<PromptConditioning, PipelineError> {
+        self.encode(prompt, options.max_sequence_length, device)
     }
 }

@@ -20,7 +20,9 @@ use kiln_models::unet::AddedConditioning;
 
 use super::components::SdxlComponents;
 use crate::error::PipelineError;
-use crate::text_to_image::generation::{StepCallback, Timings};
+use crate::text_to_image::generation::{
+    PromptConditioning, PromptEncoder, PromptOptions, StepCallback, Timings,
+};
 use crate::text_to_image::loading::decode_images;
 use crate::text_to_image::schedulers::SamplerKind;
 
@@ -101,6 +103,20 @@ pub fn encode_prompt(
     Ok((context, pooled))
 }
 
+/// SDXL's two CLIPs behind the shared seam (the penultimate layer, or
+/// `clip_skip` more, of each, side by side; the second's projected pool).
+impl PromptEncoder for SdxlComponents {
+    fn condition(
+        &self,
+        prompt: &str,
+        options: PromptOptions,
+        _device: &candle_core::Device,
+    ) -> Result<PromptConditioning, PipelineError> {
+        let (sequence, pooled) = encode_prompt(self, prompt, options.clip_skip)?;
+        Ok(PromptConditioning { sequence, pooled })
+    }
+}
+
 /// diffusers' `rescale_noise_cfg`: scale the guided prediction to the text
 /// prediction's standard deviation (unbiased, per image), blended by `amount`.
 fn rescale(guided: &Tensor, text: &Tensor, amount: f64) -> candle_core::Result<Tensor> {
@@ -137,7 +153,14 @@ fn generate_with_active_adapters(
     let dtype = components.dtype;
     let started = Instant::now();
     let cfg = request.guidance_scale > 1.0;
-    let (context, pooled) = encode_prompt(components, &request.prompt, request.clip_skip)?;
+    let options = PromptOptions {
+        max_sequence_length: TOKENS,
+        clip_skip: request.clip_skip,
+    };
+    let PromptConditioning {
+        sequence: context,
+        pooled,
+    } = components.condition(&request.prompt, options, device)?;
     let negative = if !cfg {
         None
     } else {
@@ -146,11 +169,11 @@ fn generate_with_active_adapters(
                 context.zeros_like().map_err(run)?,
                 pooled.zeros_like().map_err(run)?,
             )),
-            text => Some(encode_prompt(
-                components,
-                text.as_deref().unwrap_or(""),
-                request.clip_skip,
-            )?),
+            text => {
+                let negative =
+                    components.condition(text.as_deref().unwrap_or(""), options, device)?;
+                Some((negative.sequence, negative.pooled))
+            }
         }
     };
     let n = request.num_outputs;
