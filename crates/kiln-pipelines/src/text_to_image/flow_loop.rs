@@ -105,54 +105,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn euler_steps_with_and_without_true_cfg() {
+    /// The result of denoising 2.0 from `start` with a model that has (or
+    /// has not) a negative conditioning, CFG scale 4, stopping when `go` says.
+    fn run_from(negative: bool, start: usize, go: bool) -> Result<f32, PipelineError> {
         let schedule = FlowMatchSchedule {
             sigmas: vec![1.0, 0.5, 0.0],
             timesteps: vec![1000.0, 500.0],
         };
-        let x = Tensor::new(&[2.0f32], &Device::Cpu).unwrap();
-        // x ← x + v·dt with v = x, dt = −0.5 twice: 2 → 1 → 0.5.
-        let plain = denoise(
-            &Linear { negative: false },
-            x.clone(),
-            &schedule,
-            0,
-            4.0,
-            &mut |_, _| true,
-        )
-        .unwrap();
-        assert_eq!(plain.to_vec1::<f32>().unwrap(), [0.5]);
-        // v = 3x + 4(x − 3x) = −5x: 2 → 2 + 5 = 7 → 7 + 17.5 = 24.5.
-        let guided = denoise(
-            &Linear { negative: true },
-            x.clone(),
-            &schedule,
-            0,
-            4.0,
-            &mut |_, _| true,
-        )
-        .unwrap();
-        assert_eq!(guided.to_vec1::<f32>().unwrap(), [24.5]);
-        // From step 1 only, and a callback that stops it.
-        let late = denoise(
-            &Linear { negative: false },
-            x.clone(),
-            &schedule,
-            1,
-            4.0,
-            &mut |_, _| true,
-        )
-        .unwrap();
-        assert_eq!(late.to_vec1::<f32>().unwrap(), [1.0]);
-        let stopped = denoise(
-            &Linear { negative: false },
+        let x = Tensor::new(&[2.0f32], &Device::Cpu).map_err(run)?;
+        let out = denoise(
+            &Linear { negative },
             x,
             &schedule,
-            0,
+            start,
             4.0,
-            &mut |_, _| false,
-        );
-        assert!(matches!(stopped, Err(PipelineError::Stopped)));
+            &mut |_, _| go,
+        )?;
+        Ok(out.to_vec1::<f32>().map_err(run)?[0])
+    }
+
+    #[test]
+    fn euler_steps_with_and_without_true_cfg() {
+        // x ← x + v·dt with v = x, dt = −0.5 twice: 2 → 1 → 0.5.
+        assert_eq!(run_from(false, 0, true).unwrap(), 0.5);
+        // v = 3x + 4(x − 3x) = −5x: 2 → 2 + 5 = 7 → 7 + 17.5 = 24.5.
+        assert_eq!(run_from(true, 0, true).unwrap(), 24.5);
+        // From step 1 only; and a callback that stops it.
+        assert_eq!(run_from(false, 1, true).unwrap(), 1.0);
+        assert!(matches!(
+            run_from(false, 0, false),
+            Err(PipelineError::Stopped)
+        ));
     }
 }
