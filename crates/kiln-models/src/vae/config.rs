@@ -96,6 +96,17 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// The decoder's widths when they differ from the encoder's
+    /// (`AutoencoderKLFlux2`'s `decoder_block_out_channels`).
+    #[serde(default)]
+    pub decoder_block_out_channels: Option<Vec<usize>>,
+    /// FLUX.2's latent BatchNorm epsilon (`AutoencoderKLFlux2`).
+    #[serde(default = "batch_norm_eps")]
+    pub batch_norm_eps: f64,
+}
+
+fn batch_norm_eps() -> f64 {
+    1e-4
 }
 
 impl VaeConfig {
@@ -109,6 +120,13 @@ impl VaeConfig {
             .validate()
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
         Ok(config)
+    }
+
+    /// The decoder's widths, top level last (as `block_out_channels`).
+    pub fn decoder_channels(&self) -> &[usize] {
+        self.decoder_block_out_channels
+            .as_deref()
+            .unwrap_or(&self.block_out_channels)
     }
 
     /// Number of resolution levels (one per entry of `block_out_channels`).
@@ -130,6 +148,20 @@ impl VaeConfig {
         if levels > 16 {
             return Err(format!(
                 "block_out_channels has {levels} levels (at most 16)"
+            ));
+        }
+        if let Some(decoder) = &self.decoder_block_out_channels
+            && decoder.len() != levels
+        {
+            return Err(format!(
+                "decoder_block_out_channels has {} entries, block_out_channels {levels}",
+                decoder.len()
+            ));
+        }
+        if !(self.batch_norm_eps.is_finite() && self.batch_norm_eps > 0.0) {
+            return Err(format!(
+                "batch_norm_eps {} must be positive",
+                self.batch_norm_eps
             ));
         }
         if self.down_block_types.len() != levels {

@@ -129,7 +129,7 @@ struct Decoder {
 
 impl Decoder {
     fn load(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
-        let reversed: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
+        let reversed: Vec<usize> = config.decoder_channels().iter().rev().copied().collect();
         let groups = config.norm_num_groups;
         let levels = reversed.len();
         let top = reversed[0];
