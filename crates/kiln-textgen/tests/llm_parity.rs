@@ -163,6 +163,44 @@ fn qwen3_hidden_states_match_output_hidden_states() {
     }
 }
 
+#[test]
+fn qwen3_hidden_states_of_a_padded_prompt_match_transformers_with_its_mask() {
+    // fixtures/llm/generate_padded_hidden.py: 12 real tokens and 6 pads, as
+    // FLUX.2's pipeline pads its prompt; pad rows read the real tokens only.
+    let model = load(ModelSource::Folder(fixtures().join("tiny-qwen3")));
+    let tensors = candle_core::safetensors::load(
+        fixtures().join("tiny-qwen3/reference/padded_hidden.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids: Vec<u32> = tensors["ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let valid = tensors["valid"].to_vec1::<i64>().unwrap()[0] as usize;
+    let states = model.model.padded_hidden_states(&ids, valid).unwrap();
+    assert_eq!(states.len(), 3);
+    for (k, state) in states.iter().enumerate() {
+        let c = kiln_engine::parity::compare(state, &tensors[&format!("layer{k}")]).unwrap();
+        assert!(
+            c.cosine_distance <= 1e-6 && c.max_abs <= 1e-4,
+            "layer {k}: cosine distance {:e}, max abs {:e}",
+            c.cosine_distance,
+            c.max_abs
+        );
+    }
+    // Without the mask the pad rows would differ: the test sees the mask.
+    let unmasked = model.model.hidden_states(&ids).unwrap();
+    let c = kiln_engine::parity::compare(&unmasked[2], &tensors["layer2"]).unwrap();
+    assert!(
+        c.max_abs > 1e-3,
+        "pads attending to pads should change the pad rows"
+    );
+    assert!(model.model.padded_hidden_states(&ids, 0).is_err());
+}
+
 /// GGUF: the f32 file at the folder's tolerance; quantized ones by KL.
 fn check_gguf(folder: &str, file: &str, max_kl: Option<f64>) {
     let name = format!("{folder}:{file}");

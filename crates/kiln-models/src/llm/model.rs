@@ -235,6 +235,7 @@ impl CausalLm {
         tokens: &[u32],
         cache: &mut SequenceCache,
         mut keep: Option<&mut Vec<Tensor>>,
+        keys_valid: usize,
     ) -> Result<Tensor> {
         if tokens.is_empty() {
             candle_core::bail!("no tokens to run");
@@ -249,7 +250,9 @@ impl CausalLm {
             }
             let residual = &x;
             let normed = layer.input_norm.forward(&x)?;
-            let attended = layer.attention.forward(&normed, &cos, &sin, start, kv)?;
+            let attended = layer
+                .attention
+                .forward(&normed, &cos, &sin, start, kv, keys_valid)?;
             x = layer.finish(residual, &attended, Projection::Shared)?;
         }
         cache.len += len;
@@ -268,7 +271,7 @@ impl CausalLm {
 
     /// Feed `tokens` and return the logits `(vocab,)` for the token after them.
     pub fn next_logits(&self, tokens: &[u32], cache: &mut SequenceCache) -> Result<Tensor> {
-        let hidden = self.run(tokens, cache, None)?;
+        let hidden = self.run(tokens, cache, None, usize::MAX)?;
         let last = hidden.narrow(0, tokens.len() - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
         logits.squeeze(0)?.to_dtype(DType::F32)
@@ -276,7 +279,7 @@ impl CausalLm {
 
     /// Feed `tokens` and return the logits `(len, vocab)` at every position.
     pub fn all_logits(&self, tokens: &[u32], cache: &mut SequenceCache) -> Result<Tensor> {
-        let hidden = self.run(tokens, cache, None)?;
+        let hidden = self.run(tokens, cache, None, usize::MAX)?;
         self.lm_head
             .forward(&self.norm.forward(&hidden)?)?
             .to_dtype(DType::F32)
@@ -286,9 +289,20 @@ impl CausalLm {
     /// each layer's output, and (last) the final normed output; `layers + 1` tensors
     /// of `(len, hidden)`. Text encoders (FLUX.2's Qwen3) read these.
     pub fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<Tensor>> {
+        self.padded_hidden_states(tokens, tokens.len())
+    }
+
+    /// As [`CausalLm::hidden_states`] for a sequence right-padded after its
+    /// first `valid` tokens, with transformers' attention mask: no query
+    /// attends to a pad key, so pad positions read the real tokens only (what
+    /// FLUX.2's pipeline feeds its transformer, pads included).
+    pub fn padded_hidden_states(&self, tokens: &[u32], valid: usize) -> Result<Vec<Tensor>> {
+        if valid == 0 || valid > tokens.len() {
+            candle_core::bail!("{valid} valid tokens of {}: need 1 to all", tokens.len());
+        }
         let mut cache = self.new_cache();
         let mut states = Vec::with_capacity(self.layers.len() + 1);
-        let last = self.run(tokens, &mut cache, Some(&mut states))?;
+        let last = self.run(tokens, &mut cache, Some(&mut states), valid)?;
         states.push(self.norm.forward(&last)?);
         Ok(states)
     }
@@ -372,6 +386,7 @@ impl Attention {
         sin: &Tensor,
         start: usize,
         kv: &mut KvCache,
+        keys_valid: usize,
     ) -> Result<Tensor> {
         let (b, len, _) = x.dims3()?;
         let d = self.head_dim;
@@ -389,7 +404,11 @@ impl Attention {
         let q = q.reshape((b, self.kv_heads, groups * len, d))?;
         let scale = 1.0 / (d as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
-        if let Some(mask) = causal_mask(len, start, total, self.window, groups, x.device())? {
+        let visible = Visible {
+            window: self.window,
+            keys_valid,
+        };
+        if let Some(mask) = causal_mask(len, start, total, visible, groups, x.device())? {
             scores = scores.broadcast_add(&mask)?;
         }
         let probabilities = activation::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
@@ -402,19 +421,29 @@ impl Attention {
     }
 }
 
+/// Which keys a query may see besides the earlier ones: those inside the
+/// sliding window, and none at or past `keys_valid` (right padding).
+#[derive(Debug, Clone, Copy)]
+struct Visible {
+    window: Option<usize>,
+    keys_valid: usize,
+}
+
 /// The additive mask `(groups · len, total)` for queries at positions
-/// `start..start + len` over keys `0..total`: future keys, and keys outside the
-/// window (`query − key ≥ window`), get the lowest f32 as transformers' eager
-/// attention adds. `None` when nothing is masked.
+/// `start..start + len` over keys `0..total`: future keys, keys outside the
+/// window (`query − key ≥ window`) and pad keys get the lowest f32 as
+/// transformers' eager attention adds. `None` when nothing is masked.
 fn causal_mask(
     len: usize,
     start: usize,
     total: usize,
-    window: Option<usize>,
+    rules: Visible,
     groups: usize,
     device: &Device,
 ) -> Result<Option<Tensor>> {
-    let visible = |q: usize, k: usize| k <= q && window.is_none_or(|w| q - k < w);
+    let visible = |q: usize, k: usize| {
+        k <= q && k < rules.keys_valid && rules.window.is_none_or(|w| q - k < w)
+    };
     let any_masked = (0..len).any(|i| (0..total).any(|k| !visible(start + i, k)));
     if !any_masked {
         return Ok(None);
