@@ -8,10 +8,20 @@ use candle_core::{Device, Tensor};
 use crate::error::PipelineError;
 
 /// What one prompt becomes for a denoiser: hidden states per token
-/// (1, tokens, width) and a pooled vector (1, width).
+/// (1, tokens, width) and, for families that take one, a pooled vector
+/// (1, width) (FLUX.1 and SDXL do; FLUX.2 does not).
 pub struct PromptConditioning {
     pub sequence: Tensor,
-    pub pooled: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+impl PromptConditioning {
+    /// The pooled vector of a family that needs one.
+    pub fn pooled(&self) -> Result<&Tensor, PipelineError> {
+        self.pooled.as_ref().ok_or_else(|| {
+            PipelineError::Execution("the text encoder gave no pooled output".into())
+        })
+    }
 }
 
 /// The request's knobs a family's encoders may read.

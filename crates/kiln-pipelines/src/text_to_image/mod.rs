@@ -4,6 +4,7 @@
 mod clip_bpe;
 pub mod flow_loop;
 pub mod flux;
+pub mod flux2;
 pub mod front;
 pub mod generation;
 pub mod image_io;

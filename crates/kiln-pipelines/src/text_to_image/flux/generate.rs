@@ -212,7 +212,7 @@ fn generate_with_active_adapters(
                 .repeat((batch, 1, 1))
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(run)?,
-            e.pooled
+            e.pooled()?
                 .repeat((batch, 1))
                 .and_then(|t| t.to_dtype(dtype))
                 .map_err(run)?,

@@ -42,7 +42,10 @@ impl TextEncoders {
         let t5_ids = self.t5_tokenizer.ids(prompt, max_sequence_length)?;
         let t5_ids = Tensor::from_vec(t5_ids, (1, max_sequence_length), device).map_err(run)?;
         let sequence = self.t5.forward(&t5_ids).map_err(run)?;
-        Ok(PromptEmbeddings { sequence, pooled })
+        Ok(PromptEmbeddings {
+            sequence,
+            pooled: Some(pooled),
+        })
     }
 }
 

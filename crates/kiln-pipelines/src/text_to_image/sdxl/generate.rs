@@ -113,7 +113,10 @@ impl PromptEncoder for SdxlComponents {
         _device: &candle_core::Device,
     ) -> Result<PromptConditioning, PipelineError> {
         let (sequence, pooled) = encode_prompt(self, prompt, options.clip_skip)?;
-        Ok(PromptConditioning { sequence, pooled })
+        Ok(PromptConditioning {
+            sequence,
+            pooled: Some(pooled),
+        })
     }
 }
 
@@ -157,10 +160,9 @@ fn generate_with_active_adapters(
         max_sequence_length: TOKENS,
         clip_skip: request.clip_skip,
     };
-    let PromptConditioning {
-        sequence: context,
-        pooled,
-    } = components.condition(&request.prompt, options, device)?;
+    let prompt = components.condition(&request.prompt, options, device)?;
+    let pooled = prompt.pooled()?.clone();
+    let context = prompt.sequence;
     let negative = if !cfg {
         None
     } else {
@@ -172,7 +174,8 @@ fn generate_with_active_adapters(
             text => {
                 let negative =
                     components.condition(text.as_deref().unwrap_or(""), options, device)?;
-                Some((negative.sequence, negative.pooled))
+                let pooled = negative.pooled()?.clone();
+                Some((negative.sequence, pooled))
             }
         }
     };
