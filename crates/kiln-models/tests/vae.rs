@@ -29,6 +29,10 @@
 //! save_file(out, f"{root}/reference/vae_tiled.safetensors")
 //! ```
 
+/// FLUX.2's VAE and latent normalisation (in this binary to save a link).
+#[path = "vae_cases/flux2.rs"]
+mod flux2;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
