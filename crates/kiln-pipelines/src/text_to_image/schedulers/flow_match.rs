@@ -74,6 +74,12 @@ impl FlowMatchEulerConfig {
 
     /// The schedule FluxPipeline builds for `steps` steps over `image_seq_len` tokens.
     pub fn schedule(&self, steps: usize, image_seq_len: usize) -> FlowMatchSchedule {
+        self.schedule_with_mu(steps, self.mu(image_seq_len))
+    }
+
+    /// The schedule for `steps` steps with the dynamic shift `mu` given (FLUX.2
+    /// computes it with [`empirical_mu`]; FLUX.1 with [`FlowMatchEulerConfig::mu`]).
+    pub fn schedule_with_mu(&self, steps: usize, mu: f64) -> FlowMatchSchedule {
         let steps = steps.max(1);
         // np.linspace(1.0, 1/N, N) in float64, then .astype(np.float32)
         let end = 1.0 / steps as f64;
@@ -89,7 +95,7 @@ impl FlowMatchEulerConfig {
             })
             .collect();
         let mut sigmas: Vec<f32> = if self.use_dynamic_shifting {
-            let e = self.mu(image_seq_len).exp() as f32;
+            let e = mu.exp() as f32;
             base.iter()
                 .map(|&t| e / (e + (1.0f32 / t - 1.0f32)))
                 .collect()
@@ -112,6 +118,23 @@ impl FlowMatchEulerConfig {
         sigmas.push(0.0);
         FlowMatchSchedule { sigmas, timesteps }
     }
+}
+
+/// FLUX.2's `compute_empirical_mu`: the dynamic shift from the image token
+/// count and the step count (linear in the steps between fits at 10 and 200
+/// steps, and in the tokens alone past 4300 tokens).
+pub fn empirical_mu(image_seq_len: usize, steps: usize) -> f64 {
+    let (a1, b1) = (8.73809524e-05, 1.89833333);
+    let (a2, b2) = (0.00016927, 0.45666666);
+    let tokens = image_seq_len as f64;
+    if image_seq_len > 4300 {
+        return a2 * tokens + b2;
+    }
+    let m_200 = a2 * tokens + b2;
+    let m_10 = a1 * tokens + b1;
+    let a = (m_200 - m_10) / 190.0;
+    let b = m_200 - 200.0 * a;
+    a * steps as f64 + b
 }
 
 impl FlowMatchSchedule {

@@ -9,7 +9,7 @@ pub mod euler;
 pub mod flow_match;
 
 pub use discrete::{DiscreteConfig, NoiseSource, Sampler, ScheduleError};
-pub use flow_match::{FlowMatchEulerConfig, FlowMatchSchedule};
+pub use flow_match::{FlowMatchEulerConfig, FlowMatchSchedule, empirical_mu};
 
 /// The discrete samplers by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
