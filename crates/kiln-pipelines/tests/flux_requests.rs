@@ -2,6 +2,9 @@
 //! the field and the rule), presets, aspect ratios, reproducible seeds, output
 //! formats, img2img inputs, and load errors that name the missing file.
 
+/// FLUX.2's latent preparation (same binary).
+#[path = "flux2/latents.rs"]
+mod flux2_latents;
 /// FLUX.2's prompt encoder (in this binary to save a link on 2-core CI).
 #[path = "flux2/prompt.rs"]
 mod flux2_prompt;
