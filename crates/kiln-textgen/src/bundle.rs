@@ -196,6 +196,20 @@ impl LanguageModel {
     }
 
     fn load_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self, TextGenError> {
+        Self::load_split(dir, dir, dtype, device)
+    }
+
+    /// A model whose weights and config sit in `model_dir` and whose
+    /// tokenizer files (tokenizer.json, tokenizer_config.json, the chat
+    /// template) sit in `tokenizer_dir`, as diffusers pipelines lay out a text
+    /// encoder (`text_encoder/` and `tokenizer/`).
+    pub fn load_split(
+        model_dir: &Path,
+        tokenizer_dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, TextGenError> {
+        let dir = model_dir;
         let config_path = dir.join("config.json");
         let config_json = read_json(&config_path)?
             .ok_or_else(|| TextGenError::Load(format!("{}: no config.json", dir.display())))?;
@@ -204,12 +218,12 @@ impl LanguageModel {
         let defaults = read_json(&dir.join("generation_config.json"))?
             .map(|g| GenerationDefaults::from_json(&g))
             .unwrap_or_default();
-        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let tokenizer = TextTokenizer::from_file(&tokenizer_dir.join("tokenizer.json"))?;
         let tokenizer_config =
-            read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+            read_json(&tokenizer_dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let bos = token_text(tokenizer_config.get("bos_token"));
         let eos = token_text(tokenizer_config.get("eos_token"));
-        let jinja = dir.join("chat_template.jinja");
+        let jinja = tokenizer_dir.join("chat_template.jinja");
         let source = if jinja.is_file() {
             Some(
                 std::fs::read_to_string(&jinja)

@@ -86,3 +86,55 @@ fn a_hidden_layer_past_the_model_is_refused() {
         .unwrap();
     assert!(err.contains("layer 9") && err.contains("2 layers"), "{err}");
 }
+
+#[test]
+fn a_diffusers_folder_with_text_encoder_and_tokenizer_apart_encodes_the_same() {
+    let source = fixtures().join("llm/tiny-qwen3");
+    let folder = tempfile::tempdir().unwrap();
+    let (encoder_dir, tokenizer_dir) = (
+        folder.path().join("text_encoder"),
+        folder.path().join("tokenizer"),
+    );
+    std::fs::create_dir_all(&encoder_dir).unwrap();
+    std::fs::create_dir_all(&tokenizer_dir).unwrap();
+    for file in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(source.join(file), encoder_dir.join(file)).unwrap();
+    }
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
+        std::fs::copy(source.join(file), tokenizer_dir.join(file)).unwrap();
+    }
+    let from_folder =
+        Qwen3PromptEncoder::load_folder(folder.path(), vec![0, 1, 2], DType::F32, &Device::Cpu)
+            .unwrap();
+    let refs = candle_core::safetensors::load(
+        fixtures().join("flux2/prompt/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let options = PromptOptions {
+        max_sequence_length: 24,
+        clip_skip: 0,
+    };
+    let embeds = from_folder
+        .condition("a photo of a cat", options, &Device::Cpu)
+        .unwrap();
+    let c = parity::compare(&embeds.sequence, &refs["short.embeds"]).unwrap();
+    assert!(
+        c.cosine_distance <= 1e-6,
+        "cosine distance {:e}",
+        c.cosine_distance
+    );
+
+    // A tokenizer folder that names no pad token is a clear error.
+    std::fs::write(tokenizer_dir.join("tokenizer_config.json"), "{}").unwrap();
+    let err =
+        Qwen3PromptEncoder::load_folder(folder.path(), vec![0, 1, 2], DType::F32, &Device::Cpu)
+            .err()
+            .unwrap();
+    assert!(err.contains("pad_token"), "{err}");
+}

@@ -42,6 +42,39 @@ impl Qwen3PromptEncoder {
         Ok(Qwen3PromptEncoder { lm, layers, pad })
     }
 
+    /// From a diffusers FLUX.2 folder: the Qwen3 in `text_encoder/`, its
+    /// tokenizer (pad token, chat template) in `tokenizer/`.
+    pub fn load_folder(
+        folder: &std::path::Path,
+        layers: Vec<usize>,
+        dtype: candle_core::DType,
+        device: &Device,
+    ) -> Result<Self, String> {
+        let tokenizer_dir = folder.join("tokenizer");
+        let lm =
+            LanguageModel::load_split(&folder.join("text_encoder"), &tokenizer_dir, dtype, device)
+                .map_err(|e| e.to_string())?;
+        let config_path = tokenizer_dir.join("tokenizer_config.json");
+        let config = std::fs::read_to_string(&config_path)
+            .ok()
+            .and_then(|t| kiln_engine::json::parse_lenient(&t).ok())
+            .unwrap_or_default();
+        let pad_token = match &config["pad_token"] {
+            serde_json::Value::String(token) => Some(token.clone()),
+            serde_json::Value::Object(token) => token
+                .get("content")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        }
+        .ok_or_else(|| "tokenizer/tokenizer_config.json names no pad_token".to_string())?;
+        let pad = lm
+            .tokenizer
+            .token_id(&pad_token)
+            .ok_or_else(|| format!("the pad token {pad_token:?} is not in the tokenizer"))?;
+        Self::new(lm, layers, pad)
+    }
+
     /// The ids the pipeline feeds and how many of them are real (the rest pads).
     pub fn ids(&self, prompt: &str, length: usize) -> Result<(Vec<u32>, usize), PipelineError> {
         let template = self
