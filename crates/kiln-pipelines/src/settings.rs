@@ -10,11 +10,10 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use kiln_engine::units::parse_bytes;
-use kiln_fetch::{Hub, Policy};
 use serde_json::Value;
 
 use crate::lora::sources::{self, LoraSettings};
-use crate::text_to_image::image_io::{DEFAULT_INPUT_HOSTS, InputSources, MAX_INPUT_DOWNLOAD};
+use crate::text_to_image::image_io::InputSources;
 
 /// Everything a pipeline reads from its environment, resolved for one model.
 #[derive(Debug, Clone)]
@@ -60,14 +59,14 @@ impl Lookup<'_> {
         }
     }
 
-    fn list(&self, key: &str, var: &str, default: &[&str]) -> Vec<String> {
+    fn list(&self, key: &str, var: &str, default: &[String]) -> Vec<String> {
         match self.text(key, var) {
             Some((text, _)) => text
                 .split(|c: char| c == ',' || c.is_whitespace())
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
                 .collect(),
-            None => default.iter().map(|s| s.to_string()).collect(),
+            None => default.to_vec(),
         }
     }
 
@@ -127,58 +126,51 @@ impl ModelSettings {
                 }
             },
         };
-        let input = InputSources {
-            dirs: get.dirs("input_dirs", "KILN_INPUT_DIRS"),
-            policy: Policy {
-                allowed_hosts: get.list(
-                    "input_allowed_hosts",
-                    "KILN_INPUT_ALLOWED_HOSTS",
-                    DEFAULT_INPUT_HOSTS,
-                ),
-                private_hosts: get.list("input_private_hosts", "KILN_INPUT_PRIVATE_HOSTS", &[]),
-                max_bytes: get.bytes(
-                    "input_max_bytes",
-                    "KILN_INPUT_MAX_BYTES",
-                    MAX_INPUT_DOWNLOAD,
-                )?,
-                idle_timeout: std::time::Duration::from_secs(30),
-                ..Policy::default()
-            },
-        };
-        let cache_dir = get
+        // The defaults live with each type; settings only override them.
+        let mut input = InputSources::default();
+        input.dirs = get.dirs("input_dirs", "KILN_INPUT_DIRS");
+        let policy = &mut input.policy;
+        policy.allowed_hosts = get.list(
+            "input_allowed_hosts",
+            "KILN_INPUT_ALLOWED_HOSTS",
+            &policy.allowed_hosts,
+        );
+        policy.private_hosts = get.list(
+            "input_private_hosts",
+            "KILN_INPUT_PRIVATE_HOSTS",
+            &policy.private_hosts,
+        );
+        policy.max_bytes =
+            get.bytes("input_max_bytes", "KILN_INPUT_MAX_BYTES", policy.max_bytes)?;
+
+        let mut lora = LoraSettings::default();
+        lora.dirs = get.dirs("lora_dirs", sources::LORA_DIRS);
+        lora.cache_dir = get
             .text("lora_cache_dir", "KILN_LORA_CACHE_DIR")
             .map(|(dir, _)| PathBuf::from(dir))
             .or_else(|| env("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("kiln/loras")))
             .or_else(|| env("HOME").map(|d| PathBuf::from(d).join(".cache/kiln/loras")))
-            .unwrap_or_else(|| std::env::temp_dir().join("kiln-loras"));
-        let lora_policy = Policy {
-            allowed_hosts: get.list(
-                "lora_allowed_hosts",
-                sources::ALLOWED_HOSTS,
-                sources::DEFAULT_ALLOWED_HOSTS,
-            ),
-            private_hosts: get.list("lora_private_hosts", "KILN_LORA_PRIVATE_HOSTS", &[]),
-            max_bytes: get.bytes(
-                "lora_max_bytes",
-                "KILN_LORA_MAX_BYTES",
-                crate::lora::MAX_LORA_BYTES,
-            )?,
-            ..Policy::default()
-        }
-        .with_token_from_env("civitai.com", &["CIVITAI_TOKEN", "CIVITAI_API_TOKEN"])
-        .with_token_from_env("huggingface.co", &["HF_TOKEN"]);
-        let lora = LoraSettings {
-            dirs: get.dirs("lora_dirs", sources::LORA_DIRS),
-            policy: lora_policy,
-            cache_dir,
-            disk_budget: get.bytes(
-                "lora_disk_cache_bytes",
-                "KILN_LORA_DISK_CACHE_BYTES",
-                20 << 30,
-            )?,
-            hub: Hub::from_env(),
-            civitai: sources::CIVITAI.to_string(),
-        };
+            .unwrap_or(lora.cache_dir);
+        lora.disk_budget = get.bytes(
+            "lora_disk_cache_bytes",
+            "KILN_LORA_DISK_CACHE_BYTES",
+            lora.disk_budget,
+        )?;
+        let policy = &mut lora.policy;
+        policy.allowed_hosts = get.list(
+            "lora_allowed_hosts",
+            sources::ALLOWED_HOSTS,
+            &policy.allowed_hosts,
+        );
+        policy.private_hosts = get.list(
+            "lora_private_hosts",
+            "KILN_LORA_PRIVATE_HOSTS",
+            &policy.private_hosts,
+        );
+        policy.max_bytes = get.bytes("lora_max_bytes", "KILN_LORA_MAX_BYTES", policy.max_bytes)?;
+        lora.policy = std::mem::take(&mut lora.policy)
+            .with_token_from_env("civitai.com", &["CIVITAI_TOKEN", "CIVITAI_API_TOKEN"])
+            .with_token_from_env("huggingface.co", &["HF_TOKEN"]);
         Ok(ModelSettings {
             device,
             dtype,
