@@ -127,8 +127,10 @@ impl ModelSettings {
             },
         };
         // The defaults live with each type; settings only override them.
-        let mut input = InputSources::default();
-        input.dirs = get.dirs("input_dirs", "KILN_INPUT_DIRS");
+        let mut input = InputSources {
+            dirs: get.dirs("input_dirs", "KILN_INPUT_DIRS"),
+            ..InputSources::default()
+        };
         let policy = &mut input.policy;
         policy.allowed_hosts = get.list(
             "input_allowed_hosts",
@@ -143,8 +145,10 @@ impl ModelSettings {
         policy.max_bytes =
             get.bytes("input_max_bytes", "KILN_INPUT_MAX_BYTES", policy.max_bytes)?;
 
-        let mut lora = LoraSettings::default();
-        lora.dirs = get.dirs("lora_dirs", sources::LORA_DIRS);
+        let mut lora = LoraSettings {
+            dirs: get.dirs("lora_dirs", sources::LORA_DIRS),
+            ..LoraSettings::default()
+        };
         lora.cache_dir = get
             .text("lora_cache_dir", "KILN_LORA_CACHE_DIR")
             .map(|(dir, _)| PathBuf::from(dir))
