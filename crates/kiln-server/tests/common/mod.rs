@@ -2,6 +2,8 @@
 //! server started on a random loopback port, and tiny model specs.
 #![allow(dead_code)]
 
+pub mod steps;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
