@@ -4,6 +4,7 @@
 
 pub mod clip;
 pub mod flux;
+pub mod flux2;
 pub mod llm;
 pub mod safety_checker;
 pub mod t5;

@@ -122,3 +122,6 @@ fn wrong_shapes_name_the_tensor_and_file() {
         "{err}"
     );
 }
+
+#[path = "flux_cases/flux2.rs"]
+mod flux2;

@@ -19,6 +19,13 @@ pub enum FluxLayout {
 impl FluxLayout {
     /// Detect the layout from the tensor names in a file.
     pub fn detect(names: &[String]) -> Option<FluxLayout> {
+        // FLUX.2 shares BFL's block names but modulates once per model.
+        if names
+            .iter()
+            .any(|n| n.contains("double_stream_modulation_img."))
+        {
+            return None;
+        }
         if let Some(name) = names
             .iter()
             .find(|n| n.ends_with("double_blocks.0.img_attn.qkv.weight"))

@@ -3,7 +3,7 @@
 
 mod config;
 mod layout;
-mod model;
+pub(crate) mod model;
 
 pub use config::FluxConfig;
 pub use layout::{FluxLayout, bfl_adapter};

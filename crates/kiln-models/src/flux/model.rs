@@ -13,16 +13,16 @@ use super::config::FluxConfig;
 const NORM_EPS: f64 = 1e-6;
 
 /// `linear_2(silu(linear_1(x)))`.
-struct MlpEmbedder {
+pub(crate) struct MlpEmbedder {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl MlpEmbedder {
-    fn load(vb: VarBuilder, in_dim: usize, dim: usize) -> Result<Self> {
+    pub(crate) fn load(vb: VarBuilder, in_dim: usize, dim: usize, bias: bool) -> Result<Self> {
         Ok(MlpEmbedder {
-            linear_1: Linear::load(&vb.pp("linear_1"), in_dim, dim, true)?,
-            linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, true)?,
+            linear_1: Linear::load(&vb.pp("linear_1"), in_dim, dim, bias)?,
+            linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, bias)?,
         })
     }
 }
@@ -79,7 +79,7 @@ impl Rope {
 
     /// Rotate interleaved pairs of `x` (batch, heads, seq, head_dim) with candle's
     /// fused kernel: `(x0·c − x1·s, x1·c + x0·s)`.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         candle_nn::rotary_emb::rope_i(
             &x.contiguous()?,
@@ -121,7 +121,7 @@ pub fn unpack_latents(tokens: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 }
 
 /// `x * (1 + scale) + shift` with per-sample modulation vectors.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
         .broadcast_add(&shift.unsqueeze(1)?)
 }
@@ -170,7 +170,7 @@ impl Module for FeedForward {
 }
 
 /// Query/key/value projections with per-head RMS norms.
-struct QkvProjection {
+pub(crate) struct QkvProjection {
     q: Linear,
     k: Linear,
     v: Linear,
@@ -179,18 +179,24 @@ struct QkvProjection {
 }
 
 impl QkvProjection {
-    fn load(vb: &VarBuilder, names: [&str; 5], dim: usize, head_dim: usize) -> Result<Self> {
+    pub(crate) fn load(
+        vb: &VarBuilder,
+        names: [&str; 5],
+        dim: usize,
+        head_dim: usize,
+        (bias, eps): (bool, f64),
+    ) -> Result<Self> {
         Ok(QkvProjection {
-            q: Linear::load(&vb.pp(names[0]), dim, dim, true)?,
-            k: Linear::load(&vb.pp(names[1]), dim, dim, true)?,
-            v: Linear::load(&vb.pp(names[2]), dim, dim, true)?,
-            norm_q: RmsNorm::load(&vb.pp(names[3]), head_dim, NORM_EPS)?,
-            norm_k: RmsNorm::load(&vb.pp(names[4]), head_dim, NORM_EPS)?,
+            q: Linear::load(&vb.pp(names[0]), dim, dim, bias)?,
+            k: Linear::load(&vb.pp(names[1]), dim, dim, bias)?,
+            v: Linear::load(&vb.pp(names[2]), dim, dim, bias)?,
+            norm_q: RmsNorm::load(&vb.pp(names[3]), head_dim, eps)?,
+            norm_k: RmsNorm::load(&vb.pp(names[4]), head_dim, eps)?,
         })
     }
 
     /// (B, S, dim) → three (B, heads, S, head_dim) tensors, q and k normalised.
-    fn project(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    pub(crate) fn project(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor| t.reshape((b, s, heads, ())).map(|t| t.transpose(1, 2));
         let q = self.norm_q.forward(&split(self.q.forward(x)?)??)?;
@@ -200,9 +206,31 @@ impl QkvProjection {
     }
 }
 
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, s, h * d))
+}
+
+/// A double-stream block's attention: image and text projected with their own
+/// weights, attended jointly as [text; image] under RoPE, and split back into
+/// (text, image) outputs of shape (B, S, heads · head_dim).
+pub(crate) fn joint_attention(
+    (image, img): (&QkvProjection, &Tensor),
+    (text, txt): (&QkvProjection, &Tensor),
+    heads: usize,
+    rope: &Rope,
+) -> Result<(Tensor, Tensor)> {
+    let (iq, ik, iv) = image.project(img, heads)?;
+    let (tq, tk, tv) = text.project(txt, heads)?;
+    let q = rope.apply(&Tensor::cat(&[tq, iq], 2)?)?;
+    let k = rope.apply(&Tensor::cat(&[tk, ik], 2)?)?;
+    let v = Tensor::cat(&[tv, iv], 2)?;
+    let joint = merge_heads(&attention(&q, &k, &v, None)?)?;
+    let text_len = txt.dim(1)?;
+    Ok((
+        joint.narrow(1, 0, text_len)?,
+        joint.narrow(1, text_len, joint.dim(1)? - text_len)?,
+    ))
 }
 
 /// A double-stream block: image and text have their own weights, attend jointly.
@@ -231,6 +259,7 @@ impl DoubleBlock {
                 ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                 dim,
                 head_dim,
+                (true, NORM_EPS),
             )?,
             text: QkvProjection::load(
                 &attn,
@@ -243,6 +272,7 @@ impl DoubleBlock {
                 ],
                 dim,
                 head_dim,
+                (true, NORM_EPS),
             )?,
             to_out: Linear::load(&attn.pp("to_out.0"), dim, dim, true)?,
             to_add_out: Linear::load(&attn.pp("to_add_out"), dim, dim, true)?,
@@ -263,15 +293,12 @@ impl DoubleBlock {
         let c = self.norm1_context.chunks(temb)?;
         let img_normed = modulate(&layer_norm_plain(img, NORM_EPS)?, &m[0], &m[1])?;
         let txt_normed = modulate(&layer_norm_plain(txt, NORM_EPS)?, &c[0], &c[1])?;
-        let (iq, ik, iv) = self.image.project(&img_normed, self.heads)?;
-        let (tq, tk, tv) = self.text.project(&txt_normed, self.heads)?;
-        let q = rope.apply(&Tensor::cat(&[tq, iq], 2)?)?;
-        let k = rope.apply(&Tensor::cat(&[tk, ik], 2)?)?;
-        let v = Tensor::cat(&[tv, iv], 2)?;
-        let joint = merge_heads(&attention(&q, &k, &v, None)?)?;
-        let text_len = txt.dim(1)?;
-        let txt_attn = joint.narrow(1, 0, text_len)?;
-        let img_attn = joint.narrow(1, text_len, joint.dim(1)? - text_len)?;
+        let (txt_attn, img_attn) = joint_attention(
+            (&self.image, &img_normed),
+            (&self.text, &txt_normed),
+            self.heads,
+            rope,
+        )?;
 
         let img = (img
             + self
@@ -319,6 +346,7 @@ impl SingleBlock {
                 ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                 dim,
                 config.attention_head_dim,
+                (true, NORM_EPS),
             )?,
             proj_mlp: Linear::load(&vb.pp("proj_mlp"), dim, config.mlp_dim(), true)?,
             proj_out: Linear::load(&vb.pp("proj_out"), dim + config.mlp_dim(), dim, true)?,
@@ -360,18 +388,24 @@ impl FluxTransformer {
         let dim = config.inner_dim();
         let embed = vb.pp("time_text_embed");
         let guidance_embedder = if config.guidance_embeds {
-            Some(MlpEmbedder::load(embed.pp("guidance_embedder"), 256, dim)?)
+            Some(MlpEmbedder::load(
+                embed.pp("guidance_embedder"),
+                256,
+                dim,
+                true,
+            )?)
         } else {
             None
         };
         Ok(FluxTransformer {
             x_embedder: Linear::load(&vb.pp("x_embedder"), config.in_channels, dim, true)?,
-            timestep_embedder: MlpEmbedder::load(embed.pp("timestep_embedder"), 256, dim)?,
+            timestep_embedder: MlpEmbedder::load(embed.pp("timestep_embedder"), 256, dim, true)?,
             guidance_embedder,
             text_embedder: MlpEmbedder::load(
                 embed.pp("text_embedder"),
                 config.pooled_projection_dim,
                 dim,
+                true,
             )?,
             context_embedder: Linear::load(
                 &vb.pp("context_embedder"),
@@ -450,10 +484,10 @@ impl FluxTransformer {
 }
 
 /// Visits every linear layer, mutably (fused LoRA merge and unmerge).
-type Visit<'a> = &'a mut dyn FnMut(&mut Linear) -> Result<()>;
+pub(crate) type Visit<'a> = &'a mut dyn FnMut(&mut Linear) -> Result<()>;
 
 impl MlpEmbedder {
-    fn visit(&mut self, f: Visit) -> Result<()> {
+    pub(crate) fn visit(&mut self, f: Visit) -> Result<()> {
         f(&mut self.linear_1)?;
         f(&mut self.linear_2)
     }
@@ -467,7 +501,7 @@ impl FeedForward {
 }
 
 impl QkvProjection {
-    fn visit(&mut self, f: Visit) -> Result<()> {
+    pub(crate) fn visit(&mut self, f: Visit) -> Result<()> {
         f(&mut self.q)?;
         f(&mut self.k)?;
         f(&mut self.v)
