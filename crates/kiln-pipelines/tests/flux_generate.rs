@@ -194,3 +194,6 @@ fn model_cpu_offload_generates_the_same_images_one_part_at_a_time() {
         .images;
     assert_eq!(max_abs_diff(&images, &run(&v, &request)), 0.0, "img2img");
 }
+
+#[path = "flux2/generation.rs"]
+mod flux2_generation;

@@ -147,7 +147,9 @@ impl Flux2Config {
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(format!("eps {} must be a positive number", self.eps));
         }
-        if self.timestep_guidance_channels == 0 || !self.timestep_guidance_channels.is_multiple_of(2) {
+        if self.timestep_guidance_channels == 0
+            || !self.timestep_guidance_channels.is_multiple_of(2)
+        {
             return Err(format!(
                 "timestep_guidance_channels {} must be a positive even number",
                 self.timestep_guidance_channels

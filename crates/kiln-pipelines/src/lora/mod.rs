@@ -12,9 +12,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use kiln_engine::KeyAdapter;
 use kiln_engine::Source;
 use kiln_engine::lora::{AdapterSet, LowRank};
 use kiln_models::flux::{FluxConfig, bfl_adapter};
+use kiln_models::flux2::Flux2Config;
 
 pub use formats::{LoraFile, LoraFormat, LoraModule, Naming, parse, parse_with_metadata};
 
@@ -126,8 +128,7 @@ pub struct LoraReport {
 }
 
 /// Where each BFL module's rows go among the model's (diffusers-named) layers.
-fn bfl_targets(layers: &[String], config: &FluxConfig) -> HashMap<String, Vec<(String, Source)>> {
-    let adapter = bfl_adapter(config, "");
+fn bfl_targets(layers: &[String], adapter: &KeyAdapter) -> HashMap<String, Vec<(String, Source)>> {
     let mut targets: HashMap<String, Vec<(String, Source)>> = HashMap::new();
     for layer in layers {
         let source = adapter.source(&format!("{layer}.weight"));
@@ -189,15 +190,33 @@ pub fn flux_adapters(
     config: &FluxConfig,
     dtype: DType,
 ) -> Result<(AdapterSet, LoraReport), LoraError> {
-    adapters(loras, targets, Some(config), dtype)
+    adapters(loras, targets, Some(&bfl_adapter(config, "")), dtype)
 }
 
-/// Adapters for a model's `targets` (with `bfl`, FLUX's config, BFL-named
-/// modules are split onto its layers) from LoRA files with user scales.
+/// Adapters for a FLUX.2 model: as [`flux_adapters`], with FLUX.2's BFL
+/// names (ai-toolkit's fused `qkv` split onto q/k/v, `linear1` onto the
+/// fused `to_qkv_mlp_proj`).
+pub fn flux2_adapters(
+    loras: &[(&LoraFile, f64)],
+    targets: &LoraTargets,
+    config: &Flux2Config,
+    dtype: DType,
+) -> Result<(AdapterSet, LoraReport), LoraError> {
+    adapters(
+        loras,
+        targets,
+        Some(&kiln_models::flux2::bfl_adapter(config, "")),
+        dtype,
+    )
+}
+
+/// Adapters for a model's `targets` (with `bfl`, the model's BFL → diffusers
+/// key adapter, BFL-named modules are split onto its layers) from LoRA files
+/// with user scales.
 pub fn adapters(
     loras: &[(&LoraFile, f64)],
     targets: &LoraTargets,
-    bfl: Option<&FluxConfig>,
+    bfl: Option<&KeyAdapter>,
     dtype: DType,
 ) -> Result<(AdapterSet, LoraReport), LoraError> {
     let linear_names = &targets.denoiser;
@@ -211,7 +230,7 @@ pub fn adapters(
     let text_encoder = keyed(&targets.text_encoder);
     let text_encoder_2 = keyed(&targets.text_encoder_2);
     let bfl = bfl
-        .map(|config| bfl_targets(linear_names, config))
+        .map(|adapter| bfl_targets(linear_names, adapter))
         .unwrap_or_default();
     let mut set = AdapterSet::default();
     let mut report = LoraReport::default();

@@ -9,6 +9,7 @@ use kiln_registry::Manifest;
 use serde_json::{Map, Value, json};
 
 use crate::contract::{InputSpec, ModelInterface};
+use crate::error::{FieldProblem, ProblemKind};
 use crate::frame::{ColumnSpec, ColumnType, Signature};
 use crate::lora::sources::LoraSettings;
 use crate::schema::InputSchema;
@@ -124,5 +125,64 @@ impl ImageFront {
             "height": height,
             "timings": times,
         })
+    }
+}
+
+/// The problem with a size field `key` that is not a multiple of `multiple`,
+/// naming the nearest valid values.
+pub fn multiple_problem(key: &str, value: i64, multiple: i64) -> Option<FieldProblem> {
+    if value % multiple == 0 {
+        return None;
+    }
+    let low = (value / multiple) * multiple;
+    let nearest = if low >= multiple {
+        format!("{low} or {}", low + multiple)
+    } else {
+        multiple.to_string()
+    };
+    Some(FieldProblem::new(
+        key,
+        ProblemKind::Constraint,
+        format!("must be a multiple of {multiple}, got {value}; nearest valid: {nearest}"),
+    ))
+}
+
+impl ImageFront {
+    /// The problem with a `width`×`height` image above the pixel limit.
+    pub fn pixel_limit_problem(&self, width: usize, height: usize) -> Option<FieldProblem> {
+        (width * height > self.max_pixels).then(|| {
+            FieldProblem::new(
+                "width",
+                ProblemKind::Constraint,
+                format!(
+                    "{width}x{height} is {} pixels; the limit is {}",
+                    width * height,
+                    self.max_pixels
+                ),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_off_the_grid_name_the_nearest_valid_values() {
+        assert!(multiple_problem("width", 512, 16).is_none());
+        let problem = multiple_problem("width", 500, 16).unwrap();
+        assert_eq!(problem.field, "width");
+        assert!(
+            problem.message.contains("496 or 512"),
+            "{}",
+            problem.message
+        );
+        let small = multiple_problem("height", 7, 16).unwrap();
+        assert!(
+            small.message.ends_with("nearest valid: 16"),
+            "{}",
+            small.message
+        );
     }
 }

@@ -53,3 +53,21 @@ pub struct Timings {
 
 /// Called after each denoising step with (step, total); returning false cancels.
 pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
+
+/// A model part for one stage: borrowed from resident components, or loaded
+/// for this stage and freed when dropped.
+pub enum Part<'a, T> {
+    Resident(&'a T),
+    Loaded(T),
+}
+
+impl<T> std::ops::Deref for Part<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        match self {
+            Part::Resident(part) => part,
+            Part::Loaded(part) => part,
+        }
+    }
+}

@@ -282,9 +282,10 @@ fn load_scheduler(dir: &Path, guidance_embeds: bool) -> Result<FlowMatchEulerCon
 
 /// Whether `dir` looks like a FLUX model folder (for layout detection at register time).
 pub fn is_flux_folder(dir: &Path) -> bool {
-    let index = dir.join("model_index.json");
-    if let Ok(text) = std::fs::read_to_string(&index) {
-        return text.contains("\"Flux");
+    if let Ok(index) = read_json::<serde_json::Value>(&dir.join("model_index.json")) {
+        let class = index["_class_name"].as_str().unwrap_or_default();
+        // FLUX.2's pipelines (`Flux2…`) are another family.
+        return class.starts_with("Flux") && !class.starts_with("Flux2");
     }
     dir.join("text_encoder_2").is_dir() && transformer_weights(dir).is_ok()
 }

@@ -15,6 +15,7 @@ use kiln_models::vae::AutoencoderKl;
 use super::prompt::{PromptEmbeddings, TextEncoders};
 use crate::error::PipelineError;
 use crate::text_to_image::flow_loop::{Conditioning, VelocityModel, denoise};
+pub use crate::text_to_image::generation::Part;
 use crate::text_to_image::generation::{PromptEncoder, PromptOptions};
 pub use crate::text_to_image::generation::{StepCallback, Timings};
 use crate::text_to_image::loading::decode_images;
@@ -56,24 +57,6 @@ pub struct FluxModels<'a> {
     pub scheduler: &'a FlowMatchEulerConfig,
     pub device: &'a Device,
     pub dtype: DType,
-}
-
-/// A model part for one stage: borrowed from resident components, or loaded
-/// for this stage and freed when dropped.
-pub enum Part<'a, T> {
-    Resident(&'a T),
-    Loaded(T),
-}
-
-impl<T> std::ops::Deref for Part<'_, T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        match self {
-            Part::Resident(part) => part,
-            Part::Loaded(part) => part,
-        }
-    }
 }
 
 /// Where the sampling loop gets each part, one stage at a time.

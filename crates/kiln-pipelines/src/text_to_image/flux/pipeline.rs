@@ -2,7 +2,7 @@
 //! defaults, aspect ratios and manifest presets), validation with size suggestions,
 //! and the prediction result (images as base64 with their seed and timings).
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use kiln_registry::{Manifest, ResolvedModel};
 use serde_json::{Map, Value, json};
@@ -11,14 +11,15 @@ use super::components::{FluxComponents, OffloadedFlux};
 use super::generate::{GenerationRequest, generate};
 use crate::contract::ProgressFn;
 use crate::contract::{ModelInterface, Pipeline, PredictRequest, Prediction};
-use crate::error::{FieldProblem, PipelineError, ProblemKind};
+use crate::error::PipelineError;
 use crate::lora;
 use crate::lora::request::ResolvedLoras;
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
 use crate::settings::ModelSettings;
-use crate::text_to_image::front::ImageFront;
+use crate::text_to_image::front::{ImageFront, multiple_problem};
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{OutputFormat, image_tensor, read_image, to_rgb_images};
+use crate::text_to_image::lora_weights::{LayerVisitor, LoraLayers, LoraMode, SharedWeights};
 use crate::text_to_image::{predict_fields, random_seed};
 
 /// The manifest `pipeline` value for FLUX models.
@@ -240,16 +241,6 @@ pub fn input_schema(defaults: VariantDefaults, presets: &[String]) -> InputSchem
     InputSchema { fields }
 }
 
-fn nearest_multiples(value: i64) -> String {
-    let low = (value / 16) * 16;
-    let high = low + 16;
-    if low >= 16 {
-        format!("{low} or {high}")
-    } else {
-        format!("{high}")
-    }
-}
-
 /// A manifest for a FLUX model folder being registered: the pipeline kind, the
 /// variant's defaults and a `fast` preset, described from its transformer config.
 pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
@@ -274,34 +265,6 @@ pub fn manifest_for_folder(dir: &std::path::Path) -> Result<Manifest, String> {
     Ok(manifest)
 }
 
-/// How a request's LoRAs reach the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraMode {
-    /// Applied inside each linear layer for this request only; base weights
-    /// untouched.
-    Runtime,
-    /// Merged into the weights and kept there while requests keep asking for
-    /// the same set; any other request first restores the exact originals.
-    Fused,
-}
-
-impl LoraMode {
-    fn parse(text: &str) -> Option<LoraMode> {
-        match text {
-            "runtime" => Some(LoraMode::Runtime),
-            "fused" => Some(LoraMode::Fused),
-            _ => None,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            LoraMode::Runtime => "runtime",
-            LoraMode::Fused => "fused",
-        }
-    }
-}
-
 /// Where the model's weights live between requests.
 enum Weights {
     /// Every part loaded on the device.
@@ -310,16 +273,18 @@ enum Weights {
     Offloaded(Box<OffloadedFlux>),
 }
 
-/// The model's weights and which LoRA set is fused into them now.
-struct Loaded {
-    weights: Weights,
-    /// The key of the fused set (see [`ResolvedLoras::key`]), if any.
-    fused: Option<String>,
+impl LoraLayers for Weights {
+    fn visit_lora_layers(&mut self, f: LayerVisitor) -> Option<candle_core::Result<()>> {
+        match self {
+            Weights::Resident(components) => Some(components.for_each_lora_linear(f)),
+            Weights::Offloaded(_) => None,
+        }
+    }
 }
 
 /// A loaded FLUX model.
 pub struct FluxPipeline {
-    components: RwLock<Loaded>,
+    weights: SharedWeights<Weights>,
     /// How LoRAs apply unless a request says otherwise (`lora_mode` in the
     /// model's config: `runtime` or `fused`).
     default_lora_mode: LoraMode,
@@ -402,14 +367,8 @@ impl FluxPipeline {
             transformer_config,
             lora_targets,
             dtype,
-            components: RwLock::new(Loaded {
-                weights,
-                fused: None,
-            }),
-            default_lora_mode: manifest.config["lora_mode"]
-                .as_str()
-                .and_then(LoraMode::parse)
-                .unwrap_or(LoraMode::Runtime),
+            weights: SharedWeights::new(weights),
+            default_lora_mode: LoraMode::for_model(&manifest.config),
             front: ImageFront::new(
                 PIPELINE_KIND,
                 manifest,
@@ -446,34 +405,19 @@ impl FluxPipeline {
         let (ratio_w, ratio_h) = size_for(&ratio, megapixels).unwrap_or((1024, 1024));
         let mut size = |key: &str, fallback: usize| -> usize {
             match get_i(key) {
-                Some(v) if v % 16 != 0 => {
-                    problems.push(FieldProblem::new(
-                        key,
-                        ProblemKind::Constraint,
-                        format!(
-                            "must be a multiple of 16, got {v}; nearest valid: {}",
-                            nearest_multiples(v)
-                        ),
-                    ));
-                    fallback
-                }
-                Some(v) => v as usize,
+                Some(v) => match multiple_problem(key, v, 16) {
+                    Some(problem) => {
+                        problems.push(problem);
+                        fallback
+                    }
+                    None => v as usize,
+                },
                 None => fallback,
             }
         };
         let width = size("width", ratio_w);
         let height = size("height", ratio_h);
-        if width * height > self.front.max_pixels {
-            problems.push(FieldProblem::new(
-                "width",
-                ProblemKind::Constraint,
-                format!(
-                    "{width}x{height} is {} pixels; the limit is {}",
-                    width * height,
-                    self.front.max_pixels
-                ),
-            ));
-        }
+        problems.extend(self.front.pixel_limit_problem(width, height));
         let init_image = match get_s("image").filter(|_| problems.is_empty()) {
             Some(text) => {
                 match read_image(
@@ -541,57 +485,6 @@ impl FluxPipeline {
         })
     }
 
-    /// Make the fused weights hold exactly `wanted` (a set's key and adapters;
-    /// `None` for the base model): restore the originals if another set is
-    /// fused, then merge `wanted` unless it is already there.
-    fn fuse(
-        loaded: &mut Loaded,
-        wanted: Option<(&str, &kiln_engine::lora::AdapterSet)>,
-    ) -> Result<(), PipelineError> {
-        if loaded.fused.as_deref() == wanted.map(|(key, _)| key) {
-            return Ok(());
-        }
-        let components = match &mut loaded.weights {
-            Weights::Resident(components) => components,
-            Weights::Offloaded(_) => {
-                return Err(PipelineError::invalid(
-                    "lora_mode",
-                    ProblemKind::Constraint,
-                    "\"fused\" needs resident weights, and this model runs with model CPU offload (offload = \"model\"); use \"runtime\"",
-                ));
-            }
-        };
-        let failed = |e: candle_core::Error| PipelineError::Execution(format!("fusing LoRAs: {e}"));
-        if loaded.fused.take().is_some() {
-            components
-                .for_each_lora_linear(&mut |linear| {
-                    linear.unmerge();
-                    Ok(())
-                })
-                .map_err(failed)?;
-        }
-        if let Some((key, adapters)) = wanted {
-            let started = std::time::Instant::now();
-            let merged = components
-                .for_each_lora_linear(&mut |linear| adapters.merge_into(linear).map(|_| ()));
-            if let Err(e) = merged {
-                // Leave no half-fused weights behind.
-                let _ = components.for_each_lora_linear(&mut |linear| {
-                    linear.unmerge();
-                    Ok(())
-                });
-                return Err(failed(e));
-            }
-            tracing::info!(
-                layers = adapters.layer_count(),
-                seconds = started.elapsed().as_secs_f64(),
-                "LoRAs fused"
-            );
-            loaded.fused = Some(key.to_string());
-        }
-        Ok(())
-    }
-
     /// Use `settings` for LoRA sources instead of the environment's.
     pub fn set_lora_settings(&mut self, settings: lora::sources::LoraSettings) {
         self.front.lora_settings = settings;
@@ -608,52 +501,23 @@ impl FluxPipeline {
         input: &Map<String, Value>,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Value, PipelineError> {
-        let (mut request, format, quality) = self.prepare(input)?;
-        let mode = match input.get("lora_mode").and_then(Value::as_str) {
-            Some(text) => LoraMode::parse(text).ok_or_else(|| {
-                PipelineError::invalid(
-                    "lora_mode",
-                    ProblemKind::Constraint,
-                    format!("must be \"runtime\" or \"fused\", got {text:?}"),
-                )
-            })?,
-            None => self.default_lora_mode,
-        };
+        let (request, format, quality) = self.prepare(input)?;
+        let mode = LoraMode::for_request(input, self.default_lora_mode)?;
         let loras = self.resolve_loras(input)?;
-        fn poisoned<E>(_: E) -> PipelineError {
-            PipelineError::Execution("the model is unusable after a panic".into())
-        }
-        let run = |loaded: &Loaded,
-                   request: &GenerationRequest,
-                   on_step: &mut dyn FnMut(usize, usize) -> bool| {
-            match &loaded.weights {
-                Weights::Resident(components) => generate(&components.models(), request, on_step),
-                Weights::Offloaded(parts) => generate(parts.as_ref(), request, on_step),
-            }
-        };
-        let generated = match (mode, &loras) {
-            // Fusing rewrites the shared weights: one such request at a time.
-            (LoraMode::Fused, Some(loras)) => {
-                let mut loaded = self.components.write().map_err(poisoned)?;
-                Self::fuse(&mut loaded, Some((&loras.key, &loras.adapters)))?;
-                run(&loaded, &request, on_step)?
-            }
-            // Runtime LoRAs (and none) only read the weights, the adapters
-            // being per thread: requests with different LoRAs run side by side.
-            _ => {
-                request.adapters = loras.as_ref().map(|l| Arc::clone(&l.adapters));
-                loop {
-                    let loaded = self.components.read().map_err(poisoned)?;
-                    if loaded.fused.is_none() {
-                        break run(&loaded, &request, on_step)?;
+        let generated = self
+            .weights
+            .run(mode, loras.as_ref(), |weights, adapters| {
+                let request = GenerationRequest {
+                    adapters,
+                    ..request.clone()
+                };
+                match weights {
+                    Weights::Resident(components) => {
+                        generate(&components.models(), &request, on_step)
                     }
-                    drop(loaded);
-                    // A fused LoRA is left in the weights: take it out first.
-                    let mut loaded = self.components.write().map_err(poisoned)?;
-                    Self::fuse(&mut loaded, None)?;
+                    Weights::Offloaded(parts) => generate(parts.as_ref(), &request, on_step),
                 }
-            }
-        };
+            })?;
         let started = std::time::Instant::now();
         let images = to_rgb_images(&generated.images)?;
         let encoded = images_json(&images, format, quality)?;

@@ -1,10 +1,19 @@
-//! FLUX.2-klein, as diffusers' `Flux2KleinPipeline` runs it. Built so far: the
-//! Qwen3 prompt encoder and the latent preparation (noise, packing, position
-//! ids); the VAE and its latent normalisation live in `kiln_models::vae`, the
-//! schedule in `schedulers::empirical_mu`. The transformer and the pipeline
-//! are next (issue 16).
+//! FLUX.2-klein text-to-image and image editing, as diffusers'
+//! `Flux2KleinPipeline` runs it: the Qwen3 prompt encoder, latent
+//! preparation (noise, packing, position ids), folder loading, the sampling
+//! loop and the served pipeline. The transformer lives in
+//! `kiln_models::flux2`; the VAE and its latent normalisation in
+//! `kiln_models::vae`; the schedule in `schedulers::empirical_mu`.
 
+mod components;
+mod generate;
 pub mod latents;
 mod prompt;
+mod reference;
 
+pub use components::{
+    Flux2Components, Flux2Facts, Flux2Parts, Flux2Vae, OffloadedFlux2, is_flux2_folder,
+};
+pub use generate::{Flux2Request, Generated, generate};
 pub use prompt::{DEFAULT_HIDDEN_LAYERS, Qwen3PromptEncoder};
+pub use reference::{check_reference_size, reference_size, reference_tensor};

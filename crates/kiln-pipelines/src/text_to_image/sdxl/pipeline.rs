@@ -14,7 +14,7 @@ use super::generate::{SdxlRequest, generate};
 use crate::contract::{ModelInterface, Pipeline, PredictRequest, Prediction, ProgressFn};
 use crate::error::{FieldProblem, PipelineError, ProblemKind};
 use crate::schema::{FieldKind, FieldSpec, InputSchema};
-use crate::text_to_image::front::ImageFront;
+use crate::text_to_image::front::{ImageFront, multiple_problem};
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{
     OutputFormat, image_tensor, mask_tensor, read_image, to_rgb_images,
@@ -277,15 +277,6 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
     Ok(Arc::new(pipeline))
 }
 
-fn nearest_multiples(value: i64, multiple: i64) -> String {
-    let low = (value / multiple) * multiple;
-    if low >= multiple {
-        format!("{low} or {}", low + multiple)
-    } else {
-        multiple.to_string()
-    }
-}
-
 impl SdxlPipeline {
     pub fn new(
         mut components: SdxlComponents,
@@ -349,30 +340,11 @@ impl SdxlPipeline {
             };
             let multiple = self.size_multiple as i64;
             let value = from_image.or_else(|| int(key)).unwrap_or(multiple);
-            if value % multiple != 0 {
-                problems.push(FieldProblem::new(
-                    key,
-                    ProblemKind::Constraint,
-                    format!(
-                        "must be a multiple of {multiple}, got {value}; nearest valid: {}",
-                        nearest_multiples(value, multiple)
-                    ),
-                ));
-            }
+            problems.extend(multiple_problem(key, value, multiple));
             value as usize
         };
         let (width, height) = (size("width"), size("height"));
-        if width * height > self.front.max_pixels {
-            problems.push(FieldProblem::new(
-                "width",
-                ProblemKind::Constraint,
-                format!(
-                    "{width}x{height} is {} pixels; the limit is {}",
-                    width * height,
-                    self.front.max_pixels
-                ),
-            ));
-        }
+        problems.extend(self.front.pixel_limit_problem(width, height));
         match (&init, &mask) {
             (None, Some(_)) => problems.push(FieldProblem::new(
                 "mask",

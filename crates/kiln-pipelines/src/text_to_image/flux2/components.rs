@@ -1,0 +1,353 @@
+//! Loading a FLUX.2-klein model folder as diffusers lays it out
+//! (`model_index.json` with `is_distilled`, `transformer/`, `text_encoder/`
+//! (Qwen3), `tokenizer/`, `vae/` (AutoencoderKLFlux2 with its BatchNorm
+//! statistics), `scheduler/`), where the transformer may instead be BFL's
+//! single file (`flux-2-klein-*.safetensors`, in the root or in
+//! `transformer/`; its sizes then read from `transformer/config.json`, else
+//! from the tensor shapes). Loaded resident, or offloaded: each part loaded
+//! onto the accelerator for its stage only. Every failure names the file.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use kiln_models::flux2::{Flux2Config, Flux2Layout, Flux2Transformer};
+use kiln_models::vae::{AutoencoderKl, LatentNorm, VaeConfig};
+
+use super::prompt::{DEFAULT_HIDDEN_LAYERS, Qwen3PromptEncoder};
+use crate::error::PipelineError;
+use crate::text_to_image::generation::Part;
+use crate::text_to_image::loading::{open, read_json, var_builder};
+use crate::text_to_image::schedulers::FlowMatchEulerConfig;
+
+/// The VAE with the BatchNorm statistics the pipeline normalises latents by.
+pub struct Flux2Vae {
+    pub vae: AutoencoderKl,
+    pub norm: LatentNorm,
+}
+
+impl Flux2Vae {
+    /// Pixels per latent along each side (8 for FLUX.2's VAE).
+    pub fn scale_factor(&self) -> usize {
+        self.vae.config().downscale_factor()
+    }
+}
+
+/// What a folder says about the model, known without loading weights.
+#[derive(Debug, Clone)]
+pub struct Flux2Facts {
+    pub config: Flux2Config,
+    pub scheduler: FlowMatchEulerConfig,
+    /// Step-distilled (one forward per step, guidance ignored).
+    pub is_distilled: bool,
+    /// VAE pixels per latent.
+    pub vae_scale: usize,
+    /// Qwen3 hidden-state layers stacked into the prompt embedding.
+    pub text_layers: Vec<usize>,
+}
+
+/// Everything a FLUX.2 generation needs, loaded.
+pub struct Flux2Components {
+    pub text: Qwen3PromptEncoder,
+    pub transformer: Flux2Transformer,
+    pub vae: Flux2Vae,
+    pub facts: Flux2Facts,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Where the sampling loop gets each part, one stage at a time.
+pub trait Flux2Parts {
+    fn text(&self) -> Result<Part<'_, Qwen3PromptEncoder>, PipelineError>;
+    fn transformer(&self) -> Result<Part<'_, Flux2Transformer>, PipelineError>;
+    fn vae(&self) -> Result<Part<'_, Flux2Vae>, PipelineError>;
+    fn facts(&self) -> &Flux2Facts;
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+}
+
+impl Flux2Parts for Flux2Components {
+    fn text(&self) -> Result<Part<'_, Qwen3PromptEncoder>, PipelineError> {
+        Ok(Part::Resident(&self.text))
+    }
+
+    fn transformer(&self) -> Result<Part<'_, Flux2Transformer>, PipelineError> {
+        Ok(Part::Resident(&self.transformer))
+    }
+
+    fn vae(&self) -> Result<Part<'_, Flux2Vae>, PipelineError> {
+        Ok(Part::Resident(&self.vae))
+    }
+
+    fn facts(&self) -> &Flux2Facts {
+        &self.facts
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+impl Flux2Components {
+    /// Load every component of the model folder at `dir`; `text_layers`
+    /// overrides the pipeline's (9, 18, 27).
+    pub fn load(
+        dir: &Path,
+        text_layers: Option<Vec<usize>>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, String> {
+        let facts = read_facts(dir, text_layers)?;
+        Ok(Flux2Components {
+            transformer: load_transformer(dir, &facts.config, device, dtype)?,
+            vae: load_vae(dir, device)?,
+            text: load_text(dir, &facts, device, dtype)?,
+            facts,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The layers LoRAs may target: the transformer's linears.
+    pub fn lora_targets(&mut self) -> crate::lora::LoraTargets {
+        crate::lora::LoraTargets {
+            denoiser: self.transformer.linear_names().unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Model CPU offload (diffusers' `enable_model_cpu_offload`): each part (text
+/// encoder, transformer, VAE) is loaded onto the accelerator from the
+/// memory-mapped files for its stage only, so it holds one part at a time.
+pub struct OffloadedFlux2 {
+    dir: PathBuf,
+    facts: Flux2Facts,
+    device: Device,
+    dtype: DType,
+}
+
+impl OffloadedFlux2 {
+    /// Check the folder by loading every part once into host memory (so a bad
+    /// file fails here, naming it), keep nothing on `device`, and return the
+    /// layers LoRAs may target.
+    pub fn open(
+        dir: &Path,
+        text_layers: Option<Vec<usize>>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, crate::lora::LoraTargets), String> {
+        let mut checked = Flux2Components::load(dir, text_layers, &Device::Cpu, dtype)?;
+        let targets = checked.lora_targets();
+        let offloaded = OffloadedFlux2 {
+            dir: dir.to_path_buf(),
+            facts: checked.facts.clone(),
+            device: device.clone(),
+            dtype,
+        };
+        Ok((offloaded, targets))
+    }
+}
+
+fn stage_error(e: String) -> PipelineError {
+    PipelineError::Execution(format!("loading a model part for its stage: {e}"))
+}
+
+impl Flux2Parts for OffloadedFlux2 {
+    fn text(&self) -> Result<Part<'_, Qwen3PromptEncoder>, PipelineError> {
+        load_text(&self.dir, &self.facts, &self.device, self.dtype)
+            .map(Part::Loaded)
+            .map_err(stage_error)
+    }
+
+    fn transformer(&self) -> Result<Part<'_, Flux2Transformer>, PipelineError> {
+        load_transformer(&self.dir, &self.facts.config, &self.device, self.dtype)
+            .map(Part::Loaded)
+            .map_err(stage_error)
+    }
+
+    fn vae(&self) -> Result<Part<'_, Flux2Vae>, PipelineError> {
+        load_vae(&self.dir, &self.device)
+            .map(Part::Loaded)
+            .map_err(stage_error)
+    }
+
+    fn facts(&self) -> &Flux2Facts {
+        &self.facts
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// `model_index.json`'s `is_distilled` (false when absent, as diffusers).
+fn is_distilled(dir: &Path) -> Result<bool, String> {
+    let index: serde_json::Value = read_json(&dir.join("model_index.json"))?;
+    Ok(index["is_distilled"].as_bool().unwrap_or(false))
+}
+
+/// The transformer weights: `transformer/` (diffusers, or a BFL file inside),
+/// or a root-level BFL file.
+fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
+    let folder = dir.join("transformer");
+    if folder.is_dir() {
+        return Ok(folder);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    candidates.sort();
+    candidates.into_iter().next().ok_or_else(|| {
+        format!(
+            "{}: no transformer/ folder and no FLUX.2 .safetensors file",
+            dir.display()
+        )
+    })
+}
+
+/// The transformer's sizes from a BFL file's tensor shapes (BFL ships no
+/// config): width and text width from `img_in`/`txt_in`, block counts from
+/// the names, 128-wide heads, the MLP ratio from `img_mlp.0`.
+fn config_from_shapes(weights: &Path) -> Result<Flux2Config, String> {
+    let files = open(weights)?;
+    let names = files.names();
+    let Some(Flux2Layout::Bfl { prefix }) = Flux2Layout::detect(&names) else {
+        return Err(format!(
+            "{}: no transformer/config.json, and the weights are not a BFL FLUX.2 file to read sizes from",
+            weights.display()
+        ));
+    };
+    let shape = |name: &str| -> Result<Vec<usize>, String> {
+        files
+            .shape(&format!("{prefix}{name}"))
+            .map_err(|e| format!("{}: {e}", weights.display()))
+    };
+    let count = |block: &str| {
+        names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&format!("{prefix}{block}.")))
+            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |last| last + 1)
+    };
+    let image_in = shape("img_in.weight")?;
+    let text_in = shape("txt_in.weight")?;
+    let mlp_in = shape("double_blocks.0.img_mlp.0.weight")?;
+    let (dim, in_channels, joint) = (image_in[0], image_in[1], text_in[1]);
+    let head_dim = 128;
+    let config = serde_json::json!({
+        "in_channels": in_channels,
+        "joint_attention_dim": joint,
+        "num_attention_heads": dim / head_dim,
+        "attention_head_dim": head_dim,
+        "num_layers": count("double_blocks"),
+        "num_single_layers": count("single_blocks"),
+        "mlp_ratio": (mlp_in[0] / 2) as f64 / dim as f64,
+        "guidance_embeds": names.iter().any(|n| n.contains("guidance_in.")),
+    });
+    serde_json::from_value(config).map_err(|e| e.to_string())
+}
+
+fn read_facts(dir: &Path, text_layers: Option<Vec<usize>>) -> Result<Flux2Facts, String> {
+    let config_path = dir.join("transformer/config.json");
+    let config: Flux2Config = if config_path.is_file() {
+        read_json(&config_path)?
+    } else {
+        config_from_shapes(&transformer_weights(dir)?)?
+    };
+    config
+        .validate()
+        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let scheduler_path = dir.join("scheduler/scheduler_config.json");
+    let scheduler = if scheduler_path.is_file() {
+        read_json(&scheduler_path)?
+    } else {
+        FlowMatchEulerConfig {
+            use_dynamic_shifting: true,
+            shift: 3.0,
+            ..FlowMatchEulerConfig::default()
+        }
+    };
+    let vae_config =
+        VaeConfig::from_file(&dir.join("vae/config.json")).map_err(|e| e.to_string())?;
+    if 4 * vae_config.latent_channels != config.in_channels {
+        return Err(format!(
+            "{}: the VAE has {} latent channels, the transformer takes {} (4 × 2×2 patches)",
+            dir.display(),
+            vae_config.latent_channels,
+            config.in_channels
+        ));
+    }
+    Ok(Flux2Facts {
+        is_distilled: is_distilled(dir)?,
+        vae_scale: vae_config.downscale_factor(),
+        text_layers: text_layers.unwrap_or_else(|| DEFAULT_HIDDEN_LAYERS.to_vec()),
+        config,
+        scheduler,
+    })
+}
+
+fn load_transformer(
+    dir: &Path,
+    config: &Flux2Config,
+    device: &Device,
+    dtype: DType,
+) -> Result<Flux2Transformer, String> {
+    let weights = transformer_weights(dir)?;
+    let files = open(&weights)?;
+    let layout = Flux2Layout::detect(&files.names()).ok_or_else(|| {
+        format!(
+            "{}: not a FLUX.2 transformer (no double_stream_modulation_img weights; a FLUX.1 checkpoint?)",
+            weights.display()
+        )
+    })?;
+    let adapter = layout.adapter(config);
+    Flux2Transformer::load(var_builder(files, adapter, dtype, device), config.clone())
+        .map_err(|e| format!("{}: {e}", weights.display()))
+}
+
+fn load_vae(dir: &Path, device: &Device) -> Result<Flux2Vae, String> {
+    let folder = dir.join("vae");
+    let config = VaeConfig::from_file(&folder.join("config.json")).map_err(|e| e.to_string())?;
+    let files = open(&folder)?;
+    // The VAE runs in f32, as the pipeline's latents are denormalised in f32.
+    let vb = var_builder(
+        files,
+        kiln_engine::KeyAdapter::default(),
+        DType::F32,
+        device,
+    );
+    let norm = LatentNorm::load(vb.clone(), config.latent_channels, config.batch_norm_eps)
+        .map_err(|e| format!("{}: {e}", folder.display()))?;
+    let vae = AutoencoderKl::load(vb, config).map_err(|e| format!("{}: {e}", folder.display()))?;
+    Ok(Flux2Vae { vae, norm })
+}
+
+fn load_text(
+    dir: &Path,
+    facts: &Flux2Facts,
+    device: &Device,
+    dtype: DType,
+) -> Result<Qwen3PromptEncoder, String> {
+    Qwen3PromptEncoder::load_folder(dir, facts.text_layers.clone(), dtype, device)
+        .map_err(|e| format!("{}: {e}", dir.join("text_encoder").display()))
+}
+
+/// Whether `dir` is a FLUX.2 model folder (`model_index.json` names a
+/// `Flux2…Pipeline`).
+pub fn is_flux2_folder(dir: &Path) -> bool {
+    read_json::<serde_json::Value>(&dir.join("model_index.json"))
+        .ok()
+        .and_then(|index| index["_class_name"].as_str().map(str::to_string))
+        .is_some_and(|class| class.starts_with("Flux2"))
+}
