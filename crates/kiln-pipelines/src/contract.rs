@@ -12,8 +12,8 @@ use crate::schema::InputSchema;
 use crate::tabular::glm;
 use crate::tensor::Tensor;
 use crate::text_generation;
-use crate::text_to_image::flux;
 use crate::text_to_image::sdxl;
+use crate::text_to_image::{flux, flux2};
 
 /// How a model takes its input.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +97,7 @@ type LoadFn = fn(&ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError>;
 const PIPELINES: &[(&str, LoadFn)] = &[
     (glm::PIPELINE_KIND, glm::load),
     (flux::PIPELINE_KIND, flux::load),
+    (flux2::PIPELINE_KIND, flux2::load),
     (sdxl::PIPELINE_KIND, sdxl::load),
     (text_generation::PIPELINE_KIND, text_generation::load),
 ];
@@ -126,6 +127,9 @@ pub fn describe_model_folder(
     // SDXL first: its single-file folders also hold a root-level .safetensors.
     if sdxl::is_sdxl_folder(dir) {
         return sdxl::manifest_for_folder(dir).map(Some);
+    }
+    if flux2::is_flux2_folder(dir) {
+        return flux2::manifest_for_folder(dir).map(Some);
     }
     if flux::is_flux_folder(dir) {
         return flux::manifest_for_folder(dir).map(Some);

@@ -120,7 +120,9 @@ pub struct InputSchema {
     pub fields: Vec<FieldSpec>,
 }
 
-fn json_kind(value: &Value) -> &'static str {
+/// A JSON value's kind as validation errors name it (Python's names, as Cog's
+/// pydantic errors do).
+pub fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "bool",

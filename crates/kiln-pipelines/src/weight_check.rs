@@ -194,6 +194,40 @@ fn expected_shapes(config: &Value) -> Vec<Expected> {
                 }
             }
         }
+        "Flux2Transformer2DModel" => {
+            if let (Some(heads), Some(head_dim), Some(channels), Some(joint)) = (
+                usize_of(config, "num_attention_heads"),
+                usize_of(config, "attention_head_dim"),
+                usize_of(config, "in_channels"),
+                usize_of(config, "joint_attention_dim"),
+            ) {
+                let inner = heads * head_dim;
+                let ratio = config
+                    .get("mlp_ratio")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(3.0);
+                let mlp = (inner as f64 * ratio) as usize;
+                out.push(("x_embedder.weight".into(), vec![inner, channels]));
+                out.push(("context_embedder.weight".into(), vec![inner, joint]));
+                out.push((
+                    "double_stream_modulation_img.linear.weight".into(),
+                    vec![6 * inner, inner],
+                ));
+                out.push((
+                    "single_stream_modulation.linear.weight".into(),
+                    vec![3 * inner, inner],
+                ));
+                if let Some(layers) = usize_of(config, "num_single_layers").filter(|n| *n > 0) {
+                    out.push((
+                        format!(
+                            "single_transformer_blocks.{}.attn.to_qkv_mlp_proj.weight",
+                            layers - 1
+                        ),
+                        vec![3 * inner + 2 * mlp, inner],
+                    ));
+                }
+            }
+        }
         "UNet2DConditionModel" => {
             if let (Some(first), Some(input), Some(output)) = (
                 first_block(),
@@ -204,7 +238,14 @@ fn expected_shapes(config: &Value) -> Vec<Expected> {
                 out.push(("conv_out.weight".into(), vec![output, first, 3, 3]));
             }
         }
-        "AutoencoderKL" => {
+        "AutoencoderKL" | "AutoencoderKLFlux2" => {
+            if class == "AutoencoderKLFlux2"
+                && let Some(latent) = usize_of(config, "latent_channels")
+            {
+                // The BatchNorm over 2×2-patchified latents.
+                out.push(("bn.running_mean".into(), vec![4 * latent]));
+                out.push(("bn.running_var".into(), vec![4 * latent]));
+            }
             if let (Some(first), Some(input), Some(output), Some(latent)) = (
                 first_block(),
                 usize_of(config, "in_channels"),
@@ -212,17 +253,22 @@ fn expected_shapes(config: &Value) -> Vec<Expected> {
                 usize_of(config, "latent_channels"),
             ) {
                 out.push(("encoder.conv_in.weight".into(), vec![first, input, 3, 3]));
-                out.push(("decoder.conv_out.weight".into(), vec![output, first, 3, 3]));
-                out.push(("decoder.conv_in.weight".into(), {
-                    let last = config
-                        .get("block_out_channels")
-                        .and_then(Value::as_array)
-                        .and_then(|b| b.last())
-                        .and_then(Value::as_u64)
-                        .and_then(|v| usize::try_from(v).ok())
-                        .unwrap_or(first);
-                    vec![last, latent, 3, 3]
-                }));
+                // The decoder's widths may differ (FLUX.2's decoder_block_out_channels).
+                let decoder: Vec<usize> = ["decoder_block_out_channels", "block_out_channels"]
+                    .iter()
+                    .find_map(|key| config.get(*key).and_then(Value::as_array))
+                    .map(|widths| {
+                        widths
+                            .iter()
+                            .filter_map(Value::as_u64)
+                            .filter_map(|v| usize::try_from(v).ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let (Some(&top), Some(&bottom)) = (decoder.first(), decoder.last()) {
+                    out.push(("decoder.conv_out.weight".into(), vec![output, top, 3, 3]));
+                    out.push(("decoder.conv_in.weight".into(), vec![bottom, latent, 3, 3]));
+                }
             }
         }
         _ => {}

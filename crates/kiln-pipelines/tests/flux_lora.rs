@@ -307,7 +307,8 @@ fn loras_that_do_not_fit_are_clear_errors() {
         lora::read(&truncated),
         Err(LoraError::Unreadable { .. })
     ));
-    // A LoRA whose shapes do not fit the layer fails the generation with the layer's name.
+    // A LoRA whose shapes do not fit the layer is refused before any
+    // generation, naming the module, both shapes and the likely cause.
     let wrong = lora::parse(
         [
             (
@@ -332,8 +333,17 @@ fn loras_that_do_not_fit_are_clear_errors() {
         .into(),
     )
     .unwrap();
-    let (set, _) =
-        lora::flux_adapters(&[(&wrong, 1.0)], &setup.targets, config, DType::F32).unwrap();
+    let err = lora::flux_adapters(&[(&wrong, 1.0)], &setup.targets, config, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("proj_out") && err.contains("4×5") && err.contains("64×32"),
+        "{err}"
+    );
+    // Layers without a recorded shape still fail the generation with the layer's name.
+    let mut unshaped = setup.targets.clone();
+    unshaped.shapes.clear();
+    let (set, _) = lora::flux_adapters(&[(&wrong, 1.0)], &unshaped, config, DType::F32).unwrap();
     let mut bad = request(&setup, &[]);
     bad.adapters = Some(Arc::new(set));
     let err = match generate(&setup.components.models(), &bad, &mut |_, _| true) {
@@ -648,3 +658,6 @@ fn an_offloaded_model_applies_runtime_loras_and_refuses_fused_ones() {
         "{refused}"
     );
 }
+
+#[path = "flux2/lora.rs"]
+mod flux2_lora;

@@ -180,6 +180,113 @@ pub struct LoraTargets {
     pub text_encoder_2: Vec<String>,
     /// kohya's underscored ldm name → denoiser layer (SDXL UNets).
     pub kohya_ldm: HashMap<String, String>,
+    /// (in, out) of each layer, where the model reported it: updates that do
+    /// not fit are refused when the adapters are built, naming the module.
+    pub shapes: HashMap<String, (usize, usize)>,
+}
+
+impl LoraTargets {
+    /// Note a layer's shape (see [`LoraTargets::shapes`]).
+    pub fn add_shape(&mut self, linear: &kiln_engine::nn::Linear) {
+        if let Some(name) = linear.name() {
+            self.shapes
+                .insert(name.to_string(), (linear.in_dim(), linear.out_dim()));
+        }
+    }
+}
+
+/// A FLUX generation, for refusing a LoRA trained for the other one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FluxGeneration {
+    Flux1,
+    Flux2,
+}
+
+impl FluxGeneration {
+    fn name(self) -> &'static str {
+        match self {
+            FluxGeneration::Flux1 => "FLUX.1",
+            FluxGeneration::Flux2 => "FLUX.2",
+        }
+    }
+
+    /// Module-name pieces only this generation's transformer has, in the
+    /// diffusers and BFL (ai-toolkit, kohya) namings.
+    fn markers(self) -> &'static [&'static str] {
+        match self {
+            FluxGeneration::Flux1 => &[
+                "norm1.linear",
+                "norm1_context.linear",
+                "ff.net.",
+                "ff_context.net.",
+                "proj_mlp",
+                "time_text_embed",
+                "img_mod.lin",
+                "txt_mod.lin",
+                "modulation.lin",
+                "vector_in",
+            ],
+            FluxGeneration::Flux2 => &[
+                "double_stream_modulation",
+                "single_stream_modulation",
+                "to_qkv_mlp_proj",
+                "linear_in",
+                "linear_out",
+                "time_guidance_embed",
+            ],
+        }
+    }
+
+    /// The first module of `file` that only the other generation has, if any.
+    fn foreign_module(self, file: &LoraFile) -> Option<&str> {
+        let other = match self {
+            FluxGeneration::Flux1 => FluxGeneration::Flux2,
+            FluxGeneration::Flux2 => FluxGeneration::Flux1,
+        };
+        file.modules
+            .iter()
+            .map(|m| m.name.as_str())
+            // `double_stream_modulation_img.lin` holds FLUX.1's `modulation.lin`.
+            .find(|name| {
+                other.markers().iter().any(|m| name.contains(m))
+                    && !self.markers().iter().any(|m| name.contains(m))
+            })
+    }
+
+    /// A shape misfit, with the likely cause: a LoRA for the other
+    /// generation (same names, other widths) or another model size.
+    fn explain(self, error: LoraError) -> LoraError {
+        match error {
+            LoraError::Shape { module, message } => LoraError::Shape {
+                module,
+                message: format!(
+                    "{message}; this model is {}: is the LoRA for another FLUX generation or model size?",
+                    self.name()
+                ),
+            },
+            other => other,
+        }
+    }
+
+    /// Refuse LoRAs trained for the other generation, naming a module that shows it.
+    pub fn check(self, loras: &[(&LoraFile, f64)]) -> Result<(), LoraError> {
+        for (file, _) in loras {
+            if let Some(module) = self.foreign_module(file) {
+                let other = if self == FluxGeneration::Flux1 {
+                    FluxGeneration::Flux2
+                } else {
+                    FluxGeneration::Flux1
+                };
+                return Err(LoraError::Unsupported(format!(
+                    "this LoRA was trained for {} (it targets {module:?}, which only {} has); this model is {}",
+                    other.name(),
+                    other.name(),
+                    self.name()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Adapters for a FLUX model (its LoRA targets and transformer config) from
@@ -190,7 +297,9 @@ pub fn flux_adapters(
     config: &FluxConfig,
     dtype: DType,
 ) -> Result<(AdapterSet, LoraReport), LoraError> {
+    FluxGeneration::Flux1.check(loras)?;
     adapters(loras, targets, Some(&bfl_adapter(config, "")), dtype)
+        .map_err(|e| FluxGeneration::Flux1.explain(e))
 }
 
 /// Adapters for a FLUX.2 model: as [`flux_adapters`], with FLUX.2's BFL
@@ -202,12 +311,14 @@ pub fn flux2_adapters(
     config: &Flux2Config,
     dtype: DType,
 ) -> Result<(AdapterSet, LoraReport), LoraError> {
+    FluxGeneration::Flux2.check(loras)?;
     adapters(
         loras,
         targets,
         Some(&kiln_models::flux2::bfl_adapter(config, "")),
         dtype,
     )
+    .map_err(|e| FluxGeneration::Flux2.explain(e))
 }
 
 /// Adapters for a model's `targets` (with `bfl`, the model's BFL → diffusers
@@ -220,6 +331,7 @@ pub fn adapters(
     dtype: DType,
 ) -> Result<(AdapterSet, LoraReport), LoraError> {
     let linear_names = &targets.denoiser;
+    let targets_shapes = &targets.shapes;
     let layers: HashSet<&String> = linear_names.iter().collect();
     let keyed = |names: &[String]| -> HashMap<String, String> {
         names
@@ -279,6 +391,19 @@ pub fn adapters(
             if targets.is_empty() {
                 report.unmatched.push(module.name.clone());
                 continue;
+            }
+            for (layer, up) in &targets {
+                if let Some(&(in_dim, out_dim)) = targets_shapes.get(layer) {
+                    let (rows, columns) = (up.dims()[0], module.down.dims()[1]);
+                    if (rows, columns) != (out_dim, in_dim) {
+                        return Err(LoraError::Shape {
+                            module: module.name.clone(),
+                            message: format!(
+                                "its update is {rows}×{columns}, this model's {layer} is {out_dim}×{in_dim}"
+                            ),
+                        });
+                    }
+                }
             }
             for (layer, up) in targets {
                 set.add(

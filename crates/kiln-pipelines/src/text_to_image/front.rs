@@ -22,6 +22,9 @@ pub struct ImageFront {
     interface: ModelInterface,
     schema: InputSchema,
     presets: Map<String, Value>,
+    /// The preset applied when a request names none (the manifest config's
+    /// `default_preset`).
+    default_preset: Option<String>,
     /// Largest image, in pixels (the manifest's `max_pixels`).
     pub max_pixels: usize,
     /// The name results report.
@@ -62,6 +65,9 @@ impl ImageFront {
                 },
             },
             schema,
+            default_preset: manifest.config["default_preset"]
+                .as_str()
+                .map(str::to_string),
             presets,
             max_pixels: manifest.config["max_pixels"]
                 .as_u64()
@@ -69,6 +75,17 @@ impl ImageFront {
             model_name,
             lora_settings: LoraSettings::default(),
             input_sources: InputSources::default(),
+        }
+    }
+
+    /// A `default_preset` the manifest names but does not define.
+    pub fn check_default_preset(&self) -> Result<(), String> {
+        match &self.default_preset {
+            Some(name) if !self.presets.contains_key(name) => Err(format!(
+                "default_preset {name:?} is not one of the model's presets ({})",
+                self.presets.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -80,10 +97,16 @@ impl ImageFront {
         &self.schema
     }
 
-    /// The request's fields over its preset's (explicit fields win).
+    /// The request's fields over its preset's (explicit fields win); a
+    /// request without `preset` gets the model's default preset, if any.
     pub fn with_preset(&self, input: &Map<String, Value>) -> Map<String, Value> {
         let mut merged = Map::new();
-        if let Some(name) = input.get("preset").and_then(Value::as_str)
+        let name = match input.get("preset") {
+            Some(Value::String(name)) => Some(name.as_str()),
+            None | Some(Value::Null) => self.default_preset.as_deref(),
+            Some(_) => None,
+        };
+        if let Some(name) = name
             && let Some(Value::Object(preset)) = self.presets.get(name)
         {
             merged.extend(preset.clone());

@@ -60,11 +60,16 @@ fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
 impl FluxComponents {
     /// The layers LoRAs may target: the transformer's and CLIP's linears.
     pub fn lora_targets(&mut self) -> crate::lora::LoraTargets {
-        crate::lora::LoraTargets {
+        let mut targets = crate::lora::LoraTargets {
             denoiser: self.transformer.linear_names().unwrap_or_default(),
             text_encoder: self.text.clip.linear_names(),
             ..Default::default()
-        }
+        };
+        let _ = self.transformer.for_each_linear(&mut |linear| {
+            targets.add_shape(linear);
+            Ok(())
+        });
+        targets
     }
 
     /// Call `f` on every layer LoRAs may target (fused LoRAs merge here).

@@ -113,10 +113,15 @@ impl Flux2Components {
 
     /// The layers LoRAs may target: the transformer's linears.
     pub fn lora_targets(&mut self) -> crate::lora::LoraTargets {
-        crate::lora::LoraTargets {
+        let mut targets = crate::lora::LoraTargets {
             denoiser: self.transformer.linear_names().unwrap_or_default(),
             ..Default::default()
-        }
+        };
+        let _ = self.transformer.for_each_linear(&mut |linear| {
+            targets.add_shape(linear);
+            Ok(())
+        });
+        targets
     }
 }
 

@@ -8,6 +8,7 @@
 mod components;
 mod generate;
 pub mod latents;
+mod pipeline;
 mod prompt;
 mod reference;
 
@@ -15,5 +16,9 @@ pub use components::{
     Flux2Components, Flux2Facts, Flux2Parts, Flux2Vae, OffloadedFlux2, is_flux2_folder,
 };
 pub use generate::{Flux2Request, Generated, generate};
+pub use pipeline::{
+    DEFAULT_MAX_PIXELS, Flux2Defaults, Flux2Pipeline, PIPELINE_KIND, input_schema, load,
+    manifest_for_folder, realistic_character,
+};
 pub use prompt::{DEFAULT_HIDDEN_LAYERS, Qwen3PromptEncoder};
 pub use reference::{check_reference_size, reference_size, reference_tensor};

@@ -157,12 +157,18 @@ impl SdxlComponents {
                 Some((key, name.clone()))
             })
             .collect();
-        crate::lora::LoraTargets {
+        let mut targets = crate::lora::LoraTargets {
             denoiser,
             text_encoder: self.text_encoder.linear_names(),
             text_encoder_2: self.text_encoder_2.linear_names(),
             kohya_ldm,
-        }
+            ..Default::default()
+        };
+        let _ = self.unet.for_each_linear(&mut |linear| {
+            targets.add_shape(linear);
+            Ok(())
+        });
+        targets
     }
 
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, String> {
