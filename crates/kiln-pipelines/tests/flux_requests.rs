@@ -260,3 +260,6 @@ fn vae_tiling_is_a_request_option_that_keeps_small_images_identical() {
         "{found:?}"
     );
 }
+
+#[path = "flux2/requests.rs"]
+mod flux2_requests;

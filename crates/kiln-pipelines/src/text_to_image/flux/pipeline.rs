@@ -316,6 +316,7 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         FluxPipeline::new(components, &model.manifest, model.display_name())
     };
     pipeline.set_settings(&settings);
+    pipeline.front.check_default_preset().map_err(load_error)?;
     Ok(Arc::new(pipeline))
 }
 

@@ -254,55 +254,61 @@ pub struct Flux2Pipeline {
 
 /// Load a `text_to_image/flux2` model from its folder.
 pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
-    let load_error = |message: String| PipelineError::Load {
-        model: model.display_name(),
-        message,
-    };
-    let settings = ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
-    let text_layers = match &model.manifest.config["text_encoder_out_layers"] {
-        Value::Null => None,
-        value => Some(
-            serde_json::from_value::<Vec<usize>>(value.clone())
-                .map_err(|e| load_error(format!("config text_encoder_out_layers: {e}")))?,
-        ),
-    };
-    let (device, dtype) = (&settings.device, settings.dtype);
-    let (weights, targets, facts) = if settings.offload {
-        let (parts, targets) =
-            OffloadedFlux2::open(&model.dir, text_layers, device, dtype).map_err(load_error)?;
-        tracing::info!(model = %model.display_name(), "model CPU offload: parts load per stage");
-        let facts = super::Flux2Parts::facts(&parts).clone();
-        (Weights::Offloaded(Box::new(parts)), targets, facts)
-    } else {
-        let mut components =
-            Flux2Components::load(&model.dir, text_layers, device, dtype).map_err(load_error)?;
-        let targets = components.lora_targets();
-        let facts = components.facts.clone();
-        (Weights::Resident(Box::new(components)), targets, facts)
-    };
-    let defaults = Flux2Defaults::for_model(facts.is_distilled, &model.manifest.config);
-    let mut front = ImageFront::new(
-        PIPELINE_KIND,
-        &model.manifest,
-        DEFAULT_MAX_PIXELS,
-        model.display_name(),
-        |presets| input_schema(defaults, presets),
-    );
-    front.check_default_preset().map_err(load_error)?;
-    front.set_settings(&settings);
-    Ok(Arc::new(Flux2Pipeline {
-        weights: SharedWeights::new(weights),
-        default_lora_mode: LoraMode::for_model(&model.manifest.config),
-        config: facts.config.clone(),
-        lora_targets: targets,
-        dtype,
-        size_multiple: 2 * facts.vae_scale,
-        defaults,
-        front,
-    }))
+    Ok(Arc::new(Flux2Pipeline::open(model)?))
 }
 
 impl Flux2Pipeline {
+    /// Load a `text_to_image/flux2` model from its folder, as its manifest's
+    /// config says (device, dtype, offload, sources, LoRA mode, presets).
+    pub fn open(model: &ResolvedModel) -> Result<Self, PipelineError> {
+        let load_error = |message: String| PipelineError::Load {
+            model: model.display_name(),
+            message,
+        };
+        let settings = ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
+        let text_layers = match &model.manifest.config["text_encoder_out_layers"] {
+            Value::Null => None,
+            value => Some(
+                serde_json::from_value::<Vec<usize>>(value.clone())
+                    .map_err(|e| load_error(format!("config text_encoder_out_layers: {e}")))?,
+            ),
+        };
+        let (device, dtype) = (&settings.device, settings.dtype);
+        let (weights, targets, facts) = if settings.offload {
+            let (parts, targets) =
+                OffloadedFlux2::open(&model.dir, text_layers, device, dtype).map_err(load_error)?;
+            tracing::info!(model = %model.display_name(), "model CPU offload: parts load per stage");
+            let facts = super::Flux2Parts::facts(&parts).clone();
+            (Weights::Offloaded(Box::new(parts)), targets, facts)
+        } else {
+            let mut components = Flux2Components::load(&model.dir, text_layers, device, dtype)
+                .map_err(load_error)?;
+            let targets = components.lora_targets();
+            let facts = components.facts.clone();
+            (Weights::Resident(Box::new(components)), targets, facts)
+        };
+        let defaults = Flux2Defaults::for_model(facts.is_distilled, &model.manifest.config);
+        let mut front = ImageFront::new(
+            PIPELINE_KIND,
+            &model.manifest,
+            DEFAULT_MAX_PIXELS,
+            model.display_name(),
+            |presets| input_schema(defaults, presets),
+        );
+        front.check_default_preset().map_err(load_error)?;
+        front.set_settings(&settings);
+        Ok(Flux2Pipeline {
+            weights: SharedWeights::new(weights),
+            default_lora_mode: LoraMode::for_model(&model.manifest.config),
+            config: facts.config.clone(),
+            lora_targets: targets,
+            dtype,
+            size_multiple: 2 * facts.vae_scale,
+            defaults,
+            front,
+        })
+    }
+
     /// Apply the preset (explicit fields win), validate, and build the request.
     pub fn prepare(
         &self,

@@ -274,6 +274,7 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         model.display_name(),
     );
     pipeline.set_settings(&settings);
+    pipeline.front.check_default_preset().map_err(load_error)?;
     Ok(Arc::new(pipeline))
 }
 
