@@ -168,3 +168,51 @@ fn a_lora_for_the_other_flux_generation_is_refused_saying_so() {
         );
     }
 }
+
+#[test]
+fn kohya_names_of_the_same_lora_give_the_same_adapters() {
+    let device = parity::device_under_test();
+    let mut components =
+        Flux2Components::load(&fixtures().join("tiny-klein"), None, &device, DType::F32).unwrap();
+    let targets = components.lora_targets();
+    let config = components.transformer.config().clone();
+    // ai-toolkit's file renamed as kohya's trainer writes FLUX LoRAs, with
+    // alpha = rank (scale 1, as ai-toolkit's no-alpha files).
+    let tensors =
+        candle_core::safetensors::load(fixtures().join("lora/aitk.safetensors"), &device).unwrap();
+    let mut kohya = std::collections::HashMap::new();
+    for (name, tensor) in tensors {
+        let stem = name.trim_start_matches("diffusion_model.");
+        let (module, part) = stem.split_once(".lora_").unwrap();
+        let module = format!("lora_unet_{}", module.replace('.', "_"));
+        let part = if part.starts_with('A') {
+            "lora_down.weight"
+        } else {
+            "lora_up.weight"
+        };
+        if part == "lora_down.weight" {
+            let rank = tensor.dims()[0] as f32;
+            kohya.insert(
+                format!("{module}.alpha"),
+                candle_core::Tensor::new(rank, &device).unwrap(),
+            );
+        }
+        kohya.insert(format!("{module}.{part}"), tensor);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kohya.safetensors");
+    candle_core::safetensors::save(&kohya, &path).unwrap();
+    let kohya = lora::read(&path).unwrap();
+    assert_eq!(kohya.format.name(), "kohya");
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("lora/index.json")).unwrap())
+            .unwrap();
+    let refs = load_all(&fixtures().join("lora/reference.safetensors"), &device).unwrap();
+    let (set, report) =
+        lora::flux2_adapters(&[(&kohya, 0.8)], &targets, &config, DType::F32).unwrap();
+    assert!(report.unmatched.is_empty(), "{report:?}");
+    let mut runtime = request(&index);
+    runtime.adapters = Some(Arc::new(set));
+    let generated = generate(&components, &runtime, &mut |_, _| true).unwrap();
+    matches("aitk", &generated, &refs);
+}

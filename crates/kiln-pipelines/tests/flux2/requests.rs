@@ -255,3 +255,73 @@ fn the_runpod_handlers_lora_path_applies_and_is_reported() {
         "{text}"
     );
 }
+
+#[test]
+fn offload_tiling_and_missing_files_behave_as_for_flux1() {
+    let input = json!({"prompt": "a fox", "width": 32, "height": 32, "num_inference_steps": 1,
+                       "max_sequence_length": 16, "seed": 4});
+    let resident = open("tiny-klein", json!({}));
+    let expected = predict(&resident, input.clone()).unwrap();
+    let mut tiled = input.clone();
+    tiled["vae_tiling"] = json!(true);
+    assert_eq!(
+        predict(&resident, tiled).unwrap()["images"],
+        expected["images"]
+    );
+    // Model CPU offload: each part loaded for its stage, the same image;
+    // fused LoRAs need resident weights and say so.
+    let lora_dir = folder("lora");
+    let offloaded = open(
+        "tiny-klein",
+        json!({"offload": "model", "lora_dirs": [lora_dir.to_str().unwrap()]}),
+    );
+    assert_eq!(
+        predict(&offloaded, input.clone()).unwrap()["images"],
+        expected["images"]
+    );
+    let mut fused = input.clone();
+    fused["lora_path"] = json!(lora_dir.join("aitk.safetensors").to_str().unwrap());
+    fused["lora_mode"] = json!("fused");
+    let text = problems(predict(&offloaded, fused.clone()));
+    assert!(
+        text.contains("lora_mode: ") && text.contains("needs resident weights"),
+        "{text}"
+    );
+    fused["lora_mode"] = json!("runtime");
+    assert_ne!(
+        predict(&offloaded, fused).unwrap()["images"],
+        expected["images"]
+    );
+    // A folder missing a part fails its load naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in [
+        "model_index.json",
+        "transformer",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+    ] {
+        let from = folder("tiny-klein").join(entry);
+        let to = dir.path().join(entry);
+        if from.is_dir() {
+            std::fs::create_dir(&to).unwrap();
+            for file in std::fs::read_dir(&from).unwrap() {
+                let file = file.unwrap().path();
+                std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
+            }
+        } else {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+    let manifest = manifest_for_folder(dir.path()).unwrap();
+    let err = Flux2Pipeline::open(&ResolvedModel {
+        name: None,
+        version: None,
+        dir: dir.path().to_path_buf(),
+        manifest,
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("vae/config.json"), "{err}");
+}

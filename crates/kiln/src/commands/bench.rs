@@ -1,5 +1,5 @@
-//! `kiln bench flux` / `kiln bench sdxl` (and `kiln bench llm` and
-//! `kiln bench serve`, in their own modules): time one FLUX transformer forward and
+//! `kiln bench flux` / `kiln bench sdxl` (and `kiln bench flux2`, `kiln
+//! bench llm` and `kiln bench serve`, in their own modules): time one FLUX transformer forward and
 //! whole generations, or one SDXL UNet step (CFG batch) and VAE decode, on a
 //! model folder, for `bench/flux_vs_diffusers.py` and `bench/sdxl_vs_diffusers.py`
 //! to compare with diffusers on the same weights, on the CPU or a CUDA device
@@ -18,6 +18,8 @@ use serde_json::json;
 pub enum BenchCommand {
     /// Transformer forward and full generation timings for a FLUX folder.
     Flux(FluxBenchArgs),
+    /// Transformer forward and full generation timings for a FLUX.2-klein folder.
+    Flux2(super::bench_flux2::Flux2BenchArgs),
     /// UNet step and VAE decode timings for an SDXL folder.
     Sdxl(SdxlBenchArgs),
     /// Prefill and decode tokens/s of one stream for an LLM folder or GGUF file.
@@ -38,7 +40,7 @@ pub struct PlacementArgs {
 }
 
 impl PlacementArgs {
-    fn resolve(&self) -> Result<(Device, DType)> {
+    pub(crate) fn resolve(&self) -> Result<(Device, DType)> {
         Ok((
             kiln_engine::device::select_device(&self.device)?,
             kiln_engine::device::parse_dtype(&self.dtype)?,
@@ -232,7 +234,11 @@ pub(crate) fn peak_rss_mib() -> Option<f64> {
 
 /// Median wall time of `runs` calls after one warm-up; each call ends with the
 /// device's queue drained, so asynchronous CUDA work is inside the measurement.
-fn time<F: FnMut() -> Result<()>>(device: &Device, runs: usize, mut f: F) -> Result<f64> {
+pub(crate) fn time<F: FnMut() -> Result<()>>(
+    device: &Device,
+    runs: usize,
+    mut f: F,
+) -> Result<f64> {
     f()?;
     device.synchronize()?;
     let mut samples = Vec::with_capacity(runs);
@@ -248,6 +254,7 @@ fn time<F: FnMut() -> Result<()>>(device: &Device, runs: usize, mut f: F) -> Res
 pub fn run(command: BenchCommand) -> Result<()> {
     let args = match command {
         BenchCommand::Flux(args) => args,
+        BenchCommand::Flux2(args) => return super::bench_flux2::run(args),
         BenchCommand::Sdxl(args) => return bench_sdxl(args),
         BenchCommand::Llm(args) => return super::bench_llm::run(args),
         BenchCommand::Serve(args) => return super::bench_serve::run(args),

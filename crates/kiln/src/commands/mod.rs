@@ -1,6 +1,7 @@
 //! One module per `kiln` subcommand.
 
 pub mod bench;
+pub mod bench_flux2;
 pub mod bench_llm;
 // In the library, so that tests/bench_serve.rs can call `run_benchmark`.
 pub use kiln::bench_serve;
