@@ -22,9 +22,14 @@ fn fixtures() -> PathBuf {
 }
 
 fn check_variant(name: &str, cases: &[&str]) {
+    check_folder(&fixtures().join(name), name, cases);
+}
+
+/// The cases of `name`'s references, generated from the model folder `model`.
+fn check_folder(model: &Path, name: &str, cases: &[&str]) {
     let dir = fixtures().join(name);
     let device = parity::device_under_test();
-    let components = Flux2Components::load(&dir, None, &device, DType::F32).unwrap();
+    let components = Flux2Components::load(model, None, &device, DType::F32).unwrap();
     let index: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference/index.json")).unwrap())
             .unwrap();
@@ -84,4 +89,29 @@ fn distilled_klein_generations_match_diffusers() {
 #[test]
 fn base_klein_generations_with_and_without_cfg_match_diffusers() {
     check_variant("tiny-klein-base", &["cfg", "no_cfg"]);
+}
+
+#[test]
+fn a_bfl_single_file_transformer_without_config_generates_the_same() {
+    // tiny-klein's parts, with its transformer as BFL's root-level single file.
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixtures().join("tiny-klein");
+    for part in ["text_encoder", "tokenizer", "vae", "scheduler"] {
+        std::fs::create_dir(dir.path().join(part)).unwrap();
+        for file in std::fs::read_dir(source.join(part)).unwrap() {
+            let file = file.unwrap().path();
+            std::fs::copy(&file, dir.path().join(part).join(file.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(
+        source.join("model_index.json"),
+        dir.path().join("model_index.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-klein-bfl/flux-2-klein-tiny.safetensors"),
+        dir.path().join("flux-2-klein-tiny.safetensors"),
+    )
+    .unwrap();
+    check_folder(dir.path(), "tiny-klein", &["square"]);
 }

@@ -221,8 +221,9 @@ fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
 }
 
 /// The transformer's sizes from a BFL file's tensor shapes (BFL ships no
-/// config): width and text width from `img_in`/`txt_in`, block counts from
-/// the names, 128-wide heads, the MLP ratio from `img_mlp.0`.
+/// config): widths from `img_in`/`txt_in`/`time_in`, the head size from the
+/// q/k norms, block counts from the names, the MLP ratio from `img_mlp.0`,
+/// RoPE axes a quarter of the head each (klein's (32, 32, 32, 32)).
 fn config_from_shapes(weights: &Path) -> Result<Flux2Config, String> {
     let files = open(weights)?;
     let names = files.names();
@@ -247,14 +248,17 @@ fn config_from_shapes(weights: &Path) -> Result<Flux2Config, String> {
     };
     let image_in = shape("img_in.weight")?;
     let text_in = shape("txt_in.weight")?;
+    let time_in = shape("time_in.in_layer.weight")?;
     let mlp_in = shape("double_blocks.0.img_mlp.0.weight")?;
-    let (dim, in_channels, joint) = (image_in[0], image_in[1], text_in[1]);
-    let head_dim = 128;
+    let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
+    let dim = image_in[0];
     let config = serde_json::json!({
-        "in_channels": in_channels,
-        "joint_attention_dim": joint,
-        "num_attention_heads": dim / head_dim,
+        "in_channels": image_in[1],
+        "joint_attention_dim": text_in[1],
+        "timestep_guidance_channels": time_in[1],
+        "num_attention_heads": dim / head_dim.max(1),
         "attention_head_dim": head_dim,
+        "axes_dims_rope": vec![head_dim / 4; 4],
         "num_layers": count("double_blocks"),
         "num_single_layers": count("single_blocks"),
         "mlp_ratio": (mlp_in[0] / 2) as f64 / dim as f64,
