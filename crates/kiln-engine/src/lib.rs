@@ -17,6 +17,8 @@ pub mod paged_attention;
 pub mod parity;
 pub mod q8_gemm;
 pub mod qlinear;
+pub mod quant;
+pub mod resident;
 pub mod rng;
 pub mod threads;
 pub mod units;

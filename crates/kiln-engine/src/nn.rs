@@ -4,17 +4,31 @@
 
 use std::sync::Arc;
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::lora::{LowRank, apply_active};
+use crate::quant::QuantizedWeight;
 
-/// `y = x W^T + b` over the last dimension. The weight is kept transposed
-/// (in × out, contiguous) so every forward is a plain row-major GEMM. A linear
-/// loaded from a checkpoint carries its name, which LoRA adapters target.
+/// A linear layer's weight: dense, kept transposed (in × out, contiguous) so
+/// every forward is a plain row-major GEMM, or quantized (out × in), one layer
+/// dequantized per forward into the compute dtype.
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Dense(Tensor),
+    Quantized {
+        weight: QuantizedWeight,
+        dtype: DType,
+    },
+}
+
+/// `y = x W^T + b` over the last dimension. A linear loaded from a checkpoint
+/// carries its name, which LoRA adapters target; one loaded under a
+/// quantization policy ([`crate::quant::while_loading`]) holds its weight
+/// quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight_t: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     name: Option<Arc<str>>,
     /// The weight before fused LoRAs were merged in, for an exact unfuse.
@@ -22,7 +36,8 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Load `weight` (out × in) and, when `bias`, `bias` (out).
+    /// Load `weight` (out × in) and, when `bias`, `bias` (out); quantized when
+    /// the current load policy says so for this layer.
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
@@ -30,19 +45,53 @@ impl Linear {
         } else {
             None
         };
-        let mut linear = Self::from_parts(weight, bias)?;
-        linear.name = Some(Arc::from(vb.prefix()));
+        let name = vb.prefix();
+        let mut linear = match crate::quant::for_layer(&name, in_dim) {
+            Some(kind) => {
+                let quantized = QuantizedWeight::quantize(&weight, kind)?;
+                // The load counted the dense weight; it keeps the blocks.
+                crate::resident::record(
+                    quantized.bytes() as i64 - crate::resident::tensor_bytes(&weight),
+                );
+                Linear {
+                    weight: LinearWeight::Quantized {
+                        weight: quantized,
+                        dtype: weight.dtype(),
+                    },
+                    bias,
+                    name: None,
+                    unfused: None,
+                }
+            }
+            None => Self::from_parts(weight, bias)?,
+        };
+        linear.name = Some(Arc::from(name));
         Ok(linear)
     }
 
     /// From an (out × in) weight as stored in checkpoints.
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Linear {
-            weight_t: weight.t()?.contiguous()?,
+            weight: LinearWeight::Dense(weight.t()?.contiguous()?),
             bias,
             name: None,
             unfused: None,
         })
+    }
+
+    /// From a quantized weight computing in `dtype` (GGUF checkpoints).
+    pub fn from_quantized(
+        weight: QuantizedWeight,
+        bias: Option<Tensor>,
+        dtype: DType,
+        name: Option<&str>,
+    ) -> Self {
+        Linear {
+            weight: LinearWeight::Quantized { weight, dtype },
+            bias,
+            name: name.map(Arc::from),
+            unfused: None,
+        }
     }
 
     /// The checkpoint name LoRA adapters target (`transformer_blocks.0.attn.to_q`).
@@ -50,15 +99,43 @@ impl Linear {
         self.name.as_deref()
     }
 
+    fn dims(&self) -> (usize, usize) {
+        match &self.weight {
+            LinearWeight::Dense(weight_t) => (weight_t.dims()[0], weight_t.dims()[1]),
+            LinearWeight::Quantized { weight, .. } => {
+                weight.dims().map(|(out, inp)| (inp, out)).unwrap_or((0, 0))
+            }
+        }
+    }
+
     pub fn in_dim(&self) -> usize {
-        self.weight_t.dims()[0]
+        self.dims().0
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight_t.dims()[1]
+        self.dims().1
+    }
+
+    /// Whether the weight is held quantized (and its kind, e.g. `int8`).
+    pub fn quantization(&self) -> Option<String> {
+        match &self.weight {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Quantized { weight, .. } => Some(weight.kind_name()),
+        }
+    }
+
+    /// Bytes the weight and bias hold in memory.
+    pub fn resident_bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let weight = match &self.weight {
+            LinearWeight::Dense(weight_t) => tensor(weight_t),
+            LinearWeight::Quantized { weight, .. } => weight.bytes(),
+        };
+        weight + self.bias.as_ref().map_or(0, tensor)
     }
 
     /// Fused mode: add `scale · B A` to the weight (the original is kept).
+    /// Quantized weights refuse: fused LoRAs need dense weights.
     pub fn merge(&mut self, update: &LowRank) -> Result<()> {
         if update.in_dim() != self.in_dim() || update.out_dim() != self.out_dim() {
             candle_core::bail!(
@@ -70,36 +147,58 @@ impl Linear {
                 self.in_dim()
             );
         }
+        let weight_t = match &self.weight {
+            LinearWeight::Dense(weight_t) => weight_t.clone(),
+            LinearWeight::Quantized { weight, .. } => candle_core::bail!(
+                "{} is quantized ({}): fused LoRAs need dense weights; apply LoRAs at runtime",
+                self.name().unwrap_or("the layer"),
+                weight.kind_name()
+            ),
+        };
         if self.unfused.is_none() {
-            self.unfused = Some(self.weight_t.clone());
+            self.unfused = Some(weight_t.clone());
         }
         let delta_t = update
-            .delta(self.weight_t.device())?
+            .delta(weight_t.device())?
             .t()?
-            .to_dtype(self.weight_t.dtype())?;
-        self.weight_t = (&self.weight_t + delta_t)?.contiguous()?;
+            .to_dtype(weight_t.dtype())?;
+        self.weight = LinearWeight::Dense((&weight_t + delta_t)?.contiguous()?);
         Ok(())
     }
 
     /// Undo every merge exactly, restoring the stored original weight.
     pub fn unmerge(&mut self) {
         if let Some(original) = self.unfused.take() {
-            self.weight_t = original;
+            self.weight = LinearWeight::Dense(original);
         }
     }
 
-    /// The weight as (out × in), as checkpoints store it (a transposed view).
+    /// The weight as (out × in), as checkpoints store it (a transposed view
+    /// when dense; dequantized when quantized).
     pub fn weight(&self) -> Result<Tensor> {
-        self.weight_t.t()
+        match &self.weight {
+            LinearWeight::Dense(weight_t) => weight_t.t(),
+            LinearWeight::Quantized { weight, dtype } => weight.dequantize(*dtype),
+        }
+    }
+
+    /// The (in × out) matrix a forward multiplies by: the dense weight, or this
+    /// layer's quantized weight dequantized (a transposed view, no copy).
+    fn matrix(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(weight_t) => Ok(weight_t.clone()),
+            LinearWeight::Quantized { weight, dtype } => weight.dequantize(*dtype)?.t(),
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight_t = self.matrix()?;
         let y = match x.dims() {
             [b, s, d] => {
                 let rows = x.reshape((b * s, *d))?;
-                let y = rows.matmul(&self.weight_t)?;
+                let y = rows.matmul(&weight_t)?;
                 let y = match &self.name {
                     Some(name) => apply_active(name, &rows, y)?,
                     None => y,
@@ -107,13 +206,13 @@ impl Module for Linear {
                 y.reshape((*b, *s, ()))?
             }
             [_, _] => {
-                let y = x.matmul(&self.weight_t)?;
+                let y = x.matmul(&weight_t)?;
                 match &self.name {
                     Some(name) => apply_active(name, x, y)?,
                     None => y,
                 }
             }
-            _ => x.broadcast_matmul(&self.weight_t)?,
+            _ => x.broadcast_matmul(&weight_t)?,
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),

@@ -368,6 +368,7 @@ impl SimpleBackend for AdaptedWeights {
         let tensor = self
             .fetch(name, dtype, device)
             .map_err(candle_core::Error::wrap)?;
+        crate::resident::record(crate::resident::tensor_bytes(&tensor));
         if tensor.shape() != &shape {
             return Err(candle_core::Error::wrap(EngineError::ShapeMismatch {
                 name: name.to_string(),

@@ -84,6 +84,13 @@ pub trait Pipeline: Send + Sync {
         self.predict(request)
     }
 
+    /// Bytes the loaded model's weights hold in memory (quantized layers as
+    /// stored), when the pipeline counted them at load; for reports and the
+    /// server's memory budget.
+    fn resident_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// The streaming text-generation engine behind this pipeline, for protocols
     /// that stream tokens (OpenAI chat and completions). `None` for other tasks.
     fn text_generation(&self) -> Option<Arc<dyn kiln_textgen::TextGeneration>> {

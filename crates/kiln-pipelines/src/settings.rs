@@ -22,6 +22,11 @@ pub struct ModelSettings {
     pub dtype: DType,
     /// FLUX model CPU offload (`offload = "model"`).
     pub offload: bool,
+    /// Quantize the denoiser's linear layers while loading (`quantize =
+    /// "int8"`, `"q8_0"`, `"q4_k"`; `KILN_QUANTIZE`).
+    pub quantize: Option<kiln_engine::quant::QuantKind>,
+    /// Also quantize the text encoder's (T5's) linear layers.
+    pub quantize_text_encoder: bool,
     /// Where input images may come from.
     pub input: InputSources,
     /// Where LoRAs may come from, and their caches.
@@ -126,6 +131,27 @@ impl ModelSettings {
                 }
             },
         };
+        let quantize = match get.text("quantize", "KILN_QUANTIZE") {
+            None => None,
+            Some((value, from)) => {
+                kiln_engine::quant::QuantKind::parse(&value).map_err(|e| format!("{from}: {e}"))?
+            }
+        };
+        let quantize_text_encoder = match get.config.get("quantize_text_encoder") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(value)) => *value,
+            Some(other) => {
+                return Err(format!(
+                    "config `quantize_text_encoder` must be true or false, got {other}"
+                ));
+            }
+        };
+        if quantize.is_some() && offload {
+            return Err(
+                "quantize with offload = \"model\" is not supported yet: quantized weights stay resident; drop one of them"
+                    .into(),
+            );
+        }
         // The defaults live with each type; settings only override them.
         let mut input = InputSources {
             dirs: get.dirs("input_dirs", "KILN_INPUT_DIRS"),
@@ -179,6 +205,8 @@ impl ModelSettings {
             device,
             dtype,
             offload,
+            quantize,
+            quantize_text_encoder,
             input,
             lora,
         })
@@ -197,6 +225,39 @@ mod tests {
                 .find(|(k, _)| *k == var)
                 .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn quantization_reads_config_then_environment_and_refuses_what_cannot_run() {
+        let vars = env(&[("KILN_QUANTIZE", "q8_0")]);
+        let from_env = ModelSettings::resolve(&Value::Null, &vars).unwrap();
+        assert_eq!(from_env.quantize, Some(kiln_engine::quant::QuantKind::Q8_0));
+        let config = json!({"quantize": "int8", "quantize_text_encoder": true});
+        let from_config = ModelSettings::resolve(&config, &vars).unwrap();
+        assert_eq!(
+            (from_config.quantize, from_config.quantize_text_encoder),
+            (Some(kiln_engine::quant::QuantKind::Int8), true)
+        );
+        let none = env(&[]);
+        let err = ModelSettings::resolve(&json!({"quantize": "fp8"}), &none)
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("config `quantize`") && err.contains("FP8"),
+            "{err}"
+        );
+        let err = ModelSettings::resolve(&json!({"quantize": "int4"}), &none)
+            .err()
+            .unwrap();
+        assert!(err.contains("int8, q8_0, q4_k"), "{err}");
+        let err = ModelSettings::resolve(&json!({"quantize": "int8", "offload": "model"}), &none)
+            .err()
+            .unwrap();
+        assert!(err.contains("offload"), "{err}");
+        let err = ModelSettings::resolve(&json!({"quantize_text_encoder": "yes"}), &none)
+            .err()
+            .unwrap();
+        assert!(err.contains("quantize_text_encoder"), "{err}");
     }
 
     #[test]

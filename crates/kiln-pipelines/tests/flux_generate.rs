@@ -197,3 +197,6 @@ fn model_cpu_offload_generates_the_same_images_one_part_at_a_time() {
 
 #[path = "flux2/generation.rs"]
 mod flux2_generation;
+
+#[path = "flux2/quantized.rs"]
+mod quantized;

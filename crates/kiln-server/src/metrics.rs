@@ -72,6 +72,7 @@ pub struct Metrics {
     latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     load_seconds: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     loaded: Family<ModelLabels, Gauge>,
+    resident: Family<ModelLabels, Gauge>,
     unloads: Family<ModelLabels, Counter>,
     jobs: Family<JobLabels, Counter>,
     queue_depth: Family<ModelLabels, Gauge>,
@@ -95,6 +96,7 @@ impl Metrics {
         );
         let load_seconds = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
         let loaded = Family::<ModelLabels, Gauge>::default();
+        let resident = Family::<ModelLabels, Gauge>::default();
         registry.register(
             "http_requests",
             "HTTP requests by route, method, status and model",
@@ -114,6 +116,11 @@ impl Metrics {
             "model_loaded",
             "1 while a model is loaded and ready",
             loaded.clone(),
+        );
+        registry.register(
+            "model_resident_bytes",
+            "Bytes the loaded model's weights hold (quantized layers as stored)",
+            resident.clone(),
         );
         let unloads = Family::<ModelLabels, Counter>::default();
         let jobs = Family::<JobLabels, Counter>::default();
@@ -157,6 +164,7 @@ impl Metrics {
             latency,
             load_seconds,
             loaded,
+            resident,
             unloads,
             jobs,
             queue_depth,
@@ -176,11 +184,22 @@ impl Metrics {
     }
 
     /// Record an unload.
+    /// Record the bytes a loaded model's weights hold.
+    pub fn model_resident(&self, model: &str, bytes: u64) {
+        let labels = ModelLabels {
+            model: model.to_string(),
+        };
+        self.resident
+            .get_or_create(&labels)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     pub fn model_unloaded(&self, model: &str) {
         let labels = ModelLabels {
             model: model.to_string(),
         };
         self.loaded.get_or_create(&labels).set(0);
+        self.resident.get_or_create(&labels).set(0);
         self.unloads.get_or_create(&labels).inc();
     }
 

@@ -3,7 +3,7 @@
 //! under a memory budget. Readiness is true once every eagerly loaded model has
 //! loaded and none has failed.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,8 @@ pub struct ServedModel {
     /// Direct requests waiting for a slot (bounded by `max_queue`).
     waiting: AtomicUsize,
     last_used: Mutex<Instant>,
+    /// Bytes the loaded weights hold, as the pipeline counted them (0: not counted).
+    resident_bytes: AtomicU64,
 }
 
 impl ServedModel {
@@ -106,6 +108,16 @@ impl ServedModel {
             in_use: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
+            resident_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes the model takes for the memory budget: what its loaded weights
+    /// hold when the pipeline counted them, else its weight files' size.
+    pub fn memory_estimate(&self) -> u64 {
+        match self.resident_bytes.load(Ordering::SeqCst) {
+            0 => self.settings.memory_bytes,
+            counted => counted,
         }
     }
 
@@ -254,6 +266,10 @@ fn load_now(model: &ServedModel, metrics: &Metrics) -> Result<Arc<dyn Pipeline>,
         Ok(pipeline) => {
             tracing::info!(model = %model.name, reference = %model.reference, seconds, "model loaded");
             let _ = model.interface.set(pipeline.interface().clone());
+            if let Some(bytes) = pipeline.resident_bytes() {
+                model.resident_bytes.store(bytes, Ordering::SeqCst);
+                metrics.model_resident(&model.name, bytes);
+            }
             model.ever_loaded.store(true, Ordering::SeqCst);
             model.touch();
             model.set_state(LoadState::Ready(Arc::clone(pipeline)));
@@ -478,9 +494,9 @@ impl AppState {
                 .iter()
                 .filter(|m| m.name != model.name)
                 .filter(|m| matches!(m.state(), LoadState::Ready(_) | LoadState::Loading))
-                .map(|m| m.settings.memory_bytes)
+                .map(|m| m.memory_estimate())
                 .sum();
-            if loaded + model.settings.memory_bytes <= budget {
+            if loaded + model.memory_estimate() <= budget {
                 return;
             }
             let victim = self

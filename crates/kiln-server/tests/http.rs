@@ -557,6 +557,15 @@ async fn image_pipelines_answer_tabular_protocols_one_row_per_request() {
     let predictions = body["predictions"].as_array().unwrap();
     assert_eq!(predictions.len(), 2);
     assert_eq!(predictions[1]["width"], 48);
+    // The loaded weights' bytes, as the pipeline counted them, are exported.
+    let metrics = http(addr, "GET", "/metrics", &[], b"").await.text();
+    let resident = metrics
+        .lines()
+        .find(|l| l.starts_with("kiln_model_resident_bytes{model=\"test.images.flux\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no resident bytes in {metrics}"));
+    assert!(resident > 100_000, "{resident}");
     assert_eq!(predictions[0]["seed"], 7);
     assert!(
         predictions[0]["images"][0]["base64"]

@@ -115,6 +115,7 @@ impl LlmWeights {
                 q.dequantize(device)?.to_dtype(dtype)?
             }
         };
+        kiln_engine::resident::record(kiln_engine::resident::tensor_bytes(&tensor));
         Ok(tensor)
     }
 
@@ -165,6 +166,7 @@ impl LlmWeights {
                 if let Some(order) = self.row_order(&weight_name, out_dim) {
                     q = permute_rows(&q, &order)?;
                 }
+                kiln_engine::resident::record(q.storage_size_in_bytes() as i64);
                 Ok(AnyLinear::quantized(q, bias)?)
             }
         }

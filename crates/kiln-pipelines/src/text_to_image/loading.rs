@@ -46,3 +46,61 @@ pub(crate) fn decode_images(
         .clamp(0f32, 1f32)?
         .permute((0, 2, 3, 1))
 }
+
+/// Which parts quantize while they load (`[[models]] config = { quantize,
+/// quantize_text_encoder }`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quantization {
+    /// The denoiser's (transformer's or UNet's) linear layers.
+    pub denoiser: Option<kiln_engine::quant::QuantKind>,
+    /// Also the sequence text encoder's (FLUX.1's T5).
+    pub text_encoder: bool,
+}
+
+impl Quantization {
+    pub fn from_settings(settings: &crate::settings::ModelSettings) -> Self {
+        Quantization {
+            denoiser: settings.quantize,
+            text_encoder: settings.quantize_text_encoder,
+        }
+    }
+
+    /// Run `load` with the denoiser's policy: `keep_dense` names the layers
+    /// that stay in the compute dtype.
+    pub(crate) fn denoiser<T>(&self, keep_dense: fn(&str) -> bool, load: impl FnOnce() -> T) -> T {
+        let policy = self
+            .denoiser
+            .map(|kind| kiln_engine::quant::LoadPolicy { kind, keep_dense });
+        kiln_engine::quant::while_loading(policy, load)
+    }
+
+    /// Run `load` with the text encoder's policy (every linear, when asked).
+    pub(crate) fn text_encoder<T>(&self, load: impl FnOnce() -> T) -> T {
+        let policy = match (self.denoiser, self.text_encoder) {
+            (Some(kind), true) => Some(kiln_engine::quant::LoadPolicy {
+                kind,
+                keep_dense: |_| false,
+            }),
+            _ => None,
+        };
+        kiln_engine::quant::while_loading(policy, load)
+    }
+}
+
+/// FLUX transformer layers (both generations) that stay dense when
+/// quantizing, as diffusers' bitsandbytes path keeps them: the input
+/// embedders, the timestep/guidance/text embedders, every modulation and norm
+/// projection, and the output projection.
+pub(crate) fn flux_keeps_dense(name: &str) -> bool {
+    matches!(name, "x_embedder" | "context_embedder" | "proj_out")
+        || name.starts_with("time_text_embed")
+        || name.starts_with("time_guidance_embed")
+        || name.contains("norm")
+        || name.contains("modulation")
+}
+
+/// SDXL UNet linears that stay dense when quantizing: the time and added
+/// (size/pooled-text) embeddings.
+pub(crate) fn unet_keeps_dense(name: &str) -> bool {
+    name.starts_with("time_embedding") || name.starts_with("add_embedding")
+}

@@ -84,6 +84,8 @@ struct Loaded<W> {
 /// A model's weights behind a read-write lock, with the fused LoRA set tracked.
 pub struct SharedWeights<W> {
     loaded: RwLock<Loaded<W>>,
+    /// The quantization of the denoiser's weights (fused LoRAs need dense ones).
+    quantized: Option<&'static str>,
 }
 
 fn poisoned<E>(_: E) -> PipelineError {
@@ -97,7 +99,14 @@ impl<W: LoraLayers> SharedWeights<W> {
                 weights,
                 fused: None,
             }),
+            quantized: None,
         }
+    }
+
+    /// Note that the weights are quantized (`int8`, ...): fused LoRAs are
+    /// then refused with a message, runtime ones apply as usual.
+    pub fn set_quantized(&mut self, kind: Option<&'static str>) {
+        self.quantized = kind;
     }
 
     /// Run `generate` on the weights with `loras` applied as `mode` says:
@@ -109,6 +118,15 @@ impl<W: LoraLayers> SharedWeights<W> {
         loras: Option<&ResolvedLoras>,
         mut generate: impl FnMut(&W, Option<Arc<AdapterSet>>) -> Result<T, PipelineError>,
     ) -> Result<T, PipelineError> {
+        if let (LoraMode::Fused, Some(_), Some(kind)) = (mode, loras, self.quantized) {
+            return Err(PipelineError::invalid(
+                "lora_mode",
+                ProblemKind::Constraint,
+                format!(
+                    "\"fused\" merges LoRAs into dense weights, and this model's are quantized ({kind}); use \"runtime\""
+                ),
+            ));
+        }
         match (mode, loras) {
             // Fusing rewrites the shared weights: one such request at a time.
             (LoraMode::Fused, Some(loras)) => {

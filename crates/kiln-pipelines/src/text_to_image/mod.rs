@@ -8,7 +8,7 @@ pub mod flux2;
 pub mod front;
 pub mod generation;
 pub mod image_io;
-pub(crate) mod loading;
+pub mod loading;
 pub mod lora_weights;
 pub mod result;
 pub mod schedulers;

@@ -325,3 +325,27 @@ fn offload_tiling_and_missing_files_behave_as_for_flux1() {
     .to_string();
     assert!(err.contains("vae/config.json"), "{err}");
 }
+
+#[test]
+fn a_quantized_model_serves_runtime_loras_refuses_fused_ones_and_reports_its_size() {
+    let lora_dir = folder("lora");
+    let dense = open("tiny-klein", json!({}));
+    let p = open(
+        "tiny-klein",
+        json!({"quantize": "int8", "lora_dirs": [lora_dir.to_str().unwrap()]}),
+    );
+    let (dense_bytes, bytes) = (dense.resident_bytes().unwrap(), p.resident_bytes().unwrap());
+    assert!(bytes < dense_bytes, "{bytes} vs {dense_bytes}");
+    let input = json!({"prompt": "a fox", "width": 32, "height": 32, "num_inference_steps": 1,
+                       "max_sequence_length": 16, "seed": 4,
+                       "lora_path": lora_dir.join("aitk.safetensors").to_str().unwrap()});
+    let output = predict(&p, input.clone()).unwrap();
+    assert_eq!(output["lora_mode"], "runtime");
+    let mut fused = input;
+    fused["lora_mode"] = json!("fused");
+    let text = problems(predict(&p, fused));
+    assert!(
+        text.contains("lora_mode: ") && text.contains("quantized (int8)"),
+        "{text}"
+    );
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::generate::{FluxModels, FluxParts, Part};
 use super::prompt::TextEncoders;
 use crate::error::PipelineError;
-use crate::text_to_image::loading::{open, read_json, var_builder};
+use crate::text_to_image::loading::{Quantization, flux_keeps_dense, open, read_json, var_builder};
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 use crate::text_to_image::tokenizer::PromptTokenizer;
 use candle_core::{DType, Device};
@@ -28,6 +28,8 @@ pub struct FluxComponents {
     pub scheduler: FlowMatchEulerConfig,
     pub device: Device,
     pub dtype: DType,
+    /// Bytes the loaded weights hold (quantized layers counted as stored).
+    pub resident_bytes: u64,
 }
 
 /// The transformer weights: `transformer/` (diffusers or a BFL file inside), or a
@@ -95,11 +97,37 @@ impl FluxComponents {
 
     /// Load every component of the model folder at `dir`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, String> {
-        let transformer = load_transformer(dir, device, dtype)?;
+        Self::load_quantized(dir, device, dtype, Quantization::default())
+    }
+
+    /// Load every component, quantizing as `quantization` says while loading.
+    pub fn load_quantized(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Self, String> {
+        let (loaded, bytes) = kiln_engine::resident::count_loaded(|| {
+            Self::load_uncounted(dir, device, dtype, quantization)
+        });
+        let mut components = loaded?;
+        components.resident_bytes = bytes;
+        Ok(components)
+    }
+
+    fn load_uncounted(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Self, String> {
+        let transformer =
+            quantization.denoiser(flux_keeps_dense, || load_transformer(dir, device, dtype))?;
         let vae = load_vae(dir, device)?;
-        let text = load_text_encoders(dir, device, dtype)?;
+        let text = load_text_encoders(dir, device, dtype, quantization)?;
         let scheduler = load_scheduler(dir, transformer.config().guidance_embeds)?;
         Ok(FluxComponents {
+            resident_bytes: 0,
             text,
             transformer,
             vae,
@@ -159,7 +187,7 @@ fn stage_error(e: String) -> PipelineError {
 
 impl FluxParts for OffloadedFlux {
     fn text(&self) -> Result<Part<'_, TextEncoders>, PipelineError> {
-        load_text_encoders(&self.dir, &self.device, self.dtype)
+        load_text_encoders(&self.dir, &self.device, self.dtype, Quantization::default())
             .map(Part::Loaded)
             .map_err(stage_error)
     }
@@ -237,7 +265,12 @@ fn load_vae(dir: &Path, device: &Device) -> Result<AutoencoderKl, String> {
         .map_err(|e| format!("{}: {e}", vae_weights.display()))
 }
 
-fn load_text_encoders(dir: &Path, device: &Device, dtype: DType) -> Result<TextEncoders, String> {
+fn load_text_encoders(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    quantization: Quantization,
+) -> Result<TextEncoders, String> {
     let clip_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
     let clip = ClipTextModel::load(
         var_builder(
@@ -250,16 +283,15 @@ fn load_text_encoders(dir: &Path, device: &Device, dtype: DType) -> Result<TextE
     )
     .map_err(|e| format!("{}: {e}", dir.join("text_encoder").display()))?;
     let t5_config: T5Config = read_json(&dir.join("text_encoder_2/config.json"))?;
-    let t5 = T5Encoder::load(
-        var_builder(
-            open(&dir.join("text_encoder_2"))?,
-            KeyAdapter::default(),
-            dtype,
-            device,
-        ),
-        t5_config,
-    )
-    .map_err(|e| format!("{}: {e}", dir.join("text_encoder_2").display()))?;
+    let t5_files = open(&dir.join("text_encoder_2"))?;
+    let t5 = quantization
+        .text_encoder(|| {
+            T5Encoder::load(
+                var_builder(t5_files, KeyAdapter::default(), dtype, device),
+                t5_config,
+            )
+        })
+        .map_err(|e| format!("{}: {e}", dir.join("text_encoder_2").display()))?;
     let eos = clip.eos_token_id();
     Ok(TextEncoders {
         clip_tokenizer: PromptTokenizer::load(&dir.join("tokenizer"), eos, eos)?,

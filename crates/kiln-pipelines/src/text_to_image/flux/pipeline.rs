@@ -19,6 +19,7 @@ use crate::settings::ModelSettings;
 use crate::text_to_image::front::{ImageFront, multiple_problem};
 use crate::text_to_image::image_io::images_json;
 use crate::text_to_image::image_io::{OutputFormat, image_tensor, read_image, to_rgb_images};
+use crate::text_to_image::loading::Quantization;
 use crate::text_to_image::lora_weights::{LayerVisitor, LoraLayers, LoraMode, SharedWeights};
 use crate::text_to_image::{predict_fields, random_seed};
 
@@ -294,6 +295,8 @@ pub struct FluxPipeline {
     /// The linear layers LoRAs may target, by name.
     lora_targets: lora::LoraTargets,
     dtype: candle_core::DType,
+    /// Bytes the resident weights hold (`None` with model CPU offload).
+    resident_bytes: Option<u64>,
     /// Interface, presets, limits and sources, as every image family has them.
     front: ImageFront,
 }
@@ -312,11 +315,20 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         tracing::info!(model = %model.display_name(), "model CPU offload: parts load per stage");
         FluxPipeline::offloaded(parts, targets, &model.manifest, model.display_name())
     } else {
-        let components = FluxComponents::load(&model.dir, device, dtype).map_err(load_error)?;
+        let components = FluxComponents::load_quantized(
+            &model.dir,
+            device,
+            dtype,
+            Quantization::from_settings(&settings),
+        )
+        .map_err(load_error)?;
         FluxPipeline::new(components, &model.manifest, model.display_name())
     };
     pipeline.set_settings(&settings);
     pipeline.front.check_default_preset().map_err(load_error)?;
+    pipeline
+        .weights
+        .set_quantized(settings.quantize.map(|kind| kind.name()));
     Ok(Arc::new(pipeline))
 }
 
@@ -326,14 +338,17 @@ impl FluxPipeline {
         let config = components.transformer.config().clone();
         let targets = components.lora_targets();
         let dtype = components.dtype;
-        Self::with_weights(
+        let resident_bytes = Some(components.resident_bytes);
+        let mut pipeline = Self::with_weights(
             Weights::Resident(Box::new(components)),
             config,
             targets,
             dtype,
             manifest,
             model_name,
-        )
+        );
+        pipeline.resident_bytes = resident_bytes;
+        pipeline
     }
 
     /// A pipeline with model CPU offload (see [`OffloadedFlux`]).
@@ -368,6 +383,7 @@ impl FluxPipeline {
             transformer_config,
             lora_targets,
             dtype,
+            resident_bytes: None,
             weights: SharedWeights::new(weights),
             default_lora_mode: LoraMode::for_model(&manifest.config),
             front: ImageFront::new(
@@ -540,6 +556,10 @@ impl FluxPipeline {
 impl Pipeline for FluxPipeline {
     fn interface(&self) -> &ModelInterface {
         self.front.interface()
+    }
+
+    fn resident_bytes(&self) -> Option<u64> {
+        self.resident_bytes
     }
 
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {

@@ -16,7 +16,7 @@ use kiln_models::vae::{AutoencoderKl, LatentNorm, VaeConfig};
 use super::prompt::{DEFAULT_HIDDEN_LAYERS, Qwen3PromptEncoder};
 use crate::error::PipelineError;
 use crate::text_to_image::generation::Part;
-use crate::text_to_image::loading::{open, read_json, var_builder};
+use crate::text_to_image::loading::{Quantization, flux_keeps_dense, open, read_json, var_builder};
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 
 /// The VAE with the BatchNorm statistics the pipeline normalises latents by.
@@ -53,6 +53,8 @@ pub struct Flux2Components {
     pub facts: Flux2Facts,
     pub device: Device,
     pub dtype: DType,
+    /// Bytes the loaded weights hold (quantized layers counted as stored).
+    pub resident_bytes: u64,
 }
 
 /// Where the sampling loop gets each part, one stage at a time.
@@ -100,9 +102,39 @@ impl Flux2Components {
         device: &Device,
         dtype: DType,
     ) -> Result<Self, String> {
+        Self::load_quantized(dir, text_layers, device, dtype, Quantization::default())
+    }
+
+    /// As [`Flux2Components::load`], quantizing the transformer's linear
+    /// layers (and, with `text_encoder`, Qwen3's) as `quantization` says.
+    pub fn load_quantized(
+        dir: &Path,
+        text_layers: Option<Vec<usize>>,
+        device: &Device,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Self, String> {
+        let (loaded, bytes) = kiln_engine::resident::count_loaded(|| {
+            Self::load_uncounted(dir, text_layers, device, dtype, quantization)
+        });
+        let mut components = loaded?;
+        components.resident_bytes = bytes;
+        Ok(components)
+    }
+
+    fn load_uncounted(
+        dir: &Path,
+        text_layers: Option<Vec<usize>>,
+        device: &Device,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Self, String> {
         let facts = read_facts(dir, text_layers)?;
         Ok(Flux2Components {
-            transformer: load_transformer(dir, &facts.config, device, dtype)?,
+            resident_bytes: 0,
+            transformer: quantization.denoiser(flux_keeps_dense, || {
+                load_transformer(dir, &facts.config, device, dtype)
+            })?,
             vae: load_vae(dir, device)?,
             text: load_text(dir, &facts, device, dtype)?,
             facts,

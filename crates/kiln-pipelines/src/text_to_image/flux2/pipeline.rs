@@ -23,6 +23,7 @@ use crate::settings::ModelSettings;
 use crate::text_to_image::flux::{ASPECT_RATIOS, size_for_aspect_ratio};
 use crate::text_to_image::front::{ImageFront, multiple_problem};
 use crate::text_to_image::image_io::{OutputFormat, images_json, read_image, to_rgb_images};
+use crate::text_to_image::loading::Quantization;
 use crate::text_to_image::lora_weights::{LayerVisitor, LoraLayers, LoraMode, SharedWeights};
 use crate::text_to_image::{predict_fields, random_seed};
 
@@ -242,6 +243,8 @@ impl LoraLayers for Weights {
 /// A loaded FLUX.2 model.
 pub struct Flux2Pipeline {
     weights: SharedWeights<Weights>,
+    /// Bytes the resident weights hold (`None` with model CPU offload).
+    resident_bytes: Option<u64>,
     default_lora_mode: LoraMode,
     config: Flux2Config,
     lora_targets: lora::LoraTargets,
@@ -274,6 +277,7 @@ impl Flux2Pipeline {
             ),
         };
         let (device, dtype) = (&settings.device, settings.dtype);
+        let mut resident_bytes = None;
         let (weights, targets, facts) = if settings.offload {
             let (parts, targets) =
                 OffloadedFlux2::open(&model.dir, text_layers, device, dtype).map_err(load_error)?;
@@ -281,10 +285,17 @@ impl Flux2Pipeline {
             let facts = super::Flux2Parts::facts(&parts).clone();
             (Weights::Offloaded(Box::new(parts)), targets, facts)
         } else {
-            let mut components = Flux2Components::load(&model.dir, text_layers, device, dtype)
-                .map_err(load_error)?;
+            let mut components = Flux2Components::load_quantized(
+                &model.dir,
+                text_layers,
+                device,
+                dtype,
+                Quantization::from_settings(&settings),
+            )
+            .map_err(load_error)?;
             let targets = components.lora_targets();
             let facts = components.facts.clone();
+            resident_bytes = Some(components.resident_bytes);
             (Weights::Resident(Box::new(components)), targets, facts)
         };
         let defaults = Flux2Defaults::for_model(facts.is_distilled, &model.manifest.config);
@@ -297,8 +308,11 @@ impl Flux2Pipeline {
         );
         front.check_default_preset().map_err(load_error)?;
         front.set_settings(&settings);
+        let mut weights = SharedWeights::new(weights);
+        weights.set_quantized(settings.quantize.map(|kind| kind.name()));
         Ok(Flux2Pipeline {
-            weights: SharedWeights::new(weights),
+            weights,
+            resident_bytes,
             default_lora_mode: LoraMode::for_model(&model.manifest.config),
             config: facts.config.clone(),
             lora_targets: targets,
@@ -486,6 +500,10 @@ impl Flux2Pipeline {
 impl Pipeline for Flux2Pipeline {
     fn interface(&self) -> &ModelInterface {
         self.front.interface()
+    }
+
+    fn resident_bytes(&self) -> Option<u64> {
+        self.resident_bytes
     }
 
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {

@@ -17,7 +17,7 @@ use kiln_models::unet::{UNet2DConditionModel, UNetConfig, ldm_unet_adapter, ldm_
 use kiln_models::vae::{AutoencoderKl, VaeConfig, detect_vae_layout};
 
 use super::defaults;
-use crate::text_to_image::loading::{open, read_json, var_builder};
+use crate::text_to_image::loading::{Quantization, open, read_json, unet_keeps_dense, var_builder};
 use crate::text_to_image::schedulers::DiscreteConfig;
 use crate::text_to_image::tokenizer::PromptTokenizer;
 
@@ -36,6 +36,8 @@ pub struct SdxlComponents {
     pub safety: Option<super::safety::SafetyFilter>,
     pub device: Device,
     pub dtype: DType,
+    /// Bytes the loaded weights hold (quantized layers counted as stored).
+    pub resident_bytes: u64,
 }
 
 impl SdxlComponents {
@@ -172,6 +174,31 @@ impl SdxlComponents {
     }
 
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, String> {
+        Self::load_quantized(dir, device, dtype, Quantization::default())
+    }
+
+    /// As [`SdxlComponents::load`], quantizing the UNet's linear layers (its
+    /// transformer blocks; the convolutions stay dense) as `quantization` says.
+    pub fn load_quantized(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Self, String> {
+        let (loaded, bytes) = kiln_engine::resident::count_loaded(|| {
+            Self::load_uncounted(dir, device, dtype, quantization)
+        });
+        let mut components = loaded?;
+        components.resident_bytes = bytes;
+        Ok(components)
+    }
+
+    fn load_uncounted(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Self, String> {
         let index: serde_json::Value = read_json(&dir.join("model_index.json")).unwrap_or_default();
         let unet_config: UNetConfig = config_or(dir, "unet/config.json", defaults::UNET)?;
         unet_config
@@ -198,11 +225,15 @@ impl SdxlComponents {
         let (unet, text_encoder, text_encoder_2, vae_files, vae_path) = match &single {
             None => {
                 let unet_dir = dir.join("unet");
-                let unet = UNet2DConditionModel::load(
-                    var_builder(open(&unet_dir)?, KeyAdapter::default(), dtype, device),
-                    unet_config,
-                )
-                .map_err(|e| format!("{}: {e}", unet_dir.display()))?;
+                let files = open(&unet_dir)?;
+                let unet = quantization
+                    .denoiser(unet_keeps_dense, || {
+                        UNet2DConditionModel::load(
+                            var_builder(files, KeyAdapter::default(), dtype, device),
+                            unet_config,
+                        )
+                    })
+                    .map_err(|e| format!("{}: {e}", unet_dir.display()))?;
                 let te = dir.join("text_encoder");
                 let te2 = dir.join("text_encoder_2");
                 (
@@ -243,11 +274,14 @@ impl SdxlComponents {
                     scheduler.rescale_betas_zero_snr = true;
                 }
                 let adapter = ldm_unet_adapter(&unet_config, &prefix);
-                let unet = UNet2DConditionModel::load(
-                    var_builder(files, adapter, dtype, device),
-                    unet_config,
-                )
-                .map_err(|e| format!("{}: {e}", file.display()))?;
+                let unet = quantization
+                    .denoiser(unet_keeps_dense, || {
+                        UNet2DConditionModel::load(
+                            var_builder(files, adapter, dtype, device),
+                            unet_config,
+                        )
+                    })
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
                 let clip_l = KeyAdapter {
                     prefix: CLIP_L_PREFIX.into(),
                     ..KeyAdapter::default()
@@ -270,6 +304,7 @@ impl SdxlComponents {
         )
         .map_err(|e| format!("{}: {e}", vae_path.display()))?;
         Ok(SdxlComponents {
+            resident_bytes: 0,
             tokenizer: tokenizer(dir, "tokenizer")?,
             tokenizer_2: tokenizer(dir, "tokenizer_2")?,
             text_encoder,

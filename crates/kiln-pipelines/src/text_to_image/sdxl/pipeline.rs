@@ -265,8 +265,13 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
     };
     let settings =
         crate::settings::ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
-    let components =
-        SdxlComponents::load(&model.dir, &settings.device, settings.dtype).map_err(load_error)?;
+    let components = SdxlComponents::load_quantized(
+        &model.dir,
+        &settings.device,
+        settings.dtype,
+        crate::text_to_image::loading::Quantization::from_settings(&settings),
+    )
+    .map_err(load_error)?;
     let mut pipeline = SdxlPipeline::new(
         components,
         &model.manifest,
@@ -504,6 +509,13 @@ impl SdxlPipeline {
 impl Pipeline for SdxlPipeline {
     fn interface(&self) -> &ModelInterface {
         self.front.interface()
+    }
+
+    fn resident_bytes(&self) -> Option<u64> {
+        self.components
+            .read()
+            .ok()
+            .map(|components| components.resident_bytes)
     }
 
     fn predict(&self, request: PredictRequest) -> Result<Prediction, PipelineError> {
