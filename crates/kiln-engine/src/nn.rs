@@ -187,7 +187,7 @@ impl Linear {
     fn matrix(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Dense(weight_t) => Ok(weight_t.clone()),
-            LinearWeight::Quantized { weight, dtype } => weight.dequantize(*dtype)?.t(),
+            LinearWeight::Quantized { weight, dtype } => weight.matrix_t(*dtype),
         }
     }
 }

@@ -60,15 +60,19 @@ impl QuantKind {
     }
 }
 
-/// A linear layer's weight held quantized, (out × in) as checkpoints store it.
+/// A linear layer's weight held quantized.
 #[derive(Debug, Clone)]
 pub enum QuantizedWeight {
-    /// `w[o, i] = (q[o, i] − 128) · scale[o]`: `q` as u8 (out × in), `scale`
-    /// (out × 1) in f32.
-    Int8 { q: Tensor, scale: Tensor },
-    /// A llama.cpp block type.
+    /// `w[o, i] = (qt[i, o] − 128) · scale[o]`: codes as u8, stored
+    /// transposed (in × out) so dequantizing streams straight into the
+    /// (in × out) matrix a forward multiplies by; `scale` (1 × out) in f32.
+    Int8 { qt: Tensor, scale: Tensor },
+    /// A llama.cpp block type, (out × in) with blocks along each row.
     Ggml(Arc<QTensor>),
 }
+
+/// Rows (or matrix rows) one parallel task dequantizes.
+const ROWS_PER_TASK: usize = 16;
 
 impl QuantizedWeight {
     /// Quantize a dense (out × in) weight.
@@ -77,12 +81,12 @@ impl QuantizedWeight {
             QuantKind::Int8 => {
                 let w = weight.to_dtype(DType::F32)?;
                 let absmax = w.abs()?.max_keepdim(1)?;
-                // An all-zero row keeps scale 1 (its codes are all 128).
+                // An all-zero row keeps a tiny step (its codes are all 128).
                 let scale = (absmax.clamp(f32::MIN_POSITIVE, f32::MAX)? / 127.0)?;
                 let codes = (w.broadcast_div(&scale)?.round()?.clamp(-127f32, 127f32)? + 128.0)?;
                 Ok(QuantizedWeight::Int8 {
-                    q: codes.to_dtype(DType::U8)?,
-                    scale,
+                    qt: codes.to_dtype(DType::U8)?.t()?.contiguous()?,
+                    scale: scale.t()?.contiguous()?,
                 })
             }
             QuantKind::Q8_0 => Self::ggml(weight, GgmlDType::Q8_0),
@@ -99,20 +103,36 @@ impl QuantizedWeight {
         )?)))
     }
 
+    /// The (in × out) matrix a forward multiplies by, in `dtype`: a contiguous
+    /// int8 dequantization, or a transposed view of the block types'.
+    pub fn matrix_t(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            QuantizedWeight::Int8 { qt, scale } => {
+                let dense = match int8_cpu(qt, scale)? {
+                    Some(dense) => dense,
+                    None => (qt.to_dtype(DType::F32)? - 128.0)?.broadcast_mul(scale)?,
+                };
+                dense.to_dtype(dtype)
+            }
+            QuantizedWeight::Ggml(t) => {
+                let dense = match ggml_cpu(t)? {
+                    Some(dense) => dense,
+                    None => t.dequantize(&t.device())?,
+                };
+                dense.to_dtype(dtype)?.t()
+            }
+        }
+    }
+
     /// The weight as dense (out × in) in `dtype`.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
-        match self {
-            QuantizedWeight::Int8 { q, scale } => (q.to_dtype(DType::F32)? - 128.0)?
-                .broadcast_mul(scale)?
-                .to_dtype(dtype),
-            QuantizedWeight::Ggml(t) => t.dequantize(&t.device())?.to_dtype(dtype),
-        }
+        self.matrix_t(dtype)?.t()?.contiguous()
     }
 
     /// (out, in).
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self {
-            QuantizedWeight::Int8 { q, .. } => q.dims2(),
+            QuantizedWeight::Int8 { qt, .. } => qt.dims2().map(|(i, o)| (o, i)),
             QuantizedWeight::Ggml(t) => t.shape().dims2(),
         }
     }
@@ -120,7 +140,7 @@ impl QuantizedWeight {
     /// Bytes held in memory.
     pub fn bytes(&self) -> usize {
         match self {
-            QuantizedWeight::Int8 { q, scale } => q.elem_count() + 4 * scale.elem_count(),
+            QuantizedWeight::Int8 { qt, scale } => qt.elem_count() + 4 * scale.elem_count(),
             QuantizedWeight::Ggml(t) => t.storage_size_in_bytes(),
         }
     }
@@ -129,9 +149,90 @@ impl QuantizedWeight {
     pub fn kind_name(&self) -> String {
         match self {
             QuantizedWeight::Int8 { .. } => "int8".into(),
-            QuantizedWeight::Ggml(t) => format!("{:?}", t.dtype()),
+            QuantizedWeight::Ggml(t) => format!("{:?}", t.dtype()).to_ascii_lowercase(),
         }
     }
+}
+
+/// Int8 codes (in × out) and scales to f32 (in × out) on the CPU in one
+/// parallel pass; `None` off the CPU.
+fn int8_cpu(qt: &Tensor, scale: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    if !qt.device().is_cpu() {
+        return Ok(None);
+    }
+    let (rows, columns) = qt.dims2()?;
+    let (codes, codes_layout) = qt.storage_and_layout();
+    let (scales, scales_layout) = scale.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::U8(codes)), Storage::Cpu(CpuStorage::F32(scales))) =
+        (&*codes, &*scales)
+    else {
+        return Ok(None);
+    };
+    let (Some((c0, c1)), Some((s0, s1))) = (
+        codes_layout.contiguous_offsets(),
+        scales_layout.contiguous_offsets(),
+    ) else {
+        return Ok(None);
+    };
+    let (codes, scales) = (&codes[c0..c1], &scales[s0..s1]);
+    let mut out = vec![0f32; rows * columns];
+    out.par_chunks_mut(columns * ROWS_PER_TASK)
+        .zip(codes.par_chunks(columns * ROWS_PER_TASK))
+        .for_each(|(dst, src)| {
+            for (dst, src) in dst.chunks_mut(columns).zip(src.chunks(columns)) {
+                for ((d, &q), &s) in dst.iter_mut().zip(src).zip(scales) {
+                    *d = (f32::from(q) - 128.0) * s;
+                }
+            }
+        });
+    Tensor::from_vec(out, (rows, columns), qt.device()).map(Some)
+}
+
+/// A CPU block tensor's rows dequantized in parallel (candle's own
+/// dequantization runs on one thread); `None` for types without a fast path.
+fn ggml_cpu(t: &QTensor) -> Result<Option<Tensor>> {
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0};
+    if !t.device().is_cpu() {
+        return Ok(None);
+    }
+    let (rows, columns) = t.shape().dims2()?;
+    let data = t.data()?;
+    let out = match t.dtype() {
+        GgmlDType::Q8_0 => blocks_to_f32::<BlockQ8_0>(&data, rows, columns),
+        GgmlDType::Q4K => blocks_to_f32::<BlockQ4K>(&data, rows, columns),
+        _ => None,
+    };
+    out.map(|out| Tensor::from_vec(out, (rows, columns), &Device::Cpu))
+        .transpose()
+}
+
+fn blocks_to_f32<B: candle_core::quantized::GgmlType + Sync>(
+    bytes: &[u8],
+    rows: usize,
+    columns: usize,
+) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    let block_bytes = std::mem::size_of::<B>();
+    if !columns.is_multiple_of(B::BLCK_SIZE)
+        || bytes.len() != rows * (columns / B::BLCK_SIZE) * block_bytes
+        || bytes.as_ptr().align_offset(std::mem::align_of::<B>()) != 0
+    {
+        return None;
+    }
+    // SAFETY: candle keeps a CPU QTensor's blocks as a `Vec<B>` and hands out
+    // its bytes; the length and alignment were just checked, and the block
+    // types are `repr(C)` plain data valid for any bit pattern.
+    let blocks: &[B] = unsafe {
+        std::slice::from_raw_parts(bytes.as_ptr().cast::<B>(), bytes.len() / block_bytes)
+    };
+    let per_row = columns / B::BLCK_SIZE;
+    let mut out = vec![0f32; rows * columns];
+    out.par_chunks_mut(columns * ROWS_PER_TASK)
+        .zip(blocks.par_chunks(per_row * ROWS_PER_TASK))
+        .for_each(|(ys, xs)| B::to_float(xs, ys));
+    Some(out)
 }
 
 /// Which layers of a model quantize while it loads.
@@ -220,6 +321,36 @@ mod tests {
         let q = QuantizedWeight::quantize(&exact, QuantKind::Int8).unwrap();
         let back = q.dequantize(DType::F32).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(back, vec![vec![-127.0, 0.0, 127.0], vec![0.0, 0.0, 0.0]]);
+    }
+
+    #[test]
+    fn the_parallel_cpu_dequantization_equals_candles() {
+        let w = Tensor::randn(0f32, 1.0, (48, 512), &Device::Cpu).unwrap();
+        for kind in [QuantKind::Q8_0, QuantKind::Q4K] {
+            let QuantizedWeight::Ggml(t) = QuantizedWeight::quantize(&w, kind).unwrap() else {
+                panic!("{kind:?} is a block type")
+            };
+            let fast = ggml_cpu(&t).unwrap().expect("a fast path");
+            let reference = t.dequantize(&Device::Cpu).unwrap();
+            let diff = (fast - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{kind:?}");
+        }
+        let q = QuantizedWeight::quantize(&w, QuantKind::Int8).unwrap();
+        let QuantizedWeight::Int8 { qt, scale } = &q else {
+            panic!("int8")
+        };
+        let fast = int8_cpu(qt, scale).unwrap().expect("a fast path");
+        let generic = (qt.to_dtype(DType::F32).unwrap() - 128.0)
+            .unwrap()
+            .broadcast_mul(scale)
+            .unwrap();
+        let diff = (fast - generic).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
 
     #[test]

@@ -136,6 +136,13 @@ pub struct FluxBenchArgs {
     /// device for its stage only), to compare with diffusers' enable_model_cpu_offload.
     #[arg(long)]
     offload: bool,
+    /// Quantize the transformer while loading: int8, q8_0 or q4_k (none: dense).
+    #[arg(long, default_value = "none")]
+    quantize: String,
+    /// Save each size's last generated image (f32, (1, H, W, 3)) as
+    /// `flux-<size>.safetensors` here, for quality comparisons.
+    #[arg(long)]
+    save_images: Option<PathBuf>,
     #[command(flatten)]
     placement: PlacementArgs,
 }
@@ -263,8 +270,14 @@ pub fn run(command: BenchCommand) -> Result<()> {
         return bench_flux_offloaded(args);
     }
     let (device, dtype) = args.placement.resolve()?;
-    let mut components =
-        FluxComponents::load(&args.model, &device, dtype).map_err(anyhow::Error::msg)?;
+    let quantization = kiln_pipelines::text_to_image::loading::Quantization {
+        denoiser: kiln_engine::quant::QuantKind::parse(&args.quantize)
+            .map_err(anyhow::Error::msg)?,
+        text_encoder: false,
+    };
+    let mut components = FluxComponents::load_quantized(&args.model, &device, dtype, quantization)
+        .map_err(anyhow::Error::msg)?;
+    let resident_bytes = components.resident_bytes;
     let lora = if args.lora_rank > 0 {
         Some(std::sync::Arc::new(random_lora(
             &mut components.transformer,
@@ -324,6 +337,20 @@ pub fn run(command: BenchCommand) -> Result<()> {
             });
         }
         let (generate_s, stages) = time_generations(&components.models(), &args, size)?;
+        if let Some(dir) = &args.save_images {
+            let images = generate(
+                &components.models(),
+                &flux_request(&args, size),
+                &mut |_, _| true,
+            )?
+            .images;
+            std::fs::create_dir_all(dir)?;
+            let path = dir.join(format!("flux-{size}.safetensors"));
+            candle_core::safetensors::save(
+                &std::collections::HashMap::from([("image".to_string(), images)]),
+                &path,
+            )?;
+        }
         results.push(json!({
             "size": size, "forward_s": forward_s, "generate_s": generate_s, "lora": lora_timings,
             "stages": stages,
@@ -331,7 +358,12 @@ pub fn run(command: BenchCommand) -> Result<()> {
     }
     println!(
         "{}",
-        serde_json::to_string_pretty(&json!({"results": results, "peak_rss_mib": peak_rss_mib()}))?
+        serde_json::to_string_pretty(&json!({
+            "results": results,
+            "peak_rss_mib": peak_rss_mib(),
+            "quantize": args.quantize,
+            "resident_bytes": resident_bytes,
+        }))?
     );
     Ok(())
 }
