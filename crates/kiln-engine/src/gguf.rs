@@ -56,8 +56,15 @@ impl GgufFile {
             source,
         })?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader)
-            .map_err(|e| invalid(format!("not a readable GGUF file: {e}")))?;
+        let content = Content::read(&mut reader).map_err(|e| {
+            let e = e.to_string();
+            let hint = if e.contains("unknown dtype") {
+                " (GGML tensor types Kiln reads: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K; IQ and TQ types are not supported)"
+            } else {
+                ""
+            };
+            invalid(format!("not a readable GGUF file: {e}{hint}"))
+        })?;
         let file_size =
             reader
                 .seek(std::io::SeekFrom::End(0))
@@ -261,32 +268,124 @@ impl GgufFile {
             .dequantize(device)?
             .to_dtype(dtype)?)
     }
+
+    /// The shape `name` had before a converter flattened it to rows of 256 to
+    /// fit a block type (city96's ComfyUI-GGUF writes
+    /// `comfy.gguf.orig_shape.NAME` for SDXL's convolutions).
+    pub fn original_shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        let key = format!("{ORIGINAL_SHAPE_PREFIX}{name}");
+        if self.value(&key).is_none() {
+            return Ok(None);
+        }
+        let dims = self
+            .integers(&key)?
+            .into_iter()
+            .map(|d| {
+                usize::try_from(d)
+                    .map_err(|_| self.invalid(format!("{key:?}: negative dimension {d}")))
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        let (stored, _) = self.tensor_info(name)?;
+        if dims.iter().product::<usize>() != stored.iter().product::<usize>() {
+            return Err(self.invalid(format!(
+                "{key:?} is {dims:?}, which does not hold the {stored:?} elements stored for {name:?}"
+            )));
+        }
+        Ok(Some(dims))
+    }
+
+    /// The shape a model sees for `name`: its original shape when recorded.
+    pub fn model_shape(&self, name: &str) -> Result<Vec<usize>> {
+        match self.original_shape(name)? {
+            Some(dims) => Ok(dims),
+            None => Ok(self.tensor_info(name)?.0),
+        }
+    }
+
+    /// `name` as a dense tensor of `dtype` in the shape the model sees.
+    pub fn model_tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let dense = self.dense(name, dtype, device)?;
+        match self.original_shape(name)? {
+            Some(dims) => Ok(dense.reshape(dims)?),
+            None => Ok(dense),
+        }
+    }
+
+    /// `name` as stored when it is a 2-D tensor of a block type (Q8_0, Q4_K,
+    /// …) a linear layer can keep quantized; `None` for float tensors and
+    /// tensors reshaped to fit their blocks.
+    pub fn block_matrix(&self, name: &str, device: &Device) -> Result<Option<QTensor>> {
+        let (dims, dtype) = self.tensor_info(name)?;
+        if dims.len() != 2 || is_float(dtype) || self.original_shape(name)?.is_some() {
+            return Ok(None);
+        }
+        self.qtensor(name, device).map(Some)
+    }
 }
 
-/// Reorder the rows (dimension 0) of a 2-D quantized tensor without
-/// dequantizing: each row is a whole number of quantization blocks, so rows move
-/// as byte ranges. `order[i]` is the source row of row `i`.
-pub fn permute_rows(tensor: &QTensor, order: &[usize]) -> candle_core::Result<QTensor> {
-    let (rows, cols) = tensor.shape().dims2()?;
-    if order.len() != rows || order.iter().any(|&r| r >= rows) {
-        candle_core::bail!("row order of length {} for {rows} rows", order.len());
-    }
-    let dtype = tensor.dtype();
+/// Metadata prefix under which converters record a tensor's original shape.
+pub const ORIGINAL_SHAPE_PREFIX: &str = "comfy.gguf.orig_shape.";
+
+/// Whether a GGML type stores plain floats (no blocks).
+pub fn is_float(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Rows `start..start + len` of each part, stacked, as one quantized tensor of
+/// the parts' common type, without dequantizing: each row is a whole number
+/// of blocks, so rows move as byte ranges (for fused q/k/v split into
+/// separate layers, or halves reordered).
+pub fn take_rows(parts: &[(&QTensor, usize, usize)]) -> candle_core::Result<QTensor> {
+    let Some((first, ..)) = parts.first() else {
+        candle_core::bail!("no rows to take");
+    };
+    let dtype = first.dtype();
+    let device = first.device();
+    let (_, cols) = first.shape().dims2()?;
     if !cols.is_multiple_of(dtype.block_size()) {
         candle_core::bail!("{cols} columns are not a whole number of {dtype:?} blocks");
     }
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
-    let data = tensor.data()?;
-    let mut out = Vec::with_capacity(data.len());
-    for &source in order {
-        out.extend_from_slice(&data[source * row_bytes..(source + 1) * row_bytes]);
+    let mut out = Vec::new();
+    let mut total_rows = 0;
+    // Off the CPU `data()` copies the tensor to the host: once per tensor.
+    let mut held: Option<(*const QTensor, std::borrow::Cow<'_, [u8]>)> = None;
+    for &(tensor, start, len) in parts {
+        let (rows, part_cols) = tensor.shape().dims2()?;
+        if tensor.dtype() != dtype || part_cols != cols {
+            candle_core::bail!(
+                "rows of {:?} ({part_cols} columns) cannot join rows of {dtype:?} ({cols} columns)",
+                tensor.dtype()
+            );
+        }
+        if start + len > rows {
+            candle_core::bail!("rows {start}..{} of a {rows}-row tensor", start + len);
+        }
+        let same = held
+            .as_ref()
+            .is_some_and(|(ptr, _)| std::ptr::eq(*ptr, tensor));
+        if !same {
+            held = Some((tensor as *const QTensor, tensor.data()?));
+        }
+        if let Some((_, data)) = &held {
+            out.extend_from_slice(&data[start * row_bytes..(start + len) * row_bytes]);
+        }
+        total_rows += len;
     }
-    let storage = candle_core::quantized::QStorage::from_data(
-        std::borrow::Cow::Owned(out),
-        &tensor.device(),
-        dtype,
-    )?;
-    QTensor::new(storage, (rows, cols))
+    let storage =
+        candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(out), &device, dtype)?;
+    QTensor::new(storage, (total_rows, cols))
+}
+
+/// Reorder the rows (dimension 0) of a 2-D quantized tensor without
+/// dequantizing. `order[i]` is the source row of row `i`.
+pub fn permute_rows(tensor: &QTensor, order: &[usize]) -> candle_core::Result<QTensor> {
+    let (rows, _) = tensor.shape().dims2()?;
+    if order.len() != rows {
+        candle_core::bail!("row order of length {} for {rows} rows", order.len());
+    }
+    let parts: Vec<(&QTensor, usize, usize)> = order.iter().map(|&r| (tensor, r, 1)).collect();
+    take_rows(&parts)
 }
 
 #[cfg(test)]

@@ -26,4 +26,4 @@ pub mod weights;
 
 pub use error::{EngineError, Result};
 pub use rng::{NormalKernel, TorchGenerator};
-pub use weights::{AdaptedWeights, KeyAdapter, KeyRule, Source, WeightFiles};
+pub use weights::{AdaptedWeights, KeyAdapter, KeyRule, SharedWeights, Source, WeightFiles};

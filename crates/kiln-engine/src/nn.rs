@@ -39,13 +39,30 @@ impl Linear {
     /// Load `weight` (out × in) and, when `bias`, `bias` (out); quantized when
     /// the current load policy says so for this layer.
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
         let name = vb.prefix();
+        let weight_name = if name.is_empty() {
+            "weight".to_string()
+        } else {
+            format!("{name}.weight")
+        };
+        if let Some(blocks) = crate::quant::stored_blocks(&weight_name, vb.device())? {
+            let stored = blocks.shape().dims2()?;
+            if stored != (out_dim, in_dim) {
+                candle_core::bail!(
+                    "{weight_name} is stored as {stored:?} {:?} blocks, the model expects ({out_dim}, {in_dim})",
+                    blocks.dtype()
+                );
+            }
+            let weight = QuantizedWeight::Ggml(Arc::new(blocks));
+            crate::resident::record(weight.bytes() as i64);
+            return Ok(Self::from_quantized(weight, bias, vb.dtype(), Some(&name)));
+        }
+        let weight = vb.get((out_dim, in_dim), "weight")?;
         let mut linear = match crate::quant::for_layer(&name, in_dim) {
             Some(kind) => {
                 let quantized = QuantizedWeight::quantize(&weight, kind)?;

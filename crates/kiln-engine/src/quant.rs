@@ -193,7 +193,10 @@ fn int8_cpu(qt: &Tensor, scale: &Tensor) -> Result<Option<Tensor>> {
 /// A CPU block tensor's rows dequantized in parallel (candle's own
 /// dequantization runs on one thread); `None` for types without a fast path.
 fn ggml_cpu(t: &QTensor) -> Result<Option<Tensor>> {
-    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0};
+    use candle_core::quantized::k_quants::{
+        BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
+        BlockQ6K, BlockQ8_0,
+    };
     if !t.device().is_cpu() {
         return Ok(None);
     }
@@ -201,7 +204,15 @@ fn ggml_cpu(t: &QTensor) -> Result<Option<Tensor>> {
     let data = t.data()?;
     let out = match t.dtype() {
         GgmlDType::Q8_0 => blocks_to_f32::<BlockQ8_0>(&data, rows, columns),
+        GgmlDType::Q4_0 => blocks_to_f32::<BlockQ4_0>(&data, rows, columns),
+        GgmlDType::Q4_1 => blocks_to_f32::<BlockQ4_1>(&data, rows, columns),
+        GgmlDType::Q5_0 => blocks_to_f32::<BlockQ5_0>(&data, rows, columns),
+        GgmlDType::Q5_1 => blocks_to_f32::<BlockQ5_1>(&data, rows, columns),
+        GgmlDType::Q2K => blocks_to_f32::<BlockQ2K>(&data, rows, columns),
+        GgmlDType::Q3K => blocks_to_f32::<BlockQ3K>(&data, rows, columns),
         GgmlDType::Q4K => blocks_to_f32::<BlockQ4K>(&data, rows, columns),
+        GgmlDType::Q5K => blocks_to_f32::<BlockQ5K>(&data, rows, columns),
+        GgmlDType::Q6K => blocks_to_f32::<BlockQ6K>(&data, rows, columns),
         _ => None,
     };
     out.map(|out| Tensor::from_vec(out, (rows, columns), &Device::Cpu))
@@ -261,6 +272,44 @@ pub fn while_loading<T>(policy: Option<LoadPolicy>, load: impl FnOnce() -> T) ->
     let previous = POLICY.with(|p| p.replace(policy));
     let _restore = Restore(previous);
     load()
+}
+
+/// Where a load finds linear weights already quantized: a GGUF file's block
+/// matrices, under the model's own tensor names.
+pub trait StoredBlocks {
+    fn blocks(&self, name: &str, device: &Device) -> Result<Option<QTensor>>;
+}
+
+thread_local! {
+    static STORED: RefCell<Option<Arc<dyn StoredBlocks>>> = const { RefCell::new(None) };
+}
+
+/// Run `load` with the linear layers it loads on this thread taking their
+/// weights from `stored` as stored when it has them (restored afterwards).
+pub fn while_reading_blocks<T>(
+    stored: Option<Arc<dyn StoredBlocks>>,
+    load: impl FnOnce() -> T,
+) -> T {
+    struct Restore(Option<Arc<dyn StoredBlocks>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            STORED.with(|s| *s.borrow_mut() = previous);
+        }
+    }
+    let previous = STORED.with(|s| s.replace(stored));
+    let _restore = Restore(previous);
+    load()
+}
+
+/// The stored blocks of weight `name`, when the current load reads a file
+/// that holds them.
+pub(crate) fn stored_blocks(name: &str, device: &Device) -> Result<Option<QTensor>> {
+    let stored = STORED.with(|s| s.borrow().clone());
+    match stored {
+        Some(stored) => stored.blocks(name, device),
+        None => Ok(None),
+    }
 }
 
 /// The quantization the current load asks of layer `name` of input width
@@ -326,10 +375,19 @@ mod tests {
     #[test]
     fn the_parallel_cpu_dequantization_equals_candles() {
         let w = Tensor::randn(0f32, 1.0, (48, 512), &Device::Cpu).unwrap();
-        for kind in [QuantKind::Q8_0, QuantKind::Q4K] {
-            let QuantizedWeight::Ggml(t) = QuantizedWeight::quantize(&w, kind).unwrap() else {
-                panic!("{kind:?} is a block type")
-            };
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let t = QTensor::quantize(&w, dtype).unwrap();
             let fast = ggml_cpu(&t).unwrap().expect("a fast path");
             let reference = t.dequantize(&Device::Cpu).unwrap();
             let diff = (fast - reference)
@@ -338,7 +396,7 @@ mod tests {
                 .unwrap()
                 .max_all()
                 .unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{kind:?}");
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
         }
         let q = QuantizedWeight::quantize(&w, QuantKind::Int8).unwrap();
         let QuantizedWeight::Int8 { qt, scale } = &q else {

@@ -10,6 +10,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
 use crate::error::{EngineError, Result};
+use crate::gguf::{GgufFile, is_gguf_file};
+use candle_core::quantized::QTensor;
 
 /// Extensions of weight files that are Python pickles (or zips of them).
 pub const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
@@ -33,15 +35,23 @@ fn refuse_pickle(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One or more memory-mapped safetensors files seen as one set of named tensors.
+/// One or more memory-mapped safetensors files, or one GGUF file (ComfyUI's
+/// and stable-diffusion.cpp's quantized image checkpoints), seen as one set of
+/// named tensors.
 pub struct WeightFiles {
-    tensors: MmapedSafetensors,
+    store: Store,
     files: Vec<PathBuf>,
 }
 
+enum Store {
+    Safetensors(MmapedSafetensors),
+    Gguf(GgufFile),
+}
+
 impl WeightFiles {
-    /// Open a `.safetensors` file, a `*.safetensors.index.json`, or a folder holding
-    /// either (an index wins; otherwise every `*.safetensors` in it).
+    /// Open a `.safetensors` file, a `*.safetensors.index.json`, a `.gguf`
+    /// file, or a folder holding one of them (an index wins; otherwise every
+    /// `*.safetensors` in it; otherwise its one `.gguf`).
     pub fn open(path: &Path) -> Result<Self> {
         refuse_pickle(path)?;
         let files = if path.is_dir() {
@@ -51,6 +61,14 @@ impl WeightFiles {
         } else {
             vec![path.to_path_buf()]
         };
+        if let [only] = files.as_slice()
+            && is_gguf_file(only)
+        {
+            return Ok(WeightFiles {
+                store: Store::Gguf(GgufFile::open(only)?),
+                files,
+            });
+        }
         Self::open_files(files)
     }
 
@@ -70,7 +88,18 @@ impl WeightFiles {
                 message: e.to_string(),
             }
         })?;
-        Ok(WeightFiles { tensors, files })
+        Ok(WeightFiles {
+            store: Store::Safetensors(tensors),
+            files,
+        })
+    }
+
+    /// The GGUF file behind this set, if it is one.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.store {
+            Store::Gguf(file) => Some(file),
+            Store::Safetensors(_) => None,
+        }
     }
 
     fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -87,16 +116,41 @@ impl WeightFiles {
         {
             return Self::files_from_index(index);
         }
+        let has_extension = |p: &PathBuf, wanted: &str| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case(wanted))
+        };
         let files: Vec<PathBuf> = names
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .iter()
+            .filter(|p| has_extension(p, "safetensors"))
+            .cloned()
             .collect();
-        if files.is_empty() {
-            return Err(EngineError::NoWeights {
-                path: dir.to_path_buf(),
-            });
+        if !files.is_empty() {
+            return Ok(files);
         }
-        Ok(files)
+        let ggufs: Vec<PathBuf> = names
+            .into_iter()
+            .filter(|p| has_extension(p, "gguf"))
+            .collect();
+        match ggufs.len() {
+            0 => Err(EngineError::NoWeights {
+                path: dir.to_path_buf(),
+            }),
+            1 => Ok(ggufs),
+            _ => Err(EngineError::InvalidWeights {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "{} GGUF files and no safetensors: keep one ({})",
+                    ggufs.len(),
+                    ggufs
+                        .iter()
+                        .filter_map(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
     }
 
     fn files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
@@ -146,38 +200,65 @@ impl WeightFiles {
 
     /// Every tensor name in the set.
     pub fn names(&self) -> Vec<String> {
-        self.tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect()
+        match &self.store {
+            Store::Safetensors(tensors) => tensors
+                .tensors()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
+            Store::Gguf(file) => file.tensor_names(),
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        match &self.store {
+            Store::Safetensors(tensors) => tensors.get(name).is_ok(),
+            Store::Gguf(file) => file.contains(name),
+        }
     }
 
-    /// The shape stored for `name`.
+    fn missing(&self, name: &str) -> EngineError {
+        EngineError::MissingTensor {
+            name: name.to_string(),
+            files: self.describe(),
+        }
+    }
+
+    /// The shape stored for `name` (a GGUF tensor's original shape when its
+    /// converter flattened it).
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        let view = self
-            .tensors
-            .get(name)
-            .map_err(|_| EngineError::MissingTensor {
-                name: name.to_string(),
-                files: self.describe(),
-            })?;
-        Ok(view.shape().to_vec())
+        if !self.contains(name) {
+            return Err(self.missing(name));
+        }
+        match &self.store {
+            Store::Safetensors(tensors) => Ok(tensors
+                .get(name)
+                .map_err(|_| self.missing(name))?
+                .shape()
+                .to_vec()),
+            Store::Gguf(file) => file.model_shape(name),
+        }
     }
 
-    /// Load `name` onto `device` as `dtype`.
+    /// Load `name` onto `device` as `dtype` (dequantized, from a GGUF block type).
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         if !self.contains(name) {
-            return Err(EngineError::MissingTensor {
-                name: name.to_string(),
-                files: self.describe(),
-            });
+            return Err(self.missing(name));
         }
-        Ok(self.tensors.load(name, device)?.to_dtype(dtype)?)
+        match &self.store {
+            Store::Safetensors(tensors) => Ok(tensors.load(name, device)?.to_dtype(dtype)?),
+            Store::Gguf(file) => file.model_tensor(name, dtype, device),
+        }
+    }
+
+    /// `name` as stored when it is a GGUF matrix of a block type a linear
+    /// layer keeps quantized; `None` for every safetensors tensor.
+    pub fn block_matrix(&self, name: &str, device: &Device) -> Result<Option<QTensor>> {
+        match &self.store {
+            Store::Safetensors(_) => Ok(None),
+            Store::Gguf(file) if file.contains(name) => file.block_matrix(name, device),
+            Store::Gguf(_) => Err(self.missing(name)),
+        }
     }
 }
 
@@ -353,6 +434,101 @@ impl AdaptedWeights {
 
     pub fn files(&self) -> &WeightFiles {
         &self.files
+    }
+
+    /// The model tensor `name` as stored blocks, when every piece it reads is
+    /// a block-typed GGUF matrix (fused q/k/v rows split as whole rows);
+    /// `None` otherwise (the dense path then reads it).
+    pub fn fetch_blocks(&self, name: &str, device: &Device) -> Result<Option<QTensor>> {
+        let Some(parts) = self.block_parts(&self.adapter.source(name), device)? else {
+            return Ok(None);
+        };
+        if let [(tensor, 0, len)] = parts.as_slice()
+            && tensor.shape().dims2()?.0 == *len
+        {
+            return Ok(parts.into_iter().next().map(|(tensor, ..)| tensor));
+        }
+        let borrowed: Vec<(&QTensor, usize, usize)> = parts
+            .iter()
+            .map(|(t, start, len)| (t, *start, *len))
+            .collect();
+        crate::gguf::take_rows(&borrowed)
+            .map(Some)
+            .map_err(|e| EngineError::InvalidWeights {
+                path: self.files.files.first().cloned().unwrap_or_default(),
+                message: format!("{name}: {e}"),
+            })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn block_parts(
+        &self,
+        source: &Source,
+        device: &Device,
+    ) -> Result<Option<Vec<(QTensor, usize, usize)>>> {
+        let whole = |key: &str| -> Result<Option<QTensor>> {
+            if !self.files.contains(key) {
+                return Ok(None);
+            }
+            self.files.block_matrix(key, device)
+        };
+        Ok(match source {
+            Source::Key(key) => whole(key)?.map(|t| {
+                let rows = t.shape().dims()[0];
+                vec![(t, 0, rows)]
+            }),
+            Source::Rows { key, start, len } => whole(key)?.map(|t| vec![(t, *start, *len)]),
+            Source::Concat(pieces) => {
+                let mut parts = Vec::new();
+                for piece in pieces {
+                    match self.block_parts(piece, device)? {
+                        Some(more) => parts.extend(more),
+                        None => return Ok(None),
+                    }
+                }
+                Some(parts)
+            }
+            Source::Transposed(_) => None,
+        })
+    }
+}
+
+impl crate::quant::StoredBlocks for AdaptedWeights {
+    fn blocks(&self, name: &str, device: &Device) -> candle_core::Result<Option<QTensor>> {
+        self.fetch_blocks(name, device)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
+/// An [`AdaptedWeights`] shared between a var builder and the load's
+/// [`crate::quant::while_reading_blocks`], so a GGUF file's quantized
+/// matrices reach the linear layers as stored.
+#[derive(Clone)]
+pub struct SharedWeights(pub std::sync::Arc<AdaptedWeights>);
+
+impl SimpleBackend for SharedWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(shape, name, init, dtype, device)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }
 

@@ -146,12 +146,6 @@ impl ModelSettings {
                 ));
             }
         };
-        if quantize.is_some() && offload {
-            return Err(
-                "quantize with offload = \"model\" is not supported yet: quantized weights stay resident; drop one of them"
-                    .into(),
-            );
-        }
         // The defaults live with each type; settings only override them.
         let mut input = InputSources {
             dirs: get.dirs("input_dirs", "KILN_INPUT_DIRS"),
@@ -250,10 +244,9 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.contains("int8, q8_0, q4_k"), "{err}");
-        let err = ModelSettings::resolve(&json!({"quantize": "int8", "offload": "model"}), &none)
-            .err()
+        let both = ModelSettings::resolve(&json!({"quantize": "int8", "offload": "model"}), &none)
             .unwrap();
-        assert!(err.contains("offload"), "{err}");
+        assert!(both.offload && both.quantize == Some(kiln_engine::quant::QuantKind::Int8));
         let err = ModelSettings::resolve(&json!({"quantize_text_encoder": "yes"}), &none)
             .err()
             .unwrap();

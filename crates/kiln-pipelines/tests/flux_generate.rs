@@ -173,8 +173,13 @@ fn model_cpu_offload_generates_the_same_images_one_part_at_a_time() {
     use kiln_pipelines::text_to_image::flux::{FluxParts, OffloadedFlux, Part};
     let v = variant("tiny-dev");
     let device = kiln_engine::parity::device_under_test();
-    let (offloaded, targets) =
-        OffloadedFlux::open(&fixtures().join("tiny-dev"), &device, DType::F32).unwrap();
+    let (offloaded, targets) = OffloadedFlux::open(
+        &fixtures().join("tiny-dev"),
+        &device,
+        DType::F32,
+        Default::default(),
+    )
+    .unwrap();
     assert!(!targets.denoiser.is_empty() && !targets.text_encoder.is_empty());
     // Each stage loads its own part and frees it when done.
     assert!(matches!(offloaded.transformer().unwrap(), Part::Loaded(_)));
@@ -200,3 +205,9 @@ mod flux2_generation;
 
 #[path = "flux2/quantized.rs"]
 mod quantized;
+
+#[path = "gguf/flux.rs"]
+mod gguf_flux;
+
+#[path = "gguf/reader.rs"]
+mod gguf_reader;

@@ -637,6 +637,7 @@ fn an_offloaded_model_applies_runtime_loras_and_refuses_fused_ones() {
         &dir,
         &kiln_engine::parity::device_under_test(),
         DType::F32,
+        Default::default(),
     )
     .unwrap();
     let mut pipeline = kiln_pipelines::text_to_image::flux::FluxPipeline::offloaded(

@@ -451,3 +451,9 @@ fn a_single_file_checkpoint_generates_the_same_image() {
         "{err}"
     );
 }
+
+#[path = "gguf/sdxl.rs"]
+mod gguf_sdxl;
+
+#[path = "gguf/reader.rs"]
+mod gguf_reader;

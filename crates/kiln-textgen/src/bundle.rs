@@ -306,10 +306,18 @@ impl LanguageModel {
 fn config_from_gguf(file: &GgufFile) -> Result<LlmConfig, TextGenError> {
     let arch = file.string("general.architecture").map_err(load_error)?;
     let family = LlmFamily::from_model_type(&arch).ok_or_else(|| {
-        TextGenError::Load(format!(
-            "{}: GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3, mistral)",
-            file.path().display()
-        ))
+        let image_model = match arch.as_str() {
+            "flux" => Some("a FLUX transformer: put it in the transformer/ folder of a diffusers FLUX pipeline (beside its config.json) and register the folder"),
+            "sdxl" | "sd1" => Some("a UNet: put it in the unet/ folder of a diffusers SDXL pipeline (beside its config.json) and register the folder"),
+            _ => None,
+        };
+        TextGenError::Load(match image_model {
+            Some(hint) => format!("{}: this GGUF holds only {hint}", file.path().display()),
+            None => format!(
+                "{}: GGUF architecture {arch:?} is not supported (llama, qwen2, qwen3, mistral)",
+                file.path().display()
+            ),
+        })
     })?;
     let key = |k: &str| format!("{arch}.{k}");
     let need = |k: &str| file.usize(&key(k)).map_err(load_error);

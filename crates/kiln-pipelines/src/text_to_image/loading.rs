@@ -2,11 +2,12 @@
 //! folders, var builders over adapted (renamed/fused) weights, the device and
 //! dtype from the environment, and the VAE decode to images.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use kiln_engine::{AdaptedWeights, KeyAdapter, WeightFiles};
+use kiln_engine::{AdaptedWeights, KeyAdapter, SharedWeights, WeightFiles};
 use serde::de::DeserializeOwned;
 
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
@@ -25,6 +26,118 @@ pub(crate) fn var_builder(
         dtype,
         device.clone(),
     )
+}
+
+/// Run `load` over a var builder on `files`; when they are a GGUF file, its
+/// quantized matrices reach the linear layers as stored (they are never
+/// dequantized to a dense copy at load).
+pub(crate) fn load_weights<T>(
+    files: WeightFiles,
+    adapter: KeyAdapter,
+    dtype: DType,
+    device: &Device,
+    load: impl FnOnce(VarBuilder<'static>) -> T,
+) -> T {
+    if files.gguf().is_none() {
+        return load(var_builder(files, adapter, dtype, device));
+    }
+    let weights = Arc::new(AdaptedWeights::new(files, adapter));
+    let vb = VarBuilder::from_backend(
+        Box::new(SharedWeights(weights.clone())),
+        dtype,
+        device.clone(),
+    );
+    let stored: Arc<dyn kiln_engine::quant::StoredBlocks> = weights;
+    kiln_engine::quant::while_reading_blocks(Some(stored), || load(vb))
+}
+
+/// A transformer's weights: the `transformer/` folder (diffusers, or a BFL
+/// or GGUF file inside), or else the first root-level `.safetensors` or
+/// `.gguf` file that is not one of `skip` (BFL's `ae.safetensors`).
+pub(crate) fn transformer_weights(
+    dir: &Path,
+    family: &str,
+    skip: &[&str],
+) -> Result<PathBuf, String> {
+    let folder = dir.join("transformer");
+    if folder.is_dir() {
+        return Ok(folder);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            (name.ends_with(".safetensors") || name.ends_with(".gguf"))
+                && !skip.contains(&name.as_str())
+        })
+        .collect();
+    candidates.sort();
+    candidates.into_iter().next().ok_or_else(|| {
+        format!(
+            "{}: no transformer/ folder and no {family} .safetensors or .gguf file",
+            dir.display()
+        )
+    })
+}
+
+/// A BFL single file's tensor shapes and names (BFL and GGUF FLUX files ship
+/// no config), for reading a transformer's sizes off them.
+pub(crate) struct BflShapes<'a> {
+    pub files: &'a WeightFiles,
+    pub names: Vec<String>,
+    pub prefix: String,
+    pub path: &'a Path,
+}
+
+impl BflShapes<'_> {
+    /// The stored shape of `name` (under the file's prefix).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, String> {
+        self.files
+            .shape(&format!("{}{name}", self.prefix))
+            .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    /// The (rows, columns) of matrix `name`.
+    pub fn dims2(&self, name: &str) -> Result<(usize, usize), String> {
+        match self.shape(name)?.as_slice() {
+            [rows, columns] => Ok((*rows, *columns)),
+            other => Err(format!(
+                "{}: {name} has shape {other:?}, expected a matrix",
+                self.path.display()
+            )),
+        }
+    }
+
+    /// The length of vector `name`.
+    pub fn dims1(&self, name: &str) -> Result<usize, String> {
+        match self.shape(name)?.as_slice() {
+            [len] => Ok(*len),
+            other => Err(format!(
+                "{}: {name} has shape {other:?}, expected a vector",
+                self.path.display()
+            )),
+        }
+    }
+
+    /// How many numbered blocks `block.N.` the file holds.
+    pub fn count(&self, block: &str) -> usize {
+        let start = format!("{}{block}.", self.prefix);
+        self.names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&start))
+            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |last| last + 1)
+    }
+
+    /// Whether any tensor name contains `fragment`.
+    pub fn has(&self, fragment: &str) -> bool {
+        self.names.iter().any(|n| n.contains(fragment))
+    }
 }
 
 pub(crate) fn open(path: &Path) -> Result<WeightFiles, String> {

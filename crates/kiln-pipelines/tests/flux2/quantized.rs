@@ -19,7 +19,7 @@ fn fixtures() -> PathBuf {
 }
 
 /// PSNR of `a` against `b`, both images in [0, 1].
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
+pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
     let mse = (a - b)
         .unwrap()
         .sqr()
@@ -187,4 +187,75 @@ fn flux1_with_int8_transformer_and_t5_generates_close_to_dense() {
     let db = psnr(&generate(&quantized), &generate(&dense));
     assert!(db >= 30.0, "PSNR {db:.1} dB");
     assert!(quantized.resident_bytes < dense.resident_bytes);
+}
+
+#[test]
+fn model_cpu_offload_composes_with_quantization() {
+    use kiln_pipelines::text_to_image::flux::{FluxComponents, FluxParts, OffloadedFlux, Part};
+    let dir = fixtures().join("flux/tiny-dev");
+    let quantization = Quantization {
+        denoiser: Some(QuantKind::Q8_0),
+        text_encoder: true,
+    };
+    let (offloaded, _) = OffloadedFlux::open(&dir, &Device::Cpu, DType::F32, quantization).unwrap();
+    // Each stage's part loads quantized, as the resident model's does.
+    let Part::Loaded(mut transformer) = offloaded.transformer().unwrap() else {
+        panic!("an offloaded part loads per stage")
+    };
+    let mut quantized = 0;
+    transformer
+        .for_each_linear(&mut |linear| {
+            quantized += usize::from(linear.quantization().is_some());
+            Ok(())
+        })
+        .unwrap();
+    assert!(quantized > 20, "{quantized}");
+    let request = kiln_pipelines::text_to_image::flux::GenerationRequest {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance_scale: 3.5,
+        true_cfg_scale: 1.0,
+        seed: 3,
+        num_outputs: 1,
+        max_sequence_length: 32,
+        init_image: None,
+        vae_tile: None,
+        adapters: None,
+    };
+    let resident =
+        FluxComponents::load_quantized(&dir, &Device::Cpu, DType::F32, quantization).unwrap();
+    let generate = |parts: &dyn FluxParts| {
+        kiln_pipelines::text_to_image::flux::generate(parts, &request, &mut |_, _| true)
+            .unwrap()
+            .images
+    };
+    let a = generate(&offloaded);
+    let b = generate(&resident.models());
+    assert_eq!(parity::compare(&a, &b).unwrap().max_abs, 0.0);
+
+    // A GGUF transformer under offload reads its blocks at each stage.
+    let folder = super::gguf_flux::folder_with_transformer(
+        &fixtures().join("gguf/flux1-tiny-dev-Q8_0.gguf"),
+    );
+    let (from_gguf, _) = OffloadedFlux::open(
+        folder.path(),
+        &Device::Cpu,
+        DType::F32,
+        Quantization::default(),
+    )
+    .unwrap();
+    let own = Quantization {
+        denoiser: Some(QuantKind::Q8_0),
+        text_encoder: false,
+    };
+    let (own, _) = OffloadedFlux::open(&dir, &Device::Cpu, DType::F32, own).unwrap();
+    assert_eq!(
+        parity::compare(&generate(&from_gguf), &generate(&own))
+            .unwrap()
+            .max_abs,
+        0.0
+    );
 }

@@ -188,11 +188,18 @@ fn time_generations(
 
 /// `--offload`: whole generations with model CPU offload only, so the peak
 /// device memory seen is the offloaded one.
-fn bench_flux_offloaded(args: FluxBenchArgs) -> Result<()> {
+fn bench_flux_offloaded(
+    args: FluxBenchArgs,
+    quantization: kiln_pipelines::text_to_image::loading::Quantization,
+) -> Result<()> {
     let (device, dtype) = args.placement.resolve()?;
-    let (parts, _) =
-        kiln_pipelines::text_to_image::flux::OffloadedFlux::open(&args.model, &device, dtype)
-            .map_err(anyhow::Error::msg)?;
+    let (parts, _) = kiln_pipelines::text_to_image::flux::OffloadedFlux::open(
+        &args.model,
+        &device,
+        dtype,
+        quantization,
+    )
+    .map_err(anyhow::Error::msg)?;
     let mut results = Vec::new();
     for &size in &args.sizes {
         let (generate_s, stages) = time_generations(&parts, &args, size)?;
@@ -266,15 +273,15 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Llm(args) => return super::bench_llm::run(args),
         BenchCommand::Serve(args) => return super::bench_serve::run(args),
     };
-    if args.offload {
-        return bench_flux_offloaded(args);
-    }
-    let (device, dtype) = args.placement.resolve()?;
     let quantization = kiln_pipelines::text_to_image::loading::Quantization {
         denoiser: kiln_engine::quant::QuantKind::parse(&args.quantize)
             .map_err(anyhow::Error::msg)?,
         text_encoder: false,
     };
+    if args.offload {
+        return bench_flux_offloaded(args, quantization);
+    }
+    let (device, dtype) = args.placement.resolve()?;
     let mut components = FluxComponents::load_quantized(&args.model, &device, dtype, quantization)
         .map_err(anyhow::Error::msg)?;
     let resident_bytes = components.resident_bytes;

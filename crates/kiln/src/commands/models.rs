@@ -51,6 +51,11 @@ pub enum ModelsCommand {
         name: String,
         #[arg(long)]
         json: bool,
+        /// Also load the model (latest version, or NAME@alias / NAME/N) with
+        /// the environment's settings (KILN_QUANTIZE, KILN_DTYPE, …) and
+        /// report the bytes its weights hold in memory.
+        #[arg(long)]
+        load: bool,
     },
     /// Set or delete aliases.
     #[command(subcommand)]
@@ -160,19 +165,43 @@ pub fn run(home: &Path, command: ModelsCommand) -> Result<()> {
                 }
             }
         }
-        ModelsCommand::Show { name, json } => {
-            let name = ModelName::parse(&name)?;
+        ModelsCommand::Show { name, json, load } => {
+            let resident_bytes = if load {
+                let resolved = crate::resolve::resolve_model(&registry, &name)?;
+                let pipeline = kiln_pipelines::load_pipeline(&resolved)?;
+                Some(pipeline.resident_bytes())
+            } else {
+                None
+            };
+            let reference = name.clone();
+            let Some(name) = kiln_registry::ModelRef::parse(&name)?.name().cloned() else {
+                bail!(
+                    "{name} is a folder, not a registered model: `kiln models show` reads the registry"
+                );
+            };
             let record = registry.record(&name)?;
             let versions = registry.versions(&name)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({
-                        "name": record.name, "created_at": record.created_at,
-                        "aliases": record.aliases, "tags": record.tags, "versions": versions,
-                    }))?
-                );
+                let mut shown = json!({
+                    "name": record.name, "created_at": record.created_at,
+                    "aliases": record.aliases, "tags": record.tags, "versions": versions,
+                });
+                if let Some(bytes) = resident_bytes {
+                    shown["loaded"] = json!({"model": reference, "resident_bytes": bytes});
+                }
+                println!("{}", serde_json::to_string_pretty(&shown)?);
             } else {
+                if let Some(bytes) = resident_bytes {
+                    match bytes {
+                        Some(bytes) => println!(
+                            "{reference} loaded: {bytes} bytes resident ({:.1} MiB)",
+                            bytes as f64 / (1024.0 * 1024.0)
+                        ),
+                        None => println!(
+                            "{reference} loaded: its pipeline does not count resident bytes"
+                        ),
+                    }
+                }
                 println!("{}  (created {})", record.name, record.created_at);
                 for (key, value) in &record.tags {
                     println!("  tag {key}={value}");

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use super::generate::{FluxModels, FluxParts, Part};
 use super::prompt::TextEncoders;
 use crate::error::PipelineError;
-use crate::text_to_image::loading::{Quantization, flux_keeps_dense, open, read_json, var_builder};
+use crate::text_to_image::loading::{
+    self, Quantization, flux_keeps_dense, open, read_json, var_builder,
+};
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 use crate::text_to_image::tokenizer::PromptTokenizer;
 use candle_core::{DType, Device};
@@ -32,31 +34,8 @@ pub struct FluxComponents {
     pub resident_bytes: u64,
 }
 
-/// The transformer weights: `transformer/` (diffusers or a BFL file inside), or a
-/// root-level BFL file.
 fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
-    let folder = dir.join("transformer");
-    if folder.is_dir() {
-        return Ok(folder);
-    }
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default();
-            name.ends_with(".safetensors") && name != "ae.safetensors"
-        })
-        .collect();
-    candidates.sort();
-    candidates.into_iter().next().ok_or_else(|| {
-        format!(
-            "{}: no transformer/ folder and no FLUX .safetensors file",
-            dir.display()
-        )
-    })
+    loading::transformer_weights(dir, "FLUX", &["ae.safetensors"])
 }
 
 impl FluxComponents {
@@ -149,6 +128,9 @@ pub struct OffloadedFlux {
     scheduler: FlowMatchEulerConfig,
     device: Device,
     dtype: DType,
+    /// Applied at every stage's load: quantized parts re-quantize from the
+    /// dense file each time (a GGUF file's blocks are read as stored).
+    quantization: Quantization,
 }
 
 impl OffloadedFlux {
@@ -159,8 +141,9 @@ impl OffloadedFlux {
         dir: &Path,
         device: &Device,
         dtype: DType,
+        quantization: Quantization,
     ) -> Result<(Self, crate::lora::LoraTargets), String> {
-        let mut checked = FluxComponents::load(dir, &Device::Cpu, dtype)?;
+        let mut checked = FluxComponents::load_quantized(dir, &Device::Cpu, dtype, quantization)?;
         let targets = checked.lora_targets();
         let offloaded = OffloadedFlux {
             dir: dir.to_path_buf(),
@@ -168,6 +151,7 @@ impl OffloadedFlux {
             scheduler: checked.scheduler.clone(),
             device: device.clone(),
             dtype,
+            quantization,
         };
         Ok((offloaded, targets))
     }
@@ -187,13 +171,16 @@ fn stage_error(e: String) -> PipelineError {
 
 impl FluxParts for OffloadedFlux {
     fn text(&self) -> Result<Part<'_, TextEncoders>, PipelineError> {
-        load_text_encoders(&self.dir, &self.device, self.dtype, Quantization::default())
+        load_text_encoders(&self.dir, &self.device, self.dtype, self.quantization)
             .map(Part::Loaded)
             .map_err(stage_error)
     }
 
     fn transformer(&self) -> Result<Part<'_, FluxTransformer>, PipelineError> {
-        load_transformer(&self.dir, &self.device, self.dtype)
+        self.quantization
+            .denoiser(flux_keeps_dense, || {
+                load_transformer(&self.dir, &self.device, self.dtype)
+            })
             .map(Part::Loaded)
             .map_err(stage_error)
     }
@@ -223,12 +210,6 @@ impl FluxParts for OffloadedFlux {
 
 fn load_transformer(dir: &Path, device: &Device, dtype: DType) -> Result<FluxTransformer, String> {
     let transformer_path = transformer_weights(dir)?;
-    let config_path = dir.join("transformer/config.json");
-    let config: FluxConfig = if config_path.is_file() {
-        read_json(&config_path)?
-    } else {
-        serde_json::from_str("{}").map_err(|e| e.to_string())?
-    };
     let files = open(&transformer_path)?;
     let layout = FluxLayout::detect(&files.names()).ok_or_else(|| {
         format!(
@@ -236,9 +217,58 @@ fn load_transformer(dir: &Path, device: &Device, dtype: DType) -> Result<FluxTra
             transformer_path.display()
         )
     })?;
+    let config_path = dir.join("transformer/config.json");
+    let config: FluxConfig = match &layout {
+        _ if config_path.is_file() => read_json(&config_path)?,
+        FluxLayout::Bfl { prefix } => config_from_shapes(&files, prefix, &transformer_path)?,
+        // FLUX.1-dev's sizes, as diffusers defaults them.
+        FluxLayout::Diffusers => serde_json::from_str("{}").map_err(|e| e.to_string())?,
+    };
+    config
+        .validate()
+        .map_err(|e| format!("{}: {e}", transformer_path.display()))?;
     let adapter = layout.adapter(&config);
-    FluxTransformer::load(var_builder(files, adapter, dtype, device), config)
-        .map_err(|e| format!("{}: {e}", transformer_path.display()))
+    loading::load_weights(files, adapter, dtype, device, |vb| {
+        FluxTransformer::load(vb, config)
+    })
+    .map_err(|e| format!("{}: {e}", transformer_path.display()))
+}
+
+/// A BFL (or GGUF) FLUX.1 file's sizes read off its tensors, as BFL ships no
+/// config: widths from `img_in`/`txt_in`/`vector_in`, the head size from the
+/// q/k norms, block counts from the names, guidance from `guidance_in`. The
+/// RoPE axes are FLUX.1's (16, 56, 56) for its 128-wide heads; other head
+/// sizes need `transformer/config.json` to say them.
+fn config_from_shapes(
+    files: &kiln_engine::WeightFiles,
+    prefix: &str,
+    path: &Path,
+) -> Result<FluxConfig, String> {
+    let shapes = loading::BflShapes {
+        files,
+        names: files.names(),
+        prefix: prefix.to_string(),
+        path,
+    };
+    let image_in = shapes.dims2("img_in.weight")?;
+    let head_dim = shapes.dims1("double_blocks.0.img_attn.norm.query_norm.scale")?;
+    if head_dim != 128 {
+        return Err(format!(
+            "{}: {head_dim}-wide attention heads; FLUX.1's RoPE axes are known for 128 only: put the model's transformer/config.json beside it",
+            path.display()
+        ));
+    }
+    let config = serde_json::json!({
+        "in_channels": image_in.1,
+        "joint_attention_dim": shapes.dims2("txt_in.weight")?.1,
+        "pooled_projection_dim": shapes.dims2("vector_in.in_layer.weight")?.1,
+        "num_attention_heads": image_in.0 / head_dim,
+        "attention_head_dim": head_dim,
+        "num_layers": shapes.count("double_blocks"),
+        "num_single_layers": shapes.count("single_blocks"),
+        "guidance_embeds": shapes.has("guidance_in."),
+    });
+    serde_json::from_value(config).map_err(|e| e.to_string())
 }
 
 fn load_vae(dir: &Path, device: &Device) -> Result<AutoencoderKl, String> {

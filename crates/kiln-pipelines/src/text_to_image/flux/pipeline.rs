@@ -310,8 +310,13 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
     let settings = ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
     let (device, dtype) = (&settings.device, settings.dtype);
     let mut pipeline = if settings.offload {
-        let (parts, targets) =
-            OffloadedFlux::open(&model.dir, device, dtype).map_err(load_error)?;
+        let (parts, targets) = OffloadedFlux::open(
+            &model.dir,
+            device,
+            dtype,
+            Quantization::from_settings(&settings),
+        )
+        .map_err(load_error)?;
         tracing::info!(model = %model.display_name(), "model CPU offload: parts load per stage");
         FluxPipeline::offloaded(parts, targets, &model.manifest, model.display_name())
     } else {

@@ -16,7 +16,9 @@ use kiln_models::vae::{AutoencoderKl, LatentNorm, VaeConfig};
 use super::prompt::{DEFAULT_HIDDEN_LAYERS, Qwen3PromptEncoder};
 use crate::error::PipelineError;
 use crate::text_to_image::generation::Part;
-use crate::text_to_image::loading::{Quantization, flux_keeps_dense, open, read_json, var_builder};
+use crate::text_to_image::loading::{
+    self, Quantization, flux_keeps_dense, open, read_json, var_builder,
+};
 use crate::text_to_image::schedulers::FlowMatchEulerConfig;
 
 /// The VAE with the BatchNorm statistics the pipeline normalises latents by.
@@ -165,6 +167,9 @@ pub struct OffloadedFlux2 {
     facts: Flux2Facts,
     device: Device,
     dtype: DType,
+    /// Applied at every transformer load (re-quantized from the dense file
+    /// each time; a GGUF file's blocks are read as stored).
+    quantization: Quantization,
 }
 
 impl OffloadedFlux2 {
@@ -176,14 +181,17 @@ impl OffloadedFlux2 {
         text_layers: Option<Vec<usize>>,
         device: &Device,
         dtype: DType,
+        quantization: Quantization,
     ) -> Result<(Self, crate::lora::LoraTargets), String> {
-        let mut checked = Flux2Components::load(dir, text_layers, &Device::Cpu, dtype)?;
+        let mut checked =
+            Flux2Components::load_quantized(dir, text_layers, &Device::Cpu, dtype, quantization)?;
         let targets = checked.lora_targets();
         let offloaded = OffloadedFlux2 {
             dir: dir.to_path_buf(),
             facts: checked.facts.clone(),
             device: device.clone(),
             dtype,
+            quantization,
         };
         Ok((offloaded, targets))
     }
@@ -201,7 +209,10 @@ impl Flux2Parts for OffloadedFlux2 {
     }
 
     fn transformer(&self) -> Result<Part<'_, Flux2Transformer>, PipelineError> {
-        load_transformer(&self.dir, &self.facts.config, &self.device, self.dtype)
+        self.quantization
+            .denoiser(flux_keeps_dense, || {
+                load_transformer(&self.dir, &self.facts.config, &self.device, self.dtype)
+            })
             .map(Part::Loaded)
             .map_err(stage_error)
     }
@@ -231,25 +242,8 @@ fn is_distilled(dir: &Path) -> Result<bool, String> {
     Ok(index["is_distilled"].as_bool().unwrap_or(false))
 }
 
-/// The transformer weights: `transformer/` (diffusers, or a BFL file inside),
-/// or a root-level BFL file.
 fn transformer_weights(dir: &Path) -> Result<PathBuf, String> {
-    let folder = dir.join("transformer");
-    if folder.is_dir() {
-        return Ok(folder);
-    }
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    candidates.sort();
-    candidates.into_iter().next().ok_or_else(|| {
-        format!(
-            "{}: no transformer/ folder and no FLUX.2 .safetensors file",
-            dir.display()
-        )
-    })
+    loading::transformer_weights(dir, "FLUX.2", &[])
 }
 
 /// The transformer's sizes from a BFL file's tensor shapes (BFL ships no
@@ -265,36 +259,30 @@ fn config_from_shapes(weights: &Path) -> Result<Flux2Config, String> {
             weights.display()
         ));
     };
-    let shape = |name: &str| -> Result<Vec<usize>, String> {
-        files
-            .shape(&format!("{prefix}{name}"))
-            .map_err(|e| format!("{}: {e}", weights.display()))
+    let shapes = loading::BflShapes {
+        files: &files,
+        names,
+        prefix,
+        path: weights,
     };
-    let count = |block: &str| {
-        names
-            .iter()
-            .filter_map(|n| n.strip_prefix(&format!("{prefix}{block}.")))
-            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |last| last + 1)
-    };
-    let image_in = shape("img_in.weight")?;
-    let text_in = shape("txt_in.weight")?;
-    let time_in = shape("time_in.in_layer.weight")?;
-    let mlp_in = shape("double_blocks.0.img_mlp.0.weight")?;
-    let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
-    let dim = image_in[0];
+    let count = |block: &str| shapes.count(block);
+    let image_in = shapes.dims2("img_in.weight")?;
+    let text_in = shapes.dims2("txt_in.weight")?;
+    let time_in = shapes.dims2("time_in.in_layer.weight")?;
+    let mlp_in = shapes.dims2("double_blocks.0.img_mlp.0.weight")?;
+    let head_dim = shapes.dims1("double_blocks.0.img_attn.norm.query_norm.scale")?;
+    let dim = image_in.0;
     let config = serde_json::json!({
-        "in_channels": image_in[1],
-        "joint_attention_dim": text_in[1],
-        "timestep_guidance_channels": time_in[1],
+        "in_channels": image_in.1,
+        "joint_attention_dim": text_in.1,
+        "timestep_guidance_channels": time_in.1,
         "num_attention_heads": dim / head_dim.max(1),
         "attention_head_dim": head_dim,
         "axes_dims_rope": vec![head_dim / 4; 4],
         "num_layers": count("double_blocks"),
         "num_single_layers": count("single_blocks"),
-        "mlp_ratio": (mlp_in[0] / 2) as f64 / dim as f64,
-        "guidance_embeds": names.iter().any(|n| n.contains("guidance_in.")),
+        "mlp_ratio": (mlp_in.0 / 2) as f64 / dim.max(1) as f64,
+        "guidance_embeds": shapes.has("guidance_in."),
     });
     serde_json::from_value(config).map_err(|e| e.to_string())
 }
@@ -353,8 +341,10 @@ fn load_transformer(
         )
     })?;
     let adapter = layout.adapter(config);
-    Flux2Transformer::load(var_builder(files, adapter, dtype, device), config.clone())
-        .map_err(|e| format!("{}: {e}", weights.display()))
+    loading::load_weights(files, adapter, dtype, device, |vb| {
+        Flux2Transformer::load(vb, config.clone())
+    })
+    .map_err(|e| format!("{}: {e}", weights.display()))
 }
 
 fn load_vae(dir: &Path, device: &Device) -> Result<Flux2Vae, String> {

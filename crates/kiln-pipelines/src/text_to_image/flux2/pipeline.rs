@@ -279,8 +279,14 @@ impl Flux2Pipeline {
         let (device, dtype) = (&settings.device, settings.dtype);
         let mut resident_bytes = None;
         let (weights, targets, facts) = if settings.offload {
-            let (parts, targets) =
-                OffloadedFlux2::open(&model.dir, text_layers, device, dtype).map_err(load_error)?;
+            let (parts, targets) = OffloadedFlux2::open(
+                &model.dir,
+                text_layers,
+                device,
+                dtype,
+                Quantization::from_settings(&settings),
+            )
+            .map_err(load_error)?;
             tracing::info!(model = %model.display_name(), "model CPU offload: parts load per stage");
             let facts = super::Flux2Parts::facts(&parts).clone();
             (Weights::Offloaded(Box::new(parts)), targets, facts)

@@ -17,7 +17,9 @@ use kiln_models::unet::{UNet2DConditionModel, UNetConfig, ldm_unet_adapter, ldm_
 use kiln_models::vae::{AutoencoderKl, VaeConfig, detect_vae_layout};
 
 use super::defaults;
-use crate::text_to_image::loading::{Quantization, open, read_json, unet_keeps_dense, var_builder};
+use crate::text_to_image::loading::{
+    Quantization, load_weights, open, read_json, unet_keeps_dense, var_builder,
+};
 use crate::text_to_image::schedulers::DiscreteConfig;
 use crate::text_to_image::tokenizer::PromptTokenizer;
 
@@ -226,12 +228,16 @@ impl SdxlComponents {
             None => {
                 let unet_dir = dir.join("unet");
                 let files = open(&unet_dir)?;
+                // A GGUF UNet (city96's, stable-diffusion.cpp's) keeps ldm names.
+                let adapter = match ldm_unet_prefix(&files.names()) {
+                    Some(prefix) => ldm_unet_adapter(&unet_config, &prefix),
+                    None => KeyAdapter::default(),
+                };
                 let unet = quantization
                     .denoiser(unet_keeps_dense, || {
-                        UNet2DConditionModel::load(
-                            var_builder(files, KeyAdapter::default(), dtype, device),
-                            unet_config,
-                        )
+                        load_weights(files, adapter, dtype, device, |vb| {
+                            UNet2DConditionModel::load(vb, unet_config)
+                        })
                     })
                     .map_err(|e| format!("{}: {e}", unet_dir.display()))?;
                 let te = dir.join("text_encoder");
