@@ -51,6 +51,24 @@ fn main() -> candle_core::Result<()> {
                 forward / base
             );
         }
+        // W8A8 alternatives: candle's quantized matmul and Kiln's batched
+        // Q8_0 kernel (activations quantized to Q8_0 as llama.cpp does).
+        let q =
+            candle_core::quantized::QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0)?;
+        let data = q.data()?.to_vec();
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let kernel = time(|| {
+            kiln_engine::q8_gemm::matmul(&xs, inp, &data, out).unwrap();
+        });
+        let qmm = candle_core::quantized::QMatMul::from_qtensor(q)?;
+        let candle = time(|| {
+            qmm.forward(&x).unwrap();
+        });
+        print!(
+            " | q8_gemm W8A8 {kernel:.2} ms ({:.2}×) | candle QMatMul {candle:.2} ms ({:.2}×)",
+            kernel / base,
+            candle / base
+        );
         println!();
     }
     Ok(())

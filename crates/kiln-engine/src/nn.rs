@@ -58,7 +58,7 @@ impl Linear {
                     blocks.dtype()
                 );
             }
-            let weight = QuantizedWeight::Ggml(Arc::new(blocks));
+            let weight = QuantizedWeight::from_blocks(blocks)?;
             crate::resident::record(weight.bytes() as i64);
             return Ok(Self::from_quantized(weight, bias, vb.dtype(), Some(&name)));
         }

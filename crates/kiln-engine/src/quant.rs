@@ -63,10 +63,18 @@ impl QuantKind {
 /// A linear layer's weight held quantized.
 #[derive(Debug, Clone)]
 pub enum QuantizedWeight {
-    /// `w[o, i] = (qt[i, o] − 128) · scale[o]`: codes as u8, stored
-    /// transposed (in × out) so dequantizing streams straight into the
-    /// (in × out) matrix a forward multiplies by; `scale` (1 × out) in f32.
-    Int8 { qt: Tensor, scale: Tensor },
+    /// `w[o, i] = (qt[i, o] − 128) · scale[i / group, o]`: 8-bit codes as u8,
+    /// stored transposed (in × out) so dequantizing streams straight into the
+    /// (in × out) matrix a forward multiplies by, with an f32 scale per
+    /// `group` inputs of each output. int8: one group (per-output-channel
+    /// absmax); Q8_0: groups of 32 holding llama.cpp's blocks value for value
+    /// (its f16 scales widened exactly), so they dequantize as fast as int8.
+    Grouped {
+        kind: QuantKind,
+        qt: Tensor,
+        scale: Tensor,
+        group: usize,
+    },
     /// A llama.cpp block type, (out × in) with blocks along each row.
     Ggml(Arc<QTensor>),
 }
@@ -84,9 +92,11 @@ impl QuantizedWeight {
                 // An all-zero row keeps a tiny step (its codes are all 128).
                 let scale = (absmax.clamp(f32::MIN_POSITIVE, f32::MAX)? / 127.0)?;
                 let codes = (w.broadcast_div(&scale)?.round()?.clamp(-127f32, 127f32)? + 128.0)?;
-                Ok(QuantizedWeight::Int8 {
+                Ok(QuantizedWeight::Grouped {
+                    kind,
                     qt: codes.to_dtype(DType::U8)?.t()?.contiguous()?,
                     scale: scale.t()?.contiguous()?,
+                    group: weight.dim(1)?,
                 })
             }
             QuantKind::Q8_0 => Self::ggml(weight, GgmlDType::Q8_0),
@@ -94,23 +104,42 @@ impl QuantizedWeight {
         }
     }
 
+    /// Blocks as stored in a GGUF file (or quantized by candle): Q8_0 is
+    /// regrouped transposed (same values), other types stay blocks.
+    pub fn from_blocks(blocks: QTensor) -> Result<Self> {
+        if blocks.dtype() != GgmlDType::Q8_0 {
+            return Ok(QuantizedWeight::Ggml(Arc::new(blocks)));
+        }
+        let (rows, columns) = blocks.shape().dims2()?;
+        let data = blocks.data()?;
+        let (qt, scale) = q8_0_transposed(&data, rows, columns)?;
+        let device = blocks.device();
+        Ok(QuantizedWeight::Grouped {
+            kind: QuantKind::Q8_0,
+            qt: Tensor::from_vec(qt, (columns, rows), &Device::Cpu)?.to_device(&device)?,
+            scale: Tensor::from_vec(scale, (columns / Q8_0_GROUP, rows), &Device::Cpu)?
+                .to_device(&device)?,
+            group: Q8_0_GROUP,
+        })
+    }
+
     fn ggml(weight: &Tensor, dtype: GgmlDType) -> Result<Self> {
         let device = weight.device().clone();
         // candle quantizes on the CPU; the blocks then live on `device`.
         let host = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        Ok(QuantizedWeight::Ggml(Arc::new(QTensor::quantize_onto(
-            &host, dtype, &device,
-        )?)))
+        Self::from_blocks(QTensor::quantize_onto(&host, dtype, &device)?)
     }
 
-    /// The (in × out) matrix a forward multiplies by, in `dtype`: a contiguous
-    /// int8 dequantization, or a transposed view of the block types'.
+    /// The (in × out) matrix a forward multiplies by, in `dtype`: contiguous
+    /// for the grouped 8-bit kinds, a transposed view of the block types'.
     pub fn matrix_t(&self, dtype: DType) -> Result<Tensor> {
         match self {
-            QuantizedWeight::Int8 { qt, scale } => {
-                let dense = match int8_cpu(qt, scale)? {
+            QuantizedWeight::Grouped {
+                qt, scale, group, ..
+            } => {
+                let dense = match grouped_cpu(qt, scale, *group)? {
                     Some(dense) => dense,
-                    None => (qt.to_dtype(DType::F32)? - 128.0)?.broadcast_mul(scale)?,
+                    None => grouped_generic(qt, scale, *group)?,
                 };
                 dense.to_dtype(dtype)
             }
@@ -132,7 +161,7 @@ impl QuantizedWeight {
     /// (out, in).
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self {
-            QuantizedWeight::Int8 { qt, .. } => qt.dims2().map(|(i, o)| (o, i)),
+            QuantizedWeight::Grouped { qt, .. } => qt.dims2().map(|(i, o)| (o, i)),
             QuantizedWeight::Ggml(t) => t.shape().dims2(),
         }
     }
@@ -140,7 +169,7 @@ impl QuantizedWeight {
     /// Bytes held in memory.
     pub fn bytes(&self) -> usize {
         match self {
-            QuantizedWeight::Int8 { qt, scale } => qt.elem_count() + 4 * scale.elem_count(),
+            QuantizedWeight::Grouped { qt, scale, .. } => qt.elem_count() + 4 * scale.elem_count(),
             QuantizedWeight::Ggml(t) => t.storage_size_in_bytes(),
         }
     }
@@ -148,15 +177,49 @@ impl QuantizedWeight {
     /// What kind of quantization this is, for messages.
     pub fn kind_name(&self) -> String {
         match self {
-            QuantizedWeight::Int8 { .. } => "int8".into(),
+            QuantizedWeight::Grouped { kind, .. } => kind.name().into(),
             QuantizedWeight::Ggml(t) => format!("{:?}", t.dtype()).to_ascii_lowercase(),
         }
     }
 }
 
-/// Int8 codes (in × out) and scales to f32 (in × out) on the CPU in one
+/// Inputs per scale in a regrouped Q8_0 weight (llama.cpp's block size).
+const Q8_0_GROUP: usize = 32;
+
+/// Q8_0 blocks of an (out × in) weight as (in × out) u8 codes (value + 128)
+/// and (in/32 × out) f32 scales.
+fn q8_0_transposed(bytes: &[u8], rows: usize, columns: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+    const BLOCK_BYTES: usize = 2 + Q8_0_GROUP;
+    let per_row = columns / Q8_0_GROUP;
+    if !columns.is_multiple_of(Q8_0_GROUP) || bytes.len() != rows * per_row * BLOCK_BYTES {
+        candle_core::bail!("{} bytes are not {rows}×{columns} Q8_0 blocks", bytes.len());
+    }
+    let mut codes = vec![0u8; rows * columns];
+    let mut scales = vec![0f32; per_row * rows];
+    for (o, row) in bytes.chunks_exact(per_row * BLOCK_BYTES).enumerate() {
+        for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+            scales[b * rows + o] = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+            for (j, &q) in block[2..].iter().enumerate() {
+                codes[(b * Q8_0_GROUP + j) * rows + o] = (q as i8 as i16 + 128) as u8;
+            }
+        }
+    }
+    Ok((codes, scales))
+}
+
+/// Grouped codes dequantized with candle ops (any device).
+fn grouped_generic(qt: &Tensor, scale: &Tensor, group: usize) -> Result<Tensor> {
+    let (inputs, outputs) = qt.dims2()?;
+    let groups = inputs / group;
+    (qt.to_dtype(DType::F32)? - 128.0)?
+        .reshape((groups, group, outputs))?
+        .broadcast_mul(&scale.reshape((groups, 1, outputs))?)?
+        .reshape((inputs, outputs))
+}
+
+/// Grouped codes (in × out) and scales to f32 (in × out) on the CPU in one
 /// parallel pass; `None` off the CPU.
-fn int8_cpu(qt: &Tensor, scale: &Tensor) -> Result<Option<Tensor>> {
+fn grouped_cpu(qt: &Tensor, scale: &Tensor, group: usize) -> Result<Option<Tensor>> {
     use candle_core::{CpuStorage, Storage};
     use rayon::prelude::*;
     if !qt.device().is_cpu() {
@@ -177,11 +240,18 @@ fn int8_cpu(qt: &Tensor, scale: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     };
     let (codes, scales) = (&codes[c0..c1], &scales[s0..s1]);
+    if group == 0 || scales.len() != rows.div_ceil(group) * columns {
+        return Ok(None);
+    }
     let mut out = vec![0f32; rows * columns];
     out.par_chunks_mut(columns * ROWS_PER_TASK)
         .zip(codes.par_chunks(columns * ROWS_PER_TASK))
-        .for_each(|(dst, src)| {
-            for (dst, src) in dst.chunks_mut(columns).zip(src.chunks(columns)) {
+        .enumerate()
+        .for_each(|(task, (dst, src))| {
+            let first = task * ROWS_PER_TASK;
+            for (r, (dst, src)) in dst.chunks_mut(columns).zip(src.chunks(columns)).enumerate() {
+                let g = (first + r) / group;
+                let scales = &scales[g * columns..(g + 1) * columns];
                 for ((d, &q), &s) in dst.iter_mut().zip(src).zip(scales) {
                     *d = (f32::from(q) - 128.0) * s;
                 }
@@ -374,7 +444,7 @@ mod tests {
 
     #[test]
     fn the_parallel_cpu_dequantization_equals_candles() {
-        let w = Tensor::randn(0f32, 1.0, (48, 512), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (50, 512), &Device::Cpu).unwrap();
         for dtype in [
             GgmlDType::Q8_0,
             GgmlDType::Q4_0,
@@ -398,17 +468,34 @@ mod tests {
                 .unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
         }
-        let q = QuantizedWeight::quantize(&w, QuantKind::Int8).unwrap();
-        let QuantizedWeight::Int8 { qt, scale } = &q else {
-            panic!("int8")
-        };
-        let fast = int8_cpu(qt, scale).unwrap().expect("a fast path");
-        let generic = (qt.to_dtype(DType::F32).unwrap() - 128.0)
-            .unwrap()
-            .broadcast_mul(scale)
-            .unwrap();
-        let diff = (fast - generic).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        for kind in [QuantKind::Int8, QuantKind::Q8_0] {
+            let q = QuantizedWeight::quantize(&w, kind).unwrap();
+            let QuantizedWeight::Grouped {
+                qt, scale, group, ..
+            } = &q
+            else {
+                panic!("{kind:?} is grouped")
+            };
+            let fast = grouped_cpu(qt, scale, *group)
+                .unwrap()
+                .expect("a fast path");
+            let generic = grouped_generic(qt, scale, *group).unwrap();
+            let diff = (&fast - generic).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{kind:?}");
+            assert_eq!(q.kind_name(), kind.name());
+            if kind == QuantKind::Q8_0 {
+                // Regrouped Q8_0 holds candle's blocks value for value.
+                let blocks = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+                let reference = blocks.dequantize(&Device::Cpu).unwrap();
+                let diff = (fast.t().unwrap() - reference)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap();
+                assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "Q8_0 values");
+            }
+        }
     }
 
     #[test]

@@ -60,7 +60,34 @@ pub struct SdxlBenchArgs {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     #[command(flatten)]
+    quality: QualityArgs,
+    #[command(flatten)]
     placement: PlacementArgs,
+}
+
+/// The 4-step Euler generation saved for quality comparisons at `size`.
+fn sdxl_request(size: usize) -> kiln_pipelines::text_to_image::sdxl::SdxlRequest {
+    kiln_pipelines::text_to_image::sdxl::SdxlRequest {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: Some(String::new()),
+        width: size,
+        height: size,
+        steps: 4,
+        guidance_scale: 5.0,
+        guidance_rescale: 0.0,
+        sampler: kiln_pipelines::text_to_image::schedulers::SamplerKind::Euler,
+        seed: 0,
+        num_outputs: 1,
+        clip_skip: 0,
+        original_size: (size, size),
+        crop_top_left: (0, 0),
+        target_size: (size, size),
+        init_image: None,
+        mask: None,
+        strength: 1.0,
+        vae_tile: None,
+        adapters: None,
+    }
 }
 
 /// One UNet step with classifier-free guidance (batch 2) and one VAE decode per size.
@@ -69,7 +96,8 @@ fn bench_sdxl(args: SdxlBenchArgs) -> Result<()> {
     use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, encode_prompt};
     let (device, dtype) = args.placement.resolve()?;
     let components =
-        SdxlComponents::load(&args.model, &device, dtype).map_err(anyhow::Error::msg)?;
+        SdxlComponents::load_quantized(&args.model, &device, dtype, args.quality.quantization()?)
+            .map_err(anyhow::Error::msg)?;
     let (context, pooled) =
         encode_prompt(&components, "a photo of a cat", 0).map_err(|e| anyhow::anyhow!("{e}"))?;
     let context = Tensor::cat(&[&context, &context], 0)?;
@@ -103,10 +131,24 @@ fn bench_sdxl(args: SdxlBenchArgs) -> Result<()> {
         })
         .context("VAE decode")?;
         results.push(json!({"size": size, "unet_step_s": unet_s, "vae_decode_s": vae_s}));
+        args.quality.save("sdxl", size, || {
+            let request = sdxl_request(size);
+            Ok(kiln_pipelines::text_to_image::sdxl::generate(
+                &components,
+                &request,
+                &mut |_, _| true,
+            )?
+            .images)
+        })?;
     }
     println!(
         "{}",
-        serde_json::to_string_pretty(&json!({"results": results, "peak_rss_mib": peak_rss_mib()}))?
+        serde_json::to_string_pretty(&json!({
+            "results": results,
+            "quantize": args.quality.quantize,
+            "resident_bytes": components.resident_bytes,
+            "peak_rss_mib": peak_rss_mib(),
+        }))?
     );
     Ok(())
 }
@@ -136,15 +178,52 @@ pub struct FluxBenchArgs {
     /// device for its stage only), to compare with diffusers' enable_model_cpu_offload.
     #[arg(long)]
     offload: bool,
-    /// Quantize the transformer while loading: int8, q8_0 or q4_k (none: dense).
-    #[arg(long, default_value = "none")]
-    quantize: String,
-    /// Save each size's last generated image (f32, (1, H, W, 3)) as
-    /// `flux-<size>.safetensors` here, for quality comparisons.
-    #[arg(long)]
-    save_images: Option<PathBuf>,
+    #[command(flatten)]
+    quality: QualityArgs,
     #[command(flatten)]
     placement: PlacementArgs,
+}
+
+/// Quantization and the images kept for quality comparisons, as the FLUX and
+/// SDXL benchmarks take them.
+#[derive(Args)]
+pub struct QualityArgs {
+    /// Quantize the transformer/UNet while loading: int8, q8_0 or q4_k (none: dense).
+    #[arg(long, default_value = "none")]
+    quantize: String,
+    /// Save one generated image per size (f32, (1, H, W, 3)) as
+    /// `<family>-<size>.safetensors` here, for quality comparisons.
+    #[arg(long)]
+    save_images: Option<PathBuf>,
+}
+
+impl QualityArgs {
+    fn quantization(&self) -> Result<kiln_pipelines::text_to_image::loading::Quantization> {
+        Ok(kiln_pipelines::text_to_image::loading::Quantization {
+            denoiser: kiln_engine::quant::QuantKind::parse(&self.quantize)
+                .map_err(anyhow::Error::msg)?,
+            text_encoder: false,
+        })
+    }
+
+    /// Save `images` as `<family>-<size>.safetensors` when asked to.
+    fn save(
+        &self,
+        family: &str,
+        size: usize,
+        images: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<()> {
+        let Some(dir) = &self.save_images else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{family}-{size}.safetensors"));
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("image".to_string(), images()?)]),
+            &path,
+        )?;
+        Ok(())
+    }
 }
 
 /// The generation every FLUX benchmark times at `size`.
@@ -273,11 +352,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Llm(args) => return super::bench_llm::run(args),
         BenchCommand::Serve(args) => return super::bench_serve::run(args),
     };
-    let quantization = kiln_pipelines::text_to_image::loading::Quantization {
-        denoiser: kiln_engine::quant::QuantKind::parse(&args.quantize)
-            .map_err(anyhow::Error::msg)?,
-        text_encoder: false,
-    };
+    let quantization = args.quality.quantization()?;
     if args.offload {
         return bench_flux_offloaded(args, quantization);
     }
@@ -344,20 +419,14 @@ pub fn run(command: BenchCommand) -> Result<()> {
             });
         }
         let (generate_s, stages) = time_generations(&components.models(), &args, size)?;
-        if let Some(dir) = &args.save_images {
-            let images = generate(
+        args.quality.save("flux", size, || {
+            Ok(generate(
                 &components.models(),
                 &flux_request(&args, size),
                 &mut |_, _| true,
             )?
-            .images;
-            std::fs::create_dir_all(dir)?;
-            let path = dir.join(format!("flux-{size}.safetensors"));
-            candle_core::safetensors::save(
-                &std::collections::HashMap::from([("image".to_string(), images)]),
-                &path,
-            )?;
-        }
+            .images)
+        })?;
         results.push(json!({
             "size": size, "forward_s": forward_s, "generate_s": generate_s, "lora": lora_timings,
             "stages": stages,
@@ -368,7 +437,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         serde_json::to_string_pretty(&json!({
             "results": results,
             "peak_rss_mib": peak_rss_mib(),
-            "quantize": args.quantize,
+            "quantize": args.quality.quantize,
             "resident_bytes": resident_bytes,
         }))?
     );
