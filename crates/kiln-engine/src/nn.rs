@@ -50,15 +50,14 @@ impl Linear {
         } else {
             format!("{name}.weight")
         };
-        if let Some(blocks) = crate::quant::stored_blocks(&weight_name, vb.device())? {
-            let stored = blocks.shape().dims2()?;
+        if let Some(weight) = crate::quant::stored_quantized(&weight_name, vb.device())? {
+            let stored = weight.dims()?;
             if stored != (out_dim, in_dim) {
                 candle_core::bail!(
-                    "{weight_name} is stored as {stored:?} {:?} blocks, the model expects ({out_dim}, {in_dim})",
-                    blocks.dtype()
+                    "{weight_name} is stored as {stored:?} {}, the model expects ({out_dim}, {in_dim})",
+                    weight.kind_name()
                 );
             }
-            let weight = QuantizedWeight::from_blocks(blocks)?;
             crate::resident::record(weight.bytes() as i64);
             return Ok(Self::from_quantized(weight, bias, vb.dtype(), Some(&name)));
         }

@@ -104,6 +104,39 @@ impl QuantizedWeight {
         }
     }
 
+    /// A bitsandbytes 8-bit weight as diffusers/transformers save it: int8
+    /// codes (out × in, row-major) and `SCB`, each row's absmax, so
+    /// `w[o, i] = code · SCB[o] / 127` (bitsandbytes' own dequantization).
+    pub fn from_int8_rows(
+        codes: &[i8],
+        scb: &[f32],
+        rows: usize,
+        columns: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if codes.len() != rows * columns || scb.len() != rows {
+            candle_core::bail!(
+                "{} int8 codes and {} row scales for a {rows}×{columns} weight",
+                codes.len(),
+                scb.len()
+            );
+        }
+        let mut qt = vec![0u8; rows * columns];
+        for (o, row) in codes.chunks_exact(columns).enumerate() {
+            for (i, &q) in row.iter().enumerate() {
+                qt[i * rows + o] = (i16::from(q) + 128) as u8;
+            }
+        }
+        // bitsandbytes multiplies by the reciprocal of 127 in f32.
+        let scale: Vec<f32> = scb.iter().map(|s| s * (1.0f32 / 127.0)).collect();
+        Ok(QuantizedWeight::Grouped {
+            kind: QuantKind::Int8,
+            qt: Tensor::from_vec(qt, (columns, rows), &Device::Cpu)?.to_device(device)?,
+            scale: Tensor::from_vec(scale, (1, rows), &Device::Cpu)?.to_device(device)?,
+            group: columns,
+        })
+    }
+
     /// Blocks as stored in a GGUF file (or quantized by candle): Q8_0 is
     /// regrouped transposed (same values), other types stay blocks.
     pub fn from_blocks(blocks: QTensor) -> Result<Self> {
@@ -344,23 +377,24 @@ pub fn while_loading<T>(policy: Option<LoadPolicy>, load: impl FnOnce() -> T) ->
     load()
 }
 
-/// Where a load finds linear weights already quantized: a GGUF file's block
-/// matrices, under the model's own tensor names.
-pub trait StoredBlocks {
-    fn blocks(&self, name: &str, device: &Device) -> Result<Option<QTensor>>;
+/// Where a load finds linear weights already quantized, under the model's own
+/// tensor names: a GGUF file's block matrices, a bitsandbytes 8-bit file's
+/// int8 rows.
+pub trait StoredQuantized {
+    fn quantized(&self, name: &str, device: &Device) -> Result<Option<QuantizedWeight>>;
 }
 
 thread_local! {
-    static STORED: RefCell<Option<Arc<dyn StoredBlocks>>> = const { RefCell::new(None) };
+    static STORED: RefCell<Option<Arc<dyn StoredQuantized>>> = const { RefCell::new(None) };
 }
 
 /// Run `load` with the linear layers it loads on this thread taking their
 /// weights from `stored` as stored when it has them (restored afterwards).
-pub fn while_reading_blocks<T>(
-    stored: Option<Arc<dyn StoredBlocks>>,
+pub fn while_reading_quantized<T>(
+    stored: Option<Arc<dyn StoredQuantized>>,
     load: impl FnOnce() -> T,
 ) -> T {
-    struct Restore(Option<Arc<dyn StoredBlocks>>);
+    struct Restore(Option<Arc<dyn StoredQuantized>>);
     impl Drop for Restore {
         fn drop(&mut self) {
             let previous = self.0.take();
@@ -372,12 +406,12 @@ pub fn while_reading_blocks<T>(
     load()
 }
 
-/// The stored blocks of weight `name`, when the current load reads a file
-/// that holds them.
-pub(crate) fn stored_blocks(name: &str, device: &Device) -> Result<Option<QTensor>> {
+/// Weight `name` as stored quantized, when the current load reads a file
+/// that holds it so.
+pub(crate) fn stored_quantized(name: &str, device: &Device) -> Result<Option<QuantizedWeight>> {
     let stored = STORED.with(|s| s.borrow().clone());
     match stored {
-        Some(stored) => stored.blocks(name, device),
+        Some(stored) => stored.quantized(name, device),
         None => Ok(None),
     }
 }

@@ -11,7 +11,11 @@ use candle_nn::var_builder::SimpleBackend;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, is_gguf_file};
+use crate::quant::QuantizedWeight;
 use candle_core::quantized::QTensor;
+
+/// The suffix of bitsandbytes' per-row absmax beside an int8 weight.
+const BNB_ROW_SCALES: &str = ".SCB";
 
 /// Extensions of weight files that are Python pickles (or zips of them).
 pub const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
@@ -249,6 +253,54 @@ impl WeightFiles {
             Store::Safetensors(tensors) => Ok(tensors.load(name, device)?.to_dtype(dtype)?),
             Store::Gguf(file) => file.model_tensor(name, dtype, device),
         }
+    }
+
+    /// Whether linear layers read quantized weights from these files: a GGUF
+    /// file, or safetensors saved with bitsandbytes 8-bit weights (`*.SCB`).
+    pub fn holds_quantized(&self) -> bool {
+        match &self.store {
+            Store::Gguf(_) => true,
+            Store::Safetensors(tensors) => tensors
+                .tensors()
+                .iter()
+                .any(|(name, _)| name.ends_with(BNB_ROW_SCALES)),
+        }
+    }
+
+    /// Weight `name` (`….weight`) as bitsandbytes 8-bit rows when it is
+    /// stored as int8 beside its `….SCB` row scales; `None` otherwise.
+    pub fn bnb_int8(&self, name: &str, device: &Device) -> Result<Option<QuantizedWeight>> {
+        let Store::Safetensors(tensors) = &self.store else {
+            return Ok(None);
+        };
+        let Some(module) = name.strip_suffix(".weight") else {
+            return Ok(None);
+        };
+        let scales_name = format!("{module}{BNB_ROW_SCALES}");
+        let Ok(view) = tensors.get(name) else {
+            return Ok(None);
+        };
+        if view.dtype() != safetensors::Dtype::I8 || !self.contains(&scales_name) {
+            return Ok(None);
+        }
+        let invalid = |message: String| EngineError::InvalidWeights {
+            path: self.files.first().cloned().unwrap_or_default(),
+            message: format!("{name}: {message}"),
+        };
+        let [rows, columns] = view.shape() else {
+            return Err(invalid(format!(
+                "an int8 weight of shape {:?}, expected a matrix",
+                view.shape()
+            )));
+        };
+        let codes: Vec<i8> = view.data().iter().map(|&b| b as i8).collect();
+        let scales = self
+            .load(&scales_name, DType::F32, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        QuantizedWeight::from_int8_rows(&codes, &scales, *rows, *columns, device)
+            .map(Some)
+            .map_err(|e| invalid(e.to_string()))
     }
 
     /// `name` as stored when it is a GGUF matrix of a block type a linear
@@ -493,16 +545,31 @@ impl AdaptedWeights {
     }
 }
 
-impl crate::quant::StoredBlocks for AdaptedWeights {
-    fn blocks(&self, name: &str, device: &Device) -> candle_core::Result<Option<QTensor>> {
-        self.fetch_blocks(name, device)
-            .map_err(candle_core::Error::wrap)
+impl crate::quant::StoredQuantized for AdaptedWeights {
+    fn quantized(
+        &self,
+        name: &str,
+        device: &Device,
+    ) -> candle_core::Result<Option<crate::quant::QuantizedWeight>> {
+        if let Some(blocks) = self
+            .fetch_blocks(name, device)
+            .map_err(candle_core::Error::wrap)?
+        {
+            return crate::quant::QuantizedWeight::from_blocks(blocks).map(Some);
+        }
+        match self.adapter.source(name) {
+            Source::Key(key) => self
+                .files
+                .bnb_int8(&key, device)
+                .map_err(candle_core::Error::wrap),
+            _ => Ok(None),
+        }
     }
 }
 
 /// An [`AdaptedWeights`] shared between a var builder and the load's
-/// [`crate::quant::while_reading_blocks`], so a GGUF file's quantized
-/// matrices reach the linear layers as stored.
+/// [`crate::quant::while_reading_quantized`], so quantized weights (GGUF
+/// blocks, bitsandbytes int8 rows) reach the linear layers as stored.
 #[derive(Clone)]
 pub struct SharedWeights(pub std::sync::Arc<AdaptedWeights>);
 

@@ -206,8 +206,11 @@ mod flux2_generation;
 #[path = "flux2/quantized.rs"]
 mod quantized;
 
-#[path = "gguf/flux.rs"]
+#[path = "stored_quantized/flux.rs"]
 mod gguf_flux;
 
-#[path = "gguf/reader.rs"]
+#[path = "stored_quantized/reader.rs"]
 mod gguf_reader;
+
+#[path = "stored_quantized/bnb.rs"]
+mod bnb;

@@ -452,8 +452,8 @@ fn a_single_file_checkpoint_generates_the_same_image() {
     );
 }
 
-#[path = "gguf/sdxl.rs"]
+#[path = "stored_quantized/sdxl.rs"]
 mod gguf_sdxl;
 
-#[path = "gguf/reader.rs"]
+#[path = "stored_quantized/reader.rs"]
 mod gguf_reader;

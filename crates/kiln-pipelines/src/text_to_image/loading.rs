@@ -28,9 +28,9 @@ pub(crate) fn var_builder(
     )
 }
 
-/// Run `load` over a var builder on `files`; when they are a GGUF file, its
-/// quantized matrices reach the linear layers as stored (they are never
-/// dequantized to a dense copy at load).
+/// Run `load` over a var builder on `files`; when they hold quantized weights
+/// (a GGUF file, a bitsandbytes 8-bit save), those reach the linear layers as
+/// stored (never dequantized to a dense copy at load).
 pub(crate) fn load_weights<T>(
     files: WeightFiles,
     adapter: KeyAdapter,
@@ -38,7 +38,7 @@ pub(crate) fn load_weights<T>(
     device: &Device,
     load: impl FnOnce(VarBuilder<'static>) -> T,
 ) -> T {
-    if files.gguf().is_none() {
+    if !files.holds_quantized() {
         return load(var_builder(files, adapter, dtype, device));
     }
     let weights = Arc::new(AdaptedWeights::new(files, adapter));
@@ -47,8 +47,8 @@ pub(crate) fn load_weights<T>(
         dtype,
         device.clone(),
     );
-    let stored: Arc<dyn kiln_engine::quant::StoredBlocks> = weights;
-    kiln_engine::quant::while_reading_blocks(Some(stored), || load(vb))
+    let stored: Arc<dyn kiln_engine::quant::StoredQuantized> = weights;
+    kiln_engine::quant::while_reading_quantized(Some(stored), || load(vb))
 }
 
 /// A transformer's weights: the `transformer/` folder (diffusers, or a BFL
@@ -137,6 +137,38 @@ impl BflShapes<'_> {
     /// Whether any tensor name contains `fragment`.
     pub fn has(&self, fragment: &str) -> bool {
         self.names.iter().any(|n| n.contains(fragment))
+    }
+}
+
+/// A component config's `quantization_config` (diffusers' `save_pretrained`
+/// of a quantized model): bitsandbytes 8-bit saves are read (their int8 rows
+/// load as stored); every other method is refused, naming it, rather than
+/// misread as dense weights.
+pub(crate) fn check_saved_quantization(config_path: &Path) -> Result<(), String> {
+    let Ok(text) = std::fs::read_to_string(config_path) else {
+        return Ok(());
+    };
+    let Ok(config) = kiln_engine::json::parse_lenient(&text) else {
+        return Ok(());
+    };
+    let saved = &config["quantization_config"];
+    if saved.is_null() {
+        return Ok(());
+    }
+    let method = saved["quant_method"]
+        .as_str()
+        .unwrap_or("an unnamed method");
+    match method {
+        "bitsandbytes" if saved["load_in_8bit"].as_bool() == Some(true) => Ok(()),
+        "bitsandbytes" => Err(format!(
+            "{}: bitsandbytes 4-bit weights ({}) are not supported: serve the dense weights with quantize = \"q4_k\", or a GGUF Q4_K file",
+            config_path.display(),
+            saved["bnb_4bit_quant_type"].as_str().unwrap_or("4-bit")
+        )),
+        other => Err(format!(
+            "{}: weights saved quantized with {other:?} are not supported: Kiln reads bitsandbytes 8-bit saves and GGUF files, or quantizes dense weights at load (quantize = \"int8\", \"q8_0\", \"q4_k\")",
+            config_path.display()
+        )),
     }
 }
 

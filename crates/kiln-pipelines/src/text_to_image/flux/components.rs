@@ -218,6 +218,7 @@ fn load_transformer(dir: &Path, device: &Device, dtype: DType) -> Result<FluxTra
         )
     })?;
     let config_path = dir.join("transformer/config.json");
+    loading::check_saved_quantization(&config_path)?;
     let config: FluxConfig = match &layout {
         _ if config_path.is_file() => read_json(&config_path)?,
         FluxLayout::Bfl { prefix } => config_from_shapes(&files, prefix, &transformer_path)?,

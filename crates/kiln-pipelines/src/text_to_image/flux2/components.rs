@@ -333,6 +333,7 @@ fn load_transformer(
     dtype: DType,
 ) -> Result<Flux2Transformer, String> {
     let weights = transformer_weights(dir)?;
+    loading::check_saved_quantization(&dir.join("transformer/config.json"))?;
     let files = open(&weights)?;
     let layout = Flux2Layout::detect(&files.names()).ok_or_else(|| {
         format!(

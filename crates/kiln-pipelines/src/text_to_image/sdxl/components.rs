@@ -227,6 +227,9 @@ impl SdxlComponents {
         let (unet, text_encoder, text_encoder_2, vae_files, vae_path) = match &single {
             None => {
                 let unet_dir = dir.join("unet");
+                crate::text_to_image::loading::check_saved_quantization(
+                    &unet_dir.join("config.json"),
+                )?;
                 let files = open(&unet_dir)?;
                 // A GGUF UNet (city96's, stable-diffusion.cpp's) keeps ldm names.
                 let adapter = match ldm_unet_prefix(&files.names()) {
