@@ -62,7 +62,15 @@ impl Linear {
             return Ok(Self::from_quantized(weight, bias, vb.dtype(), Some(&name)));
         }
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let mut linear = match crate::quant::for_layer(&name, in_dim) {
+        Self::from_loaded(&name, weight, bias)
+    }
+
+    /// A layer named `name` (`model.layers.0.mlp.up_proj`) from an (out × in)
+    /// weight its loader read and counted: quantized when the current load
+    /// policy ([`crate::quant::while_loading`]) says so for it, else dense.
+    pub fn from_loaded(name: &str, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let in_dim = weight.dim(1)?;
+        let mut linear = match crate::quant::for_layer(name, in_dim) {
             Some(kind) => {
                 let quantized = QuantizedWeight::quantize(&weight, kind)?;
                 // The load counted the dense weight; it keeps the blocks.

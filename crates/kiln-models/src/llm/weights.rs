@@ -149,7 +149,9 @@ impl LlmWeights {
         match self {
             LlmWeights::Safetensors(_) => {
                 let weight = self.dense(&weight_name, &[out_dim, in_dim], dtype, device)?;
-                Ok(AnyLinear::Dense(Linear::from_parts(weight, bias)?))
+                // Quantized when a load policy asks (FLUX.2's Qwen3 text encoder
+                // with `quantize_text_encoder`).
+                Ok(AnyLinear::Dense(Linear::from_loaded(prefix, weight, bias)?))
             }
             LlmWeights::Gguf { file, .. } => {
                 let key = Self::gguf_key(&weight_name, file)?;

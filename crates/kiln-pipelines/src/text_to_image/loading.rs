@@ -198,7 +198,7 @@ pub(crate) fn decode_images(
 pub struct Quantization {
     /// The denoiser's (transformer's or UNet's) linear layers.
     pub denoiser: Option<kiln_engine::quant::QuantKind>,
-    /// Also the sequence text encoder's (FLUX.1's T5).
+    /// Also the sequence text encoder's (FLUX.1's T5, FLUX.2's Qwen3).
     pub text_encoder: bool,
 }
 

@@ -259,3 +259,27 @@ fn model_cpu_offload_composes_with_quantization() {
         0.0
     );
 }
+
+#[test]
+fn quantize_text_encoder_also_quantizes_klein_qwen3() {
+    let transformer_only = klein(Quantization {
+        denoiser: Some(QuantKind::Int8),
+        text_encoder: false,
+    });
+    let both = klein(Quantization {
+        denoiser: Some(QuantKind::Int8),
+        text_encoder: true,
+    });
+    // Qwen3's projections (the tiny encoder's bulk) hold a quarter of their
+    // f32 bytes, so the pipeline shrinks by well over its transformer's share.
+    assert!(
+        both.resident_bytes + 100_000 < transformer_only.resident_bytes,
+        "{} vs {}",
+        both.resident_bytes,
+        transformer_only.resident_bytes
+    );
+    let dense = generate(&klein(Quantization::default()), &square(), &mut |_, _| true).unwrap();
+    let out = generate(&both, &square(), &mut |_, _| true).unwrap();
+    let db = psnr(&out.images, &dense.images);
+    assert!(db >= 30.0, "PSNR {db:.1} dB");
+}

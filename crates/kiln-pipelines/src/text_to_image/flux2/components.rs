@@ -138,7 +138,7 @@ impl Flux2Components {
                 load_transformer(dir, &facts.config, device, dtype)
             })?,
             vae: load_vae(dir, device)?,
-            text: load_text(dir, &facts, device, dtype)?,
+            text: quantization.text_encoder(|| load_text(dir, &facts, device, dtype))?,
             facts,
             device: device.clone(),
             dtype,
@@ -203,7 +203,8 @@ fn stage_error(e: String) -> PipelineError {
 
 impl Flux2Parts for OffloadedFlux2 {
     fn text(&self) -> Result<Part<'_, Qwen3PromptEncoder>, PipelineError> {
-        load_text(&self.dir, &self.facts, &self.device, self.dtype)
+        self.quantization
+            .text_encoder(|| load_text(&self.dir, &self.facts, &self.device, self.dtype))
             .map(Part::Loaded)
             .map_err(stage_error)
     }
