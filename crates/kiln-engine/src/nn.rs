@@ -216,13 +216,26 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `rows` (n × in) times the weight: straight from the 8-bit codes for a
+    /// few rows (modulation vectors), else a GEMM over the dense or
+    /// dequantized matrix.
+    fn product(&self, rows: &Tensor) -> Result<Tensor> {
+        if let LinearWeight::Quantized { weight, .. } = &self.weight
+            && let Some(y) = weight.matmul_few_rows(rows)?
+        {
+            return Ok(y);
+        }
+        rows.matmul(&self.matrix()?)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight_t = self.matrix()?;
         let y = match x.dims() {
             [b, s, d] => {
                 let rows = x.reshape((b * s, *d))?;
-                let y = rows.matmul(&weight_t)?;
+                let y = self.product(&rows)?;
                 let y = match &self.name {
                     Some(name) => apply_active(name, &rows, y)?,
                     None => y,
@@ -230,13 +243,13 @@ impl Module for Linear {
                 y.reshape((*b, *s, ()))?
             }
             [_, _] => {
-                let y = x.matmul(&weight_t)?;
+                let y = self.product(x)?;
                 match &self.name {
                     Some(name) => apply_active(name, x, y)?,
                     None => y,
                 }
             }
-            _ => x.broadcast_matmul(&weight_t)?,
+            _ => x.broadcast_matmul(&self.matrix()?)?,
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),

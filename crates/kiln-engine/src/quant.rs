@@ -82,6 +82,12 @@ pub enum QuantizedWeight {
 /// Rows (or matrix rows) one parallel task dequantizes.
 const ROWS_PER_TASK: usize = 16;
 
+/// Input rows at or below this many multiply 8-bit codes directly.
+const DIRECT_ROWS: usize = 4;
+
+/// Outputs one parallel task of the direct product computes.
+const OUTPUTS_PER_TASK: usize = 256;
+
 impl QuantizedWeight {
     /// Quantize a dense (out × in) weight.
     pub fn quantize(weight: &Tensor, kind: QuantKind) -> Result<Self> {
@@ -186,6 +192,78 @@ impl QuantizedWeight {
         }
     }
 
+    /// `x · Wᵀ` for a few f32 rows (FLUX's modulation runs on one conditioning
+    /// vector per image) straight from the 8-bit codes: dequantizing a whole
+    /// matrix for one row costs more than the product. `None` where the
+    /// dequantize-then-GEMM path applies (more rows, other kinds, off the CPU).
+    pub fn matmul_few_rows(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let QuantizedWeight::Grouped {
+            qt, scale, group, ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let (rows, inputs) = x.dims2()?;
+        if rows > DIRECT_ROWS || x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let (code_rows, outputs) = qt.dims2()?;
+        if code_rows != inputs || *group == 0 || !inputs.is_multiple_of(*group) {
+            return Ok(None);
+        }
+        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let group = *group;
+        let tasks = outputs.div_ceil(OUTPUTS_PER_TASK);
+        let parts = with_cpu_grouped(qt, scale, |codes, scales| {
+            if codes.len() != inputs * outputs || scales.len() != inputs / group * outputs {
+                return None;
+            }
+            let parts = (0..tasks)
+                .into_par_iter()
+                .map(|task| {
+                    let first = task * OUTPUTS_PER_TASK;
+                    let width = OUTPUTS_PER_TASK.min(outputs - first);
+                    let mut total = vec![0f32; rows * width];
+                    let mut partial = vec![0f32; rows * width];
+                    for g in 0..inputs / group {
+                        partial.fill(0.0);
+                        for i in g * group..(g + 1) * group {
+                            let codes = &codes[i * outputs + first..i * outputs + first + width];
+                            for (r, partial) in partial.chunks_mut(width).enumerate() {
+                                let a = x[r * inputs + i];
+                                for (p, &c) in partial.iter_mut().zip(codes) {
+                                    *p += a * (f32::from(c) - 128.0);
+                                }
+                            }
+                        }
+                        let scales = &scales[g * outputs + first..g * outputs + first + width];
+                        for (total, partial) in total.chunks_mut(width).zip(partial.chunks(width)) {
+                            for ((t, p), s) in total.iter_mut().zip(partial).zip(scales) {
+                                *t += p * s;
+                            }
+                        }
+                    }
+                    total
+                })
+                .collect::<Vec<Vec<f32>>>();
+            Some(parts)
+        })
+        .flatten();
+        let Some(parts) = parts else {
+            return Ok(None);
+        };
+        let mut y = vec![0f32; rows * outputs];
+        for (task, part) in parts.iter().enumerate() {
+            let first = task * OUTPUTS_PER_TASK;
+            let width = part.len() / rows.max(1);
+            for (r, values) in part.chunks(width.max(1)).enumerate() {
+                y[r * outputs + first..r * outputs + first + width].copy_from_slice(values);
+            }
+        }
+        Tensor::from_vec(y, (rows, outputs), &Device::Cpu).map(Some)
+    }
+
     /// The weight as dense (out × in) in `dtype`.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         self.matrix_t(dtype)?.t()?.contiguous()
@@ -250,47 +328,61 @@ fn grouped_generic(qt: &Tensor, scale: &Tensor, group: usize) -> Result<Tensor> 
         .reshape((inputs, outputs))
 }
 
-/// Grouped codes (in × out) and scales to f32 (in × out) on the CPU in one
-/// parallel pass; `None` off the CPU.
-fn grouped_cpu(qt: &Tensor, scale: &Tensor, group: usize) -> Result<Option<Tensor>> {
+/// Run `f` over a grouped weight's codes and scales as CPU slices (borrowed
+/// from candle's storage); `None` off the CPU or for unexpected storage.
+fn with_cpu_grouped<R>(
+    qt: &Tensor,
+    scale: &Tensor,
+    f: impl FnOnce(&[u8], &[f32]) -> R,
+) -> Option<R> {
     use candle_core::{CpuStorage, Storage};
-    use rayon::prelude::*;
     if !qt.device().is_cpu() {
-        return Ok(None);
+        return None;
     }
-    let (rows, columns) = qt.dims2()?;
     let (codes, codes_layout) = qt.storage_and_layout();
     let (scales, scales_layout) = scale.storage_and_layout();
     let (Storage::Cpu(CpuStorage::U8(codes)), Storage::Cpu(CpuStorage::F32(scales))) =
         (&*codes, &*scales)
     else {
-        return Ok(None);
+        return None;
     };
-    let (Some((c0, c1)), Some((s0, s1))) = (
-        codes_layout.contiguous_offsets(),
-        scales_layout.contiguous_offsets(),
-    ) else {
-        return Ok(None);
-    };
-    let (codes, scales) = (&codes[c0..c1], &scales[s0..s1]);
-    if group == 0 || scales.len() != rows.div_ceil(group) * columns {
+    let (c0, c1) = codes_layout.contiguous_offsets()?;
+    let (s0, s1) = scales_layout.contiguous_offsets()?;
+    Some(f(&codes[c0..c1], &scales[s0..s1]))
+}
+
+/// Grouped codes (in × out) and scales to f32 (in × out) on the CPU in one
+/// parallel pass; `None` off the CPU.
+fn grouped_cpu(qt: &Tensor, scale: &Tensor, group: usize) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    let (rows, columns) = qt.dims2()?;
+    if group == 0 {
         return Ok(None);
     }
-    let mut out = vec![0f32; rows * columns];
-    out.par_chunks_mut(columns * ROWS_PER_TASK)
-        .zip(codes.par_chunks(columns * ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(task, (dst, src))| {
-            let first = task * ROWS_PER_TASK;
-            for (r, (dst, src)) in dst.chunks_mut(columns).zip(src.chunks(columns)).enumerate() {
-                let g = (first + r) / group;
-                let scales = &scales[g * columns..(g + 1) * columns];
-                for ((d, &q), &s) in dst.iter_mut().zip(src).zip(scales) {
-                    *d = (f32::from(q) - 128.0) * s;
+    let out = with_cpu_grouped(qt, scale, |codes, scales| {
+        if scales.len() != rows.div_ceil(group) * columns {
+            return None;
+        }
+        let mut out = vec![0f32; rows * columns];
+        out.par_chunks_mut(columns * ROWS_PER_TASK)
+            .zip(codes.par_chunks(columns * ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(task, (dst, src))| {
+                let first = task * ROWS_PER_TASK;
+                for (r, (dst, src)) in dst.chunks_mut(columns).zip(src.chunks(columns)).enumerate()
+                {
+                    let g = (first + r) / group;
+                    let scales = &scales[g * columns..(g + 1) * columns];
+                    for ((d, &q), &s) in dst.iter_mut().zip(src).zip(scales) {
+                        *d = (f32::from(q) - 128.0) * s;
+                    }
                 }
-            }
-        });
-    Tensor::from_vec(out, (rows, columns), qt.device()).map(Some)
+            });
+        Some(out)
+    })
+    .flatten();
+    out.map(|out| Tensor::from_vec(out, (rows, columns), qt.device()))
+        .transpose()
 }
 
 /// A CPU block tensor's rows dequantized in parallel (candle's own
@@ -529,6 +621,26 @@ mod tests {
                     .unwrap();
                 assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "Q8_0 values");
             }
+        }
+    }
+
+    #[test]
+    fn a_few_rows_multiply_the_codes_as_the_dequantized_matrix_does() {
+        let w = Tensor::randn(0f32, 0.05, (300, 512), &Device::Cpu).unwrap();
+        for kind in [QuantKind::Int8, QuantKind::Q8_0] {
+            let q = QuantizedWeight::quantize(&w, kind).unwrap();
+            for rows in [1, 3] {
+                let x = Tensor::randn(0f32, 1.0, (rows, 512), &Device::Cpu).unwrap();
+                let direct = q.matmul_few_rows(&x).unwrap().expect("a direct product");
+                let gemm = x.matmul(&q.matrix_t(DType::F32).unwrap()).unwrap();
+                assert_eq!(direct.dims(), &[rows, 300]);
+                let diff = (&direct - &gemm).unwrap().abs().unwrap().max_all().unwrap();
+                let scale = gemm.abs().unwrap().max_all().unwrap();
+                let relative = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+                assert!(relative < 1e-5, "{kind:?} × {rows} rows: {relative:e}");
+            }
+            let many = Tensor::zeros((DIRECT_ROWS + 1, 512), DType::F32, &Device::Cpu).unwrap();
+            assert!(q.matmul_few_rows(&many).unwrap().is_none());
         }
     }
 

@@ -233,15 +233,18 @@ impl Quantization {
 }
 
 /// FLUX transformer layers (both generations) that stay dense when
-/// quantizing, as diffusers' bitsandbytes path keeps them: the input
-/// embedders, the timestep/guidance/text embedders, every modulation and norm
-/// projection, and the output projection.
+/// quantizing, as llama.cpp's FLUX recipe (city96's GGUF files) keeps them in
+/// the base precision: the input embedders, the timestep/guidance/text
+/// embedders and the final layer (`norm_out.linear`, `proj_out`), about 1% of
+/// the weights. The per-block modulation projections are quantized, as
+/// bitsandbytes and llama.cpp quantize them: they are 27% of FLUX.1-dev's
+/// linear weights, and keeping them dense would hold int8 at 0.64× of bf16.
 pub(crate) fn flux_keeps_dense(name: &str) -> bool {
-    matches!(name, "x_embedder" | "context_embedder" | "proj_out")
-        || name.starts_with("time_text_embed")
+    matches!(
+        name,
+        "x_embedder" | "context_embedder" | "proj_out" | "norm_out.linear"
+    ) || name.starts_with("time_text_embed")
         || name.starts_with("time_guidance_embed")
-        || name.contains("norm")
-        || name.contains("modulation")
 }
 
 /// SDXL UNet linears that stay dense when quantizing: the time and added
