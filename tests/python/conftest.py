@@ -366,11 +366,10 @@ class WebhookSink:
                     body = json.loads(raw)
                 except ValueError:
                     body = raw.decode(errors="replace")
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
+                # Recorded before the response: Kiln sends a job's next webhook
+                # once this one is answered, and this server handles each POST
+                # on its own thread, so recording after answering could list
+                # two deliveries out of the order they were sent in.
                 with sink._cond:
                     sink.deliveries.append(
                         {
@@ -381,6 +380,11 @@ class WebhookSink:
                         }
                     )
                     sink._cond.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
 
             def log_message(self, *args):
                 pass

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use kiln_engine::parity;
 use kiln_engine::quant::QuantKind;
 use kiln_pipelines::text_to_image::flux2::{Flux2Components, Flux2Request, generate};
@@ -18,17 +18,28 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
-/// PSNR of `a` against `b`, both images in [0, 1].
-pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let mse = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    10.0 * (1.0 / mse.max(1e-12)).log10()
+use super::gguf_reader::psnr;
+
+/// The tiny FLUX.1-dev request the quantization tests generate (64², 32 tokens).
+pub fn flux1_request(
+    steps: usize,
+    seed: u64,
+) -> kiln_pipelines::text_to_image::flux::GenerationRequest {
+    kiln_pipelines::text_to_image::flux::GenerationRequest {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps,
+        guidance_scale: 3.5,
+        true_cfg_scale: 1.0,
+        seed,
+        num_outputs: 1,
+        max_sequence_length: 32,
+        init_image: None,
+        vae_tile: None,
+        adapters: None,
+    }
 }
 
 fn klein(quantization: Quantization) -> Flux2Components {
@@ -160,23 +171,9 @@ fn q4_k_leaves_layers_narrower_than_its_blocks_dense() {
 
 #[test]
 fn flux1_with_int8_transformer_and_t5_generates_close_to_dense() {
-    use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest};
+    use kiln_pipelines::text_to_image::flux::FluxComponents;
     let dir = fixtures().join("flux/tiny-dev");
-    let request = GenerationRequest {
-        prompt: "a photo of a cat".into(),
-        negative_prompt: None,
-        width: 64,
-        height: 64,
-        steps: 3,
-        guidance_scale: 3.5,
-        true_cfg_scale: 1.0,
-        seed: 7,
-        num_outputs: 1,
-        max_sequence_length: 32,
-        init_image: None,
-        vae_tile: None,
-        adapters: None,
-    };
+    let request = flux1_request(3, 7);
     let dense = FluxComponents::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let quantized = FluxComponents::load_quantized(
         &dir,
@@ -219,21 +216,7 @@ fn model_cpu_offload_composes_with_quantization() {
         })
         .unwrap();
     assert!(quantized > 20, "{quantized}");
-    let request = kiln_pipelines::text_to_image::flux::GenerationRequest {
-        prompt: "a photo of a cat".into(),
-        negative_prompt: None,
-        width: 64,
-        height: 64,
-        steps: 2,
-        guidance_scale: 3.5,
-        true_cfg_scale: 1.0,
-        seed: 3,
-        num_outputs: 1,
-        max_sequence_length: 32,
-        init_image: None,
-        vae_tile: None,
-        adapters: None,
-    };
+    let request = flux1_request(2, 3);
     let resident =
         FluxComponents::load_quantized(&dir, &Device::Cpu, DType::F32, quantization).unwrap();
     let generate = |parts: &dyn FluxParts| {

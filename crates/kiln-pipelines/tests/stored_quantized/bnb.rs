@@ -5,33 +5,23 @@
 //! order), the image stays close to the dense model's, and 4-bit or other
 //! quantization configs are refused naming them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest, generate};
+use kiln_pipelines::text_to_image::flux::{FluxComponents, generate};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    super::gguf_reader::fixtures()
 }
 
 /// tiny-dev with `transformer/` replaced by the bitsandbytes save.
 fn bnb_folder() -> tempfile::TempDir {
-    let source = fixtures().join("flux/tiny-dev");
-    let folder = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() != "transformer" {
-            std::os::unix::fs::symlink(entry.path(), folder.path().join(entry.file_name()))
-                .unwrap();
-        }
-    }
-    let transformer = folder.path().join("transformer");
-    std::fs::create_dir(&transformer).unwrap();
-    for entry in std::fs::read_dir(fixtures().join("bnb/tiny-dev-transformer-bnb8")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, transformer.join(path.file_name().unwrap())).unwrap();
-    }
-    folder
+    let save = fixtures().join("bnb/tiny-dev-transformer-bnb8");
+    let files: Vec<PathBuf> = std::fs::read_dir(save)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    super::gguf_reader::tiny_dev_with_transformer(&files)
 }
 
 #[test]
@@ -69,21 +59,7 @@ fn a_bitsandbytes_8bit_save_loads_its_int8_rows_as_bitsandbytes_reads_them() {
     // One f32 rounding of code · SCB / 127 in another order.
     assert!(worst <= 2.5e-7, "worst relative difference {worst:e}");
 
-    let request = GenerationRequest {
-        prompt: "a photo of a cat".into(),
-        negative_prompt: None,
-        width: 64,
-        height: 64,
-        steps: 3,
-        guidance_scale: 3.5,
-        true_cfg_scale: 1.0,
-        seed: 7,
-        num_outputs: 1,
-        max_sequence_length: 32,
-        init_image: None,
-        vae_tile: None,
-        adapters: None,
-    };
+    let request = super::quantized::flux1_request(3, 7);
     let dense =
         FluxComponents::load(&fixtures().join("flux/tiny-dev"), &Device::Cpu, DType::F32).unwrap();
     let images = |c: &FluxComponents| {
@@ -91,7 +67,7 @@ fn a_bitsandbytes_8bit_save_loads_its_int8_rows_as_bitsandbytes_reads_them() {
             .unwrap()
             .images
     };
-    let db = super::quantized::psnr(&images(&bnb), &images(&dense));
+    let db = super::gguf_reader::psnr(&images(&bnb), &images(&dense));
     assert!(db >= 30.0, "PSNR {db:.1} dB");
     assert!(bnb.resident_bytes < dense.resident_bytes);
 }

@@ -10,58 +10,26 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use kiln_engine::gguf::GgufFile;
 use kiln_engine::quant::QuantKind;
-use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest, generate};
+use kiln_pipelines::text_to_image::flux::{FluxComponents, generate};
 use kiln_pipelines::text_to_image::loading::Quantization;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    super::gguf_reader::fixtures()
 }
 
-/// tiny-dev with its transformer weights replaced by `gguf` (beside the
-/// diffusers config.json), as a user lays out city96's file.
+/// tiny-dev with its transformer weights replaced by `gguf`.
 pub fn folder_with_transformer(gguf: &Path) -> tempfile::TempDir {
-    let source = fixtures().join("flux/tiny-dev");
-    let folder = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() != "transformer" {
-            std::os::unix::fs::symlink(entry.path(), folder.path().join(entry.file_name()))
-                .unwrap();
-        }
-    }
-    let transformer = folder.path().join("transformer");
-    std::fs::create_dir(&transformer).unwrap();
-    std::fs::copy(
-        source.join("transformer/config.json"),
-        transformer.join("config.json"),
-    )
-    .unwrap();
-    std::fs::copy(gguf, transformer.join(gguf.file_name().unwrap())).unwrap();
-    folder
-}
-
-fn request() -> GenerationRequest {
-    GenerationRequest {
-        prompt: "a photo of a cat".into(),
-        negative_prompt: None,
-        width: 64,
-        height: 64,
-        steps: 3,
-        guidance_scale: 3.5,
-        true_cfg_scale: 1.0,
-        seed: 7,
-        num_outputs: 1,
-        max_sequence_length: 32,
-        init_image: None,
-        vae_tile: None,
-        adapters: None,
-    }
+    super::gguf_reader::tiny_dev_with_transformer(&[gguf.to_path_buf()])
 }
 
 fn images(components: &FluxComponents) -> Tensor {
-    generate(&components.models(), &request(), &mut |_, _| true)
-        .unwrap()
-        .images
+    generate(
+        &components.models(),
+        &super::quantized::flux1_request(3, 7),
+        &mut |_, _| true,
+    )
+    .unwrap()
+    .images
 }
 
 fn load(dir: &Path, denoiser: Option<QuantKind>) -> FluxComponents {
@@ -106,15 +74,7 @@ fn a_q8_0_gguf_generates_exactly_what_kilns_own_q8_0_does() {
         .unwrap();
     assert!(quantized > 20, "{quantized} linears kept their Q8_0 blocks");
     let (a, b) = (images(&from_gguf), images(&own));
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(kiln_engine::parity::compare(&a, &b).unwrap().max_abs, 0.0);
     assert_eq!(from_gguf.resident_bytes, own.resident_bytes);
 }
 
@@ -123,7 +83,7 @@ fn a_mixed_type_gguf_generates_close_to_the_dense_model() {
     let folder = folder_with_transformer(&fixtures().join("gguf/flux1-tiny-dev-mixed.gguf"));
     let mut mixed = load(folder.path(), None);
     let dense = load(&fixtures().join("flux/tiny-dev"), None);
-    let db = super::quantized::psnr(&images(&mixed), &images(&dense));
+    let db = super::gguf_reader::psnr(&images(&mixed), &images(&dense));
     assert!(db >= 25.0, "PSNR {db:.1} dB");
     // The block-typed linears keep their 4.5 (Q4_0) or 6 (Q5_1) bits a
     // weight (under a quarter of f32 with the f32 bias); BF16/F16 layers

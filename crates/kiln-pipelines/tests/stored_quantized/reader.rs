@@ -1,5 +1,7 @@
-//! Kiln's GGUF reader against gguf-py's own dequantization of the same files
-//! (`fixtures/gguf/dequantized.safetensors`), shared by the FLUX and SDXL tests.
+//! What the stored-quantization tests share: Kiln's GGUF reader against
+//! gguf-py's own dequantization of the same files
+//! (`fixtures/gguf/dequantized.safetensors`), tiny-dev folders with their
+//! transformer replaced, and PSNR.
 
 use std::path::{Path, PathBuf};
 
@@ -26,18 +28,48 @@ pub fn check_against_gguf_py(gguf: &Path, prefix: &str) -> usize {
         };
         let got = file.model_tensor(&name, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(got.dims(), expected.dims(), "{name}");
-        let diff = (got - expected)
+        let diff = kiln_engine::parity::compare(&got, expected)
             .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+            .max_abs;
         assert_eq!(diff, 0.0, "{name}");
         checked += 1;
     }
     checked
+}
+
+/// tiny-dev with its transformer weights replaced by `files` (tiny-dev's
+/// config.json is copied first; a file of the same name replaces it), as a
+/// user lays out city96's GGUF or a bitsandbytes save. (The SDXL test binary
+/// shares this module but not this helper.)
+#[allow(dead_code)]
+pub fn tiny_dev_with_transformer(files: &[PathBuf]) -> tempfile::TempDir {
+    let source = fixtures().join("flux/tiny-dev");
+    let folder = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "transformer" {
+            std::os::unix::fs::symlink(entry.path(), folder.path().join(entry.file_name()))
+                .unwrap();
+        }
+    }
+    let transformer = folder.path().join("transformer");
+    std::fs::create_dir(&transformer).unwrap();
+    let config = source.join("transformer/config.json");
+    for file in std::iter::once(&config).chain(files) {
+        std::fs::copy(file, transformer.join(file.file_name().unwrap())).unwrap();
+    }
+    folder
+}
+
+/// PSNR of `a` against `b`, both images in [0, 1].
+pub fn psnr(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    let mse = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    10.0 * (1.0 / mse.max(1e-12)).log10()
 }

@@ -49,15 +49,7 @@ fn a_gguf_unet_reads_as_gguf_py_does_and_generates_close_to_dense() {
         .unwrap()
         .images;
     let b = generate(&dense, &request, &mut |_, _| true).unwrap().images;
-    let mse = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let db = 10.0 * (1.0 / mse.max(1e-12)).log10();
+    let db = super::gguf_reader::psnr(&a, &b);
     assert!(db >= 30.0, "PSNR {db:.1} dB");
     assert!(from_gguf.resident_bytes < dense.resident_bytes);
 }

@@ -277,16 +277,12 @@ impl Flux2Pipeline {
             ),
         };
         let (device, dtype) = (&settings.device, settings.dtype);
+        let quantization = Quantization::from_settings(&settings);
         let mut resident_bytes = None;
         let (weights, targets, facts) = if settings.offload {
-            let (parts, targets) = OffloadedFlux2::open(
-                &model.dir,
-                text_layers,
-                device,
-                dtype,
-                Quantization::from_settings(&settings),
-            )
-            .map_err(load_error)?;
+            let (parts, targets) =
+                OffloadedFlux2::open(&model.dir, text_layers, device, dtype, quantization)
+                    .map_err(load_error)?;
             tracing::info!(model = %model.display_name(), "model CPU offload: parts load per stage");
             let facts = super::Flux2Parts::facts(&parts).clone();
             (Weights::Offloaded(Box::new(parts)), targets, facts)
@@ -296,7 +292,7 @@ impl Flux2Pipeline {
                 text_layers,
                 device,
                 dtype,
-                Quantization::from_settings(&settings),
+                quantization,
             )
             .map_err(load_error)?;
             let targets = components.lora_targets();
