@@ -50,12 +50,12 @@ impl QuantKind {
         }
     }
 
-    /// Input widths this kind can hold (llama.cpp blocks run along a row).
+    /// Input widths this kind can hold (llama.cpp blocks run along a row;
+    /// Q4_K falls back to Q5_0's 32-wide blocks, see [`QuantizedWeight::quantize`]).
     fn fits(self, in_dim: usize) -> bool {
         match self {
             QuantKind::Int8 => true,
-            QuantKind::Q8_0 => in_dim.is_multiple_of(32),
-            QuantKind::Q4K => in_dim.is_multiple_of(256),
+            QuantKind::Q8_0 | QuantKind::Q4K => in_dim.is_multiple_of(32),
         }
     }
 }
@@ -106,7 +106,12 @@ impl QuantizedWeight {
                 })
             }
             QuantKind::Q8_0 => Self::ggml(weight, GgmlDType::Q8_0),
-            QuantKind::Q4K => Self::ggml(weight, GgmlDType::Q4K),
+            // As llama.cpp's quantizer does, rows that are not a whole number
+            // of Q4_K's 256-wide super-blocks take Q5_0 instead.
+            QuantKind::Q4K if weight.dim(1)?.is_multiple_of(256) => {
+                Self::ggml(weight, GgmlDType::Q4K)
+            }
+            QuantKind::Q4K => Self::ggml(weight, GgmlDType::Q5_0),
         }
     }
 
@@ -655,5 +660,10 @@ mod tests {
                 .contains("int8, q8_0, q4_k")
         );
         assert!(!QuantKind::Q4K.fits(300) && QuantKind::Q8_0.fits(320));
+        // Q4_K rows narrower than its super-block fall back to Q5_0.
+        let narrow = Tensor::randn(0f32, 1.0, (8, 320), &Device::Cpu).unwrap();
+        let q = QuantizedWeight::quantize(&narrow, QuantKind::Q4K).unwrap();
+        assert_eq!(q.kind_name(), "q5_0");
+        assert!(QuantKind::Q4K.fits(320));
     }
 }
