@@ -150,9 +150,9 @@ impl QuantizedWeight {
 
     /// Blocks as stored in a GGUF file (or quantized by candle): Q8_0 is
     /// regrouped transposed (same values), other types stay blocks.
-    pub fn from_blocks(blocks: QTensor) -> Result<Self> {
+    pub fn from_blocks(blocks: Arc<QTensor>) -> Result<Self> {
         if blocks.dtype() != GgmlDType::Q8_0 {
-            return Ok(QuantizedWeight::Ggml(Arc::new(blocks)));
+            return Ok(QuantizedWeight::Ggml(blocks));
         }
         let (rows, columns) = blocks.shape().dims2()?;
         let data = blocks.data()?;
@@ -171,7 +171,7 @@ impl QuantizedWeight {
         let device = weight.device().clone();
         // candle quantizes on the CPU; the blocks then live on `device`.
         let host = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        Self::from_blocks(QTensor::quantize_onto(&host, dtype, &device)?)
+        Self::from_blocks(Arc::new(QTensor::quantize_onto(&host, dtype, &device)?))
     }
 
     /// The (in × out) matrix a forward multiplies by, in `dtype`: contiguous

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -428,11 +429,18 @@ impl KeyAdapter {
 pub struct AdaptedWeights {
     files: WeightFiles,
     adapter: KeyAdapter,
+    /// The last GGUF block matrix read: fused q/k/v (and a single block's
+    /// `linear1`) feed three or four layers in a row, read from the file once.
+    last_blocks: Mutex<Option<(String, Arc<QTensor>)>>,
 }
 
 impl AdaptedWeights {
     pub fn new(files: WeightFiles, adapter: KeyAdapter) -> Self {
-        AdaptedWeights { files, adapter }
+        AdaptedWeights {
+            files,
+            adapter,
+            last_blocks: Mutex::new(None),
+        }
     }
 
     /// Resolve a model tensor name to a tensor.
@@ -491,21 +499,21 @@ impl AdaptedWeights {
     /// The model tensor `name` as stored blocks, when every piece it reads is
     /// a block-typed GGUF matrix (fused q/k/v rows split as whole rows);
     /// `None` otherwise (the dense path then reads it).
-    pub fn fetch_blocks(&self, name: &str, device: &Device) -> Result<Option<QTensor>> {
+    pub fn fetch_blocks(&self, name: &str, device: &Device) -> Result<Option<Arc<QTensor>>> {
         let Some(parts) = self.block_parts(&self.adapter.source(name), device)? else {
             return Ok(None);
         };
         if let [(tensor, 0, len)] = parts.as_slice()
             && tensor.shape().dims2()?.0 == *len
         {
-            return Ok(parts.into_iter().next().map(|(tensor, ..)| tensor));
+            return Ok(Some(Arc::clone(tensor)));
         }
         let borrowed: Vec<(&QTensor, usize, usize)> = parts
             .iter()
-            .map(|(t, start, len)| (t, *start, *len))
+            .map(|(t, start, len)| (t.as_ref(), *start, *len))
             .collect();
         crate::gguf::take_rows(&borrowed)
-            .map(Some)
+            .map(|t| Some(Arc::new(t)))
             .map_err(|e| EngineError::InvalidWeights {
                 path: self.files.files.first().cloned().unwrap_or_default(),
                 message: format!("{name}: {e}"),
@@ -517,12 +525,25 @@ impl AdaptedWeights {
         &self,
         source: &Source,
         device: &Device,
-    ) -> Result<Option<Vec<(QTensor, usize, usize)>>> {
-        let whole = |key: &str| -> Result<Option<QTensor>> {
+    ) -> Result<Option<Vec<(Arc<QTensor>, usize, usize)>>> {
+        let whole = |key: &str| -> Result<Option<Arc<QTensor>>> {
             if !self.files.contains(key) {
                 return Ok(None);
             }
-            self.files.block_matrix(key, device)
+            let mut last = self
+                .last_blocks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some((held, tensor)) = last.as_ref()
+                && held == key
+            {
+                return Ok(Some(Arc::clone(tensor)));
+            }
+            let read = self.files.block_matrix(key, device)?.map(Arc::new);
+            if let Some(tensor) = &read {
+                *last = Some((key.to_string(), Arc::clone(tensor)));
+            }
+            Ok(read)
         };
         Ok(match source {
             Source::Key(key) => whole(key)?.map(|t| {
@@ -571,7 +592,7 @@ impl crate::quant::StoredQuantized for AdaptedWeights {
 /// [`crate::quant::while_reading_quantized`], so quantized weights (GGUF
 /// blocks, bitsandbytes int8 rows) reach the linear layers as stored.
 #[derive(Clone)]
-pub struct SharedWeights(pub std::sync::Arc<AdaptedWeights>);
+pub struct SharedWeights(pub Arc<AdaptedWeights>);
 
 impl SimpleBackend for SharedWeights {
     fn get(
