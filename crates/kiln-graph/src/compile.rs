@@ -113,7 +113,7 @@ fn constant(graph: &Graph, v: Value) -> Option<&Tensor> {
 pub fn fold_constants(graph: &mut Graph) -> Result<usize> {
     let mut keep = vec![true; graph.nodes.len()];
     let mut folded = 0;
-    for i in 0..graph.nodes.len() {
+    for (i, kept) in keep.iter_mut().enumerate() {
         let node = &graph.nodes[i];
         let statics: Option<Vec<Tensor>> = match &node.op {
             // A shape of static dims is known without the tensor.
@@ -149,7 +149,7 @@ pub fn fold_constants(graph: &mut Graph) -> Result<usize> {
             for (out, tensor) in outputs.into_iter().zip(results) {
                 graph.values[out.0].source = Source::Constant(tensor.contiguous()?);
             }
-            keep[i] = false;
+            *kept = false;
             folded += 1;
         }
     }
@@ -162,7 +162,7 @@ pub fn eliminate_common_subexpressions(graph: &mut Graph) -> usize {
     let mut seen: HashMap<(String, Vec<Value>), Vec<Value>> = HashMap::new();
     let mut keep = vec![true; graph.nodes.len()];
     let mut merged = 0;
-    for i in 0..graph.nodes.len() {
+    for (i, kept) in keep.iter_mut().enumerate() {
         let key = (
             format!("{:?}", graph.nodes[i].op),
             graph.nodes[i].inputs.clone(),
@@ -174,7 +174,7 @@ pub fn eliminate_common_subexpressions(graph: &mut Graph) -> usize {
                 for (from, to) in outputs.into_iter().zip(first) {
                     replace_uses(graph, from, to);
                 }
-                keep[i] = false;
+                *kept = false;
                 merged += 1;
             }
             None => {
@@ -305,6 +305,84 @@ fn is_fusable(graph: &Graph, node: &Node) -> bool {
         && !matches!(node.op, Op::Unary { kind: UnaryOp::Not })
 }
 
+/// A register of a fused program being built: a leaf operand or an instruction.
+#[derive(Clone, Copy)]
+enum Reg {
+    Leaf(usize),
+    Inst(usize),
+}
+
+/// The tree being fused under one root.
+struct FuseState {
+    absorbed: Vec<bool>,
+    leaves: Vec<Value>,
+    /// Instructions with symbolic operands, renumbered once the leaves are known.
+    insts: Vec<(Instr, Vec<Reg>)>,
+    members: usize,
+}
+
+impl FuseState {
+    /// Emit `value` as a register, absorbing its producer when it is a fusable
+    /// node whose result has no other use.
+    fn emit(&mut self, graph: &Graph, counts: &[usize], value: Value, is_root: bool) -> Reg {
+        let node_index = match graph.values[value.0].source {
+            Source::Node(n, 0) => Some(n),
+            _ => None,
+        };
+        let absorb = node_index.filter(|&n| {
+            is_fusable(graph, &graph.nodes[n])
+                && !self.absorbed[n]
+                && (is_root || counts[value.0] == 1)
+                && !graph.outputs.iter().any(|(_, o)| *o == value && !is_root)
+        });
+        let Some(n) = absorb else {
+            let slot = self
+                .leaves
+                .iter()
+                .position(|l| *l == value)
+                .unwrap_or_else(|| {
+                    self.leaves.push(value);
+                    self.leaves.len() - 1
+                });
+            return Reg::Leaf(slot);
+        };
+        self.absorbed[n] = true;
+        self.members += 1;
+        let node = &graph.nodes[n];
+        let args: Vec<Reg> = node
+            .inputs
+            .iter()
+            .map(|&i| self.emit(graph, counts, i, false))
+            .collect();
+        match &node.op {
+            Op::Fused { program } => {
+                // Inline an earlier program: its leaves are `args`.
+                let base = self.insts.len();
+                let leaf_count = args.len();
+                for instr in program {
+                    let map = |r: usize| {
+                        if r < leaf_count {
+                            args[r]
+                        } else {
+                            Reg::Inst(base + r - leaf_count)
+                        }
+                    };
+                    let (i, refs) = match *instr {
+                        Instr::Unary(op, a) => (Instr::Unary(op, 0), vec![map(a)]),
+                        Instr::Binary(op, a, b) => (Instr::Binary(op, 0, 0), vec![map(a), map(b)]),
+                        Instr::Scalar(v) => (Instr::Scalar(v), vec![]),
+                    };
+                    self.insts.push((i, refs));
+                }
+            }
+            Op::Unary { kind } => self.insts.push((Instr::Unary(*kind, 0), args)),
+            Op::Binary { kind } => self.insts.push((Instr::Binary(*kind, 0, 0), args)),
+            _ => return Reg::Leaf(0),
+        }
+        Reg::Inst(self.insts.len() - 1)
+    }
+}
+
 /// Fuse trees of float element-wise ops whose intermediate results have one
 /// use into single-pass programs (broadcasting commutes with element-wise ops,
 /// so the leaves are broadcast once to the root's shape).
@@ -316,100 +394,21 @@ pub fn fuse_elementwise(graph: &mut Graph) -> usize {
         if absorbed[root] || !is_fusable(graph, &graph.nodes[root]) {
             continue;
         }
-        let mut leaves: Vec<Value> = Vec::new();
-        let mut program: Vec<Instr> = Vec::new();
-        let mut members = 0usize;
-        // Emit the tree as a program; registers are leaves first, so instructions
-        // are collected with symbolic leaf/instruction references and renumbered.
-        #[derive(Clone, Copy)]
-        enum Reg {
-            Leaf(usize),
-            Inst(usize),
-        }
-        let mut insts: Vec<(Instr, Vec<Reg>)> = Vec::new();
-        fn emit(
-            graph: &Graph,
-            value: Value,
-            is_root: bool,
-            counts: &[usize],
-            absorbed: &mut [bool],
-            leaves: &mut Vec<Value>,
-            insts: &mut Vec<(Instr, Vec<Reg>)>,
-            members: &mut usize,
-        ) -> Reg {
-            let node_index = match graph.values[value.0].source {
-                Source::Node(n, 0) => Some(n),
-                _ => None,
-            };
-            let absorb = node_index.filter(|&n| {
-                let node = &graph.nodes[n];
-                is_fusable(graph, node)
-                    && !absorbed[n]
-                    && (is_root || counts[value.0] == 1)
-                    && !graph.outputs.iter().any(|(_, o)| *o == value && !is_root)
-            });
-            let Some(n) = absorb else {
-                let slot = leaves.iter().position(|l| *l == value).unwrap_or_else(|| {
-                    leaves.push(value);
-                    leaves.len() - 1
-                });
-                return Reg::Leaf(slot);
-            };
-            absorbed[n] = true;
-            *members += 1;
-            let node = &graph.nodes[n];
-            let args: Vec<Reg> = node
-                .inputs
-                .iter()
-                .map(|&i| emit(graph, i, false, counts, absorbed, leaves, insts, members))
-                .collect();
-            match &node.op {
-                Op::Fused { program } => {
-                    // Inline a previously fused program: its leaves are `args`.
-                    let base = insts.len();
-                    let leaf_count = args.len();
-                    for instr in program {
-                        let map = |r: usize| {
-                            if r < leaf_count {
-                                args[r]
-                            } else {
-                                Reg::Inst(base + r - leaf_count)
-                            }
-                        };
-                        let (i, refs) = match *instr {
-                            Instr::Unary(op, a) => (Instr::Unary(op, 0), vec![map(a)]),
-                            Instr::Binary(op, a, b) => {
-                                (Instr::Binary(op, 0, 0), vec![map(a), map(b)])
-                            }
-                            Instr::Scalar(v) => (Instr::Scalar(v), vec![]),
-                        };
-                        insts.push((i, refs));
-                    }
-                    Reg::Inst(insts.len() - 1)
-                }
-                Op::Unary { kind } => {
-                    insts.push((Instr::Unary(*kind, 0), args));
-                    Reg::Inst(insts.len() - 1)
-                }
-                Op::Binary { kind } => {
-                    insts.push((Instr::Binary(*kind, 0, 0), args));
-                    Reg::Inst(insts.len() - 1)
-                }
-                _ => Reg::Leaf(0),
-            }
-        }
+        let mut state = FuseState {
+            absorbed: absorbed.clone(),
+            leaves: Vec::new(),
+            insts: Vec::new(),
+            members: 0,
+        };
         let root_value = graph.nodes[root].outputs[0];
-        let mut trial_absorbed = absorbed.clone();
-        emit(
-            graph,
-            root_value,
-            true,
-            &counts,
-            &mut trial_absorbed,
-            &mut leaves,
-            &mut insts,
-            &mut members,
-        );
+        state.emit(graph, &counts, root_value, true);
+        let FuseState {
+            absorbed: trial_absorbed,
+            leaves,
+            insts,
+            members,
+        } = state;
+        let mut program: Vec<Instr> = Vec::new();
         let already_fused = matches!(graph.nodes[root].op, Op::Fused { .. });
         if members < 2 && !already_fused {
             continue;

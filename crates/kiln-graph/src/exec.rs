@@ -572,7 +572,7 @@ pub fn reshape_dims(
     }
     if let Some(i) = infer {
         let known: usize = dims.iter().product();
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(GraphError::op(
                 op,
                 format!("cannot reshape {input:?} into {target:?}"),

@@ -47,6 +47,26 @@ pub struct Node {
     pub name: String,
 }
 
+/// Geometry of a square 2-D convolution for [`Graph::conv2d`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2d {
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+}
+
+impl Default for Conv2d {
+    fn default() -> Self {
+        Conv2d {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+        }
+    }
+}
+
 /// A typed computational graph. Nodes are kept in topological order: a node
 /// can only use values that exist when it is added.
 #[derive(Debug, Clone, Default)]
@@ -103,10 +123,6 @@ impl Graph {
 
     pub(crate) fn output_values(&self) -> &[(String, Value)] {
         &self.outputs
-    }
-
-    pub(crate) fn input_values(&self) -> &[Value] {
-        &self.inputs
     }
 
     /// Weights the graph expects, with their declared types.
@@ -427,19 +443,16 @@ impl Graph {
         x: Value,
         weight: Value,
         bias: Option<Value>,
-        stride: usize,
-        padding: usize,
-        dilation: usize,
-        groups: usize,
+        conv: Conv2d,
     ) -> Result<Value> {
         let mut inputs = vec![x, weight];
         inputs.extend(bias);
         self.apply(
             Op::Conv2d {
-                strides: [stride; 2],
-                pads: [padding; 4],
-                dilations: [dilation; 2],
-                groups,
+                strides: [conv.stride; 2],
+                pads: [conv.padding; 4],
+                dilations: [conv.dilation; 2],
+                groups: conv.groups,
             },
             &inputs,
         )

@@ -12,6 +12,7 @@ pub mod graph;
 pub mod onnx;
 pub mod ops;
 mod pool;
+pub mod serial;
 pub mod session;
 pub mod types;
 

@@ -158,6 +158,7 @@ pub enum Instr {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Numpy matmul over the last two dims, batch dims broadcast. Rank ≥ 1.
+    #[serde(rename = "matmul")]
     MatMul,
     Binary {
         kind: BinaryOp,
@@ -181,6 +182,7 @@ pub enum Op {
         kind: ReduceOp,
         keepdims: bool,
     },
+    #[serde(rename = "argmax")]
     ArgMax {
         axis: i64,
         keepdims: bool,
@@ -270,10 +272,12 @@ pub enum Op {
     Range,
     Identity,
     /// `act(a·b + bias)`: a matmul whose epilogue the compiler fused.
+    #[serde(rename = "matmul_bias")]
     MatMulBias {
         activation: Option<UnaryOp>,
     },
     /// A chain of element-wise ops on same-dtype float operands, in one pass.
+    #[serde(rename = "fused_elementwise")]
     Fused {
         program: Vec<Instr>,
     },
@@ -1201,7 +1205,7 @@ fn reshaped(op: &str, input: &[Dim], target: &[Dim], allow_zero: bool) -> Result
                 .product::<Option<usize>>(),
         )
     {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(GraphError::op(
                 op,
                 format!(

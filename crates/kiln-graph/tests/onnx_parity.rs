@@ -1,6 +1,8 @@
 //! Parity with onnxruntime on the fixtures of `fixtures/graph/generate.py`:
 //! every single-op model (broadcasting, negative axes, padding, ±inf) and the
-//! small exported models (CNN, MLP, encoder, GLM) at two batch sizes.
+//! small exported models (CNN, MLP, encoder, GLM) at two batch sizes, each
+//! compiled with and without the optimisation passes and after a round trip
+//! through the JSON graph format.
 //!
 //! Tolerance: |kiln − ort| ≤ 1e-5 + 1e-5·|ort| per element (f32 rounding of
 //! differently ordered sums; the end-to-end bound is 1e-5 absolute on

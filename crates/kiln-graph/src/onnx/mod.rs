@@ -4,7 +4,7 @@
 //! and its node.
 
 mod ops;
-mod proto;
+pub mod proto;
 mod tensor;
 
 use std::collections::HashMap;
