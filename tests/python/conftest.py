@@ -231,6 +231,11 @@ class KilnProcess:
         return {"Authorization": f"Bearer {API_KEY}"}
 
     @property
+    def hostport(self) -> str:
+        """`host:port` without a scheme, as tritonclient wants it."""
+        return f"{self.host}:{self.port}"
+
+    @property
     def command(self) -> list[str]:
         return [str(self.binary), "serve", "--config", str(self.config_path)]
 

@@ -8,9 +8,10 @@ use serde_json::{Map, Value};
 
 use crate::error::PipelineError;
 use crate::frame::{RawFrame, Signature};
+use crate::graph_model;
 use crate::schema::InputSchema;
 use crate::tabular::glm;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorSignature};
 use crate::text_generation;
 use crate::text_to_image::sdxl;
 use crate::text_to_image::{flux, flux2};
@@ -22,6 +23,8 @@ pub enum InputSpec {
     Columns(Signature),
     /// One JSON object validated by a schema (generative models).
     Fields(InputSchema),
+    /// Named tensors of given dtypes and shapes (graph and ONNX models).
+    Tensors(TensorSignature),
 }
 
 /// Everything a protocol needs to describe a served model.
@@ -41,6 +44,8 @@ pub struct ModelInterface {
 pub enum PredictInput {
     Frame(RawFrame),
     Fields(Map<String, Value>),
+    /// Typed tensors as tensor protocols (KServe v2) carry them.
+    Tensors(Vec<Tensor>),
 }
 
 /// One prediction request as every protocol adapter produces it.
@@ -107,6 +112,7 @@ const PIPELINES: &[(&str, LoadFn)] = &[
     (flux2::PIPELINE_KIND, flux2::load),
     (sdxl::PIPELINE_KIND, sdxl::load),
     (text_generation::PIPELINE_KIND, text_generation::load),
+    (graph_model::PIPELINE_KIND, graph_model::load),
 ];
 
 /// Load the pipeline a resolved model's manifest names.
@@ -140,6 +146,9 @@ pub fn describe_model_folder(
     }
     if flux::is_flux_folder(dir) {
         return flux::manifest_for_folder(dir).map(Some);
+    }
+    if graph_model::is_graph_source(dir) {
+        return graph_model::manifest_for_source(dir).map(Some);
     }
     if text_generation::is_llm_source(dir) {
         return text_generation::manifest_for_source(dir).map(Some);

@@ -7,6 +7,7 @@
 pub mod contract;
 pub mod error;
 pub mod frame;
+pub mod graph_model;
 pub mod lora;
 pub mod pull;
 pub mod rows;
@@ -26,4 +27,4 @@ pub use error::{FieldProblem, PipelineError, ProblemKind};
 pub use frame::{ColumnSpec, ColumnType, Frame, RawFrame, Signature};
 pub use rows::predict_any;
 pub use schema::{FieldKind, FieldSpec, InputSchema};
-pub use tensor::{DataType, Tensor, TensorData};
+pub use tensor::{DataType, Tensor, TensorData, TensorSignature, TensorSpec};

@@ -1,5 +1,6 @@
 //! Typed, row-major tensors as pipelines return them and tensor protocols carry them.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Element types, named as the Open Inference Protocol names them.
@@ -87,6 +88,28 @@ pub enum TensorData {
 }
 
 impl TensorData {
+    /// The elements as nested JSON lists of `shape` (flat for rank ≤ 1).
+    pub fn to_nested_json(&self, shape: &[usize]) -> Value {
+        fn nest(data: &TensorData, shape: &[usize], offset: usize) -> Value {
+            match shape {
+                [] => data.json_at(offset),
+                [n] => Value::Array((offset..offset + n).map(|i| data.json_at(i)).collect()),
+                [n, rest @ ..] => {
+                    let stride: usize = rest.iter().product();
+                    Value::Array(
+                        (0..*n)
+                            .map(|i| nest(data, rest, offset + i * stride))
+                            .collect(),
+                    )
+                }
+            }
+        }
+        if shape.iter().product::<usize>() != self.len() || shape.len() <= 1 {
+            return self.to_json();
+        }
+        nest(self, shape, 0)
+    }
+
     pub fn len(&self) -> usize {
         match self {
             TensorData::Bool(v) => v.len(),
@@ -125,6 +148,23 @@ pub fn json_float(x: f64) -> Value {
     serde_json::Number::from_f64(x)
         .map(Value::Number)
         .unwrap_or(Value::Null)
+}
+
+/// A tensor a model takes or returns: name, wire datatype and shape, `-1` for
+/// a dimension that varies per request (KServe's convention).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    /// The Open Inference Protocol name (`FP32`, `INT64`, ...).
+    pub datatype: String,
+    pub shape: Vec<i64>,
+}
+
+/// A tensor model's inputs and outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSignature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
 }
 
 /// A named tensor with its wire datatype and shape.

@@ -66,6 +66,16 @@ fn versioned(
 
 fn metadata(model: &ServedModel) -> Result<Value, ApiError> {
     let interface = model.interface_or_not_ready()?;
+    let spec = |s: &kiln_pipelines::TensorSpec| json!({"name": s.name, "datatype": s.datatype, "shape": s.shape});
+    if let InputSpec::Tensors(signature) = &interface.inputs {
+        return Ok(json!({
+            "name": model.name,
+            "versions": [model.version_label()],
+            "platform": format!("kiln/{}", interface.pipeline),
+            "inputs": signature.inputs.iter().map(spec).collect::<Vec<_>>(),
+            "outputs": signature.outputs.iter().map(spec).collect::<Vec<_>>(),
+        }));
+    }
     let inputs: Vec<Value> = match &interface.inputs {
         InputSpec::Columns(signature) => signature
             .inputs
@@ -77,6 +87,7 @@ fn metadata(model: &ServedModel) -> Result<Value, ApiError> {
             .iter()
             .map(|f| json!({"name": f.name, "datatype": "BYTES", "shape": [1]}))
             .collect(),
+        InputSpec::Tensors(_) => Vec::new(),
     };
     let outputs: Vec<Value> = interface
         .outputs
@@ -184,7 +195,16 @@ async fn respond_infer(
     let result = async {
         let model = versioned(state, name, version)?;
         let body = body_or_error(state, body)?;
-        let request = InferRequest::parse(headers, &body)?;
+        let mut request = InferRequest::parse(headers, &body)?;
+        // Tensor models take the tensors as sent; tabular and field models a frame.
+        let tensor_model = model
+            .interface()
+            .is_some_and(|i| matches!(i.inputs, InputSpec::Tensors(_)));
+        request.predict.input = if tensor_model {
+            PredictInput::Tensors(std::mem::take(&mut request.tensors))
+        } else {
+            PredictInput::Frame(RawFrame::from_tensors(&request.tensors)?)
+        };
         let prediction = predict(state, &model, request.predict).await?;
         request.outputs.render(&model, request.id, prediction)
     }
@@ -242,6 +262,9 @@ struct OutputSelection {
 
 struct InferRequest {
     id: Option<Value>,
+    tensors: Vec<Tensor>,
+    /// The request with its parameters; its input is set once the model's
+    /// interface says how it takes tensors.
     predict: PredictRequest,
     outputs: OutputSelection,
 }
@@ -333,8 +356,9 @@ impl InferRequest {
         };
         Ok(InferRequest {
             id: value.get("id").cloned(),
+            tensors,
             predict: PredictRequest {
-                input: PredictInput::Frame(RawFrame::from_tensors(&tensors)?),
+                input: PredictInput::Tensors(Vec::new()),
                 params,
             },
             outputs: OutputSelection {

@@ -91,7 +91,16 @@ pub fn prediction_json(prediction: &Prediction) -> Value {
     match prediction {
         Prediction::Json(value) => value.clone(),
         Prediction::Tensors(tensors) => match tensors.as_slice() {
-            [single] => single.data.to_json(),
+            [single] => single.data.to_nested_json(&single.shape),
+            many if many.iter().any(|t| t.shape.len() > 1) => {
+                // Tensors of rank > 1: an object of nested lists per output,
+                // as MLflow answers for dict-of-tensor models.
+                Value::Object(
+                    many.iter()
+                        .map(|t| (t.name.clone(), t.data.to_nested_json(&t.shape)))
+                        .collect(),
+                )
+            }
             many => {
                 let rows = many.iter().map(|t| t.data.len()).max().unwrap_or(0);
                 Value::Array(
@@ -151,9 +160,13 @@ pub fn request_from_json(
             params: Map::new(),
         }),
         (InputSpec::Fields(_), _) => Err(malformed("input must be an object of fields".into())),
-        (InputSpec::Columns(_), input) => {
+        (InputSpec::Columns(_) | InputSpec::Tensors(_), input) => {
+            let tensors = matches!(interface.inputs, InputSpec::Tensors(_));
             let document = match input {
                 Value::Object(object) if mlflow::is_mlflow_input(object) => input.clone(),
+                // A tensor model's job input is `{name: batch-first nested list}`,
+                // MLflow's `inputs` dict.
+                Value::Object(_) if tensors => serde_json::json!({"inputs": input}),
                 Value::Object(_) => serde_json::json!({"dataframe_records": [input]}),
                 Value::Array(_) => serde_json::json!({"dataframe_records": input}),
                 _ => return Err(malformed("input must be records or a table".into())),

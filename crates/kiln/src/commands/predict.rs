@@ -1,5 +1,6 @@
 //! `kiln predict`: run a model once, Cog-style (`-i prompt="a cat" -i image=@in.png
-//! -o out.png`) for generative models, or on a CSV file for tabular ones; a progress
+//! -o out.png`) for generative models, on a CSV file for tabular ones, or on a
+//! JSON file of tensors for graph models; a progress
 //! bar follows the denoising steps, and LLMs stream their tokens.
 
 use std::path::{Path, PathBuf};
@@ -20,7 +21,9 @@ pub struct PredictArgs {
     /// Input field as KEY=VALUE; `@path` reads a file (images become base64).
     #[arg(short = 'i', long = "input")]
     inputs: Vec<String>,
-    /// CSV file with one row per prediction (tabular models).
+    /// CSV file with one row per prediction (tabular models); for tensor
+    /// models (graphs, ONNX) also a JSON file `{"input": [batch-first nested
+    /// list], ...}` or any MLflow `/invocations` body.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Parameters as KEY=VALUE (e.g. `-p which=linear`).
@@ -116,6 +119,33 @@ pub fn run(home: &Path, args: PredictArgs) -> Result<()> {
             bail!("{} is a tabular model: give --data FILE.csv", args.model)
         }
         (InputSpec::Fields(_), _) => PredictInput::Fields(pairs(&args.inputs, "inputs")?),
+        (InputSpec::Tensors(_), Some(data)) => {
+            let text = std::fs::read_to_string(data)
+                .with_context(|| format!("reading {}", data.display()))?;
+            if data.extension().is_some_and(|e| e == "csv") {
+                PredictInput::Frame(RawFrame::from_csv(&text)?)
+            } else {
+                let value: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not JSON", data.display()))?;
+                match value {
+                    Value::Object(map) => {
+                        match ["inputs", "instances"].iter().find_map(|k| map.get(*k)) {
+                            Some(inner) => {
+                                PredictInput::Frame(RawFrame::from_instances("inputs", inner)?)
+                            }
+                            None => PredictInput::Fields(map),
+                        }
+                    }
+                    other => PredictInput::Frame(RawFrame::from_instances("inputs", &other)?),
+                }
+            }
+        }
+        (InputSpec::Tensors(_), None) => {
+            bail!(
+                "{} is a tensor model: give --data FILE.json (or .csv)",
+                args.model
+            )
+        }
     };
     let bar = ProgressBar::hidden();
     bar.set_style(
@@ -148,7 +178,10 @@ pub fn run(home: &Path, args: PredictArgs) -> Result<()> {
         Prediction::Tensors(tensors) => {
             let mut map = Map::new();
             for tensor in tensors {
-                map.insert(tensor.name.clone(), tensor.data.to_json());
+                map.insert(
+                    tensor.name.clone(),
+                    tensor.data.to_nested_json(&tensor.shape),
+                );
             }
             Value::Object(map)
         }

@@ -62,11 +62,11 @@ fn override_config(
 }
 
 /// The one weight file of a single-file model (a GGUF LLM), if it is one.
+/// The model's one file, for models that are a file (a GGUF LLM, an ONNX graph).
 fn single_file(resolved: &ResolvedModel) -> Option<PathBuf> {
-    resolved
-        .manifest
-        .config
-        .get("gguf")
+    ["gguf", "onnx"]
+        .iter()
+        .find_map(|key| resolved.manifest.config.get(*key))
         .and_then(serde_json::Value::as_str)
         .map(|name| resolved.dir.join(name))
 }
@@ -93,9 +93,10 @@ fn model_spec(
             None => folder_bytes(&resolved.dir),
         },
     };
-    // A single-file model outside the registry is named after its file.
+    // A single-file model outside the registry, given as its file, is named
+    // after the file.
     let file_stem = single_file(&resolved)
-        .filter(|_| resolved.name.is_none())
+        .filter(|_| resolved.name.is_none() && Path::new(&entry.source).is_file())
         .and_then(|f| f.file_stem().map(|s| s.to_string_lossy().into_owned()));
     let name = entry
         .name

@@ -250,6 +250,25 @@ pub async fn openapi(State(state): State<Arc<AppState>>) -> Response {
             };
             (schema.json_schema("Input"), output)
         }
+        InputSpec::Tensors(signature) => {
+            let properties: Map<String, Value> = signature
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(order, t)| {
+                    (
+                        t.name.clone(),
+                        json!({"title": t.name, "type": "array", "x-order": order,
+                               "description": format!("{} tensor of shape {:?} (-1: any size)", t.datatype, t.shape)}),
+                    )
+                })
+                .collect();
+            let required: Vec<&str> = signature.inputs.iter().map(|t| t.name.as_str()).collect();
+            (
+                json!({"title": "Input", "type": "object", "properties": properties, "required": required}),
+                json!({"title": "Output"}),
+            )
+        }
         InputSpec::Columns(signature) => {
             let properties: Map<String, Value> = signature
                 .inputs
