@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Llm(super::bench_llm::LlmBenchArgs),
     /// Load-test an OpenAI-compatible server: throughput, TTFT, TPOT, ITL, latency.
     Serve(super::bench_serve::ServeBenchArgs),
+    /// Batch latency and throughput of an ONNX model or Kiln graph.
+    Graph(super::bench_graph::GraphBenchArgs),
 }
 
 /// Where and in which precision a benchmark runs.
@@ -351,6 +353,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Sdxl(args) => return bench_sdxl(args),
         BenchCommand::Llm(args) => return super::bench_llm::run(args),
         BenchCommand::Serve(args) => return super::bench_serve::run(args),
+        BenchCommand::Graph(args) => return super::bench_graph::run(args),
     };
     let quantization = args.quality.quantization()?;
     if args.offload {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_flux2;
+pub mod bench_graph;
 pub mod bench_llm;
 // In the library, so that tests/bench_serve.rs can call `run_benchmark`.
 pub use kiln::bench_serve;
