@@ -4,55 +4,17 @@
 //! Every other device and dtype goes to candle's own op, so results there are
 //! unchanged.
 //!
-//! Accuracy: `exp` is Cephes' `expf` (range reduction by ln 2 in two parts and a
-//! degree-7 polynomial, ≤ 2 ulp on the clamped range [-87, 88]); `erfc` is the
-//! Chebyshev fit from Numerical Recipes (fractional error < 1.2e-7 everywhere).
-//! The tests below check each kernel against f64 references over wide ranges.
+//! Accuracy: see [`crate::fastmath`] for `exp` and `erfc`. The tests below
+//! check each kernel against f64 references over wide ranges.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_op::{contiguous_f32, has_avx2_fma};
+use crate::fastmath::{erfc_non_negative, exp};
 
 /// Elements per parallel work item: large enough that scheduling is noise.
 const CHUNK: usize = 1 << 15;
-
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
-/// 1.5 · 2²³: adding it rounds to the nearest integer, which lands in the low mantissa bits.
-const ROUNDING_MAGIC: f32 = 12_582_912.0;
-const LN2_HIGH: f32 = 0.693_359_4;
-const LN2_LOW: f32 = -2.121_944_4e-4;
-
-/// e^x for x in [-87, 88] (clamped outside it), to about 2 ulp.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let shifted = x * LOG2_E + ROUNDING_MAGIC;
-    let n = shifted - ROUNDING_MAGIC;
-    let r = x - n * LN2_HIGH - n * LN2_LOW;
-    let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let p = p * r * r + r + 1.0;
-    let exponent = (shifted.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
-    p * f32::from_bits(exponent as u32)
-}
-
-/// erfc(z) for z ≥ 0 (Numerical Recipes' `erfcc`).
-#[inline(always)]
-fn erfc_non_negative(z: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    t * exp(-z * z + poly)
-}
 
 /// One element-wise function, inlined into the vectorised loops below, with
 /// the candle op that computes it on other devices and dtypes.

@@ -8,10 +8,15 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, 
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::cpu_gemm::gemm_accumulate_on;
 use crate::cpu_op::contiguous_f32;
 
 /// Output positions per GEMM: bounds the im2col buffer at `K × CHUNK` floats.
 const CHUNK: usize = 8192;
+/// Multiply-adds (o · pixels · k) below which a batch of images is split one
+/// image per thread rather than one GEMM across threads (a 32-channel 64×64
+/// layer is ~3.5M; an SDXL VAE layer at 512² is ~10⁹).
+const SMALL_IMAGE_WORK: usize = 1 << 26;
 
 /// A convolution layer with bias (weights `out × in × k × k`).
 #[derive(Debug, Clone)]
@@ -189,51 +194,6 @@ struct Im2colConv {
     bias: Option<Vec<f32>>,
 }
 
-/// `dst (m × n, row stride dst_rs) += lhs (m × k, contiguous) · rhs (k × n, row stride rhs_rs)`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_accumulate(
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: &[f32],
-    rhs: &[f32],
-    rhs_rs: usize,
-    (m, n, k): (usize, usize, usize),
-) {
-    assert!(m == 0 || n == 0 || (dst.len() >= (m - 1) * dst_rs + n));
-    assert!(lhs.len() >= m * k && (k == 0 || n == 0 || rhs.len() >= (k - 1) * rhs_rs + n));
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index the strides reach inside the slices;
-    // `dst` is borrowed mutably, so nothing else reads or writes it meanwhile.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            true,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 impl CustomOp2 for Im2colConv {
     fn name(&self) -> &'static str {
         "kiln-conv2d-im2col"
@@ -251,35 +211,49 @@ impl CustomOp2 for Im2colConv {
         let weights = contiguous_f32(weight, weight_layout, self.name())?;
         let plane = g.out_h * g.out_w;
         let k = g.c * g.kh * g.kw;
-        let mut out = vec![0f32; g.n * g.o * plane];
-        if let Some(bias) = &self.bias {
-            for (channel, &b) in out.chunks_mut(plane).zip(bias.iter().cycle()) {
-                channel.fill(b);
+        // The output starts as the bias (one pass; zeroing first would be a second).
+        let mut out = match &self.bias {
+            Some(bias) => {
+                let mut out = Vec::with_capacity(g.n * g.o * plane);
+                for _ in 0..g.n {
+                    for &b in bias {
+                        out.extend(std::iter::repeat_n(b, plane));
+                    }
+                }
+                out
             }
-        }
+            None => vec![0f32; g.n * g.o * plane],
+        };
         let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
         let rows_per_chunk = (CHUNK / g.out_w).max(1).min(g.out_h);
-        let mut cols = if pointwise {
-            Vec::new()
-        } else {
-            vec![0f32; k * rows_per_chunk * g.out_w]
-        };
-        for (image, out) in input
-            .chunks(g.c * g.h * g.w)
-            .zip(out.chunks_mut(g.o * plane))
-        {
-            if pointwise {
-                gemm_accumulate(out, plane, weights, image, plane, (g.o, plane, k));
-                continue;
-            }
-            let mut first_row = 0;
-            while first_row < g.out_h {
-                let rows = rows_per_chunk.min(g.out_h - first_row);
-                let m = rows * g.out_w;
-                let cols = &mut cols[..k * m];
-                cols.par_chunks_mut(m)
-                    .enumerate()
-                    .for_each(|(k_row, column)| {
+        let threads = rayon::current_num_threads();
+        // Small images in a batch (a classifier's convolutions) go one image per
+        // thread, each GEMM on its own thread: splitting one small GEMM across
+        // threads costs more in synchronisation than it saves.
+        let per_image_work = g.o * plane * k;
+        let by_image = g.n >= threads && threads > 1 && per_image_work < SMALL_IMAGE_WORK;
+        let image_len = g.c * g.h * g.w;
+        let convolve =
+            |image: &[f32], out: &mut [f32], cols: &mut Vec<f32>, gemm_threads: usize| {
+                if pointwise {
+                    gemm_accumulate_on(
+                        out,
+                        plane,
+                        weights,
+                        image,
+                        plane,
+                        (g.o, plane, k),
+                        gemm_threads,
+                    );
+                    return;
+                }
+                cols.resize(k * rows_per_chunk * g.out_w, 0.0);
+                let mut first_row = 0;
+                while first_row < g.out_h {
+                    let rows = rows_per_chunk.min(g.out_h - first_row);
+                    let m = rows * g.out_w;
+                    let cols = &mut cols[..k * m];
+                    let fill = |(k_row, column): (usize, &mut [f32])| {
                         fill_columns(
                             column,
                             image,
@@ -290,10 +264,25 @@ impl CustomOp2 for Im2colConv {
                             first_row,
                             rows,
                         )
-                    });
-                let dst = &mut out[first_row * g.out_w..];
-                gemm_accumulate(dst, plane, weights, cols, m, (g.o, m, k));
-                first_row += rows;
+                    };
+                    if gemm_threads > 1 {
+                        cols.par_chunks_mut(m).enumerate().for_each(fill);
+                    } else {
+                        cols.chunks_mut(m).enumerate().for_each(fill);
+                    }
+                    let dst = &mut out[first_row * g.out_w..];
+                    gemm_accumulate_on(dst, plane, weights, cols, m, (g.o, m, k), gemm_threads);
+                    first_row += rows;
+                }
+            };
+        if by_image {
+            out.par_chunks_mut(g.o * plane)
+                .zip(input.par_chunks(image_len))
+                .for_each_init(Vec::new, |cols, (out, image)| convolve(image, out, cols, 1));
+        } else {
+            let mut cols = Vec::new();
+            for (image, out) in input.chunks(image_len).zip(out.chunks_mut(g.o * plane)) {
+                convolve(image, out, &mut cols, threads);
             }
         }
         Ok((

@@ -4,9 +4,11 @@
 
 pub mod activation;
 pub mod conv;
+pub mod cpu_gemm;
 mod cpu_op;
 pub mod device;
 pub mod error;
+pub mod fastmath;
 pub mod gguf;
 pub mod group_norm;
 pub mod json;

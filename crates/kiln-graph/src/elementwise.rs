@@ -13,90 +13,136 @@ const CHUNK: usize = 512;
 /// Below this many elements one thread does the work.
 const PARALLEL_FROM: usize = 1 << 15;
 
-/// Floats the kernels compute in.
-pub trait Float: WithDType + Copy + Send + Sync + PartialOrd {
-    fn unary(op: UnaryOp, x: Self) -> Self;
-    fn binary(op: BinaryOp, a: Self, b: Self) -> Self;
+/// Floats the kernels compute in: whole-slice maps, one loop per op so each
+/// vectorises (f32 through Kiln's branch-free fast math, f64 through std).
+pub trait Float: WithDType + Copy + Send + Sync + PartialOrd + 'static {
     fn of(x: f64) -> Self;
+    fn map_unary(op: UnaryOp, src: &[Self], dst: &mut [Self]);
+    fn map_binary(op: BinaryOp, a: &[Self], b: &[Self], dst: &mut [Self]);
 }
 
-macro_rules! float_impl {
-    ($t:ty, $erf:path) => {
-        impl Float for $t {
-            #[inline(always)]
-            fn unary(op: UnaryOp, x: $t) -> $t {
-                match op {
-                    UnaryOp::Relu => {
-                        if x > 0.0 {
-                            x
-                        } else {
-                            0.0
-                        }
-                    }
-                    UnaryOp::Gelu => {
-                        0.5 * x * (1.0 + $erf(x * std::f64::consts::FRAC_1_SQRT_2 as $t))
-                    }
-                    UnaryOp::GeluTanh => {
-                        let c = (2.0 / std::f64::consts::PI).sqrt() as $t;
-                        0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-                    }
-                    UnaryOp::Silu => x / (1.0 + (-x).exp()),
-                    UnaryOp::Tanh => x.tanh(),
-                    UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-                    UnaryOp::Exp => x.exp(),
-                    UnaryOp::Log => x.ln(),
-                    UnaryOp::Sqrt => x.sqrt(),
-                    UnaryOp::Neg => -x,
-                    UnaryOp::Abs => x.abs(),
-                    UnaryOp::Erf => $erf(x),
-                    UnaryOp::Reciprocal => 1.0 / x,
-                    UnaryOp::Floor => x.floor(),
-                    UnaryOp::Ceil => x.ceil(),
-                    UnaryOp::Not => {
-                        if x == 0.0 {
-                            1.0
-                        } else {
-                            0.0
-                        }
-                    }
-                }
-            }
-
-            #[inline(always)]
-            fn binary(op: BinaryOp, a: $t, b: $t) -> $t {
-                match op {
-                    BinaryOp::Add => a + b,
-                    BinaryOp::Sub => a - b,
-                    BinaryOp::Mul => a * b,
-                    BinaryOp::Div => a / b,
-                    BinaryOp::Pow => a.powf(b),
-                    // NaN propagates as numpy's maximum/minimum do.
-                    BinaryOp::Max => {
-                        if a.is_nan() || a > b {
-                            a
-                        } else {
-                            b
-                        }
-                    }
-                    BinaryOp::Min => {
-                        if a.is_nan() || a < b {
-                            a
-                        } else {
-                            b
-                        }
-                    }
-                }
-            }
-
-            fn of(x: f64) -> $t {
-                x as $t
-            }
+macro_rules! map1 {
+    ($src:expr, $dst:expr, |$x:ident| $body:expr) => {
+        for (d, &$x) in $dst.iter_mut().zip($src) {
+            *d = $body;
         }
     };
 }
 
-float_impl!(f32, libm::erff);
-float_impl!(f64, libm::erf);
+macro_rules! map2 {
+    ($a:expr, $b:expr, $dst:expr, |$x:ident, $y:ident| $body:expr) => {
+        for ((d, &$x), &$y) in $dst.iter_mut().zip($a).zip($b) {
+            *d = $body;
+        }
+    };
+}
+
+macro_rules! binary_loops {
+    ($t:ty, $op:expr, $a:expr, $b:expr, $dst:expr, $pow:expr) => {
+        match $op {
+            BinaryOp::Add => map2!($a, $b, $dst, |x, y| x + y),
+            BinaryOp::Sub => map2!($a, $b, $dst, |x, y| x - y),
+            BinaryOp::Mul => map2!($a, $b, $dst, |x, y| x * y),
+            BinaryOp::Div => map2!($a, $b, $dst, |x, y| x / y),
+            BinaryOp::Pow => map2!($a, $b, $dst, |x, y| $pow(x, y)),
+            // NaN propagates as numpy's maximum/minimum do.
+            BinaryOp::Max => map2!($a, $b, $dst, |x, y| if x.is_nan() || x > y { x } else { y }),
+            BinaryOp::Min => map2!($a, $b, $dst, |x, y| if x.is_nan() || x < y { x } else { y }),
+        }
+    };
+}
+
+fn pow_f32(x: f32, y: f32) -> f32 {
+    // Squares and cubes (GELU's x³, variances) without a libm call.
+    if y == 2.0 {
+        x * x
+    } else if y == 3.0 {
+        x * x * x
+    } else {
+        x.powf(y)
+    }
+}
+
+impl Float for f32 {
+    fn of(x: f64) -> f32 {
+        x as f32
+    }
+
+    #[inline(always)]
+    fn map_unary(op: UnaryOp, src: &[f32], dst: &mut [f32]) {
+        use kiln_engine::fastmath::{erf, erfc_non_negative, exp_ieee, sigmoid, tanh};
+        const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
+        match op {
+            UnaryOp::Relu => map1!(src, dst, |x| if x > 0.0 { x } else { 0.0 }),
+            UnaryOp::Gelu => map1!(src, dst, |x| {
+                let tail = erfc_non_negative(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
+                if x >= 0.0 {
+                    x * (1.0 - 0.5 * tail)
+                } else {
+                    0.5 * x * tail
+                }
+            }),
+            UnaryOp::GeluTanh => map1!(src, dst, |x| x
+                / (1.0 + exp_ieee(-TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)))),
+            UnaryOp::Silu => map1!(src, dst, |x| x / (1.0 + exp_ieee(-x))),
+            UnaryOp::Tanh => map1!(src, dst, |x| tanh(x)),
+            UnaryOp::Sigmoid => map1!(src, dst, |x| sigmoid(x)),
+            UnaryOp::Exp => map1!(src, dst, |x| exp_ieee(x)),
+            UnaryOp::Log => map1!(src, dst, |x| x.ln()),
+            UnaryOp::Sqrt => map1!(src, dst, |x| x.sqrt()),
+            UnaryOp::Neg => map1!(src, dst, |x| -x),
+            UnaryOp::Abs => map1!(src, dst, |x| x.abs()),
+            UnaryOp::Erf => map1!(src, dst, |x| erf(x)),
+            UnaryOp::Reciprocal => map1!(src, dst, |x| 1.0 / x),
+            UnaryOp::Floor => map1!(src, dst, |x| x.floor()),
+            UnaryOp::Ceil => map1!(src, dst, |x| x.ceil()),
+            UnaryOp::Not => map1!(src, dst, |x| if x == 0.0 { 1.0 } else { 0.0 }),
+        }
+    }
+
+    #[inline(always)]
+    fn map_binary(op: BinaryOp, a: &[f32], b: &[f32], dst: &mut [f32]) {
+        binary_loops!(f32, op, a, b, dst, pow_f32)
+    }
+}
+
+impl Float for f64 {
+    fn of(x: f64) -> f64 {
+        x
+    }
+
+    #[inline(always)]
+    fn map_unary(op: UnaryOp, src: &[f64], dst: &mut [f64]) {
+        match op {
+            UnaryOp::Relu => map1!(src, dst, |x| if x > 0.0 { x } else { 0.0 }),
+            UnaryOp::Gelu => map1!(src, dst, |x| 0.5
+                * x
+                * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))),
+            UnaryOp::GeluTanh => map1!(src, dst, |x| {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+            }),
+            UnaryOp::Silu => map1!(src, dst, |x| x / (1.0 + (-x).exp())),
+            UnaryOp::Tanh => map1!(src, dst, |x| x.tanh()),
+            UnaryOp::Sigmoid => map1!(src, dst, |x| 1.0 / (1.0 + (-x).exp())),
+            UnaryOp::Exp => map1!(src, dst, |x| x.exp()),
+            UnaryOp::Log => map1!(src, dst, |x| x.ln()),
+            UnaryOp::Sqrt => map1!(src, dst, |x| x.sqrt()),
+            UnaryOp::Neg => map1!(src, dst, |x| -x),
+            UnaryOp::Abs => map1!(src, dst, |x| x.abs()),
+            UnaryOp::Erf => map1!(src, dst, |x| libm::erf(x)),
+            UnaryOp::Reciprocal => map1!(src, dst, |x| 1.0 / x),
+            UnaryOp::Floor => map1!(src, dst, |x| x.floor()),
+            UnaryOp::Ceil => map1!(src, dst, |x| x.ceil()),
+            UnaryOp::Not => map1!(src, dst, |x| if x == 0.0 { 1.0 } else { 0.0 }),
+        }
+    }
+
+    #[inline(always)]
+    fn map_binary(op: BinaryOp, a: &[f64], b: &[f64], dst: &mut [f64]) {
+        binary_loops!(f64, op, a, b, dst, f64::powf)
+    }
+}
 
 /// Run `f` on the contiguous elements of a CPU tensor.
 pub fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
@@ -121,7 +167,17 @@ enum Operand<'a, T> {
     Scalar(T),
 }
 
-fn run_chunk<T: Float>(
+/// Where an instruction reads an operand from within one chunk.
+#[derive(Clone, Copy)]
+enum Slot {
+    /// A full-size operand, read in place.
+    Operand(usize),
+    /// A register: a materialised suffix/scalar operand or an instruction result.
+    Register(usize),
+}
+
+#[inline(always)]
+fn run_chunk_generic<T: Float>(
     program: &[Instr],
     operands: &[Operand<T>],
     start: usize,
@@ -129,37 +185,113 @@ fn run_chunk<T: Float>(
     regs: &mut Vec<Vec<T>>,
 ) {
     let n = out.len();
-    let count = operands.len() + program.len();
-    regs.resize_with(count, Vec::new);
+    let leaves = operands.len();
+    // Registers: one per operand that is not read in place, one per instruction.
+    regs.resize_with(leaves + program.len(), Vec::new);
+    let mut slots = [Slot::Register(0); 64];
+    let mut heap_slots = Vec::new();
+    let slots: &mut [Slot] = if leaves + program.len() <= 64 {
+        &mut slots[..leaves + program.len()]
+    } else {
+        heap_slots.resize(leaves + program.len(), Slot::Register(0));
+        &mut heap_slots
+    };
     for (r, operand) in operands.iter().enumerate() {
-        let reg = &mut regs[r];
-        reg.clear();
         match operand {
-            Operand::Full(data) => reg.extend_from_slice(&data[start..start + n]),
+            Operand::Full(_) => slots[r] = Slot::Operand(r),
             Operand::Suffix(data) => {
+                let reg = &mut regs[r];
+                reg.clear();
+                // Whole runs of the repeated operand, not an index per element.
                 let len = data.len();
-                reg.extend((start..start + n).map(|i| data[i % len]));
+                let mut pos = start % len;
+                while reg.len() < n {
+                    let take = (len - pos).min(n - reg.len());
+                    reg.extend_from_slice(&data[pos..pos + take]);
+                    pos = 0;
+                }
+                slots[r] = Slot::Register(r);
             }
-            Operand::Scalar(v) => reg.resize(n, *v),
+            Operand::Scalar(v) => {
+                let reg = &mut regs[r];
+                reg.clear();
+                reg.resize(n, *v);
+                slots[r] = Slot::Register(r);
+            }
         }
     }
+    let last = program.len() - 1;
     for (i, instr) in program.iter().enumerate() {
-        let dst = operands.len() + i;
-        let (done, rest) = regs.split_at_mut(dst);
-        let target = &mut rest[0];
-        target.clear();
-        match *instr {
-            Instr::Scalar(v) => target.resize(n, T::of(v)),
-            Instr::Unary(op, a) => target.extend(done[a].iter().map(|&x| T::unary(op, x))),
-            Instr::Binary(op, a, b) => target.extend(
-                done[a]
-                    .iter()
-                    .zip(done[b].iter())
-                    .map(|(&x, &y)| T::binary(op, x, y)),
-            ),
+        let dst_index = leaves + i;
+        slots[dst_index] = Slot::Register(dst_index);
+        // The last instruction writes the output; others their register.
+        let mut target = if i == last {
+            Vec::new()
+        } else {
+            std::mem::take(&mut regs[dst_index])
+        };
+        if i != last {
+            target.resize(n, T::of(0.0));
+        }
+        {
+            let read = |slot: Slot| -> &[T] {
+                match slot {
+                    Slot::Operand(r) => match &operands[r] {
+                        Operand::Full(data) => &data[start..start + n],
+                        _ => &[],
+                    },
+                    Slot::Register(r) => &regs[r][..n],
+                }
+            };
+            let dst: &mut [T] = if i == last { out } else { &mut target[..n] };
+            match *instr {
+                Instr::Scalar(v) => dst.fill(T::of(v)),
+                Instr::Unary(op, a) => T::map_unary(op, read(slots[a]), dst),
+                Instr::Binary(op, a, b) => T::map_binary(op, read(slots[a]), read(slots[b]), dst),
+            }
+        }
+        if i != last {
+            regs[dst_index] = target;
         }
     }
-    out.copy_from_slice(&regs[count - 1][..n]);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn run_chunk_avx2<T: Float>(
+    program: &[Instr],
+    operands: &[Operand<T>],
+    start: usize,
+    out: &mut [T],
+    regs: &mut Vec<Vec<T>>,
+) {
+    run_chunk_generic(program, operands, start, out, regs)
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn run_chunk<T: Float>(
+    program: &[Instr],
+    operands: &[Operand<T>],
+    start: usize,
+    out: &mut [T],
+    regs: &mut Vec<Vec<T>>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU was just checked for both features.
+        return unsafe { run_chunk_avx2(program, operands, start, out, regs) };
+    }
+    run_chunk_generic(program, operands, start, out, regs)
 }
 
 /// Evaluate a program over operands broadcast to `dims`; the last register is
@@ -232,6 +364,9 @@ fn run_program<T: Float>(program: &[Instr], inputs: &[Tensor], dims: &[usize]) -
 /// Evaluate a fused element-wise program (or one op written as a program) over
 /// float operands, broadcasting them numpy-style.
 pub fn evaluate(program: &[Instr], inputs: &[Tensor]) -> Result<Tensor> {
+    if program.is_empty() {
+        return Err(GraphError::op("fused_elementwise", "has an empty program"));
+    }
     let mut dims: Vec<usize> = Vec::new();
     for t in inputs {
         dims = crate::types::broadcast_static("fused_elementwise", &dims, t.dims())?;

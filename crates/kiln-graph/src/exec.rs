@@ -10,6 +10,7 @@ use crate::ops::{
 };
 use crate::pool;
 use crate::types::{DType, broadcast_static, normalize_axis};
+use crate::{linear, norm};
 
 /// The entries of a 1-D (or scalar) integer tensor at run time.
 fn ints(op: &str, t: &Tensor) -> Result<Vec<i64>> {
@@ -38,6 +39,14 @@ pub fn run(op: &Op, inputs: &[Tensor], out_dtypes: &[DType]) -> Result<Vec<Tenso
     match op {
         Op::MatMul => one(matmul(&inputs[0], &inputs[1])?),
         Op::MatMulBias { activation } => {
+            if linear::fits(&inputs[0], &inputs[1], &inputs[2]) {
+                return Ok(vec![linear::matmul_bias(
+                    &inputs[0],
+                    &inputs[1],
+                    &inputs[2],
+                    *activation,
+                )?]);
+            }
             let product = matmul(&inputs[0], &inputs[1])?;
             let mut program = vec![Instr::Binary(BinaryOp::Add, 0, 1)];
             if let Some(act) = activation {
@@ -92,6 +101,15 @@ pub fn run(op: &Op, inputs: &[Tensor], out_dtypes: &[DType]) -> Result<Vec<Tenso
             let axis = axis_of(name, *axis, x.rank())?;
             let outer: usize = x.dims()[..axis].iter().product();
             let inner: usize = x.dims()[axis..].iter().product();
+            if norm::fits(x, inner, &inputs[1], inputs.get(2)) {
+                return Ok(vec![norm::layer_norm(
+                    x,
+                    inner,
+                    &inputs[1],
+                    inputs.get(2),
+                    *epsilon,
+                )?]);
+            }
             let flat = x.reshape((outer, inner))?;
             let normalized =
                 kiln_engine::nn::layer_norm_plain(&flat, *epsilon)?.reshape(x.dims())?;
@@ -509,11 +527,42 @@ fn conv2d(
     groups: usize,
 ) -> Result<Tensor> {
     let symmetric = pads.iter().all(|&p| p == pads[0]);
-    let simple = groups == 1 && dilations == [1, 1] && strides[0] == strides[1] && symmetric;
-    if simple && x.dtype() == CDType::F32 {
-        return Ok(kiln_engine::conv::conv2d_im2col(
-            x, w, bias, strides[0], pads[0],
-        )?);
+    let im2col = dilations == [1, 1] && strides[0] == strides[1] && x.dtype() == CDType::F32;
+    if im2col {
+        // Kiln's im2col convolution, per group, on an explicitly padded input
+        // when the padding differs per side.
+        let (x, padding) = if symmetric {
+            (x.clone(), pads[0])
+        } else {
+            (
+                x.pad_with_zeros(2, pads[0], pads[2])?
+                    .pad_with_zeros(3, pads[1], pads[3])?,
+                0,
+            )
+        };
+        if groups == 1 {
+            return Ok(kiln_engine::conv::conv2d_im2col(
+                &x, w, bias, strides[0], padding,
+            )?);
+        }
+        let (in_per_group, out_per_group) = (x.dim(1)? / groups, w.dim(0)? / groups);
+        let parts = (0..groups)
+            .map(|g| {
+                let xg = x.narrow(1, g * in_per_group, in_per_group)?.contiguous()?;
+                let wg = w.narrow(0, g * out_per_group, out_per_group)?;
+                let bg = bias
+                    .map(|b| b.narrow(0, g * out_per_group, out_per_group))
+                    .transpose()?;
+                Ok(kiln_engine::conv::conv2d_im2col(
+                    &xg,
+                    &wg,
+                    bg.as_ref(),
+                    strides[0],
+                    padding,
+                )?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Tensor::cat(&parts, 1)?);
     }
     if strides[0] != strides[1] || dilations[0] != dilations[1] {
         return Err(GraphError::op(

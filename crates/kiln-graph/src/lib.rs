@@ -9,6 +9,8 @@ mod elementwise;
 pub mod error;
 mod exec;
 pub mod graph;
+mod linear;
+mod norm;
 pub mod onnx;
 pub mod ops;
 mod pool;

@@ -45,52 +45,59 @@ pub fn pool2d(x: &Tensor, max: bool, window: &Window) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)?.to_dtype(dtype)?)
 }
 
+/// The input range a window covers along one axis, clipped to the input, for
+/// each output position; and the padded extent (for `count_include_pad`).
+fn window_ranges(
+    out: usize,
+    kernel: usize,
+    stride: usize,
+    pad_before: usize,
+    size: usize,
+    pad_after: usize,
+) -> Vec<(usize, usize, usize)> {
+    (0..out)
+        .map(|o| {
+            let start = (o * stride) as isize - pad_before as isize;
+            let end = start + kernel as isize;
+            let lo = start.max(0) as usize;
+            let hi = end.clamp(0, size as isize) as usize;
+            let padded = (end.min((size + pad_after) as isize) - start) as usize;
+            (lo, hi.max(lo), padded)
+        })
+        .collect()
+}
+
 fn pool_plane(src: &[f32], (h, w): (usize, usize), dst: &mut [f32], max: bool, window: &Window) {
     let [kh, kw] = window.kernel;
     let [sh, sw] = window.strides;
     let [pt, pl, pb, pr] = window.pads;
     let [oh, ow] = window.out;
-    for oy in 0..oh {
-        let y0 = (oy * sh) as isize - pt as isize;
-        for ox in 0..ow {
-            let x0 = (ox * sw) as isize - pl as isize;
-            let mut acc = if max { f32::NEG_INFINITY } else { 0.0 };
-            let mut count = 0usize;
-            for ky in 0..kh as isize {
-                let y = y0 + ky;
-                if y < 0 || y >= h as isize {
-                    continue;
-                }
-                let row = &src[y as usize * w..(y as usize + 1) * w];
-                for kx in 0..kw as isize {
-                    let x = x0 + kx;
-                    if x < 0 || x >= w as isize {
-                        continue;
+    let rows = window_ranges(oh, kh, sh, pt, h, pb);
+    let cols = window_ranges(ow, kw, sw, pl, w, pr);
+    for (oy, &(y0, y1, ypad)) in rows.iter().enumerate() {
+        let line = &mut dst[oy * ow..(oy + 1) * ow];
+        for (slot, &(x0, x1, xpad)) in line.iter_mut().zip(&cols) {
+            if max {
+                let mut acc = f32::NEG_INFINITY;
+                for y in y0..y1 {
+                    for &v in &src[y * w + x0..y * w + x1] {
+                        // NaN wins, as in torch and onnxruntime.
+                        acc = if v > acc || v.is_nan() { v } else { acc };
                     }
-                    let v = row[x as usize];
-                    if max {
-                        if v > acc || v.is_nan() {
-                            acc = v;
-                        }
-                    } else {
-                        acc += v;
-                    }
-                    count += 1;
                 }
-            }
-            dst[oy * ow + ox] = if max {
-                acc
+                *slot = acc;
             } else {
-                let divisor = if window.count_include_pad {
-                    // The window clipped to the padded extent (torch and ONNX).
-                    let y_end = (y0 + kh as isize).min((h + pb) as isize);
-                    let x_end = (x0 + kw as isize).min((w + pr) as isize);
-                    ((y_end - y0) * (x_end - x0)) as usize
+                let mut acc = 0f32;
+                for y in y0..y1 {
+                    acc += src[y * w + x0..y * w + x1].iter().sum::<f32>();
+                }
+                let count = if window.count_include_pad {
+                    ypad * xpad
                 } else {
-                    count
+                    (y1 - y0) * (x1 - x0)
                 };
-                acc / divisor.max(1) as f32
-            };
+                *slot = acc / count.max(1) as f32;
+            }
         }
     }
 }

@@ -188,6 +188,24 @@ impl Model {
 
     /// Run the model; results in the signature's output order.
     pub fn execute(&self, inputs: &HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>> {
+        self.run(inputs, None)
+    }
+
+    /// Run the model, adding each node's wall time to `profile` under its op's
+    /// name (for `kiln bench graph --profile`).
+    pub fn execute_profiled(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        profile: &mut HashMap<&'static str, std::time::Duration>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        self.run(inputs, Some(profile))
+    }
+
+    fn run(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        mut profile: Option<&mut HashMap<&'static str, std::time::Duration>>,
+    ) -> Result<Vec<(String, Tensor)>> {
         self.validate(inputs)?;
         let graph = &self.inner.graph;
         let mut slots: Vec<Option<Tensor>> = vec![None; graph.values.len()];
@@ -209,6 +227,7 @@ impl Model {
                 })
                 .collect::<Result<_>>()?;
             let dtypes: Vec<DType> = node.outputs.iter().map(|&o| graph.ty(o).dtype).collect();
+            let started = profile.as_ref().map(|_| std::time::Instant::now());
             let results = exec::run(&node.op, &operands, &dtypes).map_err(|e| match e {
                 GraphError::Op { op, message } if !node.name.is_empty() => GraphError::Op {
                     op: format!("{op} (node {:?})", node.name),
@@ -217,6 +236,9 @@ impl Model {
                 other => other,
             })?;
             drop(operands);
+            if let (Some(profile), Some(started)) = (profile.as_deref_mut(), started) {
+                *profile.entry(node.op.name()).or_default() += started.elapsed();
+            }
             for (out, tensor) in node.outputs.iter().zip(results) {
                 slots[out.index()] = Some(tensor);
             }

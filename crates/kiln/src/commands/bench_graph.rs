@@ -32,9 +32,17 @@ pub struct GraphBenchArgs {
     /// Run the graph as built (no folding or fusion), to measure the passes.
     #[arg(long)]
     no_optimize: bool,
+    /// Also report where the time goes, per op kind (timed runs only).
+    #[arg(long)]
+    profile: bool,
 }
 
-fn random_input(ty: &kiln_graph::TensorType, batch: usize, named: &HashMap<String, usize>, seed: u64) -> Result<Tensor> {
+fn random_input(
+    ty: &kiln_graph::TensorType,
+    batch: usize,
+    named: &HashMap<String, usize>,
+    seed: u64,
+) -> Result<Tensor> {
     let mut seen_symbol = false;
     let dims: Vec<usize> = ty
         .dims
@@ -54,10 +62,14 @@ fn random_input(ty: &kiln_graph::TensorType, batch: usize, named: &HashMap<Strin
     Ok(match ty.dtype {
         dtype if dtype.is_float() => {
             // A fixed LCG: the same inputs for every run and every engine.
-            let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let mut state = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let values: Vec<f32> = (0..count)
                 .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
                 })
                 .collect();
@@ -73,8 +85,14 @@ pub fn run(args: GraphBenchArgs) -> Result<()> {
         .dims
         .iter()
         .map(|pair| {
-            let (name, size) = pair.split_once('=').with_context(|| format!("--dim takes NAME=SIZE, got {pair:?}"))?;
-            Ok((name.to_string(), size.parse().with_context(|| format!("--dim {pair}: not a size"))?))
+            let (name, size) = pair
+                .split_once('=')
+                .with_context(|| format!("--dim takes NAME=SIZE, got {pair:?}"))?;
+            Ok((
+                name.to_string(),
+                size.parse()
+                    .with_context(|| format!("--dim {pair}: not a size"))?,
+            ))
         })
         .collect::<Result<_>>()?;
     if args.runs == 0 {
@@ -95,7 +113,10 @@ pub fn run(args: GraphBenchArgs) -> Result<()> {
         let imported = kiln_graph::onnx::import_file(&args.model)?;
         (imported.graph, imported.weights)
     };
-    let model = InferenceSession::new(SessionOptions { optimize: !args.no_optimize }).load(&graph, &weights)?;
+    let model = InferenceSession::new(SessionOptions {
+        optimize: !args.no_optimize,
+    })
+    .load(&graph, &weights)?;
     let load_seconds = started.elapsed().as_secs_f64();
     let bar = ProgressBar::new((args.batch.len() * (args.runs + args.warmup)) as u64);
     bar.set_style(
@@ -118,12 +139,23 @@ pub fn run(args: GraphBenchArgs) -> Result<()> {
             bar.inc(1);
         }
         let mut times = Vec::with_capacity(args.runs);
+        let mut profile = HashMap::new();
         for _ in 0..args.runs {
             let t = Instant::now();
-            model.execute(&inputs)?;
+            if args.profile {
+                model.execute_profiled(&inputs, &mut profile)?;
+            } else {
+                model.execute(&inputs)?;
+            }
             times.push(t.elapsed().as_secs_f64());
             bar.inc(1);
         }
+        let total: f64 = profile.values().map(|d| d.as_secs_f64()).sum();
+        let mut shares: Vec<(&str, f64)> = profile
+            .iter()
+            .map(|(k, d)| (*k, d.as_secs_f64() / total.max(1e-12)))
+            .collect();
+        shares.sort_by(|a, b| b.1.total_cmp(&a.1));
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         let mean = times.iter().sum::<f64>() / times.len() as f64;
@@ -134,6 +166,7 @@ pub fn run(args: GraphBenchArgs) -> Result<()> {
             "min_s": times[0],
             "p90_s": times[(times.len() * 9 / 10).min(times.len() - 1)],
             "items_per_s": batch as f64 / median,
+            "profile": shares.iter().map(|(op, share)| json!({"op": op, "share": share})).collect::<Vec<_>>(),
         }));
     }
     bar.finish_and_clear();
