@@ -292,6 +292,49 @@ pub fn fuse_matmul_bias(graph: &mut Graph) -> usize {
     fused
 }
 
+/// `add(x, matmul_bias(..))` into the matmul's epilogue when the product has no
+/// activation and no other use, and `x` has the sum's shape (a residual).
+pub fn fuse_residual_add(graph: &mut Graph) -> usize {
+    let counts = use_counts(graph);
+    let mut keep = vec![true; graph.nodes.len()];
+    let mut fused = 0;
+    for add in 0..graph.nodes.len() {
+        let Op::Binary {
+            kind: BinaryOp::Add,
+        } = graph.nodes[add].op
+        else {
+            continue;
+        };
+        let out_ty = graph.ty(graph.nodes[add].outputs[0]).clone();
+        let [a, b] = [graph.nodes[add].inputs[0], graph.nodes[add].inputs[1]];
+        let candidate = |product: Value, residual: Value| {
+            let p = producer(graph, product)?;
+            let fusable = matches!(graph.nodes[p].op, Op::MatMulBias { activation: None })
+                && graph.nodes[p].inputs.len() == 3
+                && keep[p]
+                && counts[product.0] == 1
+                && graph.ty(residual) == &out_ty
+                && graph.ty(product) == &out_ty;
+            fusable.then_some((p, residual))
+        };
+        let Some((p, residual)) = candidate(b, a).or_else(|| candidate(a, b)) else {
+            continue;
+        };
+        let mut inputs = graph.nodes[p].inputs.clone();
+        inputs.push(residual);
+        graph.nodes[add] = Node {
+            op: Op::MatMulBias { activation: None },
+            inputs,
+            outputs: graph.nodes[add].outputs.clone(),
+            name: graph.nodes[add].name.clone(),
+        };
+        keep[p] = false;
+        fused += 1;
+    }
+    retain_nodes(graph, &keep);
+    fused
+}
+
 fn is_fusable(graph: &Graph, node: &Node) -> bool {
     let float = node
         .outputs
@@ -448,7 +491,7 @@ pub fn optimize(graph: &mut Graph) -> Result<CompileReport> {
     report.folded = fold_constants(graph)?;
     report.merged = eliminate_common_subexpressions(graph);
     report.removed = eliminate_dead_code(graph);
-    report.fused = fuse_matmul_bias(graph) + fuse_elementwise(graph);
+    report.fused = fuse_matmul_bias(graph) + fuse_residual_add(graph) + fuse_elementwise(graph);
     report.removed += eliminate_dead_code(graph);
     report.nodes_after = graph.nodes.len();
     Ok(report)

@@ -392,6 +392,57 @@ pub fn evaluate(program: &[Instr], inputs: &[Tensor]) -> Result<Tensor> {
     }
 }
 
+/// `cond ? x : y` for f32 branches that are scalars or full-size (a mask
+/// filling with -inf), without broadcasting the scalar to a full tensor first;
+/// `None` when the operands do not have that form.
+pub fn select_f32(cond: &Tensor, x: &Tensor, y: &Tensor, dims: &[usize]) -> Result<Option<Tensor>> {
+    let total: usize = dims.iter().product();
+    let usable = |t: &Tensor| {
+        t.dtype() == candle_core::DType::F32 && (t.elem_count() == 1 || t.dims() == dims)
+    };
+    if cond.dtype() != candle_core::DType::U8
+        || !usable(x)
+        || !usable(y)
+        || cond.elem_count() != total
+    {
+        return Ok(None);
+    }
+    let pick = |t: &Tensor| -> Result<(Option<f32>, Tensor)> {
+        Ok(if t.elem_count() == 1 && total != 1 {
+            (Some(t.flatten_all()?.to_vec1::<f32>()?[0]), t.clone())
+        } else {
+            (None, t.contiguous()?)
+        })
+    };
+    let ((xs, xt), (ys, yt)) = (pick(x)?, pick(y)?);
+    let out = with_slice::<u8, _>(cond, |c| {
+        with_slice::<f32, _>(&xt, |xv| {
+            with_slice::<f32, _>(&yt, |yv| {
+                let mut out = vec![0f32; total];
+                out.par_chunks_mut(CHUNK * 8)
+                    .enumerate()
+                    .for_each(|(block, part)| {
+                        let start = block * CHUNK * 8;
+                        for (i, o) in part.iter_mut().enumerate() {
+                            let j = start + i;
+                            *o = if c[j] != 0 {
+                                xs.unwrap_or_else(|| xv[j])
+                            } else {
+                                ys.unwrap_or_else(|| yv[j])
+                            };
+                        }
+                    });
+                out
+            })
+        })
+    })???;
+    Ok(Some(Tensor::from_vec(
+        out,
+        dims,
+        &candle_core::Device::Cpu,
+    )?))
+}
+
 /// One unary op on a float tensor.
 pub fn unary(op: UnaryOp, x: &Tensor) -> Result<Tensor> {
     evaluate(&[Instr::Unary(op, 0)], std::slice::from_ref(x))

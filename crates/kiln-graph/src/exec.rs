@@ -39,23 +39,30 @@ pub fn run(op: &Op, inputs: &[Tensor], out_dtypes: &[DType]) -> Result<Vec<Tenso
     match op {
         Op::MatMul => one(matmul(&inputs[0], &inputs[1])?),
         Op::MatMulBias { activation } => {
-            if linear::fits(&inputs[0], &inputs[1], &inputs[2]) {
+            let residual = inputs.get(3);
+            if linear::fits(&inputs[0], &inputs[1], &inputs[2], residual) {
                 return Ok(vec![linear::matmul_bias(
                     &inputs[0],
                     &inputs[1],
                     &inputs[2],
                     *activation,
+                    residual,
                 )?]);
             }
             let product = matmul(&inputs[0], &inputs[1])?;
+            let mut operands = vec![product, inputs[2].clone()];
             let mut program = vec![Instr::Binary(BinaryOp::Add, 0, 1)];
             if let Some(act) = activation {
                 program.push(Instr::Unary(*act, 2));
             }
-            one(elementwise::evaluate(
-                &program,
-                &[product, inputs[2].clone()],
-            )?)
+            if let Some(residual) = residual {
+                operands.push(residual.clone());
+                program = vec![
+                    Instr::Binary(BinaryOp::Add, 0, 1),
+                    Instr::Binary(BinaryOp::Add, 3, 2),
+                ];
+            }
+            one(elementwise::evaluate(&program, &operands)?)
         }
         Op::Binary { kind } => one(binary(*kind, x, &inputs[1])?),
         Op::Compare { kind } => {
@@ -324,6 +331,9 @@ pub fn run(op: &Op, inputs: &[Tensor], out_dtypes: &[DType]) -> Result<Vec<Tenso
             let dims = broadcast_static(name, x.dims(), inputs[1].dims())?;
             let dims = broadcast_static(name, &dims, inputs[2].dims())?;
             let cond = x.broadcast_as(dims.as_slice())?.contiguous()?;
+            if let Some(y) = elementwise::select_f32(&cond, &inputs[1], &inputs[2], &dims)? {
+                return one(y);
+            }
             one(cond.where_cond(
                 &inputs[1].broadcast_as(dims.as_slice())?.contiguous()?,
                 &inputs[2].broadcast_as(dims.as_slice())?.contiguous()?,
@@ -402,6 +412,8 @@ fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let mut out = dims[..dims.len() - 1].to_vec();
         out.push(b2.dim(1)?);
         y.reshape(out)?
+    } else if let Some(y) = linear::batched_matmul(&a2, &b2)? {
+        y
     } else {
         a2.broadcast_matmul(&b2)?
     };

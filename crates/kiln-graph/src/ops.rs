@@ -271,7 +271,8 @@ pub enum Op {
     /// Inputs start, limit, delta (scalars).
     Range,
     Identity,
-    /// `act(a·b + bias)`: a matmul whose epilogue the compiler fused.
+    /// `act(a·b + bias)`, or `a·b + bias + residual` with a fourth input: a
+    /// matmul whose epilogue the compiler fused.
     #[serde(rename = "matmul_bias")]
     MatMulBias {
         activation: Option<UnaryOp>,
@@ -380,7 +381,7 @@ impl Op {
             Op::Conv2d { .. } => (2, 3),
             Op::Concat { .. } => (1, usize::MAX),
             Op::Slice => (3, 5),
-            Op::MatMulBias { .. } => (3, 3),
+            Op::MatMulBias { .. } => (3, 4),
             Op::Fused { .. } => (1, usize::MAX),
         }
     }
@@ -426,7 +427,11 @@ impl Op {
             Op::MatMulBias { .. } => {
                 let product = infer_matmul(name, t(0), t(1))?;
                 same_dtype(name, &product, t(2))?;
-                let dims = broadcast(name, &product.dims, &t(2).dims)?;
+                let mut dims = broadcast(name, &product.dims, &t(2).dims)?;
+                if let Some(residual) = operands.get(3) {
+                    same_dtype(name, &product, residual.ty)?;
+                    dims = broadcast(name, &dims, &residual.ty.dims)?;
+                }
                 one(TensorType {
                     dtype: product.dtype,
                     dims,
