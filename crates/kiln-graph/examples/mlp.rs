@@ -11,7 +11,10 @@ use kiln_graph::{DType, Dim, Graph, InferenceSession, TensorType};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // y = softmax(gelu(x · w1 + b1) · w2 + b2), x: [batch, 4].
     let mut g = Graph::new("mlp");
-    let x = g.input("x", TensorType::new(DType::F32, [Dim::sym("batch"), 4.into()]))?;
+    let x = g.input(
+        "x",
+        TensorType::new(DType::F32, [Dim::sym("batch"), 4.into()]),
+    )?;
     let w1 = g.weight("w1", TensorType::new(DType::F32, [4usize, 8]))?;
     let b1 = g.weight("b1", TensorType::new(DType::F32, [8usize]))?;
     let w2 = g.weight("w2", TensorType::new(DType::F32, [8usize, 3]))?;
@@ -42,7 +45,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for batch in [1, 3] {
         let x = Tensor::randn(0f32, 1.0, (batch, 4), device)?;
         let outputs = model.execute(&HashMap::from([("x".to_string(), x)]))?;
-        println!("batch {batch}: probs = {:?}", outputs[0].1.to_vec2::<f32>()?);
+        println!(
+            "batch {batch}: probs = {:?}",
+            outputs[0].1.to_vec2::<f32>()?
+        );
     }
 
     if let Some(dir) = std::env::args().nth(1) {

@@ -201,18 +201,7 @@ impl Graph {
         let ty = TensorType::new(dtype, tensor.dims().iter().copied());
         let shape_value = if dtype.is_integer() && tensor.rank() == 1 {
             let values = tensor.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?;
-            Some(
-                values
-                    .into_iter()
-                    .map(|v| {
-                        if v < 0 {
-                            Dim::Unknown
-                        } else {
-                            Dim::Static(v as usize)
-                        }
-                    })
-                    .collect(),
-            )
+            Some(crate::ops::dims_of_shape_values(&values))
         } else {
             None
         };

@@ -1169,23 +1169,26 @@ fn operand_length(op: &str, shape: &TensorType) -> Result<usize> {
     }
 }
 
+/// Shape entries as dims: negative entries (`-1`, inferred) are unknown.
+pub fn dims_of_shape_values(values: &[i64]) -> Vec<Dim> {
+    values
+        .iter()
+        .map(|&v| {
+            if v < 0 {
+                Dim::Unknown
+            } else {
+                Dim::Static(v as usize)
+            }
+        })
+        .collect()
+}
+
 /// A shape operand's entries as dims, where known: from a constant (`-1` and `0`
 /// kept as Static markers for the caller) or a tracked shape value.
 fn shape_operand(op: &str, operand: &Operand) -> Result<Option<Vec<Dim>>> {
     operand_length(op, operand.ty)?;
     if let Some(values) = int_list(operand.value)? {
-        return Ok(Some(
-            values
-                .into_iter()
-                .map(|v| {
-                    if v < 0 {
-                        Dim::Unknown
-                    } else {
-                        Dim::Static(v as usize)
-                    }
-                })
-                .collect(),
-        ));
+        return Ok(Some(dims_of_shape_values(&values)));
     }
     Ok(operand.shape_value.map(<[Dim]>::to_vec))
 }
