@@ -244,7 +244,8 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         .load(&loaded.graph, &loaded.weights)
         .map_err(|e| load_error(e.to_string()))?;
     let tensors = signature(&compiled);
-    tracing::info!(model = %model.display_name(), report = ?compiled.report(), "compiled graph");
+    let label = config.onnx.clone().unwrap_or_else(|| model.display_name());
+    tracing::info!(model = %label, report = ?compiled.report(), "compiled graph");
     let outputs = Signature {
         inputs: tensors
             .outputs
