@@ -5,9 +5,8 @@ use candle_core::{D, DType as CDType, Device, Tensor};
 
 use crate::elementwise;
 use crate::error::{GraphError, Result};
-use crate::ops::{
-    BinaryOp, CompareOp, Instr, Op, PoolKind, ReduceOp, UnaryOp, slice_range, window_count,
-};
+use crate::infer::{slice_range, window_count};
+use crate::ops::{BinaryOp, CompareOp, Instr, Op, PoolKind, ReduceOp, UnaryOp};
 use crate::pool;
 use crate::types::{DType, broadcast_static, normalize_axis};
 use crate::{linear, norm};
@@ -129,7 +128,7 @@ pub fn run(op: &Op, inputs: &[Tensor], out_dtypes: &[DType]) -> Result<Vec<Tenso
         Op::RmsNorm { epsilon } => {
             let width = x.dim(D::Minus1)?;
             let scale = inputs[1].broadcast_as(width)?.contiguous()?;
-            one(candle_nn_rms(x, &scale, *epsilon)?)
+            one(rms_norm_last_axis(x, &scale, *epsilon)?)
         }
         Op::BatchNorm { epsilon } => {
             let (scale, bias, mean, var) = (&inputs[1], &inputs[2], &inputs[3], &inputs[4]);
@@ -391,7 +390,7 @@ pub fn run(op: &Op, inputs: &[Tensor], out_dtypes: &[DType]) -> Result<Vec<Tenso
     })
 }
 
-fn candle_nn_rms(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+fn rms_norm_last_axis(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     let x32 = x.to_dtype(CDType::F64)?;
     let mean_sq = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let y = x32.broadcast_div(&mean_sq.affine(1.0, eps)?.sqrt()?)?;

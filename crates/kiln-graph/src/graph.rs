@@ -4,7 +4,8 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{GraphError, Result};
-use crate::ops::{BinaryOp, CompareOp, Inferred, Op, Operand, PoolKind, ReduceOp, UnaryOp};
+use crate::infer::{Inferred, Operand};
+use crate::ops::{BinaryOp, CompareOp, Op, PoolKind, ReduceOp, UnaryOp};
 use crate::types::{DType, Dim, TensorType, shape_text};
 
 /// A value in a graph: a graph input, a weight, a constant or a node's result.
@@ -201,7 +202,7 @@ impl Graph {
         let ty = TensorType::new(dtype, tensor.dims().iter().copied());
         let shape_value = if dtype.is_integer() && tensor.rank() == 1 {
             let values = tensor.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?;
-            Some(crate::ops::dims_of_shape_values(&values))
+            Some(crate::infer::dims_of_shape_values(&values))
         } else {
             None
         };

@@ -9,6 +9,7 @@ mod elementwise;
 pub mod error;
 mod exec;
 pub mod graph;
+pub mod infer;
 mod linear;
 mod norm;
 pub mod onnx;

@@ -17,7 +17,8 @@ pub struct Window {
     pub count_include_pad: bool,
 }
 
-/// Pool every plane of `x` (f32 or f64, computed in f64 for the latter).
+/// Pool every plane of `x` (float types are pooled in f32: a max is exact, an
+/// average of an f64 input rounds to f32 precision).
 pub fn pool2d(x: &Tensor, max: bool, window: &Window) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let dtype = x.dtype();
