@@ -443,6 +443,33 @@ pub fn select_f32(cond: &Tensor, x: &Tensor, y: &Tensor, dims: &[usize]) -> Resu
     )?))
 }
 
+#[inline(always)]
+fn unary_pieces_f32(op: UnaryOp, data: &mut [f32]) {
+    let mut scratch = [0f32; CHUNK];
+    for piece in data.chunks_mut(CHUNK) {
+        let n = piece.len();
+        scratch[..n].copy_from_slice(piece);
+        f32::map_unary(op, &scratch[..n], piece);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn unary_pieces_f32_avx2(op: UnaryOp, data: &mut [f32]) {
+    unary_pieces_f32(op, data)
+}
+
+/// Apply `op` to f32 data in place (an epilogue), in L1-sized pieces, with the
+/// AVX2 loops where the CPU has them.
+pub fn unary_in_place_f32(op: UnaryOp, data: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU was just checked for both features.
+        return unsafe { unary_pieces_f32_avx2(op, data) };
+    }
+    unary_pieces_f32(op, data)
+}
+
 /// One unary op on a float tensor.
 pub fn unary(op: UnaryOp, x: &Tensor) -> Result<Tensor> {
     evaluate(&[Instr::Unary(op, 0)], std::slice::from_ref(x))

@@ -5,7 +5,7 @@
 use candle_core::{DType as CDType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::elementwise::{Float, with_slice};
+use crate::elementwise::{unary_in_place_f32, with_slice};
 use crate::error::Result;
 use crate::ops::UnaryOp;
 
@@ -67,11 +67,8 @@ pub fn matmul_bias(
         })
     })??;
     if let Some(act) = activation {
-        out.par_chunks_mut(n * ROWS_PER_TASK).for_each(|rows| {
-            let mut scratch = vec![0f32; rows.len()];
-            scratch.copy_from_slice(rows);
-            f32::map_unary(act, &scratch, rows);
-        });
+        out.par_chunks_mut(n * ROWS_PER_TASK)
+            .for_each(|rows| unary_in_place_f32(act, rows));
     }
     let mut out_dims = dims[..dims.len() - 1].to_vec();
     out_dims.push(n);
