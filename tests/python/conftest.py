@@ -170,15 +170,17 @@ def _toml_value(value) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def serve_config_toml(server: dict, jobs: dict, models: list[dict], cog: dict | None = None) -> str:
-    """The `kiln serve --config` file: [server], [jobs], [cog], [[models]]."""
+def serve_config_toml(server: dict, jobs: dict, models: list[dict], cog: dict | None = None,
+                      queue: dict | None = None) -> str:
+    """The `kiln serve --config` file: [server], [jobs], [cog], [queue], [[models]]."""
     lines = ["[server]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in server.items()]
     lines += ["", "[jobs]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in jobs.items()]
-    if cog:
-        lines += ["", "[cog]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in cog.items()]
+    for section, values in (("cog", cog), ("queue", queue)):
+        if values:
+            lines += ["", f"[{section}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     for model in models:
         lines += ["", "[[models]]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in model.items()]
@@ -207,7 +209,8 @@ class KilnProcess:
     """
 
     def __init__(self, binary: Path, workdir: Path, port: int, config_text: str,
-                 env: dict | None = None):
+                 env: dict | None = None, subcommand: str = "serve"):
+        self.subcommand = subcommand
         self.binary = binary
         self.env = env or {}
         self.workdir = workdir
@@ -237,7 +240,7 @@ class KilnProcess:
 
     @property
     def command(self) -> list[str]:
-        return [str(self.binary), "serve", "--config", str(self.config_path)]
+        return [str(self.binary), self.subcommand, "--config", str(self.config_path)]
 
     def start(self, timeout: float | None = None) -> None:
         if timeout is None:

@@ -15,6 +15,7 @@ pub struct ServeConfig {
     pub protocols: ProtocolMounts,
     pub cog: CogSection,
     pub jobs: JobsSection,
+    pub queue: QueueSection,
     pub models: Vec<ModelEntry>,
 }
 
@@ -185,6 +186,50 @@ impl Default for JobsSection {
     }
 }
 
+/// What this process does with the shared queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Accepts requests and runs its models' jobs (one machine, the default).
+    #[default]
+    Standalone,
+    /// Accepts requests into the shared queue; runs jobs only with `work`.
+    Front,
+    /// Runs jobs from the shared queue; serves only probes and metrics.
+    Worker,
+}
+
+/// `[queue]`: where jobs wait. Without `url`, in the embedded SQLite store of
+/// `[jobs]`; with `redis://HOST:PORT/DB`, in Redis, shared by every front and
+/// worker pointed at it (docs/deploy.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSection {
+    /// `redis://[user:password@]host:port/db`; None: the SQLite store.
+    pub url: Option<String>,
+    /// A front that also runs its models' jobs (`kiln serve --work`).
+    pub work: bool,
+    /// How long a running job may go without its worker's heartbeat before
+    /// another worker takes it over (a worker killed mid-job).
+    #[serde(deserialize_with = "duration")]
+    pub visibility_timeout: Duration,
+    /// Prefix of every Redis key, so deployments can share one Redis.
+    pub key_prefix: String,
+    #[serde(skip)]
+    pub role: Role,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        QueueSection {
+            url: None,
+            work: false,
+            visibility_timeout: Duration::from_secs(30),
+            key_prefix: "kiln:".into(),
+            role: Role::Standalone,
+        }
+    }
+}
+
 /// When a model is loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -271,6 +316,9 @@ impl ServeConfig {
         }
         if let Some(path) = get("KILN_JOBS_DB") {
             self.jobs.database = Some(path.into());
+        }
+        if let Some(url) = get("KILN_QUEUE") {
+            self.queue.url = Some(url);
         }
         Ok(())
     }

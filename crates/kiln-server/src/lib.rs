@@ -16,19 +16,19 @@ pub mod state;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
-pub use config::{LoadPolicy, Mount, ServeConfig};
+pub use config::{LoadPolicy, Mount, Role, ServeConfig};
 pub use error::ApiError;
 pub use state::{AppState, LoadState, Loader, ModelSettings, ServedModel};
 
 use config::ProtocolMounts;
-use jobs::{JobStore, Jobs};
+use jobs::{JobBackend, JobStore, Jobs, LocalBackend, RedisBackend};
 use protocols::{cog, databricks, kserve, mlflow, openai, openai_text, runpod};
 
 /// A model to serve and how to load it.
@@ -211,16 +211,39 @@ impl Server {
                 address: address.clone(),
                 source,
             })?;
-        let store = match &config.jobs.database {
-            Some(path) => JobStore::open(path)?,
-            None => JobStore::in_memory()?,
-        };
         let queues: Vec<(String, usize)> = models
             .iter()
             .map(|m| (m.name.clone(), m.settings.max_queue))
             .collect();
+        let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+        let role = config.queue.role;
+        let runs_models = match role {
+            Role::Standalone | Role::Worker => true,
+            Role::Front => config.queue.work,
+        };
+        let backend: Arc<dyn JobBackend> = match &config.queue.url {
+            Some(_) => {
+                let redis = Arc::new(RedisBackend::connect(&config.queue, &names).await?);
+                if runs_models {
+                    redis.announce_worker(names.clone());
+                }
+                redis
+            }
+            None if role != Role::Standalone => {
+                return Err(StartError::Jobs(jobs::StoreError::new(
+                    "a front or worker needs a shared queue: give --queue redis://HOST:PORT/DB (or KILN_QUEUE)",
+                )));
+            }
+            None => {
+                let store = match &config.jobs.database {
+                    Some(path) => JobStore::open(path)?,
+                    None => JobStore::in_memory()?,
+                };
+                Arc::new(LocalBackend::new(store, &names))
+            }
+        };
         let metrics = Arc::new(metrics::Metrics::new());
-        let jobs = Jobs::new(store, config.jobs.clone(), &queues, Arc::clone(&metrics));
+        let jobs = Jobs::new(backend, config.jobs.clone(), &queues, Arc::clone(&metrics));
         let served: Vec<Arc<ServedModel>> = models
             .into_iter()
             .map(|spec| {
@@ -245,16 +268,21 @@ impl Server {
             openai_mount: config.protocols.openai.prefix().unwrap_or("/").to_string(),
             api_keys: config.server.api_keys.clone(),
             jobs,
+            runs_models,
+            remote_workers: std::sync::Mutex::new(Default::default()),
             started_at_ms: jobs::now_ms(),
             shutdown: tokio::sync::Notify::new(),
         });
-        let recovered = state.jobs.recover()?;
+        let recovered = state.jobs.recover().await?;
         if recovered > 0 {
             tracing::info!(jobs = recovered, "re-queued jobs from the previous run");
         }
-        Jobs::start(&state);
+        Jobs::start(&state, runs_models);
+        if !runs_models {
+            count_workers(&state);
+        }
         for model in &state.models {
-            if model.settings.load == LoadPolicy::Eager {
+            if runs_models && model.settings.load == LoadPolicy::Eager {
                 let state = Arc::clone(&state);
                 let model = Arc::clone(model);
                 tokio::spawn(async move {
@@ -301,6 +329,28 @@ impl Server {
         state_for_drain.jobs.drain(grace).await;
         Ok(())
     }
+}
+
+/// On a front: count each model's live workers every second, for readiness.
+fn count_workers(state: &Arc<AppState>) {
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for model in &state.models {
+                match state.jobs.workers(&model.name).await {
+                    Ok(Some(count)) => {
+                        jobs::lock(&state.remote_workers).insert(model.name.clone(), count);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(model = %model.name, error = %e, "cannot count workers")
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -323,9 +323,8 @@ fn engine_metrics(state: &AppState) -> Vec<(String, kiln_textgen::EngineMetrics)
 pub async fn metrics_endpoint(State(state): State<Arc<AppState>>) -> Response {
     // Queue depths as they are now, not as a timer last saw them.
     for model in &state.models {
-        state
-            .metrics
-            .queue_depth(&model.name, state.jobs.queue_depth(&model.name));
+        let depth = state.jobs.queue_depth(&model.name).await;
+        state.metrics.queue_depth(&model.name, depth);
     }
     let mut text = state.metrics.render();
     let engines = engine_metrics(&state);

@@ -305,6 +305,11 @@ pub struct AppState {
     /// API keys; empty means no authentication.
     pub api_keys: Vec<String>,
     pub jobs: Jobs,
+    /// Whether this process loads models and runs their jobs (false on a
+    /// front of a shared queue: workers elsewhere run them).
+    pub runs_models: bool,
+    /// On a front: live workers per model, as last counted in the queue.
+    pub remote_workers: Mutex<std::collections::HashMap<String, usize>>,
     /// Unix milliseconds when the server started.
     pub started_at_ms: i64,
     /// Signalled by Cog's `POST /shutdown`.
@@ -325,10 +330,31 @@ impl AppState {
     /// True once every eager model has loaded or failed and at least one can
     /// serve; with `strict_readiness`, only when none has failed.
     pub fn ready(&self) -> bool {
+        if !self.runs_models {
+            // A front is ready when workers serve its models.
+            let workers = crate::jobs::lock(&self.remote_workers);
+            let served = |m: &Arc<ServedModel>| workers.get(&m.name).is_some_and(|n| *n > 0);
+            return if self.strict_readiness {
+                self.models.iter().all(served)
+            } else {
+                self.models.iter().any(served)
+            };
+        }
         if self.strict_readiness {
             return self.models.iter().all(|m| m.allows_readiness());
         }
         self.models.iter().all(|m| m.settled()) && self.models.iter().any(|m| m.allows_readiness())
+    }
+
+    /// Refuse to load a model on a front whose workers run it.
+    fn check_runs_here(&self, model: &ServedModel) -> Result<(), ApiError> {
+        if self.runs_models {
+            return Ok(());
+        }
+        Err(ApiError::Unavailable(format!(
+            "model {:?} runs on workers behind the shared queue; this front serves it through the job routes (RunPod, Cog, OpenAI images) only",
+            model.name
+        )))
     }
 
     /// Models that failed to load, with the reasons.
@@ -364,6 +390,7 @@ impl AppState {
         model: &Arc<ServedModel>,
         wait_for_startup: bool,
     ) -> Result<ModelLease, ApiError> {
+        self.check_runs_here(model)?;
         if !wait_for_startup
             && model.settings.load == LoadPolicy::Eager
             && !model.ever_loaded.load(Ordering::SeqCst)
@@ -424,6 +451,7 @@ impl AppState {
             model: model.name.clone(),
             message,
         };
+        self.check_runs_here(model)?;
         loop {
             if let LoadState::Ready(pipeline) = model.state() {
                 return Ok(pipeline);

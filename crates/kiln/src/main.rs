@@ -25,6 +25,9 @@ struct Cli {
 enum Command {
     /// Serve models over HTTP (MLflow/SageMaker, KServe, RunPod, Cog, OpenAI).
     Serve(commands::serve::ServeArgs),
+    /// Run models' jobs from a shared queue (`--queue redis://...`) that
+    /// `kiln serve --queue` fronts accept; serves only probes and metrics.
+    Worker(commands::serve::ServeArgs),
     /// Manage the model registry.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
@@ -74,6 +77,7 @@ fn main() -> Result<()> {
     let home = cli.home.unwrap_or_else(kiln_registry::default_home);
     match cli.command {
         Command::Serve(args) => commands::serve::run(&home, args),
+        Command::Worker(args) => commands::serve::run_worker(&home, args),
         Command::Models(command) => commands::models::run(&home, command),
         Command::Glm(command) => commands::glm::run(&home, command),
         Command::Predict(args) => commands::predict::run(&home, args),

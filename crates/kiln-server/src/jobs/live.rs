@@ -31,6 +31,9 @@ pub struct LiveJob {
     changed: watch::Sender<u64>,
     pub(super) last_webhook: Mutex<Option<std::time::Instant>>,
     pub(super) webhook_channel: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(Value, bool)>>>,
+    /// When the job's final event was pushed (the companion is dropped a
+    /// while later where the store does not expire jobs here).
+    finished_at: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl LiveJob {
@@ -42,6 +45,7 @@ impl LiveJob {
             changed: watch::Sender::new(0),
             last_webhook: Mutex::new(None),
             webhook_channel: Mutex::new(None),
+            finished_at: std::sync::OnceLock::new(),
         }
     }
 
@@ -58,10 +62,18 @@ impl LiveJob {
     }
 
     pub(crate) fn push(&self, event: JobEvent) {
+        if event == JobEvent::Finished {
+            let _ = self.finished_at.set(std::time::Instant::now());
+        }
         if let Ok(mut events) = self.events.lock() {
             events.push(event);
         }
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// How long ago the job finished, if it has.
+    pub fn finished_for(&self) -> Option<std::time::Duration> {
+        self.finished_at.get().map(|at| at.elapsed())
     }
 
     /// Events so far.

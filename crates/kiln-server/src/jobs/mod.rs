@@ -3,13 +3,15 @@
 //! progress, cancellation and an execution timeout, and kept for a TTL. Protocol
 //! adapters (RunPod, Cog, OpenAI) submit jobs and render them in their shapes.
 
+pub mod backend;
 mod job;
 mod live;
+pub mod redis_queue;
 pub mod store;
 pub(crate) mod webhook;
 mod worker;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,13 +22,19 @@ use tokio::sync::Notify;
 use crate::config::JobsSection;
 use crate::metrics::Metrics;
 use crate::state::AppState;
+pub use backend::{Claim, JobBackend, LocalBackend, RemoteEvent};
 pub use job::{InputProblem, Job, JobError, JobOptions, JobStatus, Protocol, SubmitError, now_ms};
 pub use live::{JobEvent, LiveJob};
+pub use redis_queue::RedisBackend;
 pub use store::{JobStore, StoreError};
 pub use worker::progress_logs;
 
 /// The longest a request may ask results to be kept (RunPod `policy.ttl`).
 const MAX_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// How often a waiter looks at the job itself besides waiting for its events
+/// (events from other processes can be lost while Redis reconnects).
+const WAIT_POLL: Duration = Duration::from_millis(250);
 
 /// Lock `mutex`, recovering it when a thread panicked while holding it: the
 /// queues and maps behind these locks are whole after every single operation,
@@ -39,41 +47,17 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     })
 }
 
-/// One model's queue of job ids.
-struct ModelQueue {
-    pending: Mutex<VecDeque<String>>,
-    ready: Notify,
-    limit: usize,
-}
-
-impl ModelQueue {
-    /// The queue, locked, if it has room for one more job (held while the job
-    /// is recorded, so the bound is exact).
-    fn reserve(
-        &self,
-        model: &str,
-    ) -> Result<std::sync::MutexGuard<'_, VecDeque<String>>, SubmitError> {
-        let full = || SubmitError::QueueFull {
-            model: model.into(),
-            limit: self.limit,
-        };
-        let pending = lock(&self.pending);
-        if pending.len() >= self.limit {
-            return Err(full());
-        }
-        Ok(pending)
-    }
-}
-
-/// The job system: store, per-model queues, live jobs and webhook delivery.
+/// The job system: the backend (store and queues), live jobs and webhook
+/// delivery.
 pub struct Jobs {
-    pub store: JobStore,
+    backend: Arc<dyn JobBackend>,
     pub settings: JobsSection,
-    queues: HashMap<String, Arc<ModelQueue>>,
+    /// Each served model's queue bound.
+    limits: HashMap<String, usize>,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
     webhooks: webhook::Sender,
     /// Jobs this process is running now.
-    running: std::sync::atomic::AtomicUsize,
+    running: Mutex<HashMap<String, Claim>>,
     /// Set at shutdown: workers take no new jobs.
     draining: AtomicBool,
     /// Where final states are counted (cancellations are counted here).
@@ -83,79 +67,95 @@ pub struct Jobs {
 
 impl Jobs {
     /// Stop taking new jobs and wait (up to `grace`) for running ones to record
-    /// their results; jobs still queued stay queued for the next start.
+    /// their results. Jobs still running then go back to the shared queue (or,
+    /// with the local store, run again at the next start); queued jobs stay.
     pub async fn drain(&self, grace: Duration) {
         self.draining.store(true, Ordering::SeqCst);
-        for queue in self.queues.values() {
-            queue.ready.notify_waiters();
-        }
+        self.backend.wake_all();
         let deadline = tokio::time::Instant::now() + grace;
-        while self.running.load(Ordering::SeqCst) > 0 {
+        while self.running_count() > 0 {
             let wait = self.drained.notified();
-            if self.running.load(Ordering::SeqCst) == 0 {
+            if self.running_count() == 0 {
                 break;
             }
             if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                let unfinished: Vec<Claim> = lock(&self.running).values().cloned().collect();
                 tracing::warn!(
-                    running = self.running.load(Ordering::SeqCst),
-                    "shutdown grace period over: unfinished jobs run again at the next start"
+                    running = unfinished.len(),
+                    "shutdown grace period over: handing unfinished jobs back"
                 );
+                for claim in unfinished {
+                    if let Some(live) = self.live(&claim.id) {
+                        live.cancelled.store(true, Ordering::SeqCst);
+                    }
+                    match self.backend.hand_back(&claim).await {
+                        Ok(true) => {
+                            tracing::info!(job_id = %claim.id, "job handed back to the queue")
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(job_id = %claim.id, error = %e, "cannot hand a job back; another worker takes it after the visibility timeout")
+                        }
+                    }
+                }
                 break;
             }
         }
+    }
+
+    fn running_count(&self) -> usize {
+        lock(&self.running).len()
     }
 
     fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// A job system for these models (name, queue bound).
+    /// A job system over `backend` for these models (name, queue bound).
     pub fn new(
-        store: JobStore,
+        backend: Arc<dyn JobBackend>,
         settings: JobsSection,
         models: &[(String, usize)],
         metrics: Arc<Metrics>,
     ) -> Jobs {
-        let queues = models
-            .iter()
-            .map(|(name, limit)| {
-                (
-                    name.clone(),
-                    Arc::new(ModelQueue {
-                        pending: Mutex::new(VecDeque::new()),
-                        ready: Notify::new(),
-                        limit: *limit,
-                    }),
-                )
-            })
-            .collect();
         let webhooks = webhook::Sender::new(
             settings.webhook_retries,
             settings.webhook_retry_delay,
             settings.webhook_private_addresses,
         );
         Jobs {
-            store,
+            backend,
             settings,
-            queues,
+            limits: models.iter().cloned().collect(),
             live: Mutex::new(HashMap::new()),
             webhooks,
-            running: std::sync::atomic::AtomicUsize::new(0),
+            running: Mutex::new(HashMap::new()),
             metrics,
             draining: AtomicBool::new(false),
             drained: Notify::new(),
         }
     }
 
-    fn queue(&self, model: &str) -> Option<&Arc<ModelQueue>> {
-        self.queues.get(model)
+    /// Jobs waiting for `model` (0 when the backend cannot be asked now).
+    pub async fn queue_depth(&self, model: &str) -> usize {
+        match self.backend.depth(model).await {
+            Ok(depth) => depth,
+            Err(e) => {
+                tracing::warn!(%model, error = %e, "cannot read the queue depth");
+                0
+            }
+        }
     }
 
-    /// Jobs waiting for `model`.
-    pub fn queue_depth(&self, model: &str) -> usize {
-        self.queue(model)
-            .map(|q| lock(&q.pending).len())
-            .unwrap_or(0)
+    /// Jobs per status for `model` (RunPod `/health`).
+    pub async fn counts(&self, model: &str) -> Result<Vec<(JobStatus, u64, u64)>, StoreError> {
+        self.backend.counts(model).await
+    }
+
+    /// Worker processes serving `model` through the shared queue; None when
+    /// this process runs its own jobs.
+    pub async fn workers(&self, model: &str) -> Result<Option<usize>, StoreError> {
+        self.backend.workers(model).await
     }
 
     /// The live companion of a queued or running job.
@@ -163,15 +163,29 @@ impl Jobs {
         lock(&self.live).get(id).cloned()
     }
 
+    /// The job's live companion, created if it has none.
     fn track(&self, id: &str) -> Arc<LiveJob> {
-        let live = Arc::new(LiveJob::new());
-        lock(&self.live).insert(id.to_string(), Arc::clone(&live));
-        live
+        Arc::clone(
+            lock(&self.live)
+                .entry(id.to_string())
+                .or_insert_with(|| Arc::new(LiveJob::new())),
+        )
+    }
+
+    /// A new live companion for a job that runs again.
+    fn track_again(&self, id: &str) {
+        lock(&self.live).insert(id.to_string(), Arc::new(LiveJob::new()));
+    }
+
+    /// Record an event of a job this process holds, and tell the others.
+    pub(crate) fn emit(&self, id: &str, live: &LiveJob, event: JobEvent) {
+        live.push(event.clone());
+        self.backend.publish(id, RemoteEvent::Job(event));
     }
 
     /// Accept a job: committed to the store, then queued. Refused when the
     /// model's queue is at its bound.
-    pub fn submit(
+    pub async fn submit(
         &self,
         id: Option<String>,
         model: &str,
@@ -179,30 +193,19 @@ impl Jobs {
         input: Value,
         options: JobOptions,
     ) -> Result<Job, SubmitError> {
-        let queue = self
-            .queue(model)
+        let limit = *self
+            .limits
+            .get(model)
             .ok_or_else(|| SubmitError::UnknownModel(model.into()))?;
-        let mut pending = queue.reserve(model)?;
-        let id = match id {
-            Some(id) => {
-                if self.store.exists(&id)? {
-                    return Err(SubmitError::Duplicate(id));
-                }
-                id
-            }
-            None => uuid::Uuid::new_v4().to_string(),
-        };
+        let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let job = Job::queued(id.clone(), model, protocol, input, options);
-        self.store.insert(&job)?;
+        self.backend.submit(&job, limit).await?;
         self.track(&id);
-        pending.push_back(id);
-        drop(pending);
-        queue.ready.notify_one();
         Ok(job)
     }
 
     /// Record a job that fails before it is queued (its input broke the schema).
-    pub fn reject(
+    pub async fn reject(
         &self,
         model: &str,
         protocol: Protocol,
@@ -217,11 +220,12 @@ impl Jobs {
             input,
             options,
         );
-        self.store.insert(&job)?;
-        self.record_failure(&job.id, &job.options, &error)?;
+        self.backend.insert(&job).await?;
+        self.record_failure(&job, &error).await?;
         let failed = self
-            .get(&job.id)?
-            .ok_or_else(|| StoreError::from(rusqlite::Error::QueryReturnedNoRows))?;
+            .get(&job.id)
+            .await?
+            .ok_or_else(|| StoreError::new("a rejected job vanished from the store"))?;
         self.metrics
             .job_ended(&failed.model, JobStatus::Failed.as_str());
         // The client that gave a webhook hears of the failure there too.
@@ -230,8 +234,8 @@ impl Jobs {
     }
 
     /// Forget a finished job (its record and live events), freeing its id.
-    pub fn forget_final(&self, id: &str) -> Result<bool, StoreError> {
-        let removed = self.store.delete_final(id)?;
+    pub async fn forget_final(&self, id: &str) -> Result<bool, StoreError> {
+        let removed = self.backend.delete_final(id).await?;
         if removed {
             lock(&self.live).remove(id);
         }
@@ -239,8 +243,8 @@ impl Jobs {
     }
 
     /// The job as stored now, unless unknown or expired.
-    pub fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        self.store.get(id, now_ms())
+    pub async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        self.backend.get(id, now_ms()).await
     }
 
     /// Wait until the job ends or `timeout` passes; returns its state then.
@@ -248,17 +252,31 @@ impl Jobs {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let mut changes = self.live(id).map(|l| l.subscribe());
-            let job = self.get(id)?;
-            match (&job, &mut changes) {
-                (Some(job), Some(changes)) if !job.status.is_final() => {
-                    if tokio::time::timeout_at(deadline, changes.changed())
-                        .await
-                        .is_err()
-                    {
-                        return self.get(id);
+            let job = self.get(id).await?;
+            match &job {
+                Some(job) if !job.status.is_final() => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Ok(Some(job.clone()));
+                    }
+                    let poll = deadline.min(now + WAIT_POLL);
+                    match &mut changes {
+                        Some(changes) => {
+                            let _ = tokio::time::timeout_at(poll, changes.changed()).await;
+                        }
+                        None => tokio::time::sleep_until(poll).await,
                     }
                 }
-                _ => return Ok(job),
+                Some(job) => {
+                    // The final event may have been lost on the way here.
+                    if let Some(live) = self.live(&job.id)
+                        && !live.is_finished()
+                    {
+                        live.push(JobEvent::Finished);
+                    }
+                    return Ok(Some(job.clone()));
+                }
+                None => return Ok(None),
             }
         }
     }
@@ -274,9 +292,10 @@ impl Jobs {
     }
 
     /// Cancel a job that has not ended: a queued one never runs, a running one
-    /// stops at its next step. Returns the job as it is afterwards.
-    pub fn cancel(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        let Some(job) = self.get(id)? else {
+    /// stops at its next step (wherever its worker is). Returns the job as it
+    /// is afterwards.
+    pub async fn cancel(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let Some(job) = self.get(id).await? else {
             return Ok(None);
         };
         if job.status.is_final() {
@@ -291,29 +310,28 @@ impl Jobs {
             Some(live) => progress_logs(&live.events()),
             None => job.logs.clone(),
         };
-        let cancelled = self.store.finish(
-            id,
-            JobStatus::Cancelled,
-            None,
-            Some(&error),
-            &logs,
+        let ending = backend::Ending {
+            model: &job.model,
+            status: JobStatus::Cancelled,
+            output: None,
+            error: Some(&error),
+            logs: &logs,
             now,
-            self.expiry(&job.options, now),
-        )?;
+            expires_at: self.expiry(&job.options, now),
+        };
+        let cancelled = self.backend.finish(id, None, &ending).await?;
         if cancelled {
             // The worker of a running job finds it already final and does
             // not count it again.
             self.metrics
                 .job_ended(&job.model, JobStatus::Cancelled.as_str());
-            if let Some(queue) = self.queue(&job.model) {
-                lock(&queue.pending).retain(|queued| queued != id);
-            }
+            self.backend.publish(id, RemoteEvent::Cancel);
             if let Some(live) = self.live(id) {
                 live.cancelled.store(true, Ordering::SeqCst);
                 live.push(JobEvent::Finished);
             }
         }
-        let job = self.get(id)?;
+        let job = self.get(id).await?;
         if cancelled && let Some(job) = &job {
             self.deliver_final(job);
         }
@@ -322,35 +340,34 @@ impl Jobs {
 
     /// Queue a FAILED or TIMED_OUT job again. `Ok(None)` when it is unknown,
     /// `Ok(Some(false))` when it is in another state.
-    pub fn retry(&self, id: &str) -> Result<Option<bool>, SubmitError> {
-        let Some(job) = self.get(id)? else {
+    pub async fn retry(&self, id: &str) -> Result<Option<bool>, SubmitError> {
+        let Some(job) = self.get(id).await? else {
             return Ok(None);
         };
-        let Some(queue) = self.queue(&job.model) else {
+        let Some(limit) = self.limits.get(&job.model) else {
             return Ok(Some(false));
         };
-        let mut pending = queue.reserve(&job.model)?;
-        if !self.store.retry(id)? {
-            return Ok(Some(false));
-        }
-        self.track(id);
-        pending.push_back(id.to_string());
-        drop(pending);
-        queue.ready.notify_one();
-        Ok(Some(true))
+        // A fresh companion before the job is queued, so a fast worker's
+        // events land in it.
+        self.track_again(id);
+        Ok(Some(self.backend.retry(&job, *limit).await?))
     }
 
     /// Cancel every queued job of `model`; returns how many.
-    pub fn purge_queue(&self, model: &str) -> Result<usize, StoreError> {
-        let ids: Vec<String> = match self.queue(model) {
-            Some(queue) => lock(&queue.pending).drain(..).collect(),
-            None => Vec::new(),
-        };
-        // Every drained id is cancelled even if one fails, so none is stranded.
+    pub async fn purge_queue(&self, model: &str) -> Result<usize, StoreError> {
+        let ids = self.backend.queued_ids(model).await?;
+        // Every queued id is cancelled even if one fails, so none is stranded.
         let mut removed = 0;
         let mut first_error = None;
         for id in ids {
-            match self.cancel(&id) {
+            let queued = match self.get(&id).await {
+                Ok(Some(job)) => job.status == JobStatus::InQueue,
+                _ => true,
+            };
+            if !queued {
+                continue;
+            }
+            match self.cancel(&id).await {
                 Ok(Some(_)) => removed += 1,
                 Ok(None) => {}
                 Err(e) => {
@@ -386,40 +403,53 @@ impl Jobs {
 
     /// Re-queue jobs left by a previous run (per the restart policy). Call once,
     /// before the workers start.
-    pub fn recover(&self) -> Result<usize, StoreError> {
-        let now = now_ms();
-        let queued = self.store.recover(
-            self.settings.on_restart,
-            now,
-            self.settings.result_ttl.as_millis() as i64,
-        )?;
-        let mut count = 0;
-        for job in queued {
-            match self.queue(&job.model) {
-                Some(queue) => {
-                    self.track(&job.id);
-                    lock(&queue.pending).push_back(job.id.clone());
-                    count += 1;
-                    queue.ready.notify_one();
-                }
-                None => {
-                    let error = JobError::Failed {
-                        message: format!("model {:?} is no longer served", job.model),
-                    };
-                    self.record_failure(&job.id, &job.options, &error)?;
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let recovered = self
+            .backend
+            .recover(
+                self.settings.on_restart,
+                now_ms(),
+                self.settings.result_ttl.as_millis() as i64,
+            )
+            .await?;
+        for job in &recovered.orphans {
+            let error = JobError::Failed {
+                message: format!("model {:?} is no longer served", job.model),
+            };
+            self.record_failure(job, &error).await?;
+        }
+        Ok(recovered.requeued)
+    }
+
+    /// Start the workers of the models this process runs (none on a front
+    /// that does not work), the relay of other processes' events, and the
+    /// housekeeping task (TTL purge, idle unloading). Runs until the runtime
+    /// stops.
+    pub fn start(state: &Arc<AppState>, run_models: bool) {
+        if run_models {
+            for model in &state.models {
+                for _ in 0..model.settings.concurrency.max(1) {
+                    tokio::spawn(worker::run(Arc::clone(state), Arc::clone(model)));
                 }
             }
         }
-        Ok(count)
-    }
-
-    /// Start each model's workers and the housekeeping task (TTL purge, idle
-    /// unloading). Runs until the runtime stops.
-    pub fn start(state: &Arc<AppState>) {
-        for model in &state.models {
-            for _ in 0..model.settings.concurrency.max(1) {
-                tokio::spawn(worker::run(Arc::clone(state), Arc::clone(model)));
-            }
+        if let Some(mut events) = state.jobs.backend.remote_events() {
+            let state = Arc::clone(state);
+            tokio::spawn(async move {
+                while let Some((id, event)) = events.recv().await {
+                    let Some(live) = state.jobs.live(&id) else {
+                        continue;
+                    };
+                    match event {
+                        RemoteEvent::Cancel => live.cancelled.store(true, Ordering::SeqCst),
+                        RemoteEvent::Job(event) => {
+                            if !live.is_finished() {
+                                live.push(event);
+                            }
+                        }
+                    }
+                }
+            });
         }
         let state = Arc::clone(state);
         tokio::spawn(async move {
@@ -427,12 +457,16 @@ impl Jobs {
             loop {
                 tick.tick().await;
                 state.unload_idle();
-                match state.jobs.store.delete_expired(now_ms()) {
+                match state.jobs.backend.delete_expired(now_ms()).await {
                     Ok(ids) => {
+                        let keep = state.jobs.settings.result_ttl;
                         let mut live = lock(&state.jobs.live);
                         for id in &ids {
                             live.remove(id);
                         }
+                        // Where the store expires jobs by itself (Redis),
+                        // companions go a result TTL after their job ended.
+                        live.retain(|_, job| job.finished_for().is_none_or(|age| age < keep));
                     }
                     Err(e) => tracing::error!(error = %e, "cannot purge expired jobs"),
                 }
@@ -441,39 +475,33 @@ impl Jobs {
     }
 
     /// Store a queued or running job as FAILED now; false if it had already ended.
-    fn record_failure(
-        &self,
-        id: &str,
-        options: &JobOptions,
-        error: &JobError,
-    ) -> Result<bool, StoreError> {
+    async fn record_failure(&self, job: &Job, error: &JobError) -> Result<bool, StoreError> {
         let now = now_ms();
-        self.store.finish(
-            id,
-            JobStatus::Failed,
-            None,
-            Some(error),
-            "",
+        let ending = backend::Ending {
+            model: &job.model,
+            status: JobStatus::Failed,
+            output: None,
+            error: Some(error),
+            logs: "",
             now,
-            self.expiry(options, now),
-        )
+            expires_at: self.expiry(&job.options, now),
+        };
+        self.backend.finish(&job.id, None, &ending).await
     }
 
     /// Record a job as FAILED from outside its normal path (a worker fault).
-    fn fail(&self, id: &str, message: String) {
-        let options = self
-            .get(id)
-            .ok()
-            .flatten()
-            .map(|j| j.options)
-            .unwrap_or_default();
+    async fn fail(&self, id: &str, message: String) {
+        let Ok(Some(job)) = self.get(id).await else {
+            tracing::error!(job_id = id, %message, "cannot read a failed job to record it");
+            return;
+        };
         let error = JobError::Failed { message };
-        match self.record_failure(id, &options, &error) {
+        match self.record_failure(&job, &error).await {
             Ok(true) => {
                 if let Some(live) = self.live(id) {
-                    live.push(JobEvent::Finished);
+                    self.emit(id, &live, JobEvent::Finished);
                 }
-                if let Ok(Some(job)) = self.get(id) {
+                if let Ok(Some(job)) = self.get(id).await {
                     self.deliver_final(&job);
                 }
             }
@@ -548,32 +576,5 @@ fn wants_event(job: &Job, event: &str) -> bool {
     match (&job.options.webhook_events, job.protocol) {
         (Some(filter), Protocol::Cog) => filter.iter().any(|e| e == event),
         _ => true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_queue_poisoned_by_a_panic_keeps_taking_and_giving_jobs() {
-        let queue = Arc::new(ModelQueue {
-            pending: Mutex::new(VecDeque::from(["queued".to_string()])),
-            ready: Notify::new(),
-            limit: 4,
-        });
-        let poisoner = Arc::clone(&queue);
-        let _ = std::thread::spawn(move || {
-            let _guard = poisoner.pending.lock();
-            panic!("a panic while the queue is locked");
-        })
-        .join();
-        assert!(queue.pending.is_poisoned());
-        // Not "queue full" forever: there is room, and the queued job is kept.
-        let mut pending = queue.reserve("m").expect("room in the queue");
-        pending.push_back("next".into());
-        drop(pending);
-        assert!(!queue.pending.is_poisoned());
-        assert_eq!(lock(&queue.pending).pop_front().as_deref(), Some("queued"));
     }
 }

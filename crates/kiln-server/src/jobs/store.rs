@@ -17,6 +17,12 @@ use crate::config::RestartPolicy;
 #[error("job store: {0}")]
 pub struct StoreError(String);
 
+impl StoreError {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        StoreError(message.into())
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError(e.to_string())

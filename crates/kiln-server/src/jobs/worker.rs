@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kiln_pipelines::{PipelineError, Progress};
 use serde_json::Value;
 
+use super::backend::{Claim, Ending};
 use super::{InputProblem, Job, JobError, JobEvent, JobStatus, LiveJob, now_ms};
 use crate::error::ApiError;
 use crate::protocols::{prediction_json, request_from_json};
@@ -36,41 +37,74 @@ impl Outcome {
     }
 }
 
-/// Serve `model`'s queue forever.
+/// How long one wait for a job lasts before the worker checks for shutdown.
+const CLAIM_WAIT: Duration = Duration::from_secs(1);
+
+/// Serve `model`'s queue until shutdown.
 pub(super) async fn run(state: Arc<AppState>, model: Arc<ServedModel>) {
-    let Some(queue) = state.jobs.queue(&model.name).cloned() else {
-        return;
-    };
     loop {
         if state.jobs.is_draining() {
             return;
         }
-        let (next, more) = {
-            let mut pending = super::lock(&queue.pending);
-            (pending.pop_front(), !pending.is_empty())
-        };
-        match next {
-            Some(id) => {
-                // Wake-ups coalesce: pass one on while work remains.
-                if more {
-                    queue.ready.notify_one();
-                }
-                state.jobs.running.fetch_add(1, Ordering::SeqCst);
-                let running = std::panic::AssertUnwindSafe(run_one(&state, &model, &id));
-                if futures_util::FutureExt::catch_unwind(running)
-                    .await
-                    .is_err()
-                {
-                    tracing::error!(job_id = %id, model = %model.name, "the worker panicked running this job");
-                    state
-                        .jobs
-                        .fail(&id, "internal error: the worker panicked".into());
-                }
-                state.jobs.running.fetch_sub(1, Ordering::SeqCst);
-                state.jobs.drained.notify_waiters();
+        let claim = match state.jobs.backend.claim_next(&model.name, CLAIM_WAIT).await {
+            Ok(Some(claim)) => claim,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(model = %model.name, error = %e, "cannot take a job; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
-            None => queue.ready.notified().await,
+        };
+        let id = claim.id.clone();
+        super::lock(&state.jobs.running).insert(id.clone(), claim.clone());
+        let running = std::panic::AssertUnwindSafe(run_one(&state, &model, &claim));
+        if futures_util::FutureExt::catch_unwind(running)
+            .await
+            .is_err()
+        {
+            tracing::error!(job_id = %id, model = %model.name, "the worker panicked running this job");
+            state
+                .jobs
+                .fail(&id, "internal error: the worker panicked".into())
+                .await;
         }
+        super::lock(&state.jobs.running).remove(&id);
+        state.jobs.drained.notify_waiters();
+    }
+}
+
+/// Renew the claim while the job runs; when it is lost (cancelled elsewhere,
+/// or taken over after a missed visibility timeout) stop the computation.
+fn keep_alive(state: &Arc<AppState>, claim: &Claim, live: &Arc<LiveJob>) -> Option<AbortOnDrop> {
+    let every = state.jobs.backend.heartbeat_interval()?;
+    let state = Arc::clone(state);
+    let claim = claim.clone();
+    let live = Arc::clone(live);
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match state.jobs.backend.heartbeat(&claim).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(job_id = %claim.id, "job ended elsewhere or was taken over; stopping it");
+                    live.cancelled.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %claim.id, error = %e, "cannot renew a job's claim; retrying")
+                }
+            }
+        }
+    });
+    Some(AbortOnDrop(task))
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -86,31 +120,21 @@ pub fn progress_logs(events: &[JobEvent]) -> String {
         .collect()
 }
 
-async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
+async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, claim: &Claim) {
     let jobs = &state.jobs;
-    match jobs.store.start(id, now_ms()) {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(e) => {
-            // Still IN_QUEUE in the store: put it back and try again shortly.
-            tracing::error!(job_id = id, error = %e, "cannot start job; re-queueing it");
-            if let Some(queue) = jobs.queue(&model.name) {
-                super::lock(&queue.pending).push_back(id.to_string());
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            return;
-        }
-    }
-    let job = match jobs.get(id) {
+    let id = claim.id.as_str();
+    let job = match jobs.get(id).await {
         Ok(Some(job)) => job,
         Ok(None) => return,
         Err(e) => {
-            jobs.fail(id, format!("internal error: cannot read the job: {e}"));
+            jobs.fail(id, format!("internal error: cannot read the job: {e}"))
+                .await;
             return;
         }
     };
-    let live = jobs.live(id).unwrap_or_else(|| jobs.track(id));
-    live.push(JobEvent::Started);
+    let live = jobs.track(id);
+    let _heartbeat = keep_alive(state, claim, &live);
+    jobs.emit(id, &live, JobEvent::Started);
     jobs.deliver_event(&job, "start");
     state
         .metrics
@@ -123,18 +147,19 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
 
     let logs = progress_logs(&live.events());
     // A result is only as durable as its write: retry a failing store briefly.
-    let mut recorded = Err(super::StoreError::from(rusqlite::Error::InvalidQuery));
+    let mut recorded = Err(super::StoreError::new("the result was never written"));
     for attempt in 0..5 {
         let now = now_ms();
-        recorded = jobs.store.finish(
-            id,
-            outcome.status,
-            outcome.output.as_ref(),
-            outcome.error.as_ref(),
-            &logs,
+        let ending = Ending {
+            model: &model.name,
+            status: outcome.status,
+            output: outcome.output.as_ref(),
+            error: outcome.error.as_ref(),
+            logs: &logs,
             now,
-            jobs.expiry(&job.options, now),
-        );
+            expires_at: jobs.expiry(&job.options, now),
+        };
+        recorded = jobs.backend.finish(id, Some(claim), &ending).await;
         if recorded.is_ok() {
             break;
         }
@@ -151,8 +176,8 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
                     tracing::warn!(job_id = id, model = %model.name, status = outcome.status.as_str(), %error, "job did not complete")
                 }
             }
-            live.push(JobEvent::Finished);
-            if let Ok(Some(job)) = jobs.get(id) {
+            jobs.emit(id, &live, JobEvent::Finished);
+            if let Ok(Some(job)) = jobs.get(id).await {
                 if job.status == JobStatus::Completed {
                     // As Cog does: the output arrives while the prediction is
                     // still "processing"; "completed" follows.
@@ -167,7 +192,7 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, id: &str) {
             }
         }
         Ok(false) => {
-            tracing::info!(job_id = id, model = %model.name, "job had already ended (cancelled)");
+            tracing::info!(job_id = id, model = %model.name, "job had already ended (cancelled) or was taken over");
         }
         Err(e) => {
             tracing::error!(job_id = id, error = %e, "cannot record the job's result");
@@ -226,10 +251,14 @@ async fn execute(
             // still holds its slot until it really stops.
             let lease = lease;
             let mut on_progress = |progress: Progress| {
-                live.push(JobEvent::Progress {
-                    step: progress.step,
-                    total: progress.total,
-                });
+                state.jobs.emit(
+                    &running.id,
+                    &live,
+                    JobEvent::Progress {
+                        step: progress.step,
+                        total: progress.total,
+                    },
+                );
                 state.metrics.denoising_step(&model_name);
                 state.jobs.deliver_progress(&running, &live);
                 !live.is_cancelled() && deadline.is_none_or(|d| Instant::now() < d)

@@ -322,6 +322,7 @@ pub async fn image_generations(
     let job = match state
         .jobs
         .submit(None, &model.name, Protocol::OpenAi, input, options)
+        .await
     {
         Ok(job) => job,
         Err(e) => return labelled(error(ApiError::from(e)), &model.name),

@@ -190,7 +190,7 @@ fn parse_run(
 
 /// Submit a job, or record it as FAILED at once when its input breaks the schema
 /// (as a RunPod handler's validator would).
-fn submit(
+async fn submit(
     state: &AppState,
     model: &ServedModel,
     input: Value,
@@ -206,11 +206,13 @@ fn submit(
                 options,
                 JobError::Invalid { problems },
             )
+            .await
             .map_err(|e| ApiError::Internal(e.to_string()));
     }
     state
         .jobs
         .submit(None, &model.name, Protocol::RunPod, input, options)
+        .await
         .map_err(ApiError::from)
 }
 
@@ -223,8 +225,10 @@ async fn run_inner(
         Ok(model) => model,
         Err(e) => return error(e),
     };
-    let result = parse_run(state, body, false)
-        .and_then(|(input, options)| submit(state, &model, input, options));
+    let result = match parse_run(state, body, false) {
+        Ok((input, options)) => submit(state, &model, input, options).await,
+        Err(e) => Err(e),
+    };
     // Refusals (a full queue's 429 included) count against the model too.
     let response = match result {
         Ok(job) => Json(json!({"id": job.id, "status": job.status.as_str()})).into_response(),
@@ -261,12 +265,13 @@ async fn runsync_inner(
     wait: Option<u64>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let submitted = (|| {
+    let submitted = async {
         let model = endpoint(state, model)?;
         let (input, options) = parse_run(state, body, true)?;
-        let job = submit(state, &model, input, options)?;
+        let job = submit(state, &model, input, options).await?;
         Ok::<_, ApiError>((model, job))
-    })();
+    }
+    .await;
     let (model, job) = match submitted {
         Ok(pair) => pair,
         Err(e) => return error(e),
@@ -301,10 +306,11 @@ pub async fn model_runsync(
 }
 
 /// The job, if it exists and belongs to this endpoint.
-fn find(state: &AppState, model: Option<&str>, id: &str) -> Result<Job, ApiError> {
+async fn find(state: &AppState, model: Option<&str>, id: &str) -> Result<Job, ApiError> {
     let job = state
         .jobs
         .get(id)
+        .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
     match model {
@@ -313,8 +319,8 @@ fn find(state: &AppState, model: Option<&str>, id: &str) -> Result<Job, ApiError
     }
 }
 
-fn status_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
-    match find(state, model, id) {
+async fn status_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
+    match find(state, model, id).await {
         Ok(job) => labelled(Json(status_body(&job)).into_response(), &job.model),
         Err(e) => error(e),
     }
@@ -322,7 +328,7 @@ fn status_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
 
 /// `GET|POST /status/{id}`.
 pub async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    status_inner(&state, None, &id)
+    status_inner(&state, None, &id).await
 }
 
 /// `GET|POST /v2/{model}/status/{id}`.
@@ -330,11 +336,11 @@ pub async fn model_status(
     State(state): State<Arc<AppState>>,
     Path((model, id)): Path<(String, String)>,
 ) -> Response {
-    status_inner(&state, Some(&model), &id)
+    status_inner(&state, Some(&model), &id).await
 }
 
-fn stream_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
-    if let Err(e) = find(state, model, id) {
+async fn stream_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
+    if let Err(e) = find(state, model, id).await {
         return error(e);
     }
     // Without a live record (after a restart) there is nothing left to stream:
@@ -345,7 +351,7 @@ fn stream_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
         None => Vec::new(),
     };
     // Read after the events: a Finished event means the final state is stored.
-    let job = match find(state, model, id) {
+    let job = match find(state, model, id).await {
         Ok(job) => job,
         Err(e) => return error(e),
     };
@@ -374,7 +380,7 @@ fn stream_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
 
 /// `GET /stream/{id}`: chunks since the last read.
 pub async fn stream(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    stream_inner(&state, None, &id)
+    stream_inner(&state, None, &id).await
 }
 
 /// `GET /v2/{model}/stream/{id}`.
@@ -382,14 +388,14 @@ pub async fn model_stream(
     State(state): State<Arc<AppState>>,
     Path((model, id)): Path<(String, String)>,
 ) -> Response {
-    stream_inner(&state, Some(&model), &id)
+    stream_inner(&state, Some(&model), &id).await
 }
 
-fn cancel_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
-    if let Err(e) = find(state, model, id) {
+async fn cancel_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
+    if let Err(e) = find(state, model, id).await {
         return error(e);
     }
-    match state.jobs.cancel(id) {
+    match state.jobs.cancel(id).await {
         Ok(Some(job)) => labelled(
             Json(json!({"id": job.id, "status": job.status.as_str()})).into_response(),
             &job.model,
@@ -401,7 +407,7 @@ fn cancel_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
 
 /// `POST /cancel/{id}`.
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    cancel_inner(&state, None, &id)
+    cancel_inner(&state, None, &id).await
 }
 
 /// `POST /v2/{model}/cancel/{id}`.
@@ -409,15 +415,15 @@ pub async fn model_cancel(
     State(state): State<Arc<AppState>>,
     Path((model, id)): Path<(String, String)>,
 ) -> Response {
-    cancel_inner(&state, Some(&model), &id)
+    cancel_inner(&state, Some(&model), &id).await
 }
 
-fn retry_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
-    let job = match find(state, model, id) {
+async fn retry_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
+    let job = match find(state, model, id).await {
         Ok(job) => job,
         Err(e) => return error(e),
     };
-    match state.jobs.retry(id) {
+    match state.jobs.retry(id).await {
         Ok(Some(true)) => Json(json!({"id": id, "status": "IN_QUEUE"})).into_response(),
         Ok(Some(false)) => error(ApiError::BadRequest(format!(
             "only FAILED or TIMED_OUT jobs can be retried; job {id} is {}",
@@ -430,7 +436,7 @@ fn retry_inner(state: &AppState, model: Option<&str>, id: &str) -> Response {
 
 /// `POST /retry/{id}`.
 pub async fn retry(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    retry_inner(&state, None, &id)
+    retry_inner(&state, None, &id).await
 }
 
 /// `POST /v2/{model}/retry/{id}`.
@@ -438,15 +444,15 @@ pub async fn model_retry(
     State(state): State<Arc<AppState>>,
     Path((model, id)): Path<(String, String)>,
 ) -> Response {
-    retry_inner(&state, Some(&model), &id)
+    retry_inner(&state, Some(&model), &id).await
 }
 
-fn purge_inner(state: &AppState, model: Option<&str>) -> Response {
+async fn purge_inner(state: &AppState, model: Option<&str>) -> Response {
     let model = match endpoint(state, model) {
         Ok(model) => model,
         Err(e) => return error(e),
     };
-    match state.jobs.purge_queue(&model.name) {
+    match state.jobs.purge_queue(&model.name).await {
         Ok(removed) => Json(json!({"removed": removed, "status": "completed"})).into_response(),
         Err(e) => error(ApiError::Internal(e.to_string())),
     }
@@ -454,7 +460,7 @@ fn purge_inner(state: &AppState, model: Option<&str>) -> Response {
 
 /// `POST /purge-queue`.
 pub async fn purge_queue(State(state): State<Arc<AppState>>) -> Response {
-    purge_inner(&state, None)
+    purge_inner(&state, None).await
 }
 
 /// `POST /v2/{model}/purge-queue`.
@@ -462,7 +468,7 @@ pub async fn model_purge_queue(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Response {
-    purge_inner(&state, Some(&model))
+    purge_inner(&state, Some(&model)).await
 }
 
 /// `GET /v2/{model}/health`: job counts and workers.
@@ -474,7 +480,7 @@ pub async fn model_health(
         Ok(model) => model,
         Err(e) => return error(e),
     };
-    let counts = match state.jobs.store.counts(&model.name) {
+    let counts = match state.jobs.counts(&model.name).await {
         Ok(counts) => counts,
         Err(e) => return error(ApiError::Internal(e.to_string())),
     };

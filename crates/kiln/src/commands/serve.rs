@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use kiln_pipelines::load_pipeline;
 use kiln_registry::{IntegrityCache, ModelRef, Registry, ResolvedModel, Verification};
-use kiln_server::config::{LoadPolicy, ModelEntry, ServeConfig, parse_bytes};
-use kiln_server::{ModelSettings, ModelSpec, Server, shutdown_signal};
+use kiln_server::config::{LoadPolicy, ModelEntry, ProtocolMounts, ServeConfig, parse_bytes};
+use kiln_server::{ModelSettings, ModelSpec, Mount, Role, Server, shutdown_signal};
 
 use crate::builtin;
 use crate::resolve::{folder_bytes, locate_model};
@@ -29,6 +29,14 @@ pub struct ServeArgs {
     /// Largest request body, e.g. 32MiB; larger requests get 413.
     #[arg(long)]
     body_limit: Option<String>,
+    /// The shared job queue, `redis://HOST:PORT/DB` (env KILN_QUEUE): this
+    /// process accepts jobs into it and workers (`kiln worker`) run them.
+    /// Default: the embedded SQLite store, jobs run here.
+    #[arg(long)]
+    queue: Option<String>,
+    /// With --queue: also run this process's models' jobs (a front that works).
+    #[arg(long)]
+    work: bool,
     /// Models to serve besides the configuration's: `models:/cat.sch.model/3`,
     /// `models:/cat.sch.model@alias`, `cat.sch.model` (latest) or a model folder.
     /// None at all: the built-in example GLM.
@@ -218,6 +226,15 @@ fn read_config(home: &Path, args: &ServeArgs) -> Result<ServeConfig> {
     if config.jobs.database.is_none() {
         config.jobs.database = Some(home.join("jobs.sqlite"));
     }
+    if let Some(url) = &args.queue {
+        config.queue.url = Some(url.clone());
+    }
+    if args.work {
+        config.queue.work = true;
+    }
+    if config.queue.url.is_some() {
+        config.queue.role = Role::Front;
+    }
     for text in &args.models {
         config.models.push(ModelEntry {
             name: None,
@@ -233,8 +250,32 @@ fn read_config(home: &Path, args: &ServeArgs) -> Result<ServeConfig> {
     Ok(config)
 }
 
+/// `kiln worker`: run the models' jobs from the shared queue. Its HTTP
+/// listener serves only the health probes and metrics.
+pub fn run_worker(home: &Path, args: ServeArgs) -> Result<()> {
+    let mut config = read_config(home, &args)?;
+    if config.queue.url.is_none() {
+        anyhow::bail!(
+            "a worker takes jobs from a shared queue: give --queue redis://HOST:PORT/DB (or KILN_QUEUE)"
+        );
+    }
+    config.queue.role = Role::Worker;
+    config.protocols = ProtocolMounts {
+        mlflow: Mount::Off,
+        kserve: Mount::Off,
+        runpod: Mount::Off,
+        cog: Mount::Off,
+        openai: Mount::Off,
+    };
+    serve_config(home, config)
+}
+
 pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
     let config = read_config(home, &args)?;
+    serve_config(home, config)
+}
+
+fn serve_config(home: &Path, config: ServeConfig) -> Result<()> {
     let registry = Registry::open(home);
     let mut specs: Vec<ModelSpec> = Vec::new();
     for entry in &config.models {
@@ -265,7 +306,13 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         let server = Server::bind(&config, specs).await?;
         let address = server.local_addr()?;
-        tracing::info!(%address, models = ?names, auth = !config.server.api_keys.is_empty(), "kiln is listening (ready once every eager model has loaded)");
+        let role = match config.queue.role {
+            Role::Standalone => "standalone",
+            Role::Front if config.queue.work => "front and worker",
+            Role::Front => "front (workers run the models)",
+            Role::Worker => "worker",
+        };
+        tracing::info!(%address, models = ?names, role, auth = !config.server.api_keys.is_empty(), "kiln is listening (ready once every eager model has loaded)");
         server.run(shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

@@ -176,19 +176,30 @@ pub async fn docs() -> Response {
 /// `GET /health-check`: always 200, the status in the body.
 pub async fn health_check(State(state): State<Arc<AppState>>) -> Response {
     let model = state.default_model().ok();
+    let queue_depth = match &model {
+        Some(model) => state.jobs.queue_depth(&model.name).await,
+        None => 0,
+    };
+    let busy = match &model {
+        Some(model) => !queues_behind_busy_slots(&state) && slots_busy(&state, model).await,
+        None => false,
+    };
     let (status, setup_status, logs) = match model.as_ref().map(|m| m.state()) {
         Some(LoadState::Failed(message)) => ("SETUP_FAILED", "failed", message),
         // Cog serves one model: its readiness is the default model's own.
-        _ if !model.as_ref().is_some_and(|m| m.allows_readiness()) => {
+        // (on a front: whether workers serve it).
+        _ if !(if state.runs_models {
+            model.as_ref().is_some_and(|m| m.allows_readiness())
+        } else {
+            state.ready()
+        }) =>
+        {
             ("STARTING", "processing", String::new())
         }
         _ => match &model {
             // Busy when a new prediction would be refused: every slot taken
             // (Cog), or with `[cog] queue`, the queue full.
-            Some(model)
-                if (!state.cog.queue && slots_busy(&state, model))
-                    || state.jobs.queue_depth(&model.name) >= model.settings.max_queue =>
-            {
+            Some(model) if busy || queue_depth >= model.settings.max_queue => {
                 ("BUSY", "succeeded", String::new())
             }
             _ => ("READY", "succeeded", String::new()),
@@ -362,7 +373,7 @@ async fn predict_inner(
                 json!([{"loc": ["body", "id"], "msg": "prediction ID must match the ID supplied in the URL", "type": "value_error"}]),
             );
         }
-        match state.jobs.get(&id) {
+        match state.jobs.get(&id).await {
             // Idempotent PUT: a prediction still running answers as it is.
             Ok(Some(job)) if !job.status.is_final() => {
                 let live = state.jobs.live(&id);
@@ -377,7 +388,7 @@ async fn predict_inner(
             }
             // A finished one is forgotten: Cog starts a new prediction.
             Ok(Some(_)) => {
-                if let Err(e) = state.jobs.forget_final(&id) {
+                if let Err(e) = state.jobs.forget_final(&id).await {
                     return error(ApiError::Internal(e.to_string()));
                 }
                 request.id = Some(id);
@@ -395,7 +406,7 @@ async fn predict_inner(
         return unprocessable(&problems);
     }
     whole_numbers_as_integers(&model, &mut request.input);
-    if !state.cog.queue && slots_busy(&state, &model) {
+    if !queues_behind_busy_slots(&state) && slots_busy(&state, &model).await {
         return labelled(
             detail(StatusCode::CONFLICT, json!("Already running a prediction")),
             &model.name,
@@ -403,17 +414,21 @@ async fn predict_inner(
     }
     let asynchronous = wants_async(&headers);
     request.options.sync = !asynchronous;
-    let job = match state.jobs.submit(
-        request.id,
-        &model.name,
-        Protocol::Cog,
-        request.input,
-        request.options,
-    ) {
+    let job = match state
+        .jobs
+        .submit(
+            request.id,
+            &model.name,
+            Protocol::Cog,
+            request.input,
+            request.options,
+        )
+        .await
+    {
         Ok(job) => job,
         // A concurrent PUT with the same id won the race: answer as for a repeat.
         Err(SubmitError::Duplicate(id)) => {
-            return match state.jobs.get(&id) {
+            return match state.jobs.get(&id).await {
                 Ok(Some(job)) => labelled(
                     (
                         StatusCode::ACCEPTED,
@@ -460,9 +475,16 @@ async fn predict_inner(
     )
 }
 
+/// Whether predictions wait behind busy slots rather than get 409: with
+/// `[cog] queue`, and always on a front (its workers are elsewhere; the
+/// shared queue is what Replicate-style clients expect there).
+fn queues_behind_busy_slots(state: &AppState) -> bool {
+    state.cog.queue || !state.runs_models
+}
+
 /// Every prediction slot of the model taken (running or queued): Cog's BUSY.
-fn slots_busy(state: &AppState, model: &ServedModel) -> bool {
-    model.in_use() + state.jobs.queue_depth(&model.name) >= model.settings.concurrency.max(1)
+async fn slots_busy(state: &AppState, model: &ServedModel) -> bool {
+    model.in_use() + state.jobs.queue_depth(&model.name).await >= model.settings.concurrency.max(1)
 }
 
 /// Integer fields given as whole floats (`2.0`, which validation accepts)
@@ -528,7 +550,7 @@ fn events(
                 let events = live.as_ref().map(|l| l.events()).unwrap_or_default();
                 if let Some(event) = events.get(cursor) {
                     cursor += 1;
-                    let job = state.jobs.get(&id).ok().flatten();
+                    let job = state.jobs.get(&id).await.ok().flatten();
                     let body = |job: &Option<Job>| {
                         job.as_ref()
                             .map(|j| prediction_body(j, live.as_deref()))
@@ -580,7 +602,7 @@ fn events(
                     }
                     None => {
                         // No live record: the job ended before we looked.
-                        let job = state.jobs.get(&id).ok().flatten();
+                        let job = state.jobs.get(&id).await.ok().flatten();
                         let body = job
                             .as_ref()
                             .map(|j| prediction_body(j, None))
@@ -619,7 +641,7 @@ pub async fn predict_idempotent(
 
 /// `POST /predictions/{id}/cancel`.
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match state.jobs.cancel(&id) {
+    match state.jobs.cancel(&id).await {
         Ok(Some(job)) => labelled(Json(json!({})).into_response(), &job.model),
         Ok(None) => detail(StatusCode::NOT_FOUND, json!("Not Found")),
         Err(e) => error(ApiError::Internal(e.to_string())),

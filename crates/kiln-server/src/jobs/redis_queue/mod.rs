@@ -1,0 +1,643 @@
+//! The shared queue in Redis: jobs as hashes, one stream per model read by a
+//! consumer group, so any number of fronts accept jobs and any number of
+//! workers on any machines run them. A worker that dies mid-job stops
+//! renewing its entry; after the visibility timeout another worker claims it
+//! (XAUTOCLAIM) and the first one's late result is refused by the owner guard,
+//! so a job completes exactly once. Events travel over pub/sub.
+
+mod events;
+mod scripts;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::{AsyncCommands, Script};
+use tokio::sync::mpsc;
+
+use super::backend::{Claim, Ending, JobBackend, Recovered, RemoteEvent};
+use super::{Job, JobStatus, Protocol, StoreError, SubmitError, now_ms};
+use crate::config::{QueueSection, RestartPolicy};
+
+/// The consumer group every worker reads a model's stream with.
+const GROUP: &str = "workers";
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::new(format!("redis: {e}"))
+    }
+}
+
+/// The compiled scripts (sent by hash, loaded on first use).
+struct Scripts {
+    submit: Script,
+    claim: Script,
+    heartbeat: Script,
+    finish: Script,
+    retry: Script,
+    hand_back: Script,
+    delete_final: Script,
+    depth: Script,
+}
+
+/// Jobs and queues in Redis.
+pub struct RedisBackend {
+    client: redis::Client,
+    connection: ConnectionManager,
+    /// Connections for blocking reads, one per waiting worker (a blocking
+    /// command would stall every other command on a shared connection).
+    blocking: Mutex<Vec<ConnectionManager>>,
+    prefix: String,
+    /// This process's consumer name, the owner of the jobs it claims.
+    consumer: String,
+    visibility: Duration,
+    scripts: Scripts,
+    publisher: mpsc::UnboundedSender<(String, RemoteEvent)>,
+    incoming: Mutex<Option<mpsc::UnboundedReceiver<(String, RemoteEvent)>>>,
+}
+
+fn consumer_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kiln".into());
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &nonce[..8])
+}
+
+/// A Redis URL with any password masked, for logs and errors.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl RedisBackend {
+    /// Connect, create each model's stream and group, and start the event
+    /// relay. Fails when Redis cannot be reached now (a later loss is
+    /// survived: connections reconnect).
+    pub async fn connect(settings: &QueueSection, models: &[String]) -> Result<Self, StoreError> {
+        let url = settings.url.as_deref().unwrap_or_default();
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::new(format!("queue URL {}: {e}", redacted(url))))?;
+        let connection = Self::manager(&client, Duration::from_secs(5))
+            .await
+            .map_err(|e| StoreError::new(format!("cannot reach {}: {e}", redacted(url))))?;
+        let (publisher, outgoing) = mpsc::unbounded_channel();
+        let (deliver, incoming) = mpsc::unbounded_channel();
+        let backend = RedisBackend {
+            client: client.clone(),
+            connection: connection.clone(),
+            blocking: Mutex::new(Vec::new()),
+            prefix: settings.key_prefix.clone(),
+            consumer: consumer_name(),
+            visibility: settings.visibility_timeout.max(Duration::from_millis(300)),
+            scripts: Scripts {
+                submit: Script::new(scripts::SUBMIT),
+                claim: Script::new(scripts::CLAIM),
+                heartbeat: Script::new(scripts::HEARTBEAT),
+                finish: Script::new(scripts::FINISH),
+                retry: Script::new(scripts::RETRY),
+                hand_back: Script::new(scripts::HAND_BACK),
+                delete_final: Script::new(scripts::DELETE_FINAL),
+                depth: Script::new(scripts::DEPTH),
+            },
+            publisher,
+            incoming: Mutex::new(Some(incoming)),
+        };
+        for model in models {
+            backend.ensure_group(model).await?;
+        }
+        let channel = backend.key("events");
+        tokio::spawn(events::publish(
+            connection,
+            channel.clone(),
+            backend.consumer.clone(),
+            outgoing,
+        ));
+        tokio::spawn(events::subscribe(
+            client,
+            channel,
+            backend.consumer.clone(),
+            deliver,
+        ));
+        Ok(backend)
+    }
+
+    async fn manager(
+        client: &redis::Client,
+        response_timeout: Duration,
+    ) -> redis::RedisResult<ConnectionManager> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(response_timeout));
+        client.get_connection_manager_with_config(config).await
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn job_key(&self, id: &str) -> String {
+        self.key(&format!("job:{id}"))
+    }
+
+    fn queue_key(&self, model: &str) -> String {
+        self.key(&format!("queue:{model}"))
+    }
+
+    fn workers_key(&self, model: &str) -> String {
+        self.key(&format!("workers:{model}"))
+    }
+
+    fn counts_key(&self, model: &str) -> String {
+        self.key(&format!("counts:{model}"))
+    }
+
+    /// The model's stream and consumer group (reading from the start, so jobs
+    /// queued before the first worker came are not skipped).
+    async fn ensure_group(&self, model: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.queue_key(model))
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut connection)
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Run `attempt`, re-creating the model's group once if Redis lost it (a
+    /// restart without persistence).
+    async fn with_group<T, F, Fut>(&self, model: &str, attempt: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match attempt().await {
+            Err(e) if e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP") => {
+                self.ensure_group(model).await?;
+                Ok(attempt().await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    fn blocking_connection(&self) -> Option<ConnectionManager> {
+        self.blocking.lock().ok().and_then(|mut pool| pool.pop())
+    }
+
+    fn return_blocking(&self, connection: ConnectionManager) {
+        if let Ok(mut pool) = self.blocking.lock() {
+            pool.push(connection);
+        }
+    }
+
+    /// Claim the job behind a delivered entry; None when the entry was stale.
+    async fn claim_entry(
+        &self,
+        model: &str,
+        entry: &StreamId,
+        reclaimed: bool,
+    ) -> Result<Option<Claim>, StoreError> {
+        let Some(id) = entry.get::<String>("id") else {
+            return Ok(None);
+        };
+        let mut connection = self.connection.clone();
+        let claimed: i64 = self
+            .scripts
+            .claim
+            .key(self.job_key(&id))
+            .key(self.queue_key(model))
+            .arg(GROUP)
+            .arg(&entry.id)
+            .arg(&self.consumer)
+            .arg(now_ms())
+            .arg(if reclaimed { "1" } else { "0" })
+            .invoke_async(&mut connection)
+            .await?;
+        if claimed != 1 {
+            return Ok(None);
+        }
+        if reclaimed {
+            tracing::warn!(job_id = %id, %model, "took over a job whose worker went silent");
+        }
+        Ok(Some(Claim {
+            id,
+            model: model.into(),
+        }))
+    }
+
+    /// Register this process as a worker for `models`, renewed until the
+    /// runtime stops (fronts count live workers for readiness).
+    pub fn announce_worker(self: &std::sync::Arc<Self>, models: Vec<String>) {
+        let backend = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            let every = backend.visibility / 3;
+            loop {
+                let now = now_ms();
+                let until = now + 3 * every.as_millis() as i64;
+                let mut connection = backend.connection.clone();
+                for model in &models {
+                    let key = backend.workers_key(model);
+                    let renewed: redis::RedisResult<()> = redis::pipe()
+                        .zadd(&key, &backend.consumer, until)
+                        .ignore()
+                        .zrembyscore(&key, "-inf", now)
+                        .ignore()
+                        .query_async(&mut connection)
+                        .await;
+                    if let Err(e) = renewed {
+                        tracing::warn!(error = %e, "cannot renew this worker's registration; retrying");
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+}
+
+/// The hash fields of a new job.
+fn job_fields(job: &Job) -> Result<Vec<(&'static str, String)>, StoreError> {
+    Ok(vec![
+        ("id", job.id.clone()),
+        ("model", job.model.clone()),
+        ("protocol", job.protocol.as_str().into()),
+        ("input", serde_json::to_string(&job.input)?),
+        ("options", serde_json::to_string(&job.options)?),
+        ("status", job.status.as_str().into()),
+        ("logs", job.logs.clone()),
+        ("retries", job.retries.to_string()),
+        ("created_at", job.created_at.to_string()),
+    ])
+}
+
+fn job_from_fields(mut fields: HashMap<String, String>) -> Result<Job, StoreError> {
+    let mut take = |name: &str| {
+        fields
+            .remove(name)
+            .ok_or_else(|| StoreError::new(format!("stored job lacks {name:?}")))
+    };
+    let number = |text: String| {
+        text.parse::<i64>()
+            .map_err(|_| StoreError::new(format!("stored number {text:?} is unreadable")))
+    };
+    let id = take("id")?;
+    let model = take("model")?;
+    let protocol = take("protocol")?;
+    let input = take("input")?;
+    let options = take("options")?;
+    let status = take("status")?;
+    let created_at = number(take("created_at")?)?;
+    let retries = number(take("retries").unwrap_or_else(|_| "0".into()))?;
+    let logs = take("logs").unwrap_or_default();
+    let output = take("output").ok();
+    let error = take("error").ok();
+    let started_at = take("started_at").ok().map(number).transpose()?;
+    let completed_at = take("completed_at").ok().map(number).transpose()?;
+    Ok(Job {
+        id,
+        model,
+        protocol: Protocol::parse(&protocol)
+            .ok_or_else(|| StoreError::new(format!("unknown protocol {protocol:?}")))?,
+        input: serde_json::from_str(&input)?,
+        options: serde_json::from_str(&options)?,
+        status: JobStatus::parse(&status)
+            .ok_or_else(|| StoreError::new(format!("unknown status {status:?}")))?,
+        output: output.map(|o| serde_json::from_str(&o)).transpose()?,
+        error: error.map(|e| serde_json::from_str(&e)).transpose()?,
+        logs,
+        retries: u32::try_from(retries.max(0)).unwrap_or(u32::MAX),
+        created_at,
+        started_at,
+        completed_at,
+    })
+}
+
+#[async_trait]
+impl JobBackend for RedisBackend {
+    async fn submit(&self, job: &Job, limit: usize) -> Result<(), SubmitError> {
+        let fields = job_fields(job)?;
+        let outcome: i64 = self
+            .with_group(&job.model, || {
+                let mut invocation = self.scripts.submit.key(self.job_key(&job.id));
+                invocation
+                    .key(self.queue_key(&job.model))
+                    .arg(GROUP)
+                    .arg(limit)
+                    .arg(&job.id);
+                for (name, value) in &fields {
+                    invocation.arg(*name).arg(value);
+                }
+                let mut connection = self.connection.clone();
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        match outcome {
+            1 => Ok(()),
+            -1 => Err(SubmitError::Duplicate(job.id.clone())),
+            _ => Err(SubmitError::QueueFull {
+                model: job.model.clone(),
+                limit,
+            }),
+        }
+    }
+
+    async fn insert(&self, job: &Job) -> Result<(), StoreError> {
+        let fields = job_fields(job)?;
+        let mut connection = self.connection.clone();
+        let () = connection
+            .hset_multiple(self.job_key(&job.id), &fields)
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str, _now: i64) -> Result<Option<Job>, StoreError> {
+        let mut connection = self.connection.clone();
+        let fields: HashMap<String, String> = connection.hgetall(self.job_key(id)).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        job_from_fields(fields).map(Some)
+    }
+
+    async fn claim_next(&self, model: &str, wait: Duration) -> Result<Option<Claim>, StoreError> {
+        let queue = self.queue_key(model);
+        // First, a job whose worker went silent past the visibility timeout.
+        let connection = self.connection.clone();
+        let abandoned: StreamAutoClaimReply = self
+            .with_group(model, || {
+                let mut connection = connection.clone();
+                let command = redis::cmd("XAUTOCLAIM")
+                    .arg(&queue)
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg(self.visibility.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(1)
+                    .to_owned();
+                async move { command.query_async(&mut connection).await }
+            })
+            .await?;
+        for entry in &abandoned.claimed {
+            if let Some(claim) = self.claim_entry(model, entry, true).await? {
+                return Ok(Some(claim));
+            }
+        }
+        // Then the next new one, waiting up to `wait` on a connection of its own.
+        let mut blocking = match self.blocking_connection() {
+            Some(connection) => connection,
+            None => Self::manager(&self.client, wait + Duration::from_secs(5)).await?,
+        };
+        let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(wait.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&queue)
+            .arg(">")
+            .query_async(&mut blocking)
+            .await;
+        self.return_blocking(blocking);
+        let read = match read {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                self.ensure_group(model).await?;
+                return Ok(None);
+            }
+            other => other?,
+        };
+        for stream in read.map(|r| r.keys).unwrap_or_default() {
+            for entry in &stream.ids {
+                if let Some(claim) = self.claim_entry(model, entry, false).await? {
+                    return Ok(Some(claim));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn heartbeat(&self, claim: &Claim) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let alive: i64 = self
+            .scripts
+            .heartbeat
+            .key(self.job_key(&claim.id))
+            .key(self.queue_key(&claim.model))
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(alive == 1)
+    }
+
+    fn heartbeat_interval(&self) -> Option<Duration> {
+        Some(self.visibility / 3)
+    }
+
+    async fn hand_back(&self, claim: &Claim) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let handed: i64 = self
+            .scripts
+            .hand_back
+            .key(self.job_key(&claim.id))
+            .key(self.queue_key(&claim.model))
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(&claim.id)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(handed == 1)
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        claim: Option<&Claim>,
+        ending: &Ending<'_>,
+    ) -> Result<bool, StoreError> {
+        let output = ending
+            .output
+            .map(serde_json::to_string)
+            .transpose()?
+            .unwrap_or_default();
+        let error = ending
+            .error
+            .map(serde_json::to_string)
+            .transpose()?
+            .unwrap_or_default();
+        let owner = if claim.is_some() {
+            &self.consumer[..]
+        } else {
+            ""
+        };
+        let mut connection = self.connection.clone();
+        let finished: i64 = self
+            .scripts
+            .finish
+            .key(self.job_key(id))
+            .key(self.queue_key(ending.model))
+            .key(self.counts_key(ending.model))
+            .arg(GROUP)
+            .arg(owner)
+            .arg(ending.status.as_str())
+            .arg(output)
+            .arg(error)
+            .arg(ending.logs)
+            .arg(ending.now)
+            .arg(ending.expires_at)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(finished == 1)
+    }
+
+    async fn retry(&self, job: &Job, limit: usize) -> Result<bool, SubmitError> {
+        let outcome: i64 = self
+            .with_group(&job.model, || {
+                let mut connection = self.connection.clone();
+                let mut invocation = self.scripts.retry.key(self.job_key(&job.id));
+                invocation
+                    .key(self.queue_key(&job.model))
+                    .arg(GROUP)
+                    .arg(limit)
+                    .arg(&job.id);
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        match outcome {
+            -2 => Err(SubmitError::QueueFull {
+                model: job.model.clone(),
+                limit,
+            }),
+            n => Ok(n == 1),
+        }
+    }
+
+    async fn queued_ids(&self, model: &str) -> Result<Vec<String>, StoreError> {
+        let mut connection = self.connection.clone();
+        let entries: redis::streams::StreamRangeReply =
+            connection.xrange_all(self.queue_key(model)).await?;
+        Ok(entries
+            .ids
+            .iter()
+            .filter_map(|entry| entry.get::<String>("id"))
+            .collect())
+    }
+
+    async fn depth(&self, model: &str) -> Result<usize, StoreError> {
+        let waiting: i64 = self
+            .with_group(model, || {
+                let mut connection = self.connection.clone();
+                let mut invocation = self.scripts.depth.key(self.queue_key(model));
+                invocation.arg(GROUP);
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        Ok(usize::try_from(waiting).unwrap_or(0))
+    }
+
+    async fn counts(&self, model: &str) -> Result<Vec<(JobStatus, u64, u64)>, StoreError> {
+        let mut connection = self.connection.clone();
+        let ended: HashMap<String, u64> = connection.hgetall(self.counts_key(model)).await?;
+        let pending: redis::streams::StreamPendingReply = connection
+            .xpending(self.queue_key(model), GROUP)
+            .await
+            .unwrap_or(redis::streams::StreamPendingReply::Empty);
+        let waiting = self.depth(model).await? as u64;
+        let mut counts = vec![
+            (JobStatus::InQueue, waiting, 0),
+            (JobStatus::InProgress, pending.count() as u64, 0),
+        ];
+        for status in JobStatus::ALL.into_iter().filter(|s| s.is_final()) {
+            let count = ended.get(status.as_str()).copied().unwrap_or(0);
+            let retried = ended
+                .get(&format!("retried:{}", status.as_str()))
+                .copied()
+                .unwrap_or(0);
+            counts.push((status, count, retried));
+        }
+        Ok(counts)
+    }
+
+    async fn delete_final(&self, id: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let deleted: i64 = self
+            .scripts
+            .delete_final
+            .key(self.job_key(id))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    async fn delete_expired(&self, _now: i64) -> Result<Vec<String>, StoreError> {
+        // Redis expires finished jobs itself (PEXPIREAT at the end).
+        Ok(Vec::new())
+    }
+
+    async fn recover(
+        &self,
+        _policy: RestartPolicy,
+        _now: i64,
+        _failed_ttl_ms: i64,
+    ) -> Result<Recovered, StoreError> {
+        // Nothing to do at start-up: jobs a dead worker held are taken over
+        // after the visibility timeout by whichever worker asks first.
+        Ok(Recovered {
+            requeued: 0,
+            orphans: Vec::new(),
+        })
+    }
+
+    async fn workers(&self, model: &str) -> Result<Option<usize>, StoreError> {
+        let mut connection = self.connection.clone();
+        let live: usize = connection
+            .zcount(self.workers_key(model), now_ms(), "+inf")
+            .await?;
+        Ok(Some(live))
+    }
+
+    fn publish(&self, id: &str, event: RemoteEvent) {
+        let _ = self.publisher.send((id.to_string(), event));
+    }
+
+    fn remote_events(&self) -> Option<mpsc::UnboundedReceiver<(String, RemoteEvent)>> {
+        self.incoming.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    fn wake_all(&self) {
+        // Workers wait at most their read's block time.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(
+            redacted("redis://user:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redacted("redis://host:6379/0"), "redis://host:6379/0");
+    }
+}
