@@ -492,8 +492,11 @@ pub async fn model_health(
             .sum::<u64>()
     };
     let retried: u64 = counts.iter().map(|(_, _, r)| *r).sum();
-    let running = model.in_use();
-    let workers = model.settings.concurrency.max(1);
+    // Behind a shared queue, the workers are processes elsewhere.
+    let (running, workers) = match state.jobs.workers(&model.name).await {
+        Ok(Some(processes)) => (count(JobStatus::InProgress) as usize, processes),
+        _ => (model.in_use(), model.settings.concurrency.max(1)),
+    };
     (
         StatusCode::OK,
         Json(json!({

@@ -152,17 +152,7 @@ fn relative_paths(message: &str, model_dir: &Path, home: &Path) -> String {
 /// folder or manifest): the server starts anyway and reports it failed, with
 /// the reason, while serving the others.
 fn unresolvable_spec(config: &ServeConfig, entry: &ModelEntry, error: &anyhow::Error) -> ModelSpec {
-    let name = entry
-        .name
-        .clone()
-        .unwrap_or_else(|| match ModelRef::parse(&entry.source) {
-            Ok(ModelRef::Registered { name, .. }) => name.to_string(),
-            Ok(ModelRef::LocalFolder(path)) => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| entry.source.clone()),
-            Err(_) => entry.source.clone(),
-        });
+    let name = unresolved_name(entry);
     let message = format!("{error:#}");
     tracing::error!(model = %name, reference = %entry.source, %message, "model cannot be found; serving the others");
     ModelSpec {
@@ -172,6 +162,41 @@ fn unresolvable_spec(config: &ServeConfig, entry: &ModelEntry, error: &anyhow::E
         settings: ModelSettings {
             max_queue: entry.max_queue.unwrap_or(config.jobs.max_queue),
             load: entry.load.unwrap_or(LoadPolicy::Eager),
+            ..ModelSettings::default()
+        },
+        loader: Arc::new(move || Err(message.clone())),
+    }
+}
+
+/// A model's name from its configuration alone: `name`, else the registry
+/// name or folder name its source gives.
+fn unresolved_name(entry: &ModelEntry) -> String {
+    entry
+        .name
+        .clone()
+        .unwrap_or_else(|| match ModelRef::parse(&entry.source) {
+            Ok(ModelRef::Registered { name, .. }) => name.to_string(),
+            Ok(ModelRef::LocalFolder(path)) => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| entry.source.clone()),
+            Err(_) => entry.source.clone(),
+        })
+}
+
+/// A model as a front that runs no model knows it: its name and queue bound
+/// (workers elsewhere hold the files; this machine need not).
+fn front_spec(config: &ServeConfig, entry: &ModelEntry) -> ModelSpec {
+    let name = unresolved_name(entry);
+    let message = format!("model {name:?} runs on the queue's workers, not on this front");
+    ModelSpec {
+        name,
+        version: None,
+        reference: entry.source.clone(),
+        settings: ModelSettings {
+            max_queue: entry.max_queue.unwrap_or(config.jobs.max_queue),
+            concurrency: entry.concurrency.unwrap_or(1),
+            load: LoadPolicy::Lazy,
             ..ModelSettings::default()
         },
         loader: Arc::new(move || Err(message.clone())),
@@ -278,9 +303,16 @@ pub fn run(home: &Path, args: ServeArgs) -> Result<()> {
 fn serve_config(home: &Path, config: ServeConfig) -> Result<()> {
     let registry = Registry::open(home);
     let mut specs: Vec<ModelSpec> = Vec::new();
+    let front_only = config.queue.role == Role::Front && !config.queue.work;
     for entry in &config.models {
-        let spec = match locate_model(&registry, &entry.source) {
-            Ok(resolved) => model_spec(&config, entry, resolved, home.to_path_buf()),
+        let located = if front_only {
+            Ok(None)
+        } else {
+            locate_model(&registry, &entry.source).map(Some)
+        };
+        let spec = match located {
+            Ok(None) => front_spec(&config, entry),
+            Ok(Some(resolved)) => model_spec(&config, entry, resolved, home.to_path_buf()),
             // With nothing else to serve, a typo is better told at once.
             Err(error) if config.models.len() == 1 => {
                 return Err(error.context(format!("cannot serve {}", entry.source)));
