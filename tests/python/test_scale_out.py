@@ -13,6 +13,7 @@ Skipped, with the reason, only where no redis-server can be started.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -129,7 +130,8 @@ class Cluster:
 def cluster(redis_server):
     binary = kiln_bin()
     queue = {"url": redis_server.url, "visibility_timeout": VISIBILITY}
-    jobs = {"result_ttl": "30m", "webhook_private_addresses": True}
+    # A short grace, so a SIGTERMed worker hands its job back within the test.
+    jobs = {"result_ttl": "30m", "webhook_private_addresses": True, "shutdown_grace": "1s"}
     models = [flux_model_entry(max_queue=64)]
 
     def process(name: str, subcommand: str) -> KilnProcess:
@@ -240,6 +242,30 @@ def test_a_job_whose_worker_is_killed_completes_on_another(cluster):
     survivor = next(w for w in cluster.workers if w is not victim)
     assert "took over a job whose worker went silent" in survivor.stderr_tail(20000)
     victim.start()
+
+
+def test_a_stopping_worker_hands_its_job_back(cluster):
+    job_id = rp(cluster, "run", {"input": {"prompt": "handed back", "seed": 8, **SLOW}}).json()["id"]
+    wait_status(cluster, job_id, {"IN_PROGRESS"})
+    leaving = cluster.worker_running(job_id)
+    time.sleep(0.5)
+    leaving.stop()  # SIGTERM: finish within shutdown_grace (1 s) or hand back
+    assert "job handed back to the queue" in leaving.stderr_tail(20000)
+    done = wait_status(cluster, job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}, 180)
+    assert done["status"] == "COMPLETED", str(done)[:300]
+    assert cluster.completions()[job_id] == 1
+    leaving.start()
+
+
+def test_a_failed_job_is_retried_through_the_queue(cluster):
+    # The front has no schema (it never loads the model): the worker refuses it.
+    job_id = rp(cluster, "run", {"input": {"prompt": "bad", "num_inference_steps": -3}}).json()["id"]
+    failed = wait_status(cluster, job_id, {"FAILED", "COMPLETED"})
+    assert failed["status"] == "FAILED" and "num_inference_steps" in json.dumps(failed), failed
+    r = rp(cluster, f"retry/{job_id}", {})
+    assert r.status_code == 200, r.text[:300]
+    again = wait_status(cluster, job_id, {"FAILED", "COMPLETED"})
+    assert again["status"] == "FAILED" and again["retries"] == 1, again
 
 
 def test_killing_the_front_loses_no_accepted_job(cluster):

@@ -80,6 +80,18 @@ impl From<PipelineError> for ApiError {
     }
 }
 
+impl From<crate::jobs::StoreError> for ApiError {
+    /// An unreachable shared queue is 503 (retry later); anything else in the
+    /// store is an internal fault.
+    fn from(e: crate::jobs::StoreError) -> Self {
+        if e.is_unreachable() {
+            ApiError::Unavailable(e.to_string())
+        } else {
+            ApiError::Internal(e.to_string())
+        }
+    }
+}
+
 impl From<crate::jobs::SubmitError> for ApiError {
     fn from(error: crate::jobs::SubmitError) -> Self {
         use crate::jobs::SubmitError;
@@ -89,7 +101,7 @@ impl From<crate::jobs::SubmitError> for ApiError {
                 ApiError::BadRequest(format!("a job with id {id:?} already exists"))
             }
             SubmitError::UnknownModel(model) => ApiError::ModelNotFound(model),
-            SubmitError::Store(e) => ApiError::Internal(e.to_string()),
+            SubmitError::Store(e) => ApiError::from(e),
         }
     }
 }

@@ -85,11 +85,12 @@ impl Jobs {
                     "shutdown grace period over: handing unfinished jobs back"
                 );
                 for claim in unfinished {
-                    if let Some(live) = self.live(&claim.id) {
-                        live.cancelled.store(true, Ordering::SeqCst);
-                    }
                     match self.backend.hand_back(&claim).await {
                         Ok(true) => {
+                            // Stop computing it here: another worker runs it.
+                            if let Some(live) = self.live(&claim.id) {
+                                live.cancelled.store(true, Ordering::SeqCst);
+                            }
                             tracing::info!(job_id = %claim.id, "job handed back to the queue")
                         }
                         Ok(false) => {}

@@ -14,24 +14,44 @@ use crate::config::RestartPolicy;
 
 /// What went wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
-#[error("job store: {0}")]
-pub struct StoreError(String);
+#[error("job store: {message}")]
+pub struct StoreError {
+    message: String,
+    /// The store cannot be reached now (a shared queue's connection): the
+    /// service is unavailable, not broken.
+    unreachable: bool,
+}
 
 impl StoreError {
     pub(crate) fn new(message: impl Into<String>) -> Self {
-        StoreError(message.into())
+        StoreError {
+            message: message.into(),
+            unreachable: false,
+        }
+    }
+
+    pub(crate) fn unreachable(message: impl Into<String>) -> Self {
+        StoreError {
+            message: message.into(),
+            unreachable: true,
+        }
+    }
+
+    /// Whether retrying later may succeed (the store was unreachable).
+    pub fn is_unreachable(&self) -> bool {
+        self.unreachable
     }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
+        StoreError::new(e.to_string())
     }
 }
 
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
-        StoreError(format!("stored JSON is unreadable: {e}"))
+        StoreError::new(format!("stored JSON is unreadable: {e}"))
     }
 }
 
@@ -87,11 +107,11 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Job, StoreError>> {
             id,
             model,
             protocol: Protocol::parse(&protocol)
-                .ok_or_else(|| StoreError(format!("unknown protocol {protocol:?}")))?,
+                .ok_or_else(|| StoreError::new(format!("unknown protocol {protocol:?}")))?,
             input: serde_json::from_str(&input)?,
             options: serde_json::from_str(&options)?,
             status: JobStatus::parse(&status)
-                .ok_or_else(|| StoreError(format!("unknown status {status:?}")))?,
+                .ok_or_else(|| StoreError::new(format!("unknown status {status:?}")))?,
             output: output.map(|o| serde_json::from_str(&o)).transpose()?,
             error: error.map(|e| serde_json::from_str(&e)).transpose()?,
             logs,
@@ -108,10 +128,10 @@ impl JobStore {
     pub fn open(path: &Path) -> Result<JobStore, StoreError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
-                .map_err(|e| StoreError(format!("cannot create {}: {e}", parent.display())))?;
+                .map_err(|e| StoreError::new(format!("cannot create {}: {e}", parent.display())))?;
         }
         let connection = Connection::open(path)
-            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| StoreError::new(format!("cannot open {}: {e}", path.display())))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -137,7 +157,7 @@ impl JobStore {
         let mut connection = self
             .connection
             .lock()
-            .map_err(|_| StoreError("the connection lock is poisoned".into()))?;
+            .map_err(|_| StoreError::new("the connection lock is poisoned"))?;
         f(&mut connection)
     }
 

@@ -330,7 +330,7 @@ pub async fn image_generations(
     let done = match state.jobs.wait_final(&job.id).await {
         Ok(Some(done)) => done,
         Ok(None) => return error(ApiError::JobNotFound(job.id)),
-        Err(e) => return error(ApiError::Internal(e.to_string())),
+        Err(e) => return error(ApiError::from(e)),
     };
     let response = match (&done.status, &done.error) {
         (JobStatus::Completed, _) => {

@@ -207,7 +207,7 @@ async fn submit(
                 JobError::Invalid { problems },
             )
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()));
+            .map_err(|e| ApiError::from(e));
     }
     state
         .jobs
@@ -282,7 +282,7 @@ async fn runsync_inner(
     match state.jobs.wait(&job.id, Duration::from_millis(wait)).await {
         Ok(Some(job)) => labelled(Json(status_body(&job)).into_response(), &model.name),
         Ok(None) => error(ApiError::JobNotFound(job.id)),
-        Err(e) => error(ApiError::Internal(e.to_string())),
+        Err(e) => error(ApiError::from(e)),
     }
 }
 
@@ -311,7 +311,7 @@ async fn find(state: &AppState, model: Option<&str>, id: &str) -> Result<Job, Ap
         .jobs
         .get(id)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::from(e))?
         .ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
     match model {
         Some(model) if model != job.model => Err(ApiError::JobNotFound(id.to_string())),
@@ -401,7 +401,7 @@ async fn cancel_inner(state: &AppState, model: Option<&str>, id: &str) -> Respon
             &job.model,
         ),
         Ok(None) => error(ApiError::JobNotFound(id.to_string())),
-        Err(e) => error(ApiError::Internal(e.to_string())),
+        Err(e) => error(ApiError::from(e)),
     }
 }
 
@@ -454,7 +454,7 @@ async fn purge_inner(state: &AppState, model: Option<&str>) -> Response {
     };
     match state.jobs.purge_queue(&model.name).await {
         Ok(removed) => Json(json!({"removed": removed, "status": "completed"})).into_response(),
-        Err(e) => error(ApiError::Internal(e.to_string())),
+        Err(e) => error(ApiError::from(e)),
     }
 }
 
@@ -482,7 +482,7 @@ pub async fn model_health(
     };
     let counts = match state.jobs.counts(&model.name).await {
         Ok(counts) => counts,
-        Err(e) => return error(ApiError::Internal(e.to_string())),
+        Err(e) => return error(ApiError::from(e)),
     };
     let count = |status: JobStatus| {
         counts

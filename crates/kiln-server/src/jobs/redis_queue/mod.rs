@@ -27,7 +27,16 @@ const GROUP: &str = "workers";
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        StoreError::new(format!("redis: {e}"))
+        let message = format!("redis: {e}");
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+        {
+            StoreError::unreachable(message)
+        } else {
+            StoreError::new(message)
+        }
     }
 }
 

@@ -389,12 +389,12 @@ async fn predict_inner(
             // A finished one is forgotten: Cog starts a new prediction.
             Ok(Some(_)) => {
                 if let Err(e) = state.jobs.forget_final(&id).await {
-                    return error(ApiError::Internal(e.to_string()));
+                    return error(ApiError::from(e));
                 }
                 request.id = Some(id);
             }
             Ok(None) => request.id = Some(id),
-            Err(e) => return error(ApiError::Internal(e.to_string())),
+            Err(e) => return error(ApiError::from(e)),
         }
     }
     let stripped = if state.cog.strict_inputs {
@@ -438,7 +438,7 @@ async fn predict_inner(
                     &model.name,
                 ),
                 Ok(None) => error(ApiError::JobNotFound(id)),
-                Err(e) => error(ApiError::Internal(e.to_string())),
+                Err(e) => error(ApiError::from(e)),
             };
         }
         Err(e) => return labelled(error(ApiError::from(e)), &model.name),
@@ -464,7 +464,7 @@ async fn predict_inner(
     let done = match state.jobs.wait_final(&job.id).await {
         Ok(Some(done)) => done,
         Ok(None) => return error(ApiError::JobNotFound(job.id)),
-        Err(e) => return error(ApiError::Internal(e.to_string())),
+        Err(e) => return error(ApiError::from(e)),
     };
     if let Some(JobError::Invalid { problems }) = &done.error {
         return unprocessable(problems);
@@ -644,7 +644,7 @@ pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
     match state.jobs.cancel(&id).await {
         Ok(Some(job)) => labelled(Json(json!({})).into_response(), &job.model),
         Ok(None) => detail(StatusCode::NOT_FOUND, json!("Not Found")),
-        Err(e) => error(ApiError::Internal(e.to_string())),
+        Err(e) => error(ApiError::from(e)),
     }
 }
 
