@@ -207,7 +207,7 @@ async fn submit(
                 JobError::Invalid { problems },
             )
             .await
-            .map_err(|e| ApiError::from(e));
+            .map_err(ApiError::from);
     }
     state
         .jobs
@@ -311,7 +311,7 @@ async fn find(state: &AppState, model: Option<&str>, id: &str) -> Result<Job, Ap
         .jobs
         .get(id)
         .await
-        .map_err(|e| ApiError::from(e))?
+        .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
     match model {
         Some(model) if model != job.model => Err(ApiError::JobNotFound(id.to_string())),
