@@ -13,6 +13,7 @@ Skipped, with the reason, only where no redis-server can be started.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import openai
 import runpod
 
 from conftest import (
@@ -227,6 +229,15 @@ def test_fifty_jobs_through_runpod_and_cog_complete_exactly_once(cluster):
     hooks = Counter(d["body"]["id"] for d in sink.received())
     assert set(hooks) == set(ids) and set(hooks.values()) == {1}, hooks.most_common(3)
     assert len(deliveries) >= 50
+
+
+def test_openai_images_wait_on_the_shared_result(cluster):
+    client = openai.OpenAI(base_url=f"{cluster.front.base_url}/v1", api_key=API_KEY,
+                           max_retries=0, timeout=120)
+    resp = client.images.generate(model=MODEL, prompt="a cat", n=2, size="32x32",
+                                  response_format="b64_json",
+                                  extra_body={"seed": 7, "num_inference_steps": 2})
+    assert len(resp.data) == 2 and all(base64.b64decode(d.b64_json)[:4] == b"\x89PNG" for d in resp.data)
 
 
 def test_a_job_whose_worker_is_killed_completes_on_another(cluster):

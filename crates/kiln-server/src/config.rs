@@ -214,6 +214,12 @@ pub struct QueueSection {
     pub visibility_timeout: Duration,
     /// Prefix of every Redis key, so deployments can share one Redis.
     pub key_prefix: String,
+    /// A folder every front and worker mounts (a shared volume): outputs
+    /// larger than `inline_results` are written there instead of into Redis.
+    pub results_dir: Option<std::path::PathBuf>,
+    /// Largest output kept in Redis itself when `results_dir` is set.
+    #[serde(deserialize_with = "bytes")]
+    pub inline_results: u64,
     #[serde(skip)]
     pub role: Role,
 }
@@ -225,6 +231,8 @@ impl Default for QueueSection {
             work: false,
             visibility_timeout: Duration::from_secs(30),
             key_prefix: "kiln:".into(),
+            results_dir: None,
+            inline_results: 256 * 1024,
             role: Role::Standalone,
         }
     }

@@ -224,6 +224,7 @@ impl Server {
         let backend: Arc<dyn JobBackend> = match &config.queue.url {
             Some(_) => {
                 let redis = Arc::new(RedisBackend::connect(&config.queue, &names).await?);
+                redis.sweep_results();
                 if runs_models {
                     redis.announce_worker(names.clone());
                 }

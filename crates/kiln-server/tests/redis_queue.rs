@@ -214,3 +214,62 @@ async fn bounds_duplicates_cancellation_hand_back_and_retry() {
     assert!(front.delete_final("a").await.unwrap());
     assert!(front.get("a", now_ms()).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn large_outputs_go_to_the_shared_folder_and_refused_endings_leave_none() {
+    let Some(redis) = start_redis() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let settings = QueueSection {
+        url: Some(format!("redis://127.0.0.1:{}/0", redis.port)),
+        results_dir: Some(shared.path().to_path_buf()),
+        inline_results: 64,
+        ..QueueSection::default()
+    };
+    let worker = RedisBackend::connect(&settings, &[MODEL.to_string()])
+        .await
+        .unwrap();
+    let front = RedisBackend::connect(&settings, &[MODEL.to_string()])
+        .await
+        .unwrap();
+    let files = || std::fs::read_dir(shared.path()).unwrap().count();
+    for id in ["small", "large"] {
+        front.submit(&job(id), 10).await.unwrap();
+    }
+    let big = json!({"image": "x".repeat(1000)});
+    let small = json!({"ok": 1});
+    for output in [&small, &big] {
+        let claim = worker.claim_next(MODEL, WAIT).await.unwrap().unwrap();
+        let now = now_ms();
+        let ending = Ending {
+            model: MODEL,
+            status: JobStatus::Completed,
+            output: Some(output),
+            error: None,
+            logs: "",
+            now,
+            expires_at: now + 60_000,
+        };
+        assert!(
+            worker
+                .finish(&claim.id, Some(&claim), &ending)
+                .await
+                .unwrap()
+        );
+        // A late second ending writes a file, is refused, and removes it.
+        assert!(
+            !worker
+                .finish(&claim.id, Some(&claim), &ending)
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(files(), 1, "only the large output is a file");
+    assert_eq!(
+        front.get("small", now_ms()).await.unwrap().unwrap().output,
+        Some(small)
+    );
+    assert_eq!(
+        front.get("large", now_ms()).await.unwrap().unwrap().output,
+        Some(big)
+    );
+}

@@ -6,6 +6,7 @@
 //! so a job completes exactly once. Events travel over pub/sub.
 
 mod events;
+mod results;
 mod scripts;
 
 use std::collections::HashMap;
@@ -64,6 +65,8 @@ pub struct RedisBackend {
     consumer: String,
     visibility: Duration,
     scripts: Scripts,
+    /// Where large outputs go (None: all in Redis).
+    results: Option<results::ResultFiles>,
     publisher: mpsc::UnboundedSender<(String, RemoteEvent)>,
     incoming: Mutex<Option<mpsc::UnboundedReceiver<(String, RemoteEvent)>>>,
 }
@@ -119,6 +122,11 @@ impl RedisBackend {
                 delete_final: Script::new(scripts::DELETE_FINAL),
                 depth: Script::new(scripts::DEPTH),
             },
+            results: settings
+                .results_dir
+                .as_deref()
+                .map(|dir| results::ResultFiles::new(dir, settings.inline_results))
+                .transpose()?,
             publisher,
             incoming: Mutex::new(Some(incoming)),
         };
@@ -251,6 +259,38 @@ impl RedisBackend {
         }))
     }
 
+    /// Delete result files whose jobs expired, every 30 s until the runtime
+    /// stops (every process with the shared folder sweeps; removal is
+    /// idempotent).
+    pub fn sweep_results(self: &std::sync::Arc<Self>) {
+        if self.results.is_none() {
+            return;
+        }
+        let backend = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                let key = backend.key("results");
+                let mut connection = backend.connection.clone();
+                let expired: redis::RedisResult<Vec<String>> = connection
+                    .zrangebyscore_limit(&key, "-inf", now_ms(), 0, 500)
+                    .await;
+                let Ok(expired) = expired else { continue };
+                if let Some(files) = &backend.results {
+                    for name in &expired {
+                        files.remove(name);
+                    }
+                }
+                if !expired.is_empty() {
+                    let removed: redis::RedisResult<()> = connection.zrem(&key, &expired).await;
+                    if let Err(e) = removed {
+                        tracing::warn!(error = %e, "cannot forget swept result files");
+                    }
+                }
+            }
+        });
+    }
+
     /// Register this process as a worker for `models`, renewed until the
     /// runtime stops (fronts count live workers for readiness).
     pub fn announce_worker(self: &std::sync::Arc<Self>, models: Vec<String>) {
@@ -377,11 +417,19 @@ impl JobBackend for RedisBackend {
 
     async fn get(&self, id: &str, _now: i64) -> Result<Option<Job>, StoreError> {
         let mut connection = self.connection.clone();
-        let fields: HashMap<String, String> = connection.hgetall(self.job_key(id)).await?;
+        let mut fields: HashMap<String, String> = connection.hgetall(self.job_key(id)).await?;
         if fields.is_empty() {
             return Ok(None);
         }
-        job_from_fields(fields).map(Some)
+        let file = fields.remove("output_file");
+        let mut job = job_from_fields(fields)?;
+        if let Some(name) = file {
+            let files = self.results.as_ref().ok_or_else(|| {
+                StoreError::new("the job's output is on the shared results volume, which this process does not mount ([queue] results_dir)")
+            })?;
+            job.output = Some(files.read(&name).await?);
+        }
+        Ok(Some(job))
     }
 
     async fn claim_next(&self, model: &str, wait: Duration) -> Result<Option<Claim>, StoreError> {
@@ -483,11 +531,17 @@ impl JobBackend for RedisBackend {
         claim: Option<&Claim>,
         ending: &Ending<'_>,
     ) -> Result<bool, StoreError> {
-        let output = ending
+        let mut output = ending
             .output
             .map(serde_json::to_string)
             .transpose()?
             .unwrap_or_default();
+        let mut file = String::new();
+        if let Some(files) = &self.results
+            && files.wants(output.len())
+        {
+            file = files.write(id, std::mem::take(&mut output)).await?;
+        }
         let error = ending
             .error
             .map(serde_json::to_string)
@@ -499,12 +553,13 @@ impl JobBackend for RedisBackend {
             ""
         };
         let mut connection = self.connection.clone();
-        let finished: i64 = self
+        let finished: redis::RedisResult<i64> = self
             .scripts
             .finish
             .key(self.job_key(id))
             .key(self.queue_key(ending.model))
             .key(self.counts_key(ending.model))
+            .key(self.key("results"))
             .arg(GROUP)
             .arg(owner)
             .arg(ending.status.as_str())
@@ -513,9 +568,23 @@ impl JobBackend for RedisBackend {
             .arg(ending.logs)
             .arg(ending.now)
             .arg(ending.expires_at)
+            .arg(&file)
             .invoke_async(&mut connection)
-            .await?;
-        Ok(finished == 1)
+            .await;
+        let recorded = match finished {
+            Ok(n) => n == 1,
+            Err(e) => {
+                if let Some(files) = &self.results {
+                    files.remove(&file);
+                }
+                return Err(e.into());
+            }
+        };
+        // A refused ending (the job ended or moved on) leaves no file behind.
+        if !recorded && let Some(files) = &self.results {
+            files.remove(&file);
+        }
+        Ok(recorded)
     }
 
     async fn retry(&self, job: &Job, limit: usize) -> Result<bool, SubmitError> {

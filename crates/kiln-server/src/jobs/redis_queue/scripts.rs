@@ -47,9 +47,11 @@ redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[2], 0, entry, 'JUSTID')
 return 1
 "#;
 
-/// KEYS: job, queue, counts. ARGV: group, owner ('' = anyone), status,
-/// output, error ('' = none), logs, now, expires_at (Unix ms).
-/// Records a final state, drops the queue entry and counts the ending.
+/// KEYS: job, queue, counts, result files. ARGV: group, owner ('' = anyone),
+/// status, output, error ('' = none), logs, now, expires_at (Unix ms), the
+/// output's file on the shared volume ('' = none). Records a final state,
+/// drops the queue entry and counts the ending; a result file is listed to be
+/// deleted when the job expires.
 pub const FINISH: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'IN_QUEUE' and status ~= 'IN_PROGRESS' then return 0 end
@@ -57,6 +59,10 @@ if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'logs', ARGV[6], 'completed_at', ARGV[7])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[1], 'output_file', ARGV[9])
+  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[9])
+end
 local entry = redis.call('HGET', KEYS[1], 'entry')
 if entry then
   redis.call('XACK', KEYS[2], ARGV[1], entry)
@@ -78,7 +84,7 @@ if status ~= 'FAILED' and status ~= 'TIMED_OUT' then return 0 end
 local waiting = redis.call('XLEN', KEYS[2]) - redis.call('XPENDING', KEYS[2], ARGV[1])[1]
 if waiting >= tonumber(ARGV[2]) then return -2 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[3])
-redis.call('HDEL', KEYS[1], 'output', 'error', 'started_at', 'completed_at', 'owner')
+redis.call('HDEL', KEYS[1], 'output', 'output_file', 'error', 'started_at', 'completed_at', 'owner')
 redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE', 'logs', '', 'entry', entry)
 redis.call('HINCRBY', KEYS[1], 'retries', 1)
 redis.call('PERSIST', KEYS[1])
