@@ -231,13 +231,17 @@ def test_fifty_jobs_through_runpod_and_cog_complete_exactly_once(cluster):
     assert len(deliveries) >= 50
 
 
-def test_openai_images_wait_on_the_shared_result(cluster):
+def test_synchronous_routes_wait_on_the_shared_result(cluster):
     client = openai.OpenAI(base_url=f"{cluster.front.base_url}/v1", api_key=API_KEY,
                            max_retries=0, timeout=120)
     resp = client.images.generate(model=MODEL, prompt="a cat", n=2, size="32x32",
                                   response_format="b64_json",
                                   extra_body={"seed": 7, "num_inference_steps": 2})
     assert len(resp.data) == 2 and all(base64.b64decode(d.b64_json)[:4] == b"\x89PNG" for d in resp.data)
+    # Cog's synchronous prediction waits on the shared result too.
+    r = requests.post(f"{cluster.front.base_url}/predictions", headers=AUTH, timeout=120,
+                      json={"input": {"prompt": "sync cog", "seed": 5, **FAST}})
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text[:300]
 
 
 def test_a_job_whose_worker_is_killed_completes_on_another(cluster):

@@ -214,6 +214,9 @@ pub struct QueueSection {
     pub visibility_timeout: Duration,
     /// Prefix of every Redis key, so deployments can share one Redis.
     pub key_prefix: String,
+    /// How many times a job may be taken over from a worker that died running
+    /// it before it is failed instead (a job that crashes its workers).
+    pub max_takeovers: u32,
     /// A folder every front and worker mounts (a shared volume): outputs
     /// larger than `inline_results` are written there instead of into Redis.
     pub results_dir: Option<std::path::PathBuf>,
@@ -231,6 +234,7 @@ impl Default for QueueSection {
             work: false,
             visibility_timeout: Duration::from_secs(30),
             key_prefix: "kiln:".into(),
+            max_takeovers: 3,
             results_dir: None,
             inline_results: 256 * 1024,
             role: Role::Standalone,

@@ -221,13 +221,12 @@ impl Server {
             Role::Standalone | Role::Worker => true,
             Role::Front => config.queue.work,
         };
+        let mut shared_queue = None;
         let backend: Arc<dyn JobBackend> = match &config.queue.url {
             Some(_) => {
                 let redis = Arc::new(RedisBackend::connect(&config.queue, &names).await?);
                 redis.sweep_results();
-                if runs_models {
-                    redis.announce_worker(names.clone());
-                }
+                shared_queue = Some(Arc::clone(&redis));
                 redis
             }
             None if role != Role::Standalone => {
@@ -279,6 +278,16 @@ impl Server {
             tracing::info!(jobs = recovered, "re-queued jobs from the previous run");
         }
         Jobs::start(&state, runs_models);
+        if let Some(redis) = shared_queue
+            && runs_models
+        {
+            let weak = Arc::downgrade(&state);
+            redis.announce_worker(names, move |name| {
+                weak.upgrade()
+                    .and_then(|state| state.model(name).ok())
+                    .is_some_and(|model| model.allows_readiness())
+            });
+        }
         if !runs_models {
             count_workers(&state);
         }

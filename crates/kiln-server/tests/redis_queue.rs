@@ -109,7 +109,9 @@ async fn finish(
 ) -> bool {
     let (output, error, status) = ending(status);
     let now = now_ms();
+    let token = uuid_like();
     let ending = Ending {
+        token: &token,
         model: MODEL,
         status,
         output: output.as_ref(),
@@ -122,6 +124,13 @@ async fn finish(
 }
 
 const WAIT: Duration = Duration::from_millis(200);
+
+/// A token no other ending in these tests has.
+fn uuid_like() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("ending-{}-{n}", std::process::id())
+}
 
 #[tokio::test]
 async fn a_silent_workers_job_is_taken_over_and_its_late_result_refused() {
@@ -241,6 +250,7 @@ async fn large_outputs_go_to_the_shared_folder_and_refused_endings_leave_none() 
         let claim = worker.claim_next(MODEL, WAIT).await.unwrap().unwrap();
         let now = now_ms();
         let ending = Ending {
+            token: "one-ending",
             model: MODEL,
             status: JobStatus::Completed,
             output: Some(output),
@@ -255,13 +265,20 @@ async fn large_outputs_go_to_the_shared_folder_and_refused_endings_leave_none() 
                 .await
                 .unwrap()
         );
-        // A late second ending writes a file, is refused, and removes it.
+        // The same ending again (a retry after a lost reply) is recognised as
+        // recorded; its new file is removed, the first kept.
         assert!(
-            !worker
+            worker
                 .finish(&claim.id, Some(&claim), &ending)
                 .await
                 .unwrap()
         );
+        // A different, late ending is refused and leaves no file either.
+        let late = Ending {
+            token: "another",
+            ..ending
+        };
+        assert!(!worker.finish(&claim.id, Some(&claim), &late).await.unwrap());
     }
     assert_eq!(files(), 1, "only the large output is a file");
     assert_eq!(
@@ -272,4 +289,42 @@ async fn large_outputs_go_to_the_shared_folder_and_refused_endings_leave_none() 
         front.get("large", now_ms()).await.unwrap().unwrap().output,
         Some(big)
     );
+}
+
+#[tokio::test]
+async fn a_job_that_keeps_killing_its_workers_is_given_up() {
+    let Some(redis) = start_redis() else { return };
+    let settings = QueueSection {
+        url: Some(format!("redis://127.0.0.1:{}/0", redis.port)),
+        visibility_timeout: Duration::from_millis(300),
+        max_takeovers: 2,
+        ..QueueSection::default()
+    };
+    let models = [MODEL.to_string()];
+    let connect = || RedisBackend::connect(&settings, &models);
+    let first = connect().await.unwrap();
+    first.submit(&job("poison"), 10).await.unwrap();
+    let claim = first.claim_next(MODEL, WAIT).await.unwrap().unwrap();
+    assert!(!claim.exhausted);
+    // Each worker "dies" (stops renewing); the next takes the job over.
+    let mut exhausted = false;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let next = connect().await.unwrap();
+        let taken = next
+            .claim_next(MODEL, WAIT)
+            .await
+            .unwrap()
+            .expect("takeover");
+        exhausted = taken.exhausted;
+    }
+    assert!(exhausted, "the second takeover reaches max_takeovers = 2");
+    // A process never takes over a job it still holds itself.
+    let holder = connect().await.unwrap();
+    holder.submit(&job("held"), 10).await.unwrap();
+    let held = holder.claim_next(MODEL, WAIT).await.unwrap().unwrap();
+    assert_eq!(held.id, "held");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // (Only "poison" and "held" exist; "poison" is held by the last taker.)
+    assert!(holder.claim_next(MODEL, WAIT).await.unwrap().map(|c| c.id) != Some("held".into()));
 }

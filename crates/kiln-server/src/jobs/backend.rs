@@ -19,6 +19,9 @@ use crate::config::RestartPolicy;
 pub struct Claim {
     pub id: String,
     pub model: String,
+    /// Taken over from workers that died running it as often as allowed
+    /// (`[queue] max_takeovers`): the claimant fails it instead of running it.
+    pub exhausted: bool,
 }
 
 /// A final state to record.
@@ -30,6 +33,9 @@ pub struct Ending<'a> {
     pub logs: &'a str,
     pub now: i64,
     pub expires_at: i64,
+    /// Identifies this ending across retries of the same write, so a retry
+    /// after a lost reply is recognised as already recorded.
+    pub token: &'a str,
 }
 
 /// Something that happened to a job, told to the other processes sharing the
@@ -57,6 +63,8 @@ pub trait JobBackend: Send + Sync {
     async fn insert(&self, job: &Job) -> Result<(), StoreError>;
     /// The job, unless unknown or expired.
     async fn get(&self, id: &str, now: i64) -> Result<Option<Job>, StoreError>;
+    /// Just the job's status (what waiters poll), unless unknown or expired.
+    async fn status(&self, id: &str, now: i64) -> Result<Option<JobStatus>, StoreError>;
     /// Take the next job of `model` and mark it IN_PROGRESS for this process,
     /// waiting at most `wait` for one.
     async fn claim_next(&self, model: &str, wait: Duration) -> Result<Option<Claim>, StoreError>;
@@ -181,6 +189,10 @@ impl JobBackend for LocalBackend {
         self.store.get(id, now)
     }
 
+    async fn status(&self, id: &str, now: i64) -> Result<Option<JobStatus>, StoreError> {
+        self.store.status(id, now)
+    }
+
     async fn claim_next(&self, model: &str, wait: Duration) -> Result<Option<Claim>, StoreError> {
         let Some(queue) = self.queues.get(model) else {
             return Ok(None);
@@ -207,6 +219,7 @@ impl JobBackend for LocalBackend {
                     return Ok(Some(Claim {
                         id,
                         model: model.into(),
+                        exhausted: false,
                     }));
                 }
                 // Cancelled while it waited.

@@ -34,6 +34,7 @@ pub struct LiveJob {
     /// When the job's final event was pushed (the companion is dropped a
     /// while later where the store does not expire jobs here).
     finished_at: std::sync::OnceLock<std::time::Instant>,
+    created_at: std::time::Instant,
 }
 
 impl LiveJob {
@@ -46,6 +47,7 @@ impl LiveJob {
             last_webhook: Mutex::new(None),
             webhook_channel: Mutex::new(None),
             finished_at: std::sync::OnceLock::new(),
+            created_at: std::time::Instant::now(),
         }
     }
 
@@ -69,6 +71,11 @@ impl LiveJob {
             events.push(event);
         }
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// How long this companion has existed.
+    pub fn age(&self) -> std::time::Duration {
+        self.created_at.elapsed()
     }
 
     /// How long ago the job finished, if it has.

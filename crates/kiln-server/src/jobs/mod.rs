@@ -58,6 +58,8 @@ pub struct Jobs {
     webhooks: webhook::Sender,
     /// Jobs this process is running now.
     running: Mutex<HashMap<String, Claim>>,
+    /// Workers between asking for a job and recording it as running.
+    claiming: std::sync::atomic::AtomicUsize,
     /// Set at shutdown: workers take no new jobs.
     draining: AtomicBool,
     /// Where final states are counted (cancellations are counted here).
@@ -104,8 +106,9 @@ impl Jobs {
         }
     }
 
+    /// Jobs running here, and claims about to be (so shutdown waits for them).
     fn running_count(&self) -> usize {
-        lock(&self.running).len()
+        lock(&self.running).len() + self.claiming.load(Ordering::SeqCst)
     }
 
     fn is_draining(&self) -> bool {
@@ -131,6 +134,7 @@ impl Jobs {
             live: Mutex::new(HashMap::new()),
             webhooks,
             running: Mutex::new(HashMap::new()),
+            claiming: std::sync::atomic::AtomicUsize::new(0),
             metrics,
             draining: AtomicBool::new(false),
             drained: Notify::new(),
@@ -173,9 +177,21 @@ impl Jobs {
         )
     }
 
-    /// A new live companion for a job that runs again.
-    fn track_again(&self, id: &str) {
-        lock(&self.live).insert(id.to_string(), Arc::new(LiveJob::new()));
+    /// The companion for a run of the job: the current one unless it belongs
+    /// to an earlier run (finished, or stopped: a retry, or a job this
+    /// process lost and took back), which a new run must not inherit.
+    fn track_run(&self, id: &str) -> Arc<LiveJob> {
+        let mut live = lock(&self.live);
+        match live.get(id) {
+            Some(current) if !current.is_finished() && !current.is_cancelled() => {
+                Arc::clone(current)
+            }
+            _ => {
+                let fresh = Arc::new(LiveJob::new());
+                live.insert(id.to_string(), Arc::clone(&fresh));
+                fresh
+            }
+        }
     }
 
     /// Record an event of a job this process holds, and tell the others.
@@ -249,17 +265,27 @@ impl Jobs {
     }
 
     /// Wait until the job ends or `timeout` passes; returns its state then.
+    /// Between events it polls only the job's status (never its input or
+    /// output), and reads the whole job once at the end.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<Job>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let mut changes = self.live(id).map(|l| l.subscribe());
-            let job = self.get(id).await?;
-            match &job {
-                Some(job) if !job.status.is_final() => {
-                    let now = tokio::time::Instant::now();
-                    if now >= deadline {
-                        return Ok(Some(job.clone()));
+            let status = self.backend.status(id, now_ms()).await?;
+            let job = match status {
+                Some(status) if !status.is_final() => {
+                    if tokio::time::Instant::now() < deadline {
+                        None
+                    } else {
+                        self.get(id).await?
                     }
+                }
+                Some(_) => self.get(id).await?,
+                None => return Ok(None),
+            };
+            match &job {
+                None => {
+                    let now = tokio::time::Instant::now();
                     let poll = deadline.min(now + WAIT_POLL);
                     match &mut changes {
                         Some(changes) => {
@@ -268,6 +294,7 @@ impl Jobs {
                         None => tokio::time::sleep_until(poll).await,
                     }
                 }
+                Some(job) if !job.status.is_final() => return Ok(Some(job.clone())),
                 Some(job) => {
                     // The final event may have been lost on the way here.
                     if let Some(live) = self.live(&job.id)
@@ -277,7 +304,6 @@ impl Jobs {
                     }
                     return Ok(Some(job.clone()));
                 }
-                None => return Ok(None),
             }
         }
     }
@@ -311,7 +337,9 @@ impl Jobs {
             Some(live) => progress_logs(&live.events()),
             None => job.logs.clone(),
         };
+        let token = uuid::Uuid::new_v4().to_string();
         let ending = backend::Ending {
+            token: &token,
             model: &job.model,
             status: JobStatus::Cancelled,
             output: None,
@@ -348,10 +376,11 @@ impl Jobs {
         let Some(limit) = self.limits.get(&job.model) else {
             return Ok(Some(false));
         };
-        // A fresh companion before the job is queued, so a fast worker's
-        // events land in it.
-        self.track_again(id);
-        Ok(Some(self.backend.retry(&job, *limit).await?))
+        let queued = self.backend.retry(&job, *limit).await?;
+        if queued {
+            self.track_run(id);
+        }
+        Ok(Some(queued))
     }
 
     /// Cancel every queued job of `model`; returns how many.
@@ -468,6 +497,10 @@ impl Jobs {
                         // Where the store expires jobs by itself (Redis),
                         // companions go a result TTL after their job ended.
                         live.retain(|_, job| job.finished_for().is_none_or(|age| age < keep));
+                        // Companions whose end this process never heard of
+                        // (a lost event, a job cancelled through another
+                        // front) go after a day plus the result TTL.
+                        live.retain(|_, job| job.age() < keep + Duration::from_secs(24 * 3600));
                     }
                     Err(e) => tracing::error!(error = %e, "cannot purge expired jobs"),
                 }
@@ -478,7 +511,9 @@ impl Jobs {
     /// Store a queued or running job as FAILED now; false if it had already ended.
     async fn record_failure(&self, job: &Job, error: &JobError) -> Result<bool, StoreError> {
         let now = now_ms();
+        let token = uuid::Uuid::new_v4().to_string();
         let ending = backend::Ending {
+            token: &token,
             model: &job.model,
             status: JobStatus::Failed,
             output: None,

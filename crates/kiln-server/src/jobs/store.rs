@@ -221,6 +221,22 @@ impl JobStore {
         })
     }
 
+    /// The job's status, unless it does not exist or has expired.
+    pub fn status(&self, id: &str, now: i64) -> Result<Option<JobStatus>, StoreError> {
+        let text: Option<String> = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT status FROM jobs WHERE id = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+                params![id, now],
+                |row| row.get(0),
+            )
+            .optional()?)
+        })?;
+        text.map(|t| {
+            JobStatus::parse(&t).ok_or_else(|| StoreError::new(format!("unknown status {t:?}")))
+        })
+        .transpose()
+    }
+
     /// IN_QUEUE → IN_PROGRESS; false when the job is no longer queued.
     pub fn start(&self, id: &str, now: i64) -> Result<bool, StoreError> {
         self.with(|c| {

@@ -46,17 +46,35 @@ pub(super) async fn run(state: Arc<AppState>, model: Arc<ServedModel>) {
         if state.jobs.is_draining() {
             return;
         }
-        let claim = match state.jobs.backend.claim_next(&model.name, CLAIM_WAIT).await {
+        state.jobs.claiming.fetch_add(1, Ordering::SeqCst);
+        let claimed = state.jobs.backend.claim_next(&model.name, CLAIM_WAIT).await;
+        if let Ok(Some(claim)) = &claimed {
+            super::lock(&state.jobs.running).insert(claim.id.clone(), claim.clone());
+        }
+        state.jobs.claiming.fetch_sub(1, Ordering::SeqCst);
+        let claim = match claimed {
             Ok(Some(claim)) => claim,
-            Ok(None) => continue,
+            Ok(None) => {
+                state.jobs.drained.notify_waiters();
+                continue;
+            }
             Err(e) => {
+                state.jobs.drained.notify_waiters();
                 tracing::error!(model = %model.name, error = %e, "cannot take a job; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
         let id = claim.id.clone();
-        super::lock(&state.jobs.running).insert(id.clone(), claim.clone());
+        if state.jobs.is_draining() {
+            // Shutdown began while this job was being taken: give it back.
+            if let Err(e) = state.jobs.backend.hand_back(&claim).await {
+                tracing::error!(job_id = %id, error = %e, "cannot hand a job back; another worker takes it after the visibility timeout");
+            }
+            super::lock(&state.jobs.running).remove(&id);
+            state.jobs.drained.notify_waiters();
+            return;
+        }
         let running = std::panic::AssertUnwindSafe(run_one(&state, &model, &claim));
         if futures_util::FutureExt::catch_unwind(running)
             .await
@@ -132,7 +150,7 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, claim: &Claim)
             return;
         }
     };
-    let live = jobs.track(id);
+    let live = jobs.track_run(id);
     let _heartbeat = keep_alive(state, claim, &live);
     jobs.emit(id, &live, JobEvent::Started);
     jobs.deliver_event(&job, "start");
@@ -142,15 +160,27 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, claim: &Claim)
     tracing::info!(job_id = id, model = %model.name, protocol = job.protocol.as_str(), "job started");
 
     let started = Instant::now();
-    let outcome = execute(state, model, &job, &live).await;
+    let outcome = if claim.exhausted {
+        // Its workers died running it, again and again: it is the job.
+        Outcome::failed(format!(
+            "the job's worker stopped while running it {} times; it is not run again",
+            job.retries
+        ))
+    } else {
+        execute(state, model, &job, &live).await
+    };
     let seconds = started.elapsed().as_secs_f64();
 
     let logs = progress_logs(&live.events());
+    // One token for every attempt to write this outcome, so a retry after a
+    // lost reply is known for the same ending.
+    let token = uuid::Uuid::new_v4().to_string();
     // A result is only as durable as its write: retry a failing store briefly.
     let mut recorded = Err(super::StoreError::new("the result was never written"));
     for attempt in 0..5 {
         let now = now_ms();
         let ending = Ending {
+            token: &token,
             model: &model.name,
             status: outcome.status,
             output: outcome.output.as_ref(),
@@ -193,6 +223,8 @@ async fn run_one(state: &Arc<AppState>, model: &Arc<ServedModel>, claim: &Claim)
         }
         Ok(false) => {
             tracing::info!(job_id = id, model = %model.name, "job had already ended (cancelled) or was taken over");
+            // This run is over here, whatever became of the job.
+            live.push(JobEvent::Finished);
         }
         Err(e) => {
             tracing::error!(job_id = id, error = %e, "cannot record the job's result");

@@ -305,6 +305,20 @@ fn serve_config(home: &Path, config: ServeConfig) -> Result<()> {
     let mut specs: Vec<ModelSpec> = Vec::new();
     let front_only = config.queue.role == Role::Front && !config.queue.work;
     for entry in &config.models {
+        // A front cannot read a folder's manifest to learn the name workers
+        // will give the model: it must be told.
+        if front_only
+            && entry.name.is_none()
+            && !matches!(
+                ModelRef::parse(&entry.source),
+                Ok(ModelRef::Registered { .. })
+            )
+        {
+            anyhow::bail!(
+                "{}: a front names models without reading their files; set `name` (the same on the workers) for folder and file sources",
+                entry.source
+            );
+        }
         let located = if front_only {
             Ok(None)
         } else {

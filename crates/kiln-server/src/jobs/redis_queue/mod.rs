@@ -9,7 +9,7 @@ mod events;
 mod results;
 mod scripts;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -29,7 +29,14 @@ const GROUP: &str = "workers";
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
         let message = format!("redis: {e}");
-        if e.is_io_error()
+        // Down, or up but not serving yet (loading its AOF, a replica during
+        // failover): retry later.
+        let transient = matches!(
+            e.code(),
+            Some("LOADING" | "READONLY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
+        );
+        if transient
+            || e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
@@ -64,6 +71,12 @@ pub struct RedisBackend {
     /// This process's consumer name, the owner of the jobs it claims.
     consumer: String,
     visibility: Duration,
+    max_takeovers: u32,
+    /// Jobs this process holds now: never taken over by itself when their
+    /// heartbeats were late.
+    held: Mutex<HashSet<String>>,
+    /// Where each model's scan for abandoned entries resumes.
+    reclaim_cursor: Mutex<HashMap<String, String>>,
     scripts: Scripts,
     /// Where large outputs go (None: all in Redis).
     results: Option<results::ResultFiles>,
@@ -98,8 +111,20 @@ impl RedisBackend {
     /// survived: connections reconnect).
     pub async fn connect(settings: &QueueSection, models: &[String]) -> Result<Self, StoreError> {
         let url = settings.url.as_deref().unwrap_or_default();
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::new(format!("queue URL {}: {e}", redacted(url))))?;
+        let invalid =
+            |e: redis::RedisError| StoreError::new(format!("queue URL {}: {e}", redacted(url)));
+        // Keepalives and a user timeout, so a Redis that vanished without a
+        // reset (a dead node) is noticed in seconds and reconnected to.
+        let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(5));
+        let tcp = redis::io::tcp::TcpSettings::default()
+            .set_keepalive(keepalive)
+            .set_user_timeout(Duration::from_secs(20));
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(invalid)?
+            .set_tcp_settings(tcp);
+        let client = redis::Client::open(info).map_err(invalid)?;
         let connection = Self::manager(&client, Duration::from_secs(5))
             .await
             .map_err(|e| StoreError::new(format!("cannot reach {}: {e}", redacted(url))))?;
@@ -112,6 +137,9 @@ impl RedisBackend {
             prefix: settings.key_prefix.clone(),
             consumer: consumer_name(),
             visibility: settings.visibility_timeout.max(Duration::from_millis(300)),
+            max_takeovers: settings.max_takeovers.max(1),
+            held: Mutex::new(HashSet::new()),
+            reclaim_cursor: Mutex::new(HashMap::new()),
             scripts: Scripts {
                 submit: Script::new(scripts::SUBMIT),
                 claim: Script::new(scripts::CLAIM),
@@ -235,6 +263,19 @@ impl RedisBackend {
             return Ok(None);
         };
         let mut connection = self.connection.clone();
+        if reclaimed && super::lock(&self.held).contains(&id) {
+            // Ours, its heartbeat only late: renew it rather than run it twice.
+            let _: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                .arg(self.queue_key(model))
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(&entry.id)
+                .arg("JUSTID")
+                .query_async(&mut connection)
+                .await;
+            return Ok(None);
+        }
         let claimed: i64 = self
             .scripts
             .claim
@@ -245,17 +286,20 @@ impl RedisBackend {
             .arg(&self.consumer)
             .arg(now_ms())
             .arg(if reclaimed { "1" } else { "0" })
+            .arg(self.max_takeovers)
             .invoke_async(&mut connection)
             .await?;
-        if claimed != 1 {
+        if claimed != 1 && claimed != 2 {
             return Ok(None);
         }
         if reclaimed {
             tracing::warn!(job_id = %id, %model, "took over a job whose worker went silent");
         }
+        super::lock(&self.held).insert(id.clone());
         Ok(Some(Claim {
             id,
             model: model.into(),
+            exhausted: claimed == 2,
         }))
     }
 
@@ -277,9 +321,7 @@ impl RedisBackend {
                     .await;
                 let Ok(expired) = expired else { continue };
                 if let Some(files) = &backend.results {
-                    for name in &expired {
-                        files.remove(name);
-                    }
+                    files.remove_all(expired.clone()).await;
                 }
                 if !expired.is_empty() {
                     let removed: redis::RedisResult<()> = connection.zrem(&key, &expired).await;
@@ -291,9 +333,14 @@ impl RedisBackend {
         });
     }
 
-    /// Register this process as a worker for `models`, renewed until the
-    /// runtime stops (fronts count live workers for readiness).
-    pub fn announce_worker(self: &std::sync::Arc<Self>, models: Vec<String>) {
+    /// Register this process as a worker for each of `models` that `serves`
+    /// (loaded, or loadable on demand), renewed until the runtime stops
+    /// (fronts count live workers for readiness).
+    pub fn announce_worker(
+        self: &std::sync::Arc<Self>,
+        models: Vec<String>,
+        serves: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) {
         let backend = std::sync::Arc::clone(self);
         tokio::spawn(async move {
             let every = backend.visibility / 3;
@@ -301,7 +348,7 @@ impl RedisBackend {
                 let now = now_ms();
                 let until = now + 3 * every.as_millis() as i64;
                 let mut connection = backend.connection.clone();
-                for model in &models {
+                for model in models.iter().filter(|m| serves(m)) {
                     let key = backend.workers_key(model);
                     let renewed: redis::RedisResult<()> = redis::pipe()
                         .zadd(&key, &backend.consumer, until)
@@ -434,26 +481,39 @@ impl JobBackend for RedisBackend {
 
     async fn claim_next(&self, model: &str, wait: Duration) -> Result<Option<Claim>, StoreError> {
         let queue = self.queue_key(model);
-        // First, a job whose worker went silent past the visibility timeout.
+        // First, a job whose worker went silent past the visibility timeout:
+        // the scan resumes where the last one stopped, so long-running healthy
+        // jobs at the head of the list never hide an abandoned one behind them.
         let connection = self.connection.clone();
-        let abandoned: StreamAutoClaimReply = self
-            .with_group(model, || {
-                let mut connection = connection.clone();
-                let command = redis::cmd("XAUTOCLAIM")
-                    .arg(&queue)
-                    .arg(GROUP)
-                    .arg(&self.consumer)
-                    .arg(self.visibility.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(1)
-                    .to_owned();
-                async move { command.query_async(&mut connection).await }
-            })
-            .await?;
-        for entry in &abandoned.claimed {
-            if let Some(claim) = self.claim_entry(model, entry, true).await? {
-                return Ok(Some(claim));
+        for _ in 0..8 {
+            let start = super::lock(&self.reclaim_cursor)
+                .get(model)
+                .cloned()
+                .unwrap_or_else(|| "0-0".into());
+            let abandoned: StreamAutoClaimReply = self
+                .with_group(model, || {
+                    let mut connection = connection.clone();
+                    let command = redis::cmd("XAUTOCLAIM")
+                        .arg(&queue)
+                        .arg(GROUP)
+                        .arg(&self.consumer)
+                        .arg(self.visibility.as_millis() as u64)
+                        .arg(&start)
+                        .arg("COUNT")
+                        .arg(1)
+                        .to_owned();
+                    async move { command.query_async(&mut connection).await }
+                })
+                .await?;
+            super::lock(&self.reclaim_cursor)
+                .insert(model.to_string(), abandoned.next_stream_id.clone());
+            for entry in &abandoned.claimed {
+                if let Some(claim) = self.claim_entry(model, entry, true).await? {
+                    return Ok(Some(claim));
+                }
+            }
+            if abandoned.next_stream_id == "0-0" {
+                break;
             }
         }
         // Then the next new one, waiting up to `wait` on a connection of its own.
@@ -492,6 +552,16 @@ impl JobBackend for RedisBackend {
         Ok(None)
     }
 
+    async fn status(&self, id: &str, _now: i64) -> Result<Option<JobStatus>, StoreError> {
+        let mut connection = self.connection.clone();
+        let status: Option<String> = connection.hget(self.job_key(id), "status").await?;
+        status
+            .map(|s| {
+                JobStatus::parse(&s).ok_or_else(|| StoreError::new(format!("unknown status {s:?}")))
+            })
+            .transpose()
+    }
+
     async fn heartbeat(&self, claim: &Claim) -> Result<bool, StoreError> {
         let mut connection = self.connection.clone();
         let alive: i64 = self
@@ -522,6 +592,7 @@ impl JobBackend for RedisBackend {
             .arg(&claim.id)
             .invoke_async(&mut connection)
             .await?;
+        super::lock(&self.held).remove(&claim.id);
         Ok(handed == 1)
     }
 
@@ -569,22 +640,23 @@ impl JobBackend for RedisBackend {
             .arg(ending.now)
             .arg(ending.expires_at)
             .arg(&file)
+            .arg(ending.token)
             .invoke_async(&mut connection)
             .await;
-        let recorded = match finished {
-            Ok(n) => n == 1,
-            Err(e) => {
-                if let Some(files) = &self.results {
-                    files.remove(&file);
-                }
-                return Err(e.into());
-            }
-        };
-        // A refused ending (the job ended or moved on) leaves no file behind.
-        if !recorded && let Some(files) = &self.results {
+        // After an error the write may have happened (a lost reply): the file
+        // stays, and a retry with the same token finds the ending recorded.
+        let finished = finished?;
+        if claim.is_some() {
+            super::lock(&self.held).remove(id);
+        }
+        // A refused ending, or a replay of one recorded with its own file,
+        // leaves no new file behind.
+        if finished != 1
+            && let Some(files) = &self.results
+        {
             files.remove(&file);
         }
-        Ok(recorded)
+        Ok(finished == 1 || finished == 2)
     }
 
     async fn retry(&self, job: &Job, limit: usize) -> Result<bool, SubmitError> {

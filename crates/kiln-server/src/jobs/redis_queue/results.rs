@@ -74,6 +74,17 @@ impl ResultFiles {
         Ok(serde_json::from_slice(&text)?)
     }
 
+    /// Delete result files off the async threads (a shared volume may be slow).
+    pub(super) async fn remove_all(&self, names: Vec<String>) {
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for name in names.iter().filter(|n| is_result_name(n)) {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+        })
+        .await;
+    }
+
     /// Delete a result file (gone already is fine).
     pub(super) fn remove(&self, name: &str) {
         if is_result_name(name) {

@@ -20,16 +20,22 @@ redis.call('HSET', KEYS[1], 'entry', entry, unpack(ARGV, 4))
 return 1
 "#;
 
-/// KEYS: job, queue. ARGV: group, entry, owner, now, reclaimed (0/1).
-/// Marks the job IN_PROGRESS for `owner`; a reclaimed entry (its worker went
-/// silent past the visibility timeout) takes over a running job. Returns 1,
-/// or 0 after dropping an entry whose job ended or was queued again.
+/// KEYS: job, queue. ARGV: group, entry, owner, now, reclaimed (0/1),
+/// takeover limit. Marks the job IN_PROGRESS for `owner`; a reclaimed entry
+/// (its worker went silent past the visibility timeout) takes over a running
+/// job. Returns 1, 2 (taken over, but its workers died `limit` times running
+/// it: the caller fails it), or 0 after dropping an entry whose job ended or
+/// was queued again.
 pub const CLAIM: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 local current = redis.call('HGET', KEYS[1], 'entry')
 if current == ARGV[2] and (status == 'IN_QUEUE' or (status == 'IN_PROGRESS' and ARGV[5] == '1')) then
   redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'owner', ARGV[3], 'started_at', ARGV[4])
-  if status == 'IN_PROGRESS' then redis.call('HINCRBY', KEYS[1], 'retries', 1) end
+  if status == 'IN_PROGRESS' then
+    local takeovers = redis.call('HINCRBY', KEYS[1], 'takeovers', 1)
+    redis.call('HINCRBY', KEYS[1], 'retries', 1)
+    if takeovers >= tonumber(ARGV[6]) then return 2 end
+  end
   return 1
 end
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
@@ -49,14 +55,19 @@ return 1
 
 /// KEYS: job, queue, counts, result files. ARGV: group, owner ('' = anyone),
 /// status, output, error ('' = none), logs, now, expires_at (Unix ms), the
-/// output's file on the shared volume ('' = none). Records a final state,
-/// drops the queue entry and counts the ending; a result file is listed to be
-/// deleted when the job expires.
+/// output's file on the shared volume ('' = none), the ending's token.
+/// Records a final state, drops the queue entry and counts the ending; a
+/// result file is listed to be deleted when the job expires. Returns 1, 0
+/// (the job had ended or moved on), or 2 when this very ending was already
+/// recorded (a retry after a lost reply: nothing changes).
 pub const FINISH: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'IN_QUEUE' and status ~= 'IN_PROGRESS' then return 0 end
+if status ~= 'IN_QUEUE' and status ~= 'IN_PROGRESS' then
+  if redis.call('HGET', KEYS[1], 'ended_by') == ARGV[10] then return 2 end
+  return 0
+end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'logs', ARGV[6], 'completed_at', ARGV[7])
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'logs', ARGV[6], 'completed_at', ARGV[7], 'ended_by', ARGV[10])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 if ARGV[9] ~= '' then
@@ -84,7 +95,7 @@ if status ~= 'FAILED' and status ~= 'TIMED_OUT' then return 0 end
 local waiting = redis.call('XLEN', KEYS[2]) - redis.call('XPENDING', KEYS[2], ARGV[1])[1]
 if waiting >= tonumber(ARGV[2]) then return -2 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[3])
-redis.call('HDEL', KEYS[1], 'output', 'output_file', 'error', 'started_at', 'completed_at', 'owner')
+redis.call('HDEL', KEYS[1], 'output', 'output_file', 'error', 'started_at', 'completed_at', 'owner', 'ended_by', 'takeovers')
 redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE', 'logs', '', 'entry', entry)
 redis.call('HINCRBY', KEYS[1], 'retries', 1)
 redis.call('PERSIST', KEYS[1])
