@@ -88,39 +88,65 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(StoreError::from)
 }
 
-fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Job, StoreError>> {
-    let input: String = row.get(3)?;
-    let options: String = row.get(4)?;
-    let status: String = row.get(5)?;
-    let output: Option<String> = row.get(6)?;
-    let error: Option<String> = row.get(7)?;
-    let protocol: String = row.get(2)?;
-    let id: String = row.get(0)?;
-    let model: String = row.get(1)?;
-    let logs: String = row.get(8)?;
-    let retries: u32 = row.get(9)?;
-    let created_at: i64 = row.get(10)?;
-    let started_at: Option<i64> = row.get(11)?;
-    let completed_at: Option<i64> = row.get(12)?;
-    Ok((|| {
+/// A job as a store keeps it: enums and JSON as text. Both backends decode
+/// through this one place.
+pub(crate) struct StoredJob {
+    pub id: String,
+    pub model: String,
+    pub protocol: String,
+    pub input: String,
+    pub options: String,
+    pub status: String,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub logs: String,
+    pub retries: i64,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
+impl StoredJob {
+    pub(crate) fn decode(self) -> Result<Job, StoreError> {
+        let protocol = &self.protocol;
+        let status = &self.status;
         Ok(Job {
-            id,
-            model,
-            protocol: Protocol::parse(&protocol)
+            protocol: Protocol::parse(protocol)
                 .ok_or_else(|| StoreError::new(format!("unknown protocol {protocol:?}")))?,
-            input: serde_json::from_str(&input)?,
-            options: serde_json::from_str(&options)?,
-            status: JobStatus::parse(&status)
+            input: serde_json::from_str(&self.input)?,
+            options: serde_json::from_str(&self.options)?,
+            status: JobStatus::parse(status)
                 .ok_or_else(|| StoreError::new(format!("unknown status {status:?}")))?,
-            output: output.map(|o| serde_json::from_str(&o)).transpose()?,
-            error: error.map(|e| serde_json::from_str(&e)).transpose()?,
-            logs,
-            retries,
-            created_at,
-            started_at,
-            completed_at,
+            output: self.output.map(|o| serde_json::from_str(&o)).transpose()?,
+            error: self.error.map(|e| serde_json::from_str(&e)).transpose()?,
+            retries: u32::try_from(self.retries.max(0)).unwrap_or(u32::MAX),
+            id: self.id,
+            model: self.model,
+            logs: self.logs,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            completed_at: self.completed_at,
         })
-    })())
+    }
+}
+
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Result<Job, StoreError>> {
+    let stored = StoredJob {
+        id: row.get(0)?,
+        model: row.get(1)?,
+        protocol: row.get(2)?,
+        input: row.get(3)?,
+        options: row.get(4)?,
+        status: row.get(5)?,
+        output: row.get(6)?,
+        error: row.get(7)?,
+        logs: row.get(8)?,
+        retries: row.get(9)?,
+        created_at: row.get(10)?,
+        started_at: row.get(11)?,
+        completed_at: row.get(12)?,
+    };
+    Ok(stored.decode())
 }
 
 impl JobStore {

@@ -155,13 +155,27 @@ fn unresolvable_spec(config: &ServeConfig, entry: &ModelEntry, error: &anyhow::E
     let name = unresolved_name(entry);
     let message = format!("{error:#}");
     tracing::error!(model = %name, reference = %entry.source, %message, "model cannot be found; serving the others");
+    let load = entry.load.unwrap_or(LoadPolicy::Eager);
+    unloadable_spec(config, entry, name, message, load)
+}
+
+/// A model this process can name but never load, with its queue bound; its
+/// loader fails with `message`.
+fn unloadable_spec(
+    config: &ServeConfig,
+    entry: &ModelEntry,
+    name: String,
+    message: String,
+    load: LoadPolicy,
+) -> ModelSpec {
     ModelSpec {
         name,
         version: None,
         reference: entry.source.clone(),
         settings: ModelSettings {
             max_queue: entry.max_queue.unwrap_or(config.jobs.max_queue),
-            load: entry.load.unwrap_or(LoadPolicy::Eager),
+            concurrency: entry.concurrency.unwrap_or(1),
+            load,
             ..ModelSettings::default()
         },
         loader: Arc::new(move || Err(message.clone())),
@@ -189,18 +203,7 @@ fn unresolved_name(entry: &ModelEntry) -> String {
 fn front_spec(config: &ServeConfig, entry: &ModelEntry) -> ModelSpec {
     let name = unresolved_name(entry);
     let message = format!("model {name:?} runs on the queue's workers, not on this front");
-    ModelSpec {
-        name,
-        version: None,
-        reference: entry.source.clone(),
-        settings: ModelSettings {
-            max_queue: entry.max_queue.unwrap_or(config.jobs.max_queue),
-            concurrency: entry.concurrency.unwrap_or(1),
-            load: LoadPolicy::Lazy,
-            ..ModelSettings::default()
-        },
-        loader: Arc::new(move || Err(message.clone())),
-    }
+    unloadable_spec(config, entry, name, message, LoadPolicy::Lazy)
 }
 
 fn default_spec(config: &ServeConfig, home: PathBuf) -> ModelSpec {

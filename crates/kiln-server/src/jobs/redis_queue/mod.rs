@@ -20,7 +20,8 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::mpsc;
 
 use super::backend::{Claim, Ending, JobBackend, Recovered, RemoteEvent};
-use super::{Job, JobStatus, Protocol, StoreError, SubmitError, now_ms};
+use super::store::StoredJob;
+use super::{Job, JobStatus, StoreError, SubmitError, now_ms};
 use crate::config::{QueueSection, RestartPolicy};
 
 /// The consumer group every worker reads a model's stream with.
@@ -392,36 +393,22 @@ fn job_from_fields(mut fields: HashMap<String, String>) -> Result<Job, StoreErro
         text.parse::<i64>()
             .map_err(|_| StoreError::new(format!("stored number {text:?} is unreadable")))
     };
-    let id = take("id")?;
-    let model = take("model")?;
-    let protocol = take("protocol")?;
-    let input = take("input")?;
-    let options = take("options")?;
-    let status = take("status")?;
-    let created_at = number(take("created_at")?)?;
-    let retries = number(take("retries").unwrap_or_else(|_| "0".into()))?;
-    let logs = take("logs").unwrap_or_default();
-    let output = take("output").ok();
-    let error = take("error").ok();
-    let started_at = take("started_at").ok().map(number).transpose()?;
-    let completed_at = take("completed_at").ok().map(number).transpose()?;
-    Ok(Job {
-        id,
-        model,
-        protocol: Protocol::parse(&protocol)
-            .ok_or_else(|| StoreError::new(format!("unknown protocol {protocol:?}")))?,
-        input: serde_json::from_str(&input)?,
-        options: serde_json::from_str(&options)?,
-        status: JobStatus::parse(&status)
-            .ok_or_else(|| StoreError::new(format!("unknown status {status:?}")))?,
-        output: output.map(|o| serde_json::from_str(&o)).transpose()?,
-        error: error.map(|e| serde_json::from_str(&e)).transpose()?,
-        logs,
-        retries: u32::try_from(retries.max(0)).unwrap_or(u32::MAX),
-        created_at,
-        started_at,
-        completed_at,
-    })
+    let stored = StoredJob {
+        id: take("id")?,
+        model: take("model")?,
+        protocol: take("protocol")?,
+        input: take("input")?,
+        options: take("options")?,
+        status: take("status")?,
+        created_at: number(take("created_at")?)?,
+        retries: number(take("retries").unwrap_or_else(|_| "0".into()))?,
+        logs: take("logs").unwrap_or_default(),
+        output: take("output").ok(),
+        error: take("error").ok(),
+        started_at: take("started_at").ok().map(number).transpose()?,
+        completed_at: take("completed_at").ok().map(number).transpose()?,
+    };
+    stored.decode()
 }
 
 #[async_trait]
