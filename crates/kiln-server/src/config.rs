@@ -217,6 +217,9 @@ pub struct QueueSection {
     /// How many times a job may be taken over from a worker that died running
     /// it before it is failed instead (a job that crashes its workers).
     pub max_takeovers: u32,
+    /// PEM certificate(s) to trust for `rediss://` instead of the system's
+    /// roots (a private CA).
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// A folder every front and worker mounts (a shared volume): outputs
     /// larger than `inline_results` are written there instead of into Redis.
     pub results_dir: Option<std::path::PathBuf>,
@@ -235,6 +238,7 @@ impl Default for QueueSection {
             visibility_timeout: Duration::from_secs(30),
             key_prefix: "kiln:".into(),
             max_takeovers: 3,
+            tls_ca_file: None,
             results_dir: None,
             inline_results: 256 * 1024,
             role: Role::Standalone,

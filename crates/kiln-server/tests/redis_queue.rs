@@ -328,3 +328,127 @@ async fn a_job_that_keeps_killing_its_workers_is_given_up() {
     // (Only "poison" and "held" exist; "poison" is held by the last taker.)
     assert!(holder.claim_next(MODEL, WAIT).await.unwrap().map(|c| c.id) != Some("held".into()));
 }
+
+#[tokio::test]
+async fn rediss_connects_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = |name: &str| dir.path().join(name);
+    let openssl = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // A private CA and a server certificate for localhost.
+    let made = openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=kiln-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]) && openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]) && std::fs::write(pem("san.ext"), "subjectAltName=DNS:localhost\n").is_ok()
+        && openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ]);
+    if !made {
+        eprintln!("SKIPPED: openssl cannot make test certificates here");
+        return;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-auth-clients",
+            "no",
+        ])
+        .arg("--tls-cert-file")
+        .arg(pem("server.pem"))
+        .arg("--tls-key-file")
+        .arg(pem("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(pem("ca.pem"))
+        .stdout(Stdio::null())
+        .spawn();
+    let Ok(child) = child else {
+        eprintln!("SKIPPED: redis-server cannot be started");
+        return;
+    };
+    let redis = Redis { child, port };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not listen for TLS"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut settings = QueueSection {
+        url: Some(format!("rediss://localhost:{}/0", redis.port)),
+        ..QueueSection::default()
+    };
+    // Without the private CA the server is not trusted...
+    assert!(
+        RedisBackend::connect(&settings, &[MODEL.to_string()])
+            .await
+            .is_err()
+    );
+    // ...with it, the queue works over TLS.
+    settings.tls_ca_file = Some(pem("ca.pem"));
+    let backend = RedisBackend::connect(&settings, &[MODEL.to_string()])
+        .await
+        .expect("connect over TLS");
+    backend.submit(&job("tls"), 10).await.unwrap();
+    let claim = backend.claim_next(MODEL, WAIT).await.unwrap().unwrap();
+    assert_eq!(claim.id, "tls");
+}

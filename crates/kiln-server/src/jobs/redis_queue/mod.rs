@@ -125,7 +125,19 @@ impl RedisBackend {
         let info = redis::IntoConnectionInfo::into_connection_info(url)
             .map_err(invalid)?
             .set_tcp_settings(tcp);
-        let client = redis::Client::open(info).map_err(invalid)?;
+        let client = match &settings.tls_ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    StoreError::new(format!("[queue] tls_ca_file {}: {e}", path.display()))
+                })?;
+                let roots = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(info, roots).map_err(invalid)?
+            }
+            None => redis::Client::open(info).map_err(invalid)?,
+        };
         let connection = Self::manager(&client, Duration::from_secs(5))
             .await
             .map_err(|e| StoreError::new(format!("cannot reach {}: {e}", redacted(url))))?;
