@@ -190,12 +190,26 @@ fn unresolved_name(entry: &ModelEntry) -> String {
         .clone()
         .unwrap_or_else(|| match ModelRef::parse(&entry.source) {
             Ok(ModelRef::Registered { name, .. }) => name.to_string(),
-            Ok(ModelRef::LocalFolder(path)) => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| entry.source.clone()),
+            Ok(ModelRef::LocalFolder(path)) => {
+                local_name(&path).unwrap_or_else(|| entry.source.clone())
+            }
             Err(_) => entry.source.clone(),
         })
+}
+
+/// The name a model folder or file is served under, from its path alone, as
+/// `model_spec` names it once resolved: a folder by its name, a single-file
+/// model (`.onnx`, `.gguf`) by its stem. None for `.`, `..` and roots.
+fn local_name(path: &Path) -> Option<String> {
+    let is_file_model = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx") || e.eq_ignore_ascii_case("gguf"));
+    let name = if is_file_model {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
 }
 
 /// A model as a front that runs no model knows it: its name and queue bound
@@ -308,17 +322,12 @@ fn serve_config(home: &Path, config: ServeConfig) -> Result<()> {
     let mut specs: Vec<ModelSpec> = Vec::new();
     let front_only = config.queue.role == Role::Front && !config.queue.work;
     for entry in &config.models {
-        // A front cannot read a folder's manifest to learn the name workers
-        // will give the model: it must be told.
-        if front_only
-            && entry.name.is_none()
-            && !matches!(
-                ModelRef::parse(&entry.source),
-                Ok(ModelRef::Registered { .. })
-            )
-        {
+        // A front names a model from its reference alone; where the path
+        // gives no name (`.`), it must be told one.
+        let nameless = |source: &str| matches!(ModelRef::parse(source), Ok(ModelRef::LocalFolder(path)) if local_name(&path).is_none());
+        if front_only && entry.name.is_none() && nameless(&entry.source) {
             anyhow::bail!(
-                "{}: a front names models without reading their files; set `name` (the same on the workers) for folder and file sources",
+                "{}: a front names models without reading their files, and this path gives no name; set `name` (the same on the workers)",
                 entry.source
             );
         }
@@ -383,6 +392,20 @@ mod tests {
             ),
             "cannot load model a.b.c: vae/config.json: missing field; see the model folder and $KILN_HOME/cache"
         );
+    }
+
+    #[test]
+    fn fronts_name_local_models_as_workers_do() {
+        assert_eq!(
+            local_name(Path::new("/models/flux.1-schnell/")).as_deref(),
+            Some("flux.1-schnell")
+        );
+        assert_eq!(
+            local_name(Path::new("models/classifier.onnx")).as_deref(),
+            Some("classifier")
+        );
+        assert_eq!(local_name(Path::new("qwen.GGUF")).as_deref(), Some("qwen"));
+        assert_eq!(local_name(Path::new("..")), None);
     }
 
     #[test]

@@ -356,10 +356,13 @@ impl RedisBackend {
     ) {
         let backend = std::sync::Arc::clone(self);
         tokio::spawn(async move {
-            let every = backend.visibility / 3;
+            // Every second (a model that just loaded shows up at once); an
+            // entry lapses a visibility timeout after its last renewal.
+            let every = (backend.visibility / 3).min(Duration::from_secs(1));
+            let lapse = backend.visibility.max(Duration::from_secs(3)).as_millis() as i64;
             loop {
                 let now = now_ms();
-                let until = now + 3 * every.as_millis() as i64;
+                let until = now + lapse;
                 let mut connection = backend.connection.clone();
                 for model in models.iter().filter(|m| serves(m)) {
                     let key = backend.workers_key(model);
