@@ -259,13 +259,20 @@ def test_a_job_whose_worker_is_killed_completes_on_another(cluster):
     victim.start()
 
 
-def test_a_stopping_worker_hands_its_job_back(cluster):
+def test_a_stopping_worker_hands_its_job_back(cluster, redis_server):
     job_id = rp(cluster, "run", {"input": {"prompt": "handed back", "seed": 8, **SLOW}}).json()["id"]
     wait_status(cluster, job_id, {"IN_PROGRESS"})
     leaving = cluster.worker_running(job_id)
     time.sleep(0.5)
+    pid = leaving.proc.pid
     leaving.stop()  # SIGTERM: finish within shutdown_grace (1 s) or hand back
     assert "job handed back to the queue" in leaving.stderr_tail(20000)
+    # It left the consumer group (holding nothing), so the group does not grow
+    # with every worker restart.
+    consumers = subprocess.run(
+        ["redis-cli", "-p", str(redis_server.port), "XINFO", "CONSUMERS", f"kiln:queue:{MODEL}", "workers"],
+        capture_output=True, text=True, check=True).stdout
+    assert f"-{pid}-" not in consumers, consumers
     done = wait_status(cluster, job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}, 180)
     assert done["status"] == "COMPLETED", str(done)[:300]
     assert cluster.completions()[job_id] == 1

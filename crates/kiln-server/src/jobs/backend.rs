@@ -112,6 +112,9 @@ pub trait JobBackend: Send + Sync {
     fn remote_events(&self) -> Option<mpsc::UnboundedReceiver<(String, RemoteEvent)>>;
     /// Wake every worker waiting in `claim_next` (shutdown).
     fn wake_all(&self);
+    /// At the end of shutdown, after running jobs finished or went back:
+    /// stop counting as a worker anywhere (no-op with one process).
+    async fn leave(&self) {}
 }
 
 /// One model's queue of job ids in this process.

@@ -104,6 +104,7 @@ impl Jobs {
                 break;
             }
         }
+        self.backend.leave().await;
     }
 
     /// Jobs running here, and claims about to be (so shutdown waits for them).

@@ -72,6 +72,8 @@ pub struct RedisBackend {
     /// This process's consumer name, the owner of the jobs it claims.
     consumer: String,
     visibility: Duration,
+    /// The models this process serves (and leaves at shutdown).
+    models: Vec<String>,
     max_takeovers: u32,
     /// Jobs this process holds now: never taken over by itself when their
     /// heartbeats were late.
@@ -150,6 +152,7 @@ impl RedisBackend {
             prefix: settings.key_prefix.clone(),
             consumer: consumer_name(),
             visibility: settings.visibility_timeout.max(Duration::from_millis(300)),
+            models: models.to_vec(),
             max_takeovers: settings.max_takeovers.max(1),
             held: Mutex::new(HashSet::new()),
             reclaim_cursor: Mutex::new(HashMap::new()),
@@ -777,6 +780,34 @@ impl JobBackend for RedisBackend {
 
     fn wake_all(&self) {
         // Workers wait at most their read's block time.
+    }
+
+    async fn leave(&self) {
+        let mut connection = self.connection.clone();
+        for model in &self.models {
+            let queue = self.queue_key(model);
+            // Fronts stop counting this worker at once.
+            let _: redis::RedisResult<()> = connection
+                .zrem(self.workers_key(model), &self.consumer)
+                .await;
+            // The consumer goes from the group unless it still holds entries
+            // (deleting it would drop them, and they must be taken over).
+            let holding: redis::RedisResult<redis::streams::StreamPendingCountReply> = connection
+                .xpending_consumer_count(&queue, GROUP, "-", "+", 1, &self.consumer)
+                .await;
+            if matches!(holding, Ok(reply) if reply.ids.is_empty()) {
+                let removed: redis::RedisResult<i64> = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&queue)
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .query_async(&mut connection)
+                    .await;
+                if let Err(e) = removed {
+                    tracing::debug!(%model, error = %e, "cannot remove this consumer from the group");
+                }
+            }
+        }
     }
 }
 
