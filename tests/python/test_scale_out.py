@@ -244,6 +244,25 @@ def test_synchronous_routes_wait_on_the_shared_result(cluster):
     assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text[:300]
 
 
+def test_progress_streams_from_the_worker_through_the_front(cluster):
+    steps = 6
+    job_id = rp(cluster, "run", {"input": {"prompt": "stream", "seed": 4, "width": 128,
+                                           "height": 128, "num_inference_steps": steps}}).json()["id"]
+    seen, output, deadline = [], None, time.monotonic() + 120
+    while output is None:
+        assert time.monotonic() < deadline, f"no final output streamed; saw {seen}"
+        body = rp(cluster, f"stream/{job_id}").json()
+        for chunk in body["stream"]:
+            if "step" in chunk["output"]:
+                seen.append(chunk["output"]["step"])
+            else:
+                output = chunk["output"]
+        time.sleep(0.05)
+    # Every denoising step the worker ran reached the front, in order, once.
+    assert seen == list(range(1, steps + 1)), seen
+    assert output["image"]["image_base64"]
+
+
 def test_a_job_whose_worker_is_killed_completes_on_another(cluster):
     job_id = rp(cluster, "run", {"input": {"prompt": "killed", "seed": 7, **SLOW}}).json()["id"]
     wait_status(cluster, job_id, {"IN_PROGRESS"})

@@ -217,8 +217,16 @@ impl Jobs {
             .ok_or_else(|| SubmitError::UnknownModel(model.into()))?;
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let job = Job::queued(id.clone(), model, protocol, input, options);
-        self.backend.submit(&job, limit).await?;
+        // Tracked before it is queued, so no event of a fast worker elsewhere
+        // arrives before there is a record to take it.
+        let created = !lock(&self.live).contains_key(&id);
         self.track(&id);
+        if let Err(e) = self.backend.submit(&job, limit).await {
+            if created {
+                lock(&self.live).remove(&id);
+            }
+            return Err(e);
+        }
         Ok(job)
     }
 
