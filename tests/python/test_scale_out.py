@@ -184,6 +184,7 @@ def test_a_front_takes_jobs_but_runs_no_model(cluster):
     # The queue depth autoscalers read is exported by the front.
     metrics = requests.get(f"{cluster.front.base_url}/metrics", headers=AUTH, timeout=10).text
     assert f'kiln_queue_depth{{model="{MODEL}"}}' in metrics
+    assert f'kiln_queue_workers{{model="{MODEL}"}} 2' in metrics, metrics[-2000:]
 
 
 def test_fifty_jobs_through_runpod_and_cog_complete_exactly_once(cluster):

@@ -76,6 +76,7 @@ pub struct Metrics {
     unloads: Family<ModelLabels, Counter>,
     jobs: Family<JobLabels, Counter>,
     queue_depth: Family<ModelLabels, Gauge>,
+    workers: Family<ModelLabels, Gauge>,
     queue_wait: Family<ModelLabels, Histogram, fn() -> Histogram>,
     execution: Family<ModelLabels, Histogram, fn() -> Histogram>,
     steps: Family<ModelLabels, Counter>,
@@ -143,6 +144,12 @@ impl Metrics {
             jobs.clone(),
         );
         registry.register("queue_depth", "Jobs waiting per model", queue_depth.clone());
+        let workers = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "queue_workers",
+            "Live worker processes serving the model through the shared queue (fronts only)",
+            workers.clone(),
+        );
         registry.register(
             "job_queue_wait_seconds",
             "Time jobs spent queued before running",
@@ -168,6 +175,7 @@ impl Metrics {
             unloads,
             jobs,
             queue_depth,
+            workers,
             queue_wait,
             execution,
             steps,
@@ -251,6 +259,15 @@ impl Metrics {
             .set(depth as i64);
     }
 
+    /// Worker processes serving `model` through the shared queue now.
+    pub fn queue_workers(&self, model: &str, workers: usize) {
+        self.workers
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .set(workers as i64);
+    }
+
     fn record(&self, route: &str, method: &str, status: u16, model: &str, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -325,6 +342,13 @@ pub async fn metrics_endpoint(State(state): State<Arc<AppState>>) -> Response {
     for model in &state.models {
         let depth = state.jobs.queue_depth(&model.name).await;
         state.metrics.queue_depth(&model.name, depth);
+        if !state.runs_models {
+            let workers = crate::jobs::lock(&state.remote_workers)
+                .get(&model.name)
+                .copied()
+                .unwrap_or(0);
+            state.metrics.queue_workers(&model.name, workers);
+        }
     }
     let mut text = state.metrics.render();
     let engines = engine_metrics(&state);
