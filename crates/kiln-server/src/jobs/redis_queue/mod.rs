@@ -5,49 +5,30 @@
 //! (XAUTOCLAIM) and the first one's late result is refused by the owner guard,
 //! so a job completes exactly once. Events travel over pub/sub.
 
+mod connection;
 mod events;
+mod record;
 mod results;
 mod scripts;
+
+use connection::redacted;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncCommands, Script};
 use tokio::sync::mpsc;
 
 use super::backend::{Claim, Ending, JobBackend, Recovered, RemoteEvent};
-use super::store::StoredJob;
 use super::{Job, JobStatus, StoreError, SubmitError, now_ms};
 use crate::config::{QueueSection, RestartPolicy};
 
 /// The consumer group every worker reads a model's stream with.
 const GROUP: &str = "workers";
-
-impl From<redis::RedisError> for StoreError {
-    fn from(e: redis::RedisError) -> Self {
-        let message = format!("redis: {e}");
-        // Down, or up but not serving yet (loading its AOF, a replica during
-        // failover): retry later.
-        let transient = matches!(
-            e.code(),
-            Some("LOADING" | "READONLY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
-        );
-        if transient
-            || e.is_io_error()
-            || e.is_timeout()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-        {
-            StoreError::unreachable(message)
-        } else {
-            StoreError::new(message)
-        }
-    }
-}
 
 /// The compiled scripts (sent by hash, loaded on first use).
 struct Scripts {
@@ -87,60 +68,14 @@ pub struct RedisBackend {
     incoming: Mutex<Option<mpsc::UnboundedReceiver<(String, RemoteEvent)>>>,
 }
 
-fn consumer_name() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "kiln".into());
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}-{}-{}", std::process::id(), &nonce[..8])
-}
-
-/// A Redis URL with any password masked, for logs and errors.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 impl RedisBackend {
     /// Connect, create each model's stream and group, and start the event
     /// relay. Fails when Redis cannot be reached now (a later loss is
     /// survived: connections reconnect).
     pub async fn connect(settings: &QueueSection, models: &[String]) -> Result<Self, StoreError> {
         let url = settings.url.as_deref().unwrap_or_default();
-        let invalid =
-            |e: redis::RedisError| StoreError::new(format!("queue URL {}: {e}", redacted(url)));
-        // Keepalives and a user timeout, so a Redis that vanished without a
-        // reset (a dead node) is noticed in seconds and reconnected to.
-        let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(10))
-            .with_interval(Duration::from_secs(5));
-        let tcp = redis::io::tcp::TcpSettings::default()
-            .set_keepalive(keepalive)
-            .set_user_timeout(Duration::from_secs(20));
-        let info = redis::IntoConnectionInfo::into_connection_info(url)
-            .map_err(invalid)?
-            .set_tcp_settings(tcp);
-        let client = match &settings.tls_ca_file {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    StoreError::new(format!("[queue] tls_ca_file {}: {e}", path.display()))
-                })?;
-                let roots = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                };
-                redis::Client::build_with_tls(info, roots).map_err(invalid)?
-            }
-            None => redis::Client::open(info).map_err(invalid)?,
-        };
-        let connection = Self::manager(&client, Duration::from_secs(5))
+        let client = connection::client(settings)?;
+        let connection = connection::manager(&client, Duration::from_secs(5))
             .await
             .map_err(|e| StoreError::new(format!("cannot reach {}: {e}", redacted(url))))?;
         let (publisher, outgoing) = mpsc::unbounded_channel();
@@ -150,21 +85,21 @@ impl RedisBackend {
             connection: connection.clone(),
             blocking: Mutex::new(Vec::new()),
             prefix: settings.key_prefix.clone(),
-            consumer: consumer_name(),
+            consumer: connection::consumer_name(),
             visibility: settings.visibility_timeout.max(Duration::from_millis(300)),
             models: models.to_vec(),
             max_takeovers: settings.max_takeovers.max(1),
             held: Mutex::new(HashSet::new()),
             reclaim_cursor: Mutex::new(HashMap::new()),
             scripts: Scripts {
-                submit: Script::new(scripts::SUBMIT),
+                submit: Script::new(&scripts::with_waiting(scripts::SUBMIT)),
                 claim: Script::new(scripts::CLAIM),
                 heartbeat: Script::new(scripts::HEARTBEAT),
                 finish: Script::new(scripts::FINISH),
-                retry: Script::new(scripts::RETRY),
+                retry: Script::new(&scripts::with_waiting(scripts::RETRY)),
                 hand_back: Script::new(scripts::HAND_BACK),
                 delete_final: Script::new(scripts::DELETE_FINAL),
-                depth: Script::new(scripts::DEPTH),
+                depth: Script::new(&scripts::with_waiting(scripts::DEPTH)),
             },
             results: settings
                 .results_dir
@@ -191,16 +126,6 @@ impl RedisBackend {
             deliver,
         ));
         Ok(backend)
-    }
-
-    async fn manager(
-        client: &redis::Client,
-        response_timeout: Duration,
-    ) -> redis::RedisResult<ConnectionManager> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(response_timeout));
-        client.get_connection_manager_with_config(config).await
     }
 
     fn key(&self, name: &str) -> String {
@@ -386,53 +311,10 @@ impl RedisBackend {
     }
 }
 
-/// The hash fields of a new job.
-fn job_fields(job: &Job) -> Result<Vec<(&'static str, String)>, StoreError> {
-    Ok(vec![
-        ("id", job.id.clone()),
-        ("model", job.model.clone()),
-        ("protocol", job.protocol.as_str().into()),
-        ("input", serde_json::to_string(&job.input)?),
-        ("options", serde_json::to_string(&job.options)?),
-        ("status", job.status.as_str().into()),
-        ("logs", job.logs.clone()),
-        ("retries", job.retries.to_string()),
-        ("created_at", job.created_at.to_string()),
-    ])
-}
-
-fn job_from_fields(mut fields: HashMap<String, String>) -> Result<Job, StoreError> {
-    let mut take = |name: &str| {
-        fields
-            .remove(name)
-            .ok_or_else(|| StoreError::new(format!("stored job lacks {name:?}")))
-    };
-    let number = |text: String| {
-        text.parse::<i64>()
-            .map_err(|_| StoreError::new(format!("stored number {text:?} is unreadable")))
-    };
-    let stored = StoredJob {
-        id: take("id")?,
-        model: take("model")?,
-        protocol: take("protocol")?,
-        input: take("input")?,
-        options: take("options")?,
-        status: take("status")?,
-        created_at: number(take("created_at")?)?,
-        retries: number(take("retries").unwrap_or_else(|_| "0".into()))?,
-        logs: take("logs").unwrap_or_default(),
-        output: take("output").ok(),
-        error: take("error").ok(),
-        started_at: take("started_at").ok().map(number).transpose()?,
-        completed_at: take("completed_at").ok().map(number).transpose()?,
-    };
-    stored.decode()
-}
-
 #[async_trait]
 impl JobBackend for RedisBackend {
     async fn submit(&self, job: &Job, limit: usize) -> Result<(), SubmitError> {
-        let fields = job_fields(job)?;
+        let fields = record::job_fields(job)?;
         let outcome: i64 = self
             .with_group(&job.model, || {
                 let mut invocation = self.scripts.submit.key(self.job_key(&job.id));
@@ -459,7 +341,7 @@ impl JobBackend for RedisBackend {
     }
 
     async fn insert(&self, job: &Job) -> Result<(), StoreError> {
-        let fields = job_fields(job)?;
+        let fields = record::job_fields(job)?;
         let mut connection = self.connection.clone();
         let () = connection
             .hset_multiple(self.job_key(&job.id), &fields)
@@ -474,7 +356,7 @@ impl JobBackend for RedisBackend {
             return Ok(None);
         }
         let file = fields.remove("output_file");
-        let mut job = job_from_fields(fields)?;
+        let mut job = record::job_from_fields(fields)?;
         if let Some(name) = file {
             let files = self.results.as_ref().ok_or_else(|| {
                 StoreError::new("the job's output is on the shared results volume, which this process does not mount ([queue] results_dir)")
@@ -524,7 +406,7 @@ impl JobBackend for RedisBackend {
         // Then the next new one, waiting up to `wait` on a connection of its own.
         let mut blocking = match self.blocking_connection() {
             Some(connection) => connection,
-            None => Self::manager(&self.client, wait + Duration::from_secs(5)).await?,
+            None => connection::manager(&self.client, wait + Duration::from_secs(5)).await?,
         };
         let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
             .arg("GROUP")
@@ -808,19 +690,5 @@ impl JobBackend for RedisBackend {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_reach_logs() {
-        assert_eq!(
-            redacted("redis://user:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(redacted("redis://host:6379/0"), "redis://host:6379/0");
     }
 }

@@ -9,11 +9,24 @@
 //! acknowledged and deleted when its job ends, so the stream's length minus
 //! its pending count is the number of jobs waiting.
 
+/// Jobs waiting in a model's stream: entries not yet delivered. Prepended
+/// to the scripts that count them (`with_waiting`).
+const WAITING: &str = r#"
+local function waiting(queue, group)
+  return redis.call('XLEN', queue) - redis.call('XPENDING', queue, group)[1]
+end
+"#;
+
+/// `script` with the `waiting(queue, group)` function defined before it.
+pub fn with_waiting(script: &str) -> String {
+    [WAITING, script].concat()
+}
+
 /// KEYS: job, queue. ARGV: group, limit, id, then the hash's field/value
 /// pairs. Returns 1, -1 (the id exists) or -2 (the queue is full).
 pub const SUBMIT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-local waiting = redis.call('XLEN', KEYS[2]) - redis.call('XPENDING', KEYS[2], ARGV[1])[1]
+local waiting = waiting(KEYS[2], ARGV[1])
 if waiting >= tonumber(ARGV[2]) then return -2 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[3])
 redis.call('HSET', KEYS[1], 'entry', entry, unpack(ARGV, 4))
@@ -92,7 +105,7 @@ return 1
 pub const RETRY: &str = r#"
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'FAILED' and status ~= 'TIMED_OUT' then return 0 end
-local waiting = redis.call('XLEN', KEYS[2]) - redis.call('XPENDING', KEYS[2], ARGV[1])[1]
+local waiting = waiting(KEYS[2], ARGV[1])
 if waiting >= tonumber(ARGV[2]) then return -2 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[3])
 redis.call('HDEL', KEYS[1], 'output', 'output_file', 'error', 'started_at', 'completed_at', 'owner', 'ended_by', 'takeovers')
@@ -128,5 +141,5 @@ return 1
 
 /// KEYS: queue. ARGV: group. Jobs waiting (entries not yet delivered).
 pub const DEPTH: &str = r#"
-return redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[1])[1]
+return waiting(KEYS[1], ARGV[1])
 "#;
