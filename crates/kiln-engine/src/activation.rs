@@ -1,5 +1,5 @@
-//! Activations and softmax for f32 on CPU: vectorised (AVX2+FMA when the CPU has
-//! them) and split across threads, where candle's CPU ops call libm's scalar
+//! Activations and softmax for f32 on CPU: vectorised (AVX-512 or AVX2+FMA when the
+//! CPU has them) and split across threads, where candle's CPU ops call libm's scalar
 //! `tanhf`/`expf` per element on one thread (its tanh-GELU is ~4× torch's time).
 //! Every other device and dtype goes to candle's own op, so results there are
 //! unchanged.
@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_op::{contiguous_f32, has_avx2_fma};
+use crate::cpu_op::contiguous_f32;
 use crate::fastmath::{erfc_non_negative, exp};
 
 /// Elements per parallel work item: large enough that scheduling is noise.
@@ -74,8 +74,15 @@ impl Pointwise for SiluKernel {
 
     #[inline(always)]
     fn apply(x: f32) -> f32 {
-        x / (1.0 + exp(-x))
+        silu_value(x)
     }
+}
+
+/// x · sigmoid(x) for one value (inlined into vectorised loops; the fused
+/// group norm + SiLU uses it too, so both give the same bits).
+#[inline(always)]
+pub(crate) fn silu_value(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
 }
 
 /// x · sigmoid(1.702 x) (CLIP's `quick_gelu`).
@@ -100,20 +107,7 @@ fn map_portable<K: Pointwise>(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn map_avx2<K: Pointwise>(src: &[f32], dst: &mut [f32]) {
-    map_portable::<K>(src, dst)
-}
-
-fn map_slice<K: Pointwise>(src: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU was just checked for both features.
-        return unsafe { map_avx2::<K>(src, dst) };
-    }
-    map_portable::<K>(src, dst)
-}
+crate::simd_dispatch!(fn map_slice<K: Pointwise>(src: &[f32], dst: &mut [f32]) => map_portable);
 
 fn map_parallel<K: Pointwise>(src: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; src.len()];
@@ -178,11 +172,15 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     pointwise::<QuickGeluKernel>(x)
 }
 
+/// Softmax of one row in place: max in sixteen lanes (one AVX-512 register,
+/// two AVX2 ones), exp, then the sum in blocks of 1024 over sixteen f32 lanes
+/// with the blocks added in f64, so long rows (attention over thousands of
+/// tokens) keep a relative error near 1e-7.
 #[inline(always)]
-fn softmax_row_portable(src: &[f32], dst: &mut [f32]) {
-    // Eight independent lanes so the reductions vectorise.
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = src.chunks_exact(8);
+fn softmax_in_place_body(row: &mut [f32]) {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
             *lane = lane.max(v);
@@ -192,15 +190,13 @@ fn softmax_row_portable(src: &[f32], dst: &mut [f32]) {
         lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
         |a, &b| a.max(b),
     );
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = exp(s - max);
+    for d in row.iter_mut() {
+        *d = exp(*d - max);
     }
-    // Blocks of 1024 summed in eight f32 lanes, blocks added in f64: long rows
-    // (attention over thousands of tokens) keep a relative error near 1e-7.
     let mut sum = 0f64;
-    for block in dst.chunks(1024) {
-        let mut lanes = [0f32; 8];
-        let mut chunks = block.chunks_exact(8);
+    for block in row.chunks(1024) {
+        let mut lanes = [0f32; LANES];
+        let mut chunks = block.chunks_exact(LANES);
         for chunk in &mut chunks {
             for (lane, &v) in lanes.iter_mut().zip(chunk) {
                 *lane += v;
@@ -209,29 +205,33 @@ fn softmax_row_portable(src: &[f32], dst: &mut [f32]) {
         sum += f64::from(chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>());
     }
     let inverse = (1.0 / sum) as f32;
-    for d in dst.iter_mut() {
+    for d in row.iter_mut() {
         *d *= inverse;
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn softmax_rows_avx2(src: &[f32], dst: &mut [f32], row: usize) {
+#[inline(always)]
+fn softmax_rows_body(src: &[f32], dst: &mut [f32], row: usize) {
     for (s, d) in src.chunks(row).zip(dst.chunks_mut(row)) {
-        softmax_row_portable(s, d);
+        d.copy_from_slice(s);
+        softmax_in_place_body(d);
     }
 }
 
-fn softmax_rows(src: &[f32], dst: &mut [f32], row: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU was just checked for both features.
-        return unsafe { softmax_rows_avx2(src, dst, row) };
-    }
-    for (s, d) in src.chunks(row).zip(dst.chunks_mut(row)) {
-        softmax_row_portable(s, d);
+crate::simd_dispatch!(fn softmax_rows(src: &[f32], dst: &mut [f32], row: usize) => softmax_rows_body);
+
+#[inline(always)]
+fn softmax_rows_in_place_body(data: &mut [f32], row: usize) {
+    for r in data.chunks_mut(row) {
+        softmax_in_place_body(r);
     }
 }
+
+crate::simd_dispatch!(
+    /// Softmax over each `row`-long row of `data`, in place (the fused
+    /// attention's score rows), vectorised for this CPU.
+    pub(crate) fn softmax_rows_in_place(data: &mut [f32], row: usize) => softmax_rows_in_place_body
+);
 
 struct SoftmaxLastDim;
 

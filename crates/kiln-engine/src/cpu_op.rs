@@ -1,6 +1,6 @@
 //! Plumbing shared by Kiln's CPU custom ops (activations, softmax, convolution):
 //! the f32 elements of a contiguous operand, and whether the CPU runs the
-//! AVX2+FMA code paths.
+//! kernels written with AVX2+FMA intrinsics.
 
 use candle_core::{CpuStorage, Layout, Result};
 
@@ -18,14 +18,8 @@ pub(crate) fn contiguous_f32<'a>(
     }
 }
 
-/// True when this CPU has AVX2 and FMA (the `#[target_feature]` paths may run).
+/// True when this CPU has AVX2 and FMA (the kernels written with AVX2
+/// intrinsics may run); AVX-512 CPUs have both.
 pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::level() >= crate::simd::Level::Avx2
 }

@@ -4,6 +4,8 @@
 
 pub mod activation;
 pub mod conv;
+mod conv_nhwc;
+mod cpu_attention;
 pub mod cpu_gemm;
 mod cpu_op;
 pub mod device;
@@ -22,6 +24,7 @@ pub mod qlinear;
 pub mod quant;
 pub mod resident;
 pub mod rng;
+pub mod simd;
 pub mod threads;
 pub mod units;
 pub mod weights;

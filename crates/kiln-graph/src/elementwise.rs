@@ -256,43 +256,15 @@ fn run_chunk_generic<T: Float>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn run_chunk_avx2<T: Float>(
-    program: &[Instr],
-    operands: &[Operand<T>],
-    start: usize,
-    out: &mut [T],
-    regs: &mut Vec<Vec<T>>,
-) {
-    run_chunk_generic(program, operands, start, out, regs)
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-fn run_chunk<T: Float>(
-    program: &[Instr],
-    operands: &[Operand<T>],
-    start: usize,
-    out: &mut [T],
-    regs: &mut Vec<Vec<T>>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU was just checked for both features.
-        return unsafe { run_chunk_avx2(program, operands, start, out, regs) };
-    }
-    run_chunk_generic(program, operands, start, out, regs)
-}
+kiln_engine::simd_dispatch!(
+    fn run_chunk<T: Float>(
+        program: &[Instr],
+        operands: &[Operand<T>],
+        start: usize,
+        out: &mut [T],
+        regs: &mut Vec<Vec<T>>,
+    ) => run_chunk_generic
+);
 
 /// Evaluate a program over operands broadcast to `dims`; the last register is
 /// the result.
@@ -453,22 +425,11 @@ fn unary_pieces_f32(op: UnaryOp, data: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn unary_pieces_f32_avx2(op: UnaryOp, data: &mut [f32]) {
-    unary_pieces_f32(op, data)
-}
-
-/// Apply `op` to f32 data in place (an epilogue), in L1-sized pieces, with the
-/// AVX2 loops where the CPU has them.
-pub fn unary_in_place_f32(op: UnaryOp, data: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU was just checked for both features.
-        return unsafe { unary_pieces_f32_avx2(op, data) };
-    }
-    unary_pieces_f32(op, data)
-}
+kiln_engine::simd_dispatch!(
+    /// Apply `op` to f32 data in place (an epilogue), in L1-sized pieces,
+    /// vectorised for this CPU (AVX-512, AVX2 or portable).
+    pub fn unary_in_place_f32(op: UnaryOp, data: &mut [f32]) => unary_pieces_f32
+);
 
 /// One unary op on a float tensor.
 pub fn unary(op: UnaryOp, x: &Tensor) -> Result<Tensor> {
