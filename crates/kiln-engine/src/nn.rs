@@ -350,11 +350,41 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 }
 
 /// Scaled dot-product attention over `(batch, heads, seq, head_dim)` tensors.
-/// With `chunk`, queries are processed `chunk` at a time so the score matrix never
-/// exceeds `chunk × seq` per head.
+///
+/// f32 on CPU runs the fused kernel ([`crate::cpu_attention`]): no score
+/// tensor, strided inputs read in place, and a result that is a transposed
+/// view of `(batch, seq, heads, head_dim)`, so merging heads costs nothing.
+/// Elsewhere the scores are materialised; with `chunk`, queries are processed
+/// `chunk` at a time so the score matrix never exceeds `chunk × seq` per head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: Option<usize>) -> Result<Tensor> {
     let head_dim = q.dim(D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
+    if q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {
+        let last_contiguous = |t: &Tensor| -> Result<Tensor> {
+            match t.stride().last() {
+                Some(1) => Ok(t.clone()),
+                _ => t.contiguous(),
+            }
+        };
+        let fused = crate::cpu_attention::FusedAttention {
+            scale: scale as f32,
+        };
+        return last_contiguous(q)?
+            .apply_op3_no_bwd(&last_contiguous(k)?, &last_contiguous(v)?, &fused)?
+            .transpose(1, 2);
+    }
+    attention_materialised(q, k, v, scale, chunk)
+}
+
+/// [`attention`] with the score matrix computed, softmaxed and multiplied in
+/// three passes (every device and dtype).
+fn attention_materialised(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    chunk: Option<usize>,
+) -> Result<Tensor> {
     let k_t = k.t()?.contiguous()?;
     let one = |q: &Tensor| -> Result<Tensor> {
         let scores = (q * scale)?.contiguous()?.matmul(&k_t)?;
@@ -382,23 +412,75 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    #[test]
-    fn chunked_attention_equals_full_attention() {
-        let device = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
-        let full = attention(&q, &k, &v, None).unwrap();
-        let chunked = attention(&q, &k, &v, Some(3)).unwrap();
-        let diff = (full - chunked)
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-6, "{diff}");
+            .unwrap()
+    }
+
+    #[test]
+    fn chunked_attention_equals_full_attention() {
+        let device = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 10, 8), &device).unwrap();
+        let scale = 1.0 / 8f64.sqrt();
+        let full = attention_materialised(&q, &k, &v, scale, None).unwrap();
+        let chunked = attention_materialised(&q, &k, &v, scale, Some(3)).unwrap();
+        assert!(max_difference(&full, &chunked) < 1e-6);
+    }
+
+    /// The fused CPU kernel against the materialised path: several batches,
+    /// head widths (64, 128, the VAE's single 512-wide head), query lengths
+    /// that leave a partial block, key lengths past one scratch block, value
+    /// widths unlike the key width, and heads split off a projection (strided,
+    /// not contiguous) as the models pass them.
+    #[test]
+    fn fused_attention_matches_materialised_attention() {
+        let device = Device::Cpu;
+        let cases = [
+            (1, 2, 10, 10, 8, 8),
+            (2, 3, 77, 77, 64, 64),
+            (1, 2, 300, 1100, 128, 128),
+            (1, 1, 70, 70, 512, 512),
+            (2, 2, 5, 33, 16, 24),
+        ];
+        for (batch, heads, q_len, k_len, dim, v_dim) in cases {
+            // Projections (batch, len, heads · dim) split into heads: strided views.
+            let split = |len: usize, width: usize| {
+                Tensor::randn(0f32, 1.0, (batch, len, heads * width), &device)
+                    .unwrap()
+                    .reshape((batch, len, heads, width))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+            };
+            let (q, k, v) = (split(q_len, dim), split(k_len, dim), split(k_len, v_dim));
+            let fused = attention(&q, &k, &v, None).unwrap();
+            let scale = 1.0 / (dim as f64).sqrt();
+            let reference = attention_materialised(&q, &k, &v, scale, None).unwrap();
+            assert_eq!(fused.dims(), reference.dims());
+            let diff = max_difference(&fused, &reference);
+            assert!(
+                diff < 2e-5,
+                "case {:?}: {diff}",
+                (batch, heads, q_len, k_len, dim)
+            );
+        }
+    }
+
+    #[test]
+    fn fused_attention_refuses_mismatched_shapes() {
+        let device = Device::Cpu;
+        let q = Tensor::zeros((1, 2, 4, 8), DType::F32, &device).unwrap();
+        let k = Tensor::zeros((1, 2, 4, 16), DType::F32, &device).unwrap();
+        let err = attention(&q, &k, &k, None).unwrap_err().to_string();
+        assert!(err.contains("shapes do not fit"), "{err}");
     }
 
     #[test]
