@@ -284,7 +284,7 @@ impl UNet2DConditionModel {
                 x = upsample.forward_to(&x, h, w)?;
             }
         }
-        let x = activation::silu(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 

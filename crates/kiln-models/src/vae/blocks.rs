@@ -95,13 +95,13 @@ impl ResnetBlock {
 impl ResnetBlock {
     /// The block on `x` with the (un-activated) time embedding `time` (B, T).
     pub fn forward_with_time(&self, x: &Tensor, time: Option<&Tensor>) -> Result<Tensor> {
-        let h = activation::silu(&self.norm1.forward(x)?)?;
+        let h = self.norm1.forward_silu(x)?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(projection), Some(time)) = (&self.time_emb_proj, time) {
             let t = projection.forward(&activation::silu(time)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = activation::silu(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let residual = match &self.shortcut {
             Some(shortcut) => shortcut.forward(x)?,

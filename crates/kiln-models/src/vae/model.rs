@@ -4,7 +4,6 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use kiln_engine::activation;
 use kiln_engine::conv::Conv2d;
 use kiln_engine::group_norm::GroupNorm;
 
@@ -113,7 +112,7 @@ impl Module for Encoder {
             }
         }
         h = self.mid_block.forward(&h)?;
-        let h = activation::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
@@ -175,7 +174,7 @@ impl Module for Decoder {
                 h = upsample.forward(&h)?;
             }
         }
-        let h = activation::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
