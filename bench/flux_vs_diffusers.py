@@ -9,7 +9,11 @@ side's own:
   * one transformer forward at 256x256 and 512x512 (256 / 1024 image tokens,
     64 text tokens), median of --runs after a warm-up;
   * one whole generation (4 steps, text encoding, VAE decode) at the same sizes.
-Prints both sides and the Kiln/diffusers time ratio (lower is better).
+Prints both sides and the Kiln/diffusers time ratio (lower is better), with the
+CPU's model. `--head-dims 64,128` builds the model with 128-wide heads (6 of
+them) and with 64-wide heads (12, same hidden width); `--text-tokens 16,256`
+times each T5 length; `--profile` adds a summary of where Kiln's time goes
+(perf samples by kind: GEMM, attention, norms, copies; see profile_summary.py).
 
 On a GPU machine (kiln built with `--features cuda`): `--device cuda --dtype bf16`
 runs both sides there, each timed call ending with the device's queue drained,
@@ -27,6 +31,7 @@ Setup (not part of CI; torch's CUDA wheel is the only one on PyPI, it runs on CP
     cargo build --release -p kiln
 Run:
     /tmp/bench-venv/bin/python bench/flux_vs_diffusers.py [--runs 3] [--sizes 256,512] [--lora-rank 16]
+        [--head-dims 64,128] [--text-tokens 16,256] [--profile]
         [--device cuda --dtype bf16 --config flux1-width --sizes 512,1024]
 --lora-rank R also times the forward with a random rank-R LoRA on every linear
 layer, at runtime and fused, on both sides (diffusers needs `pip install peft`).
@@ -46,9 +51,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import profile_summary
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "fixtures" / "flux" / "tiny-dev"
 TEXT_TOKENS = 64
+HEAD_DIM = 128
+# RoPE axes per head width (they must add up to it): FLUX.1's for 128, halved for 64.
+ROPE_AXES = {128: (16, 56, 56), 64: (8, 28, 28)}
 STEPS = 4
 TORCH_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 CONFIGS = {
@@ -89,17 +99,19 @@ class GpuMemory:
             self.peak_mib = max((float(line) for line in out.split() if line.strip()), default=None)
 
 
-def build(folder: Path, config: str, dtype: str) -> None:
+def build(folder: Path, config: str, dtype: str, head_dim: int = HEAD_DIM) -> None:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     c = CONFIGS[config]
     torch.manual_seed(0)
+    # The same hidden width at either head width: 64-wide heads are twice as many.
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=c["double"], num_single_layers=c["single"],
-        attention_head_dim=128, num_attention_heads=c["heads"], joint_attention_dim=c["joint"],
-        pooled_projection_dim=c["pooled"], guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+        attention_head_dim=head_dim, num_attention_heads=c["heads"] * 128 // head_dim,
+        joint_attention_dim=c["joint"], pooled_projection_dim=c["pooled"], guidance_embeds=True,
+        axes_dims_rope=ROPE_AXES[head_dim],
     )
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=698, hidden_size=c["clip"], intermediate_size=2 * c["clip"], num_hidden_layers=2,
@@ -164,7 +176,7 @@ def add_random_lora(transformer, rank: int) -> None:
 
 
 def diffusers_worker(folder: Path, sizes: list[int], runs: int, lora_rank: int = 0, device: str = "cpu",
-                     dtype: str = "f32", offload: bool = False) -> dict:
+                     dtype: str = "f32", offload: bool = False, text_tokens: int = TEXT_TOKENS) -> dict:
     import torch
     from diffusers import FluxPipeline
 
@@ -182,14 +194,14 @@ def diffusers_worker(folder: Path, sizes: list[int], runs: int, lora_rank: int =
         tokens = (size // 16) ** 2
         on_device = {"device": device, "dtype": torch_dtype}
         img = torch.randn(1, tokens, cfg.in_channels).to(**on_device)
-        txt = torch.randn(1, TEXT_TOKENS, cfg.joint_attention_dim).to(**on_device)
+        txt = torch.randn(1, text_tokens, cfg.joint_attention_dim).to(**on_device)
         pooled = torch.randn(1, cfg.pooled_projection_dim).to(**on_device)
         grid = size // 16
         img_ids = torch.zeros(grid, grid, 3)
         img_ids[..., 1] = torch.arange(grid)[:, None]
         img_ids[..., 2] = torch.arange(grid)[None, :]
         img_ids = img_ids.reshape(-1, 3).to(device)
-        txt_ids = torch.zeros(TEXT_TOKENS, 3).to(device)
+        txt_ids = torch.zeros(text_tokens, 3).to(device)
         t = torch.tensor([0.5]).to(**on_device)
         g = torch.tensor([3.5]).to(**on_device)
 
@@ -200,7 +212,7 @@ def diffusers_worker(folder: Path, sizes: list[int], runs: int, lora_rank: int =
 
         def generate():
             pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, guidance_scale=3.5,
-                 max_sequence_length=TEXT_TOKENS, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+                 max_sequence_length=text_tokens, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
 
         if offload:
             results.append({"size": size, "generate_s": median_time(generate, runs, sync)})
@@ -257,6 +269,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--head-dims", default=str(HEAD_DIM),
+                        help="attention head widths to build (64 and/or 128; the hidden width stays the same)")
+    parser.add_argument("--text-tokens", default=str(TEXT_TOKENS), help="T5 sequence lengths to time (16 to 512)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also summarise where kiln's time goes (perf, one extra kiln run per config)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="also time the forward with a random LoRA of this rank on every linear (needs peft)")
@@ -269,28 +286,45 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker == "diffusers":
         print(json.dumps(diffusers_worker(args.model, sizes, args.runs, args.lora_rank, args.device, args.dtype,
-                                          args.offload)))
+                                          args.offload, int(args.text_tokens))))
         return
+    if args.profile and not profile_summary.available():
+        sys.exit("--profile needs perf (Debian's linux-perf)")
+    records = []
+    for head_dim in (int(h) for h in args.head_dims.split(",")):
+        for text_tokens in (int(t) for t in args.text_tokens.split(",")):
+            records.append(compare(args, head_dim, text_tokens))
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
+
+
+def compare(args: argparse.Namespace, head_dim: int, text_tokens: int) -> dict:
+    """Both sides on one model (head width) and text length; prints the table."""
     folder = Path(tempfile.mkdtemp(prefix="kiln-flux-bench-"))
     placement = ["--device", args.device, "--dtype", args.dtype] + (["--offload"] if args.offload else [])
+    kiln_command = ["bench", "flux", "--model", str(folder), "--sizes", args.sizes, "--runs", str(args.runs),
+                    "--steps", str(STEPS), "--max-sequence-length", str(text_tokens),
+                    "--lora-rank", str(args.lora_rank), *placement]
+    shares = None
     try:
-        build(folder, args.config, args.dtype)
+        build(folder, args.config, args.dtype, head_dim)
         with GpuMemory(args.device) as diffusers_gpu:
             diffusers = json.loads(subprocess.run(
                 [sys.executable, __file__, "--worker", "diffusers", "--model", str(folder), "--sizes", args.sizes,
-                 "--runs", str(args.runs), "--lora-rank", str(args.lora_rank), *placement],
-                check=True, stdout=subprocess.PIPE, text=True).stdout)
+                 "--runs", str(args.runs), "--lora-rank", str(args.lora_rank), "--text-tokens", str(text_tokens),
+                 *placement], check=True, stdout=subprocess.PIPE, text=True).stdout)
         with GpuMemory(args.device) as kiln_gpu:
-            kiln = json.loads(run_kiln(
-                ["bench", "flux", "--model", str(folder), "--sizes", args.sizes, "--runs", str(args.runs),
-                 "--steps", str(STEPS), "--max-sequence-length", str(TEXT_TOKENS),
-                 "--lora-rank", str(args.lora_rank), *placement]))
+            kiln = json.loads(run_kiln(kiln_command))
+        if args.profile:
+            _, shares = profile_summary.record([str(kiln_binary()), *kiln_command])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     c = CONFIGS[args.config]
-    print(f"FLUX {args.config} (hidden {128 * c['heads']}, {c['double']}+{c['single']} blocks) on {args.device} "
-          f"in {args.dtype}{', model CPU offload' if args.offload else ''}, {TEXT_TOKENS} text tokens, "
-          f"{STEPS}-step generations, median of {args.runs}, torch threads {diffusers['torch_threads']}")
+    heads = c["heads"] * 128 // head_dim
+    print(f"FLUX {args.config} (hidden {128 * c['heads']} = {heads} heads x {head_dim}, {c['double']}+{c['single']} "
+          f"blocks) on {args.device} in {args.dtype}{', model CPU offload' if args.offload else ''}, "
+          f"{text_tokens} text tokens, {STEPS}-step generations, median of {args.runs}, "
+          f"torch threads {diffusers['torch_threads']}, CPU {cpu_model()}")
     print(f"{'size':>5} | {'stage':>10} | {'kiln s':>8} | {'diffusers s':>11} | {'ratio':>6}")
     for ours, theirs in zip(kiln["results"], diffusers["results"]):
         for stage in ("generate_s",) if args.offload else ("forward_s", "generate_s"):
@@ -306,8 +340,26 @@ def main() -> None:
                       f"{d:>11.3f} | {theirs['lora'][f'{mode}_vs_none']:>6.2f}x | {k / d:>13.2f}x")
     print(f"peak RSS: kiln {kiln['peak_rss_mib']:.0f} MiB, diffusers {diffusers['peak_rss_mib']:.0f} MiB")
     report_gpu_memory(kiln, kiln_gpu, diffusers, diffusers_gpu)
-    if args.json:
-        args.json.write_text(json.dumps({"kiln": kiln, "diffusers": diffusers}, indent=2))
+    if shares:
+        profile_summary.print_summary("forward and generation, every size", shares)
+    print()
+    return {"head_dim": head_dim, "text_tokens": text_tokens, "cpu": cpu_model(), "kiln": kiln,
+            "diffusers": diffusers, "kiln_profile": shares}
+
+
+def cpu_model() -> str:
+    """The CPU's model name and vector extensions from /proc/cpuinfo (benchmarks name the machine)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    extensions = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"]
+    extensions += [name for flag, name in (("avx512_bf16", "BF16"), ("amx_tile", "AMX")) if flag in flags]
+    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}, {'+'.join(extensions)})")
 
 
 if __name__ == "__main__":

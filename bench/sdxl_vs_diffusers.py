@@ -12,7 +12,7 @@ the Kiln/diffusers time ratio (lower is better).
 
 Setup: the venv of bench/flux_vs_diffusers.py; `cargo build --release -p kiln`.
 Run:
-    /tmp/bench-venv/bin/python bench/sdxl_vs_diffusers.py [--runs 3] [--sizes 256,512]
+    /tmp/bench-venv/bin/python bench/sdxl_vs_diffusers.py [--runs 3] [--sizes 256,512] [--profile]
         [--device cuda --dtype bf16 --config sdxl-width --sizes 1024]
 `--device`/`--dtype` as in bench/flux_vs_diffusers.py (both VAEs decode in f32 as
 SDXL's VAE config asks). `--config sdxl-width` is SDXL's real UNet (320/640/1280
@@ -30,8 +30,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flux_vs_diffusers import (TORCH_DTYPES, GpuMemory, add_placement_arguments, median_time, report_gpu_memory,
-                               run_kiln, synchronizer)
+import profile_summary
+from flux_vs_diffusers import (TORCH_DTYPES, GpuMemory, add_placement_arguments, cpu_model, kiln_binary, median_time,
+                               report_gpu_memory, run_kiln, synchronizer)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "fixtures" / "sdxl" / "tiny-sdxl"
@@ -124,6 +125,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", action="store_true",
+                        help="also summarise where kiln's time goes (perf, one extra kiln run)")
     add_placement_arguments(parser)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -133,8 +136,13 @@ def main() -> None:
     if args.worker == "diffusers":
         print(json.dumps(diffusers_worker(args.model, sizes, args.runs, args.device, args.dtype)))
         return
+    if args.profile and not profile_summary.available():
+        sys.exit("--profile needs perf (Debian's linux-perf)")
     folder = Path(tempfile.mkdtemp(prefix="kiln-sdxl-bench-"))
     placement = ["--device", args.device, "--dtype", args.dtype]
+    kiln_command = ["bench", "sdxl", "--model", str(folder), "--sizes", args.sizes, "--runs", str(args.runs),
+                    *placement]
+    shares = None
     try:
         build(folder, args.config, args.dtype)
         with GpuMemory(args.device) as diffusers_gpu:
@@ -142,13 +150,14 @@ def main() -> None:
                 [sys.executable, __file__, "--worker", "diffusers", "--model", str(folder), "--sizes", args.sizes,
                  "--runs", str(args.runs), *placement], check=True, stdout=subprocess.PIPE, text=True).stdout)
         with GpuMemory(args.device) as kiln_gpu:
-            kiln = json.loads(run_kiln(["bench", "sdxl", "--model", str(folder), "--sizes", args.sizes,
-                                        "--runs", str(args.runs), *placement]))
+            kiln = json.loads(run_kiln(kiln_command))
+        if args.profile:
+            _, shares = profile_summary.record([str(kiln_binary()), *kiln_command])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     unet = "/".join(map(str, CONFIGS[args.config]["unet"]))
     print(f"SDXL {args.config} UNet ({unet}, 2048-wide context) on {args.device} in {args.dtype}, CFG batch 2, "
-          f"median of {args.runs}, torch threads {diffusers['torch_threads']}")
+          f"median of {args.runs}, torch threads {diffusers['torch_threads']}, CPU {cpu_model()}")
     print(f"{'size':>5} | {'stage':>11} | {'kiln s':>8} | {'diffusers s':>11} | {'ratio':>6}")
     for ours, theirs in zip(kiln["results"], diffusers["results"]):
         for stage in ("unet_step_s", "vae_decode_s"):
@@ -156,8 +165,11 @@ def main() -> None:
             print(f"{ours['size']:>5} | {stage[:-2]:>11} | {ours[stage]:>8.3f} | {theirs[stage]:>11.3f} | {ratio:>5.2f}x")
     print(f"peak RSS: kiln {kiln['peak_rss_mib']:.0f} MiB, diffusers {diffusers['peak_rss_mib']:.0f} MiB")
     report_gpu_memory(kiln, kiln_gpu, diffusers, diffusers_gpu)
+    if shares:
+        profile_summary.print_summary("UNet steps and VAE decodes, every size", shares)
     if args.json:
-        args.json.write_text(json.dumps({"kiln": kiln, "diffusers": diffusers}, indent=2))
+        args.json.write_text(json.dumps({"kiln": kiln, "diffusers": diffusers, "cpu": cpu_model(),
+                                         "kiln_profile": shares}, indent=2))
 
 
 if __name__ == "__main__":
