@@ -3,6 +3,7 @@
 //! and attention the models share, on candle.
 
 pub mod activation;
+pub mod bf16_gemm;
 pub mod conv;
 mod conv_nhwc;
 mod cpu_attention;

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::bf16_gemm::PackedBf16;
+
 /// A quantization a user can ask for (`[[models]] config = { quantize = ... }`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantKind {
@@ -22,6 +24,9 @@ pub enum QuantKind {
     Q8_0,
     /// llama.cpp's 4-bit k-quant (super-blocks of 256).
     Q4K,
+    /// bf16 (round to nearest even), multiplied with AVX512-BF16 where the
+    /// CPU has it ([`crate::bf16_gemm`]).
+    Bf16,
 }
 
 impl QuantKind {
@@ -32,12 +37,13 @@ impl QuantKind {
             "int8" => Ok(Some(QuantKind::Int8)),
             "q8_0" => Ok(Some(QuantKind::Q8_0)),
             "q4_k" => Ok(Some(QuantKind::Q4K)),
+            "bf16" => Ok(Some(QuantKind::Bf16)),
             "fp8" => Err(
                 "fp8 needs FP8 matrix units (a Hopper-class GPU); this build runs fp8 nowhere: use int8, q8_0 or q4_k"
                     .into(),
             ),
             other => Err(format!(
-                "unknown quantization {other:?}: use int8, q8_0, q4_k or none"
+                "unknown quantization {other:?}: use int8, q8_0, q4_k, bf16 or none"
             )),
         }
     }
@@ -47,6 +53,7 @@ impl QuantKind {
             QuantKind::Int8 => "int8",
             QuantKind::Q8_0 => "q8_0",
             QuantKind::Q4K => "q4_k",
+            QuantKind::Bf16 => "bf16",
         }
     }
 
@@ -54,7 +61,7 @@ impl QuantKind {
     /// Q4_K falls back to Q5_0's 32-wide blocks, see [`QuantizedWeight::quantize`]).
     fn fits(self, in_dim: usize) -> bool {
         match self {
-            QuantKind::Int8 => true,
+            QuantKind::Int8 | QuantKind::Bf16 => true,
             QuantKind::Q8_0 | QuantKind::Q4K => in_dim.is_multiple_of(32),
         }
     }
@@ -77,6 +84,8 @@ pub enum QuantizedWeight {
     },
     /// A llama.cpp block type, (out × in) with blocks along each row.
     Ggml(Arc<QTensor>),
+    /// bf16 packed for the AVX512-BF16 kernel.
+    Bf16(Arc<PackedBf16>),
 }
 
 /// Rows (or matrix rows) one parallel task dequantizes.
@@ -112,6 +121,7 @@ impl QuantizedWeight {
                 Self::ggml(weight, GgmlDType::Q4K)
             }
             QuantKind::Q4K => Self::ggml(weight, GgmlDType::Q5_0),
+            QuantKind::Bf16 => Ok(QuantizedWeight::Bf16(Arc::new(PackedBf16::pack(weight)?))),
         }
     }
 
@@ -194,20 +204,24 @@ impl QuantizedWeight {
                 };
                 dense.to_dtype(dtype)?.t()
             }
+            QuantizedWeight::Bf16(packed) => packed.matrix_t()?.to_dtype(dtype),
         }
     }
 
-    /// `x · Wᵀ` for a few f32 rows (FLUX's modulation runs on one conditioning
-    /// vector per image) straight from the 8-bit codes: dequantizing a whole
-    /// matrix for one row costs more than the product. `None` where the
+    /// `x · Wᵀ` straight from the stored weight where that beats widening
+    /// it first: bf16 at any number of f32 rows on CPUs with AVX512-BF16, and
+    /// 8-bit codes for a few f32 rows (FLUX's modulation runs on one
+    /// conditioning vector per image), where dequantizing a whole matrix for
+    /// one row costs more than the product. `None` where the
     /// dequantize-then-GEMM path applies (more rows, other kinds, off the CPU).
     pub fn matmul_few_rows(&self, x: &Tensor) -> Result<Option<Tensor>> {
         use rayon::prelude::*;
-        let QuantizedWeight::Grouped {
-            qt, scale, group, ..
-        } = self
-        else {
-            return Ok(None);
+        let (qt, scale, group) = match self {
+            QuantizedWeight::Grouped {
+                qt, scale, group, ..
+            } => (qt, scale, group),
+            QuantizedWeight::Bf16(packed) if x.rank() == 2 => return packed.matmul(x),
+            _ => return Ok(None),
         };
         let (rows, inputs) = x.dims2()?;
         if rows > DIRECT_ROWS || x.dtype() != DType::F32 || !x.device().is_cpu() {
@@ -279,6 +293,7 @@ impl QuantizedWeight {
         match self {
             QuantizedWeight::Grouped { qt, .. } => qt.dims2().map(|(i, o)| (o, i)),
             QuantizedWeight::Ggml(t) => t.shape().dims2(),
+            QuantizedWeight::Bf16(packed) => Ok(packed.dims()),
         }
     }
 
@@ -287,6 +302,7 @@ impl QuantizedWeight {
         match self {
             QuantizedWeight::Grouped { qt, scale, .. } => qt.elem_count() + 4 * scale.elem_count(),
             QuantizedWeight::Ggml(t) => t.storage_size_in_bytes(),
+            QuantizedWeight::Bf16(packed) => packed.bytes(),
         }
     }
 
@@ -295,6 +311,7 @@ impl QuantizedWeight {
         match self {
             QuantizedWeight::Grouped { kind, .. } => kind.name().into(),
             QuantizedWeight::Ggml(t) => format!("{:?}", t.dtype()).to_ascii_lowercase(),
+            QuantizedWeight::Bf16(_) => QuantKind::Bf16.name().into(),
         }
     }
 }

@@ -105,6 +105,24 @@ impl ModelSettings {
         Self::resolve(config, &|var| std::env::var(var).ok())
     }
 
+    /// [`ModelSettings::for_model`] for an image pipeline, where `dtype = bf16`
+    /// on a CPU means the denoiser's linear weights in bf16 through the
+    /// AVX512-BF16 kernel (`quantize = "bf16"` unless another quantization is
+    /// set) and f32 for everything else: candle's CPU bf16 ops widen to f32
+    /// per call and run slower than f32. See docs/serving.md.
+    pub fn for_image_model(config: &Value) -> Result<Self, String> {
+        Self::for_model(config).map(Self::cpu_bf16_as_weights)
+    }
+
+    fn cpu_bf16_as_weights(mut self) -> Self {
+        if self.device.is_cpu() && self.dtype == DType::BF16 {
+            self.quantize
+                .get_or_insert(kiln_engine::quant::QuantKind::Bf16);
+            self.dtype = DType::F32;
+        }
+        self
+    }
+
     /// As [`ModelSettings::for_model`], with the environment given.
     pub fn resolve(config: &Value, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, String> {
         let get = Lookup { config, env };
@@ -219,6 +237,27 @@ mod tests {
                 .find(|(k, _)| *k == var)
                 .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn bf16_on_a_cpu_is_bf16_denoiser_weights_over_f32() {
+        let vars = env(&[("KILN_DTYPE", "bf16")]);
+        let image = ModelSettings::resolve(&Value::Null, &vars)
+            .unwrap()
+            .cpu_bf16_as_weights();
+        assert_eq!(image.dtype, DType::F32);
+        assert_eq!(image.quantize, Some(kiln_engine::quant::QuantKind::Bf16));
+        // An explicit quantization wins; the compute dtype is still f32.
+        let int8 = ModelSettings::resolve(&json!({"quantize": "int8"}), &vars)
+            .unwrap()
+            .cpu_bf16_as_weights();
+        assert_eq!(
+            (int8.dtype, int8.quantize),
+            (DType::F32, Some(kiln_engine::quant::QuantKind::Int8))
+        );
+        // Other models keep the dtype as given.
+        let plain = ModelSettings::resolve(&Value::Null, &vars).unwrap();
+        assert_eq!((plain.dtype, plain.quantize), (DType::BF16, None));
     }
 
     #[test]

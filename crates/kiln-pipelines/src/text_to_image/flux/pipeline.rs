@@ -307,7 +307,7 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         model: model.display_name(),
         message,
     };
-    let settings = ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
+    let settings = ModelSettings::for_image_model(&model.manifest.config).map_err(load_error)?;
     let (device, dtype) = (&settings.device, settings.dtype);
     let mut pipeline = if settings.offload {
         let (parts, targets) = OffloadedFlux::open(

@@ -268,7 +268,8 @@ impl Flux2Pipeline {
             model: model.display_name(),
             message,
         };
-        let settings = ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
+        let settings =
+            ModelSettings::for_image_model(&model.manifest.config).map_err(load_error)?;
         let text_layers = match &model.manifest.config["text_encoder_out_layers"] {
             Value::Null => None,
             value => Some(

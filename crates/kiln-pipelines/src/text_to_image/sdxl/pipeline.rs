@@ -263,8 +263,8 @@ pub fn load(model: &ResolvedModel) -> Result<Arc<dyn Pipeline>, PipelineError> {
         model: model.display_name(),
         message,
     };
-    let settings =
-        crate::settings::ModelSettings::for_model(&model.manifest.config).map_err(load_error)?;
+    let settings = crate::settings::ModelSettings::for_image_model(&model.manifest.config)
+        .map_err(load_error)?;
     let components = SdxlComponents::load_quantized(
         &model.dir,
         &settings.device,
