@@ -13,6 +13,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_op::DisjointOut;
+
 /// Outputs per packed panel (four 16-lane registers).
 const PANEL: usize = 64;
 /// Rows per kernel tile.
@@ -128,7 +130,7 @@ impl PackedBf16 {
     fn product(&self, a: &[u32], rows: usize, y: &mut [f32]) {
         let panels = self.outputs.div_ceil(PANEL);
         let row_tasks = rows.div_ceil(TASK_ROWS);
-        let y_ptr = OutPtr(y.as_mut_ptr());
+        let y_ptr = DisjointOut::new(y);
         (0..panels * row_tasks).into_par_iter().for_each(|task| {
             let (panel, row_task) = (task / row_tasks, task % row_tasks);
             let first_row = row_task * TASK_ROWS;
@@ -159,20 +161,6 @@ impl PackedBf16 {
                 }
             }
         });
-    }
-}
-
-/// The output's base pointer, shared by tasks writing disjoint tiles.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own tiles, and the buffer outlives the loop.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

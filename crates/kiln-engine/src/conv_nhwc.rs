@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use crate::cpu_op::DisjointOut;
+
 /// Sizes of one stride-1 convolution.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stride1 {
@@ -38,21 +40,6 @@ const CHANNEL_QUANTUM: usize = 16;
 
 /// Most output channels per task block.
 const MAX_CHANNELS: usize = 128;
-
-/// The wide output's base pointer, shared by tasks writing disjoint blocks.
-#[derive(Clone, Copy)]
-struct WidePtr(*mut f32);
-// SAFETY: each task writes only its own block (rows × columns), and the
-// buffer outlives the parallel loop.
-unsafe impl Send for WidePtr {}
-unsafe impl Sync for WidePtr {}
-
-impl WidePtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `out (n × o × out_h × out_w) += images (n × c × h × w) ⊛ weights (o × c × kh × kw)`
 /// (the output starts as the bias), stride 1, zero padding `padding`;
@@ -90,7 +77,7 @@ pub(crate) fn convolve(
     let column_blocks = positions.div_ceil(columns);
     let channel_blocks = g.o.div_ceil(channels);
     let taps = g.kh * g.kw;
-    let wide_ptr = WidePtr(wide.as_mut_ptr());
+    let wide_ptr = DisjointOut::new(&mut wide);
     let task = |index: usize| {
         let (channel_block, column_block) = (index / column_blocks, index % column_blocks);
         let (first_o, first) = (channel_block * channels, column_block * columns);

@@ -13,6 +13,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use crate::cpu_op::DisjointOut;
+
 use crate::activation::softmax_rows_in_place;
 
 /// Scores per scratch block (256 KiB of f32): a block of queries times every
@@ -65,21 +67,6 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// The output's base pointer, shared by the tasks that write disjoint rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of rows (its own batch, head and
-// query block), and the buffer outlives the parallel loop.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "kiln-fused-attention"
@@ -115,7 +102,7 @@ impl CustomOp3 for FusedAttention {
         let mut out = vec![0f32; batch * q_len * heads * v_dim];
         let rows_per_block = (SCORE_BUDGET / k_len).clamp(8, 256).min(q_len.max(1));
         let blocks = q_len.div_ceil(rows_per_block);
-        let out_ptr = OutPtr(out.as_mut_ptr());
+        let out_ptr = DisjointOut::new(&mut out);
         let out_row_stride = heads * v_dim;
         (0..batch * heads * blocks).into_par_iter().for_each_init(
             Vec::new,

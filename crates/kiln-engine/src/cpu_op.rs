@@ -23,3 +23,25 @@ pub(crate) fn contiguous_f32<'a>(
 pub(crate) fn has_avx2_fma() -> bool {
     crate::simd::level() >= crate::simd::Level::Avx2
 }
+
+/// An output buffer's base pointer shared by parallel tasks that each write a
+/// disjoint part of it (tiles, blocks, rows): the callers' SAFETY comments say
+/// which part each task owns.
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointOut(*mut f32);
+
+// SAFETY: the pointer is only written through by tasks owning disjoint
+// parts, and the buffer outlives the parallel loops that use it.
+unsafe impl Send for DisjointOut {}
+unsafe impl Sync for DisjointOut {}
+
+impl DisjointOut {
+    pub(crate) fn new(buffer: &mut [f32]) -> Self {
+        DisjointOut(buffer.as_mut_ptr())
+    }
+
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
