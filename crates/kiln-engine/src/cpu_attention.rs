@@ -13,9 +13,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use crate::cpu_op::DisjointOut;
-
 use crate::activation::softmax_rows_in_place;
+use crate::cpu_op::DisjointOut;
 
 /// Scores per scratch block (256 KiB of f32): a block of queries times every
 /// key stays in a core's L2 cache between the two products.
