@@ -98,6 +98,25 @@ impl Lookup<'_> {
     }
 }
 
+/// The compute dtype and denoiser quantization an image model loads with for
+/// `dtype` on `device`: on a CPU, bf16 is f32 compute with the denoiser's
+/// linear weights in bf16 (unless `quantize` names another quantization),
+/// multiplied by the AVX512-BF16 kernel where the CPU has it.
+pub fn image_precision(
+    device: &Device,
+    dtype: DType,
+    quantize: Option<kiln_engine::quant::QuantKind>,
+) -> (DType, Option<kiln_engine::quant::QuantKind>) {
+    if device.is_cpu() && dtype == DType::BF16 {
+        (
+            DType::F32,
+            quantize.or(Some(kiln_engine::quant::QuantKind::Bf16)),
+        )
+    } else {
+        (dtype, quantize)
+    }
+}
+
 impl ModelSettings {
     /// The settings of a model whose (manifest plus `[[models]] config`)
     /// config is `config`, over this process's environment.
@@ -115,11 +134,7 @@ impl ModelSettings {
     }
 
     fn cpu_bf16_as_weights(mut self) -> Self {
-        if self.device.is_cpu() && self.dtype == DType::BF16 {
-            self.quantize
-                .get_or_insert(kiln_engine::quant::QuantKind::Bf16);
-            self.dtype = DType::F32;
-        }
+        (self.dtype, self.quantize) = image_precision(&self.device, self.dtype, self.quantize);
         self
     }
 

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use kiln_pipelines::text_to_image::flux::{FluxComponents, GenerationRequest, generate};
+use kiln_pipelines::text_to_image::loading::Quantization;
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -47,6 +48,19 @@ impl PlacementArgs {
             kiln_engine::device::select_device(&self.device)?,
             kiln_engine::device::parse_dtype(&self.dtype)?,
         ))
+    }
+
+    /// [`PlacementArgs::resolve`] for an image model, as `kiln serve` loads
+    /// one: bf16 on a CPU is f32 compute over bf16 denoiser weights.
+    fn resolve_image(
+        &self,
+        mut quantization: Quantization,
+    ) -> Result<(Device, DType, Quantization)> {
+        let (device, dtype) = self.resolve()?;
+        let (dtype, denoiser) =
+            kiln_pipelines::settings::image_precision(&device, dtype, quantization.denoiser);
+        quantization.denoiser = denoiser;
+        Ok((device, dtype, quantization))
     }
 }
 
@@ -96,10 +110,10 @@ fn sdxl_request(size: usize) -> kiln_pipelines::text_to_image::sdxl::SdxlRequest
 fn bench_sdxl(args: SdxlBenchArgs) -> Result<()> {
     use kiln_models::unet::AddedConditioning;
     use kiln_pipelines::text_to_image::sdxl::{SdxlComponents, encode_prompt};
-    let (device, dtype) = args.placement.resolve()?;
-    let components =
-        SdxlComponents::load_quantized(&args.model, &device, dtype, args.quality.quantization()?)
-            .map_err(anyhow::Error::msg)?;
+    let (device, dtype, quantization) =
+        args.placement.resolve_image(args.quality.quantization()?)?;
+    let components = SdxlComponents::load_quantized(&args.model, &device, dtype, quantization)
+        .map_err(anyhow::Error::msg)?;
     let (context, pooled) =
         encode_prompt(&components, "a photo of a cat", 0).map_err(|e| anyhow::anyhow!("{e}"))?;
     let context = Tensor::cat(&[&context, &context], 0)?;
@@ -200,8 +214,8 @@ pub struct QualityArgs {
 }
 
 impl QualityArgs {
-    fn quantization(&self) -> Result<kiln_pipelines::text_to_image::loading::Quantization> {
-        Ok(kiln_pipelines::text_to_image::loading::Quantization {
+    fn quantization(&self) -> Result<Quantization> {
+        Ok(Quantization {
             denoiser: kiln_engine::quant::QuantKind::parse(&self.quantize)
                 .map_err(anyhow::Error::msg)?,
             text_encoder: false,
@@ -269,11 +283,8 @@ fn time_generations(
 
 /// `--offload`: whole generations with model CPU offload only, so the peak
 /// device memory seen is the offloaded one.
-fn bench_flux_offloaded(
-    args: FluxBenchArgs,
-    quantization: kiln_pipelines::text_to_image::loading::Quantization,
-) -> Result<()> {
-    let (device, dtype) = args.placement.resolve()?;
+fn bench_flux_offloaded(args: FluxBenchArgs, quantization: Quantization) -> Result<()> {
+    let (device, dtype, quantization) = args.placement.resolve_image(quantization)?;
     let (parts, _) = kiln_pipelines::text_to_image::flux::OffloadedFlux::open(
         &args.model,
         &device,
@@ -359,7 +370,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     if args.offload {
         return bench_flux_offloaded(args, quantization);
     }
-    let (device, dtype) = args.placement.resolve()?;
+    let (device, dtype, quantization) = args.placement.resolve_image(quantization)?;
     let mut components = FluxComponents::load_quantized(&args.model, &device, dtype, quantization)
         .map_err(anyhow::Error::msg)?;
     let resident_bytes = components.resident_bytes;
