@@ -16,9 +16,12 @@ use rayon::prelude::*;
 use crate::activation::softmax_rows_in_place;
 use crate::cpu_op::DisjointOut;
 
-/// Scores per scratch block (256 KiB of f32): a block of queries times every
-/// key stays in a core's L2 cache between the two products.
-const SCORE_BUDGET: usize = 1 << 16;
+/// Scores per scratch block (1 MiB of f32): a block of queries times every
+/// key stays in a core's L2 cache between the two products, with at least
+/// `MIN_ROWS` queries so the products keep the GEMM kernel's tile full.
+const SCORE_BUDGET: usize = 1 << 18;
+/// Fewest queries per block (long sequences: 4160 tokens at 1024²).
+const MIN_ROWS: usize = 32;
 
 /// `softmax(scale · q·kᵀ)·v` over `(batch, heads, len, dim)` operands whose
 /// last dimension is contiguous; the result is `(batch, q_len, heads, v_dim)`.
@@ -99,7 +102,7 @@ impl CustomOp3 for FusedAttention {
             candle_core::bail!("fused attention: no keys to attend to");
         }
         let mut out = vec![0f32; batch * q_len * heads * v_dim];
-        let rows_per_block = (SCORE_BUDGET / k_len).clamp(8, 256).min(q_len.max(1));
+        let rows_per_block = (SCORE_BUDGET / k_len).clamp(MIN_ROWS, 256).min(q_len.max(1));
         let blocks = q_len.div_ceil(rows_per_block);
         let out_ptr = DisjointOut::new(&mut out);
         let out_row_stride = heads * v_dim;
