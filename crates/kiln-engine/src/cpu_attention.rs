@@ -102,7 +102,9 @@ impl CustomOp3 for FusedAttention {
             candle_core::bail!("fused attention: no keys to attend to");
         }
         let mut out = vec![0f32; batch * q_len * heads * v_dim];
-        let rows_per_block = (SCORE_BUDGET / k_len).clamp(MIN_ROWS, 256).min(q_len.max(1));
+        let rows_per_block = (SCORE_BUDGET / k_len)
+            .clamp(MIN_ROWS, 256)
+            .min(q_len.max(1));
         let blocks = q_len.div_ceil(rows_per_block);
         let out_ptr = DisjointOut::new(&mut out);
         let out_row_stride = heads * v_dim;
