@@ -10,7 +10,7 @@
 //! The kernel keeps a 6-row × 64-output tile of sums in 24 registers. CPUs
 //! without AVX512-BF16 widen the weight to f32 and run the f32 GEMM.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_op::DisjointOut;
@@ -116,14 +116,9 @@ impl PackedBf16 {
                 self.inputs
             );
         }
-        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; rows * self.outputs];
-        #[cfg(target_arch = "x86_64")]
-        {
-            let a = to_bf16_pairs(&x, rows, inputs, self.pairs);
-            self.product(&a, rows, &mut y);
-        }
-        Tensor::from_vec(y, (rows, self.outputs), &Device::Cpu).map(Some)
+        x.contiguous()?
+            .apply_op1_no_bwd(&Bf16Product { weight: self, rows })
+            .map(Some)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -161,6 +156,32 @@ impl PackedBf16 {
                 }
             }
         });
+    }
+}
+
+/// `x · Wᵀ` as a candle op, reading the activations where they lie.
+struct Bf16Product<'a> {
+    weight: &'a PackedBf16,
+    rows: usize,
+}
+
+impl CustomOp1 for Bf16Product<'_> {
+    fn name(&self) -> &'static str {
+        "kiln-bf16-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = crate::cpu_op::contiguous_f32(storage, layout, self.name())?;
+        let outputs = self.weight.outputs;
+        let mut y = vec![0f32; self.rows * outputs];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let a = to_bf16_pairs(x, self.rows, self.weight.inputs, self.weight.pairs);
+            self.weight.product(&a, self.rows, &mut y);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = x;
+        Ok((CpuStorage::F32(y), Shape::from((self.rows, outputs))))
     }
 }
 
