@@ -52,7 +52,7 @@ impl PlacementArgs {
 
     /// [`PlacementArgs::resolve`] for an image model, as `kiln serve` loads
     /// one: bf16 on a CPU is f32 compute over bf16 denoiser weights.
-    fn resolve_image(
+    pub(crate) fn resolve_image(
         &self,
         mut quantization: Quantization,
     ) -> Result<(Device, DType, Quantization)> {

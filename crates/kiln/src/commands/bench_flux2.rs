@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use clap::Args;
 use kiln_pipelines::text_to_image::flux2::latents::{latent_ids, text_ids};
 use kiln_pipelines::text_to_image::flux2::{Flux2Components, Flux2Request, generate};
+use kiln_pipelines::text_to_image::loading::Quantization;
 use serde_json::json;
 
 use super::bench::{PlacementArgs, peak_rss_mib, time};
@@ -37,9 +38,10 @@ pub struct Flux2BenchArgs {
 }
 
 pub fn run(args: Flux2BenchArgs) -> Result<()> {
-    let (device, dtype) = args.placement.resolve()?;
+    let (device, dtype, quantization) = args.placement.resolve_image(Quantization::default())?;
     let components =
-        Flux2Components::load(&args.model, None, &device, dtype).map_err(anyhow::Error::msg)?;
+        Flux2Components::load_quantized(&args.model, None, &device, dtype, quantization)
+            .map_err(anyhow::Error::msg)?;
     let config = components.transformer.config().clone();
     let mut results = Vec::new();
     for &size in &args.sizes {
