@@ -172,31 +172,34 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     pointwise::<QuickGeluKernel>(x)
 }
 
-/// Softmax of one row in place: max in sixteen lanes (one AVX-512 register,
-/// two AVX2 ones), exp, then the sum in blocks of 1024 over sixteen f32 lanes
-/// with the blocks added in f64, so long rows (attention over thousands of
-/// tokens) keep a relative error near 1e-7.
+/// Lanes of the softmax reductions: one AVX-512 register, two AVX2 ones.
+const SOFTMAX_LANES: usize = 16;
+
+/// The largest value of a row, in independent lanes so the reduction vectorises.
 #[inline(always)]
-fn softmax_in_place_body(row: &mut [f32]) {
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
+fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; SOFTMAX_LANES];
+    let mut chunks = row.chunks_exact(SOFTMAX_LANES);
     for chunk in &mut chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
             *lane = lane.max(v);
         }
     }
-    let max = chunks.remainder().iter().fold(
+    chunks.remainder().iter().fold(
         lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
         |a, &b| a.max(b),
-    );
-    for d in row.iter_mut() {
-        *d = exp(*d - max);
-    }
+    )
+}
+
+/// Divide a row of exponentials by their sum: blocks of 1024 summed in f32
+/// lanes, blocks added in f64, so long rows (attention over thousands of
+/// tokens) keep a relative error near 1e-7.
+#[inline(always)]
+fn normalise_by_sum(row: &mut [f32]) {
     let mut sum = 0f64;
     for block in row.chunks(1024) {
-        let mut lanes = [0f32; LANES];
-        let mut chunks = block.chunks_exact(LANES);
+        let mut lanes = [0f32; SOFTMAX_LANES];
+        let mut chunks = block.chunks_exact(SOFTMAX_LANES);
         for chunk in &mut chunks {
             for (lane, &v) in lanes.iter_mut().zip(chunk) {
                 *lane += v;
@@ -213,8 +216,11 @@ fn softmax_in_place_body(row: &mut [f32]) {
 #[inline(always)]
 fn softmax_rows_body(src: &[f32], dst: &mut [f32], row: usize) {
     for (s, d) in src.chunks(row).zip(dst.chunks_mut(row)) {
-        d.copy_from_slice(s);
-        softmax_in_place_body(d);
+        let max = row_max(s);
+        for (d, &s) in d.iter_mut().zip(s) {
+            *d = exp(s - max);
+        }
+        normalise_by_sum(d);
     }
 }
 
@@ -223,7 +229,11 @@ crate::simd_dispatch!(fn softmax_rows(src: &[f32], dst: &mut [f32], row: usize) 
 #[inline(always)]
 fn softmax_rows_in_place_body(data: &mut [f32], row: usize) {
     for r in data.chunks_mut(row) {
-        softmax_in_place_body(r);
+        let max = row_max(r);
+        for d in r.iter_mut() {
+            *d = exp(*d - max);
+        }
+        normalise_by_sum(r);
     }
 }
 

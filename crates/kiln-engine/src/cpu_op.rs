@@ -1,6 +1,7 @@
-//! Plumbing shared by Kiln's CPU custom ops (activations, softmax, convolution):
-//! the f32 elements of a contiguous operand, and whether the CPU runs the
-//! kernels written with AVX2+FMA intrinsics.
+//! Plumbing shared by Kiln's CPU custom ops (activations, softmax, attention,
+//! convolution, bf16 GEMM): the f32 elements of a contiguous operand, whether
+//! the CPU runs the kernels written with AVX2+FMA intrinsics, and the output
+//! pointer parallel tasks share when each writes its own part.
 
 use candle_core::{CpuStorage, Layout, Result};
 

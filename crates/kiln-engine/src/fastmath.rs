@@ -1,5 +1,5 @@
 //! Branch-free f32 math that vectorises when inlined into a loop compiled for
-//! AVX2+FMA (the activation kernels and the graph runtime's element-wise
+//! AVX-512 or AVX2+FMA (the activation kernels and the graph runtime's element-wise
 //! programs share it).
 //!
 //! Accuracy: `exp` is Cephes' `expf` (range reduction by ln 2 in two parts and a
