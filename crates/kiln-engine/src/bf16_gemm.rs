@@ -83,23 +83,23 @@ impl PackedBf16 {
         4 * self.words.len()
     }
 
-    /// The weight widened to f32, (in × out) as the f32 GEMM multiplies by.
+    /// The weight widened to f32, (in × out) as the f32 GEMM multiplies by
+    /// (CPUs without AVX512-BF16 take this per forward): one input row per
+    /// task, written in order.
     pub fn matrix_t(&self) -> Result<Tensor> {
         let mut dense = vec![0f32; self.inputs * self.outputs];
-        for (panel, words) in self.words.chunks(self.pairs * PANEL).enumerate() {
-            for lane in 0..PANEL.min(self.outputs - panel * PANEL) {
-                let output = panel * PANEL + lane;
-                for input in 0..self.inputs {
-                    let word = words[(input / 2) * PANEL + lane];
-                    let bits = if input % 2 == 0 {
-                        word & 0xffff
-                    } else {
-                        word >> 16
-                    };
-                    dense[input * self.outputs + output] = f32::from_bits(bits << 16);
+        dense
+            .par_chunks_mut(self.outputs.max(1))
+            .enumerate()
+            .for_each(|(input, row)| {
+                let shift = if input % 2 == 0 { 0 } else { 16 };
+                for (panel, outputs) in row.chunks_mut(PANEL).enumerate() {
+                    let words = &self.words[(panel * self.pairs + input / 2) * PANEL..][..PANEL];
+                    for (d, &word) in outputs.iter_mut().zip(words) {
+                        *d = f32::from_bits(((word >> shift) & 0xffff) << 16);
+                    }
                 }
-            }
-        }
+            });
         Tensor::from_vec(dense, (self.inputs, self.outputs), &Device::Cpu)
     }
 

@@ -2,9 +2,9 @@
 //! an output that starts as the bias: a 1×1 convolution is one GEMM on the
 //! image itself; a stride-1 convolution of a 64² or larger image is one GEMM
 //! per kernel tap over one padded channels-last copy ([`crate::conv_nhwc`]);
-//! smaller images and other strides go through im2col
-//! over chunks of output rows, each chunk one GEMM (the `gemm` crate candle
-//! itself uses) written in place. Other devices and dtypes use candle's conv2d.
+//! smaller images and other strides go through im2col over chunks of output
+//! rows, each chunk one GEMM (the `gemm` crate candle itself uses) written in
+//! place. Other devices and dtypes use candle's conv2d.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -243,8 +243,7 @@ impl CustomOp2 for Im2colConv {
                 kw: g.kw,
                 padding: g.padding,
             };
-            let threads = rayon::current_num_threads();
-            conv_nhwc::convolve(shape, input, weights, &mut out, threads);
+            conv_nhwc::convolve(shape, input, weights, &mut out);
             return Ok((
                 CpuStorage::F32(out),
                 Shape::from((g.n, g.o, g.out_h, g.out_w)),

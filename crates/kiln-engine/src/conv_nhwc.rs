@@ -7,9 +7,10 @@
 //! per convolution (a 37 MB column buffer for a 128-channel 128² layer); this
 //! writes one, and never copies the weights. A batch is one tall image (the
 //! images' padding rows keep them apart), so small images still make GEMMs
-//! large enough to split across threads, by columns and by output channels. The output is computed on the padded width (each row's last
-//! `kw − 1` positions are discarded) in column blocks sized for L2, one block
-//! per task, and added into the output (which holds the bias) without them.
+//! large enough to split across threads, by columns and by output channels.
+//! The output is computed on the padded width (each row's last `kw − 1`
+//! positions are discarded) in column blocks sized for L2, one block per
+//! task, and added into the output (which holds the bias) without them.
 
 use rayon::prelude::*;
 
@@ -42,20 +43,14 @@ const CHANNEL_QUANTUM: usize = 16;
 const MAX_CHANNELS: usize = 128;
 
 /// `out (n × o × out_h × out_w) += images (n × c × h × w) ⊛ weights (o × c × kh × kw)`
-/// (the output starts as the bias), stride 1, zero padding `padding`;
-/// `threads > 1` splits the blocks across rayon.
-pub(crate) fn convolve(
-    g: Stride1,
-    images: &[f32],
-    weights: &[f32],
-    out: &mut [f32],
-    threads: usize,
-) {
+/// (the output starts as the bias), stride 1, zero padding `padding`, on
+/// rayon's threads.
+pub(crate) fn convolve(g: Stride1, images: &[f32], weights: &[f32], out: &mut [f32]) {
     let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
     let (out_h, out_w) = (hp + 1 - g.kh, wp + 1 - g.kw);
     assert!(images.len() >= g.n * g.c * g.h * g.w && weights.len() >= g.o * g.c * g.kh * g.kw);
     assert!(out.len() >= g.n * g.o * out_h * out_w && out_h > 0 && out_w > 0 && g.n > 0);
-    let padded = pad_channels_last(g, images, threads);
+    let padded = pad_channels_last(g, images);
     // Output position p = y · wp + x over the tall image of n · hp rows; the
     // last image's last row needs only out_w positions.
     let positions = ((g.n - 1) * hp + out_h - 1) * wp + out_w;
@@ -65,7 +60,7 @@ pub(crate) fn convolve(
     // block, so blocks stay wide; then narrower until every thread has work.
     let mut channels = g.o.min(MAX_CHANNELS);
     let mut columns = (BLOCK_FLOATS / channels).clamp(256, 4096).min(positions);
-    let wanted = 4 * threads;
+    let wanted = 4 * rayon::current_num_threads();
     let count =
         |channels: usize, columns: usize| g.o.div_ceil(channels) * positions.div_ceil(columns);
     while count(channels, columns) < wanted && columns > 128 {
@@ -117,17 +112,14 @@ pub(crate) fn convolve(
             }
         }
     };
-    let tasks = channel_blocks * column_blocks;
-    if threads > 1 {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
-    }
-    accumulate_compact(g, (hp, wp, positions), &wide, out, threads);
+    (0..channel_blocks * column_blocks)
+        .into_par_iter()
+        .for_each(task);
+    accumulate_compact(g, (hp, wp, positions), &wide, out);
 }
 
 /// The images as one tall `(n · (h + 2p)) × (w + 2p) × c` image, zeros around each.
-fn pad_channels_last(g: Stride1, images: &[f32], threads: usize) -> Vec<f32> {
+fn pad_channels_last(g: Stride1, images: &[f32]) -> Vec<f32> {
     let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
     let mut padded = vec![0f32; g.n * hp * wp * g.c];
     let plane = g.h * g.w;
@@ -153,15 +145,10 @@ fn pad_channels_last(g: Stride1, images: &[f32], threads: usize) -> Vec<f32> {
             }
         }
     };
-    let row_len = wp * g.c;
-    if threads > 1 {
-        padded
-            .par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(fill_row);
-    } else {
-        padded.chunks_mut(row_len).enumerate().for_each(fill_row);
-    }
+    padded
+        .par_chunks_mut(wp * g.c)
+        .enumerate()
+        .for_each(fill_row);
     padded
 }
 
@@ -171,7 +158,6 @@ fn accumulate_compact(
     (hp, wp, positions): (usize, usize, usize),
     wide: &[f32],
     out: &mut [f32],
-    threads: usize,
 ) {
     let (out_h, out_w) = (hp + 1 - g.kh, wp + 1 - g.kw);
     let plane = out_h * out_w;
@@ -184,10 +170,8 @@ fn accumulate_compact(
             }
         }
     };
-    let out = &mut out[..g.n * g.o * plane];
-    if threads > 1 {
-        out.par_chunks_mut(plane).enumerate().for_each(channel);
-    } else {
-        out.chunks_mut(plane).enumerate().for_each(channel);
-    }
+    out[..g.n * g.o * plane]
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(channel);
 }
