@@ -1,40 +1,44 @@
-//! 2-D convolution for the VAE/UNet hot path, on CPU in f32, accumulating into
-//! an output that starts as the bias: a 1×1 convolution is one GEMM on the
-//! image itself; a stride-1 convolution of a 64² or larger image is one GEMM
-//! per kernel tap over one padded channels-last copy ([`crate::conv_nhwc`]);
-//! smaller images and other strides go through im2col over chunks of output
-//! rows, each chunk one GEMM (the `gemm` crate candle itself uses) written in
-//! place. Other devices and dtypes use candle's conv2d.
+//! 2-D convolution for the VAE/UNet hot path, on CPU in f32 (or with bf16
+//! products), accumulating into an output that starts as the bias: stride-1
+//! convolutions run the direct AVX-512 kernel ([`crate::conv_direct`]) where
+//! the CPU has it (bf16 layers with weights packed once at load, f32 ones
+//! of 32² and larger images packing per call); everything else goes through
+//! im2col or per-tap GEMMs ([`crate::conv_im2col`]). Other devices and
+//! dtypes use candle's conv2d.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
-use crate::conv_nhwc::{self, Stride1};
-use crate::cpu_gemm::gemm_accumulate_on;
+use crate::conv_direct;
+pub use crate::conv_direct::{PackedConv, Products};
+use crate::conv_im2col::Im2colConv;
+use crate::conv_nhwc::Stride1;
 use crate::cpu_op::contiguous_f32;
-
-/// Input planes (h · w) from which stride-1 convolutions skip im2col: below
-/// 64², the UNet's 8²–32² layers at 256², the per-tap GEMMs are too small
-/// (SDXL's mid UNet step measured 15–20% slower through them on Zen 4).
-const SHIFTED_GEMM_MIN_PLANE: usize = 64 * 64;
-/// Output positions per GEMM: bounds the im2col buffer at `K × CHUNK` floats.
-const CHUNK: usize = 8192;
-/// Multiply-adds (o · pixels · k) below which a batch of images is split one
-/// image per thread rather than one GEMM across threads (a 32-channel 64×64
-/// layer is ~3.5M; an SDXL VAE layer at 512² is ~10⁹).
-const SMALL_IMAGE_WORK: usize = 1 << 26;
 
 /// A convolution layer with bias (weights `out × in × k × k`).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    weight: ConvWeight,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
 }
 
+#[derive(Debug, Clone)]
+enum ConvWeight {
+    Dense(Tensor),
+    /// Packed for the direct kernel at load (the dense copy is dropped).
+    Packed(Arc<PackedConv>),
+}
+
 impl Conv2d {
+    /// Load `weight` and `bias` under `vb`. A load that puts the model's
+    /// linear layers in bf16 gives a stride-1 layer bf16 products: on a CPU
+    /// with AVX512-BF16 its weights are packed as bf16 pairs for the direct
+    /// kernel (half the memory); elsewhere, and for f32 layers, they stay
+    /// dense (f32 packs per call where that pays).
     pub fn load(
         vb: &VarBuilder,
         in_channels: usize,
@@ -43,100 +47,97 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        Ok(Conv2d {
-            weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
-            bias: Some(vb.get(out_channels, "bias")?),
-            stride,
-            padding,
-        })
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = Some(vb.get(out_channels, "bias")?);
+        let wanted = match crate::quant::for_layer(&vb.prefix(), in_channels * kernel * kernel) {
+            Some(crate::quant::QuantKind::Bf16) => Products::Bf16,
+            _ => Products::F32,
+        };
+        let layer = Conv2d::from_parts(weight, bias, stride, padding);
+        layer.packed_for(wanted)
     }
 
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
         Conv2d {
-            weight,
+            weight: ConvWeight::Dense(weight),
             bias,
             stride,
             padding,
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The layer with its weights packed for the direct kernel with
+    /// `products`; as it is where the kernel does not apply (other strides,
+    /// devices or dtypes, CPUs without the kernel's features) and for f32
+    /// products, which pack per call (im2col is faster for small images).
+    pub fn packed_for(self, products: Products) -> Result<Self> {
+        let ConvWeight::Dense(weight) = &self.weight else {
+            return Ok(self);
+        };
+        let f32_on_cpu = weight.device().is_cpu() && weight.dtype() == DType::F32;
+        if products == Products::F32
+            || self.stride != 1
+            || !f32_on_cpu
+            || !conv_direct::available(products)
+        {
+            return Ok(self);
+        }
+        let packed = PackedConv::pack(weight, products)?;
+        crate::resident::record(packed.bytes() as i64 - crate::resident::tensor_bytes(weight));
+        Ok(Conv2d {
+            weight: ConvWeight::Packed(Arc::new(packed)),
+            ..self
+        })
+    }
+
+    /// The dtype the layer's weights compute in.
+    pub fn dtype(&self) -> DType {
+        match &self.weight {
+            ConvWeight::Dense(weight) => weight.dtype(),
+            ConvWeight::Packed(_) => DType::F32,
+        }
+    }
+
+    /// How the layer multiplies on this CPU.
+    pub fn products(&self) -> Products {
+        match &self.weight {
+            ConvWeight::Dense(_) => Products::F32,
+            ConvWeight::Packed(packed) => packed.products(),
+        }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let f32_on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
-        if f32_on_cpu(x) && f32_on_cpu(&self.weight) && self.bias.as_ref().is_none_or(f32_on_cpu) {
-            return conv2d_im2col(
-                x,
-                &self.weight,
-                self.bias.as_ref(),
-                self.stride,
-                self.padding,
-            );
+        let f32_on_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let bias_f32 = self.bias.as_ref().is_none_or(f32_on_cpu);
+        let weight = match &self.weight {
+            ConvWeight::Packed(packed) if f32_on_cpu(x) && bias_f32 => {
+                return conv2d_packed(x, packed, self.bias.as_ref(), self.padding);
+            }
+            ConvWeight::Packed(packed) => &packed.dense()?.to_device(x.device())?,
+            ConvWeight::Dense(weight) => weight,
+        };
+        if f32_on_cpu(x) && f32_on_cpu(weight) && bias_f32 {
+            return conv2d_im2col(x, weight, self.bias.as_ref(), self.stride, self.padding);
         }
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = x.conv2d(
+            &weight.to_dtype(x.dtype())?,
+            self.padding,
+            self.stride,
+            1,
+            1,
+        )?;
         match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }
 }
 
-/// Fill `cols` (row-major `K × m`, `m = rows × out_w`) with the patches of output
-/// rows `first_row..first_row + rows`; `k_rows` are the patch rows this thread owns.
-#[allow(clippy::too_many_arguments)]
-fn fill_columns(
-    cols: &mut [f32],
-    image: &[f32],
-    (h, w): (usize, usize),
-    (kh, kw): (usize, usize),
-    (out_w, stride, padding): (usize, usize, usize),
-    k_rows: std::ops::Range<usize>,
-    first_row: usize,
-    rows: usize,
-) {
-    let m = rows * out_w;
-    for (local, k_row) in k_rows.enumerate() {
-        let channel = k_row / (kh * kw);
-        let ky = (k_row / kw) % kh;
-        let kx = k_row % kw;
-        let plane = &image[channel * h * w..(channel + 1) * h * w];
-        let out = &mut cols[local * m..(local + 1) * m];
-        // Output columns whose input column is inside the image: ox in [lo, hi).
-        let lo = padding.saturating_sub(kx).div_ceil(stride).min(out_w);
-        let hi = ((w + padding).saturating_sub(kx))
-            .div_ceil(stride)
-            .min(out_w)
-            .max(lo);
-        for r in 0..rows {
-            let segment = &mut out[r * out_w..(r + 1) * out_w];
-            let iy = ((first_row + r) * stride + ky) as isize - padding as isize;
-            if iy < 0 || iy as usize >= h {
-                segment.fill(0.0);
-                continue;
-            }
-            let line = &plane[iy as usize * w..(iy as usize + 1) * w];
-            segment[..lo].fill(0.0);
-            segment[hi..].fill(0.0);
-            let ix0 = lo * stride + kx - padding;
-            if stride == 1 {
-                segment[lo..hi].copy_from_slice(&line[ix0..ix0 + (hi - lo)]);
-            } else {
-                for (j, slot) in segment[lo..hi].iter_mut().enumerate() {
-                    *slot = line[ix0 + j * stride];
-                }
-            }
-        }
-    }
-}
-
-/// `x (N, C, H, W) ⊛ w (O, C, kh, kw) + bias` on CPU in f32: im2col over chunks
-/// of whole output rows, each chunk one GEMM written straight into its columns
-/// of the output (which starts as the bias); a 1×1 stride-1 convolution is one
-/// GEMM on the input itself.
+/// `x (N, C, H, W) ⊛ w (O, C, kh, kw) + bias` on CPU in f32: through the
+/// direct kernel (weights packed per call) for stride-1 convolutions on
+/// AVX-512 CPUs, else im2col or per-tap GEMMs.
 pub fn conv2d_im2col(
     x: &Tensor,
     w: &Tensor,
@@ -144,181 +145,177 @@ pub fn conv2d_im2col(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, c2, kh, kw) = w.dims4()?;
-    if c != c2 {
-        candle_core::bail!("conv2d: input has {c} channels, weight expects {c2}");
-    }
-    if h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
-        candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a padded {h}×{wd} input");
-    }
-    let out_h = (h + 2 * padding - kh) / stride + 1;
-    let out_w = (wd + 2 * padding - kw) / stride + 1;
-    let bias = match bias {
-        Some(bias) => Some(bias.to_vec1::<f32>()?),
-        None => None,
+    conv2d_cpu(x, w, bias, (stride, padding), Products::F32)
+}
+
+/// [`conv2d_im2col`] with `products`: bf16 runs stride-1 convolutions
+/// through the direct AVX512-BF16 kernel where the CPU has it (and is f32
+/// elsewhere).
+pub fn conv2d_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    (stride, padding): (usize, usize),
+    products: Products,
+) -> Result<Tensor> {
+    let products = if conv_direct::available(products) {
+        products
+    } else {
+        Products::F32
     };
-    if bias.as_ref().is_some_and(|b| b.len() != o) {
-        candle_core::bail!("conv2d: bias length does not match {o} output channels");
+    let g = Geometry::new(x.dims4()?, w.dims4()?, stride, padding)?;
+    // Packing costs a pass over the weights (memory-bound: about what a few
+    // hundred output positions of compute take); bf16 layers pack once at load.
+    let direct = match products {
+        Products::Bf16 => true,
+        Products::F32 => conv_direct::pays_per_call(g.stride1()),
+    };
+    if stride == 1 && conv_direct::available(products) && direct {
+        let packed = PackedConv::pack(w, products)?;
+        return conv2d_packed(x, &packed, bias, padding);
     }
     let op = Im2colConv {
-        geometry: Geometry {
-            n,
-            c,
-            h,
-            w: wd,
-            o,
-            kh,
-            kw,
-            out_h,
-            out_w,
-            stride,
-            padding,
-        },
-        bias,
+        geometry: g,
+        bias: bias_values(bias, g.o)?,
     };
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
+/// `x ⊛ packed + bias`, stride 1, on CPU in f32 through the direct kernel
+/// (whose features the CPU must have for `packed`'s products).
+pub fn conv2d_packed(
+    x: &Tensor,
+    packed: &PackedConv,
+    bias: Option<&Tensor>,
+    padding: usize,
+) -> Result<Tensor> {
+    if !conv_direct::available(packed.products()) {
+        candle_core::bail!("conv2d: this CPU lacks the direct kernel's features");
+    }
+    let g = Geometry::new(x.dims4()?, packed.dims(), 1, padding)?;
+    let op = DirectConv {
+        geometry: g,
+        bias: bias_values(bias, g.o)?,
+        packed,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+fn bias_values(bias: Option<&Tensor>, o: usize) -> Result<Option<Vec<f32>>> {
+    let Some(bias) = bias else {
+        return Ok(None);
+    };
+    let values = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if values.len() != o {
+        candle_core::bail!("conv2d: bias length does not match {o} output channels");
+    }
+    Ok(Some(values))
+}
+
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    out_h: usize,
-    out_w: usize,
-    stride: usize,
-    padding: usize,
+pub(crate) struct Geometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub stride: usize,
+    pub padding: usize,
 }
 
-struct Im2colConv {
-    geometry: Geometry,
-    bias: Option<Vec<f32>>,
-}
-
-impl CustomOp2 for Im2colConv {
-    fn name(&self) -> &'static str {
-        "kiln-conv2d-im2col"
+impl Geometry {
+    fn new(
+        (n, c, h, w): (usize, usize, usize, usize),
+        (o, c2, kh, kw): (usize, usize, usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        if c != c2 {
+            candle_core::bail!("conv2d: input has {c} channels, weight expects {c2}");
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw || stride == 0 || n == 0 {
+            candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a padded {h}×{w} input");
+        }
+        Ok(Geometry {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            out_h: (h + 2 * padding - kh) / stride + 1,
+            out_w: (w + 2 * padding - kw) / stride + 1,
+            stride,
+            padding,
+        })
     }
 
-    fn cpu_fwd(
-        &self,
-        input: &CpuStorage,
-        input_layout: &Layout,
-        weight: &CpuStorage,
-        weight_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry;
-        let input = contiguous_f32(input, input_layout, self.name())?;
-        let weights = contiguous_f32(weight, weight_layout, self.name())?;
-        let plane = g.out_h * g.out_w;
-        let k = g.c * g.kh * g.kw;
-        // The output starts as the bias (one pass; zeroing first would be a second).
-        let mut out = match &self.bias {
+    pub fn stride1(&self) -> Stride1 {
+        Stride1 {
+            n: self.n,
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            o: self.o,
+            kh: self.kh,
+            kw: self.kw,
+            padding: self.padding,
+        }
+    }
+
+    pub fn output_shape(&self) -> Shape {
+        Shape::from((self.n, self.o, self.out_h, self.out_w))
+    }
+
+    /// The output holding the bias (one pass; zeroing first would be a second).
+    pub fn output_with_bias(&self, bias: Option<&[f32]>) -> Vec<f32> {
+        let plane = self.out_h * self.out_w;
+        match bias {
             Some(bias) => {
-                let mut out = Vec::with_capacity(g.n * g.o * plane);
-                for _ in 0..g.n {
+                let mut out = Vec::with_capacity(self.n * self.o * plane);
+                for _ in 0..self.n {
                     for &b in bias {
                         out.extend(std::iter::repeat_n(b, plane));
                     }
                 }
                 out
             }
-            None => vec![0f32; g.n * g.o * plane],
-        };
-        let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
-        if g.stride == 1 && !pointwise && g.h * g.w >= SHIFTED_GEMM_MIN_PLANE {
-            let shape = Stride1 {
-                n: g.n,
-                c: g.c,
-                h: g.h,
-                w: g.w,
-                o: g.o,
-                kh: g.kh,
-                kw: g.kw,
-                padding: g.padding,
-            };
-            conv_nhwc::convolve(shape, input, weights, &mut out);
-            return Ok((
-                CpuStorage::F32(out),
-                Shape::from((g.n, g.o, g.out_h, g.out_w)),
-            ));
+            None => vec![0f32; self.n * self.o * plane],
         }
-        let rows_per_chunk = (CHUNK / g.out_w).max(1).min(g.out_h);
-        let threads = rayon::current_num_threads();
-        // Small images in a batch (a classifier's convolutions) go one image per
-        // thread, each GEMM on its own thread: splitting one small GEMM across
-        // threads costs more in synchronisation than it saves.
-        let per_image_work = g.o * plane * k;
-        let by_image = g.n >= threads && threads > 1 && per_image_work < SMALL_IMAGE_WORK;
-        let image_len = g.c * g.h * g.w;
-        let convolve =
-            |image: &[f32], out: &mut [f32], cols: &mut Vec<f32>, gemm_threads: usize| {
-                if pointwise {
-                    gemm_accumulate_on(
-                        out,
-                        plane,
-                        weights,
-                        image,
-                        plane,
-                        (g.o, plane, k),
-                        gemm_threads,
-                    );
-                    return;
-                }
-                cols.resize(k * rows_per_chunk * g.out_w, 0.0);
-                let mut first_row = 0;
-                while first_row < g.out_h {
-                    let rows = rows_per_chunk.min(g.out_h - first_row);
-                    let m = rows * g.out_w;
-                    let cols = &mut cols[..k * m];
-                    let fill = |(k_row, column): (usize, &mut [f32])| {
-                        fill_columns(
-                            column,
-                            image,
-                            (g.h, g.w),
-                            (g.kh, g.kw),
-                            (g.out_w, g.stride, g.padding),
-                            k_row..k_row + 1,
-                            first_row,
-                            rows,
-                        )
-                    };
-                    if gemm_threads > 1 {
-                        cols.par_chunks_mut(m).enumerate().for_each(fill);
-                    } else {
-                        cols.chunks_mut(m).enumerate().for_each(fill);
-                    }
-                    let dst = &mut out[first_row * g.out_w..];
-                    gemm_accumulate_on(dst, plane, weights, cols, m, (g.o, m, k), gemm_threads);
-                    first_row += rows;
-                }
-            };
-        if by_image {
-            out.par_chunks_mut(g.o * plane)
-                .zip(input.par_chunks(image_len))
-                .for_each_init(Vec::new, |cols, (out, image)| convolve(image, out, cols, 1));
-        } else {
-            let mut cols = Vec::new();
-            for (image, out) in input.chunks(image_len).zip(out.chunks_mut(g.o * plane)) {
-                convolve(image, out, &mut cols, threads);
-            }
-        }
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((g.n, g.o, g.out_h, g.out_w)),
-        ))
+    }
+}
+
+/// `x ⊛ packed + bias` through the direct kernel.
+struct DirectConv<'a> {
+    geometry: Geometry,
+    bias: Option<Vec<f32>>,
+    packed: &'a PackedConv,
+}
+
+impl CustomOp1 for DirectConv<'_> {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d-direct"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry;
+        let input = contiguous_f32(storage, layout, self.name())?;
+        let mut out = g.output_with_bias(self.bias.as_deref());
+        conv_direct::convolve(g.stride1(), self.packed, input, &mut out);
+        Ok((CpuStorage::F32(out), g.output_shape()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         crate::parity::compare(a, b).unwrap().max_abs
@@ -352,5 +349,55 @@ mod tests {
                 "c{c} o{o} {h}x{w} k{k} s{stride} p{padding}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Module, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::{Conv2d, Products};
+    use crate::quant::{LoadPolicy, QuantKind, while_loading};
+
+    /// A bf16 load policy gives stride-1 layers bf16 products (packed, where
+    /// the CPU has AVX512-BF16) and leaves layers it keeps dense, strided
+    /// layers and loads without a policy in f32; every layer still computes
+    /// its convolution.
+    #[test]
+    fn bf16_load_policy_reaches_convolutions() {
+        let device = Device::Cpu;
+        let mut tensors = HashMap::new();
+        for name in ["packed", "kept", "strided"] {
+            let weight = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &device).unwrap();
+            tensors.insert(format!("{name}.weight"), weight);
+            tensors.insert(format!("{name}.bias"), Tensor::zeros(6, DType::F32, &device).unwrap());
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let policy = LoadPolicy {
+            kind: QuantKind::Bf16,
+            keep_dense: |name| name == "kept",
+        };
+        let load = |name: &str, stride| Conv2d::load(&vb.pp(name), 4, 6, 3, stride, 1).unwrap();
+        let (packed, kept, strided) = while_loading(Some(policy), || {
+            (load("packed", 1), load("kept", 1), load("strided", 2))
+        });
+        let bf16 = if crate::conv_direct::available(Products::Bf16) {
+            Products::Bf16
+        } else {
+            Products::F32
+        };
+        assert_eq!(packed.products(), bf16);
+        assert_eq!(kept.products(), Products::F32);
+        assert_eq!(strided.products(), Products::F32);
+        assert_eq!(load("packed", 1).products(), Products::F32);
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 9, 9), &device).unwrap();
+        let exact = load("packed", 1).forward(&x).unwrap();
+        let rounded = packed.forward(&x).unwrap();
+        let diff = crate::parity::compare(&rounded, &exact).unwrap();
+        assert!(diff.cosine_distance < 1e-4, "{diff:?}");
+        assert_eq!(strided.forward(&x).unwrap().dims(), &[1, 6, 5, 5]);
     }
 }

@@ -152,8 +152,9 @@ fn pad_channels_last(g: Stride1, images: &[f32]) -> Vec<f32> {
     padded
 }
 
-/// Add each image's valid wide rows, without their trailing positions, into the output.
-fn accumulate_compact(
+/// Add each image's valid wide rows, without their trailing positions, into
+/// the output (`positions` is the wide rows' stride).
+pub(crate) fn accumulate_compact(
     g: Stride1,
     (hp, wp, positions): (usize, usize, usize),
     wide: &[f32],

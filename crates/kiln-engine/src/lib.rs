@@ -5,6 +5,8 @@
 pub mod activation;
 pub mod bf16_gemm;
 pub mod conv;
+mod conv_direct;
+mod conv_im2col;
 mod conv_nhwc;
 mod cpu_attention;
 pub mod cpu_gemm;

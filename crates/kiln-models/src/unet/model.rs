@@ -215,7 +215,7 @@ impl UNet2DConditionModel {
         } else {
             t
         };
-        let dtype = self.conv_in.weight().dtype();
+        let dtype = self.conv_in.dtype();
         let t_emb = timestep_embedding(&t, self.config.block_out_channels[0])?.to_dtype(dtype)?;
         let emb = self.time_embedding.forward(&t_emb)?;
         match (&self.add_embedding, added) {

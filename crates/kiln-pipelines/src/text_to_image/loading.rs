@@ -219,6 +219,19 @@ impl Quantization {
         kiln_engine::quant::while_loading(policy, load)
     }
 
+    /// Run `load` (a FLUX VAE's) with bf16 products when the denoiser loads
+    /// in bf16 (a CPU's `dtype = bf16`): diffusers runs FLUX's VAE in the
+    /// pipeline's dtype. SDXL's VAE stays f32, as its `force_upcast` asks.
+    pub(crate) fn flux_vae<T>(&self, load: impl FnOnce() -> T) -> T {
+        let policy = (self.denoiser == Some(kiln_engine::quant::QuantKind::Bf16)).then_some(
+            kiln_engine::quant::LoadPolicy {
+                kind: kiln_engine::quant::QuantKind::Bf16,
+                keep_dense: |_| false,
+            },
+        );
+        kiln_engine::quant::while_loading(policy, load)
+    }
+
     /// Run `load` with the text encoder's policy (every linear, when asked).
     pub(crate) fn text_encoder<T>(&self, load: impl FnOnce() -> T) -> T {
         let policy = match (self.denoiser, self.text_encoder) {

@@ -102,7 +102,7 @@ impl FluxComponents {
     ) -> Result<Self, String> {
         let transformer =
             quantization.denoiser(flux_keeps_dense, || load_transformer(dir, device, dtype))?;
-        let vae = load_vae(dir, device)?;
+        let vae = quantization.flux_vae(|| load_vae(dir, device))?;
         let text = load_text_encoders(dir, device, dtype, quantization)?;
         let scheduler = load_scheduler(dir, transformer.config().guidance_embeds)?;
         Ok(FluxComponents {
@@ -186,7 +186,8 @@ impl FluxParts for OffloadedFlux {
     }
 
     fn vae(&self) -> Result<Part<'_, AutoencoderKl>, PipelineError> {
-        load_vae(&self.dir, &self.device)
+        self.quantization
+            .flux_vae(|| load_vae(&self.dir, &self.device))
             .map(Part::Loaded)
             .map_err(stage_error)
     }

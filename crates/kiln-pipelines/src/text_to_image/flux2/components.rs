@@ -137,7 +137,7 @@ impl Flux2Components {
             transformer: quantization.denoiser(flux_keeps_dense, || {
                 load_transformer(dir, &facts.config, device, dtype)
             })?,
-            vae: load_vae(dir, device)?,
+            vae: quantization.flux_vae(|| load_vae(dir, device))?,
             text: quantization.text_encoder(|| load_text(dir, &facts, device, dtype))?,
             facts,
             device: device.clone(),
@@ -219,7 +219,8 @@ impl Flux2Parts for OffloadedFlux2 {
     }
 
     fn vae(&self) -> Result<Part<'_, Flux2Vae>, PipelineError> {
-        load_vae(&self.dir, &self.device)
+        self.quantization
+            .flux_vae(|| load_vae(&self.dir, &self.device))
             .map(Part::Loaded)
             .map_err(stage_error)
     }
