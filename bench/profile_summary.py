@@ -18,10 +18,12 @@ from pathlib import Path
 # First match wins; patterns are searched in the demangled symbol name.
 CATEGORIES = [
     ("GEMM", r"gemm_f32|gemm_f16|gemm_common|private_gemm|gemm::gemm|\bgemm\b"),
+    ("bf16 GEMM (vdpbf16ps)", r"bf16_gemm"),
+    ("convolution (direct kernel)", r"conv_direct::tile|conv_direct::pair_row"),
     ("attention (softmax)", r"softmax|fused_attention|paged_attention"),
     ("norms", r"group_norm|normalise_group|layer_norm|rms_norm|LayerNorm|RmsNorm"),
     ("activations", r"activation::|map_slice|silu|gelu"),
-    ("convolution im2col", r"Im2colConv|fill_columns|conv::"),
+    ("convolution copies (im2col, planes)", r"Im2colConv|fill_columns|conv::|conv_direct|conv_nhwc|conv_im2col"),
     ("copies and fills", r"memmove|memcpy|memset|copy_strided|copy2d|Tensor::cat|clear_page"),
     ("element-wise (candle)", r"binary_map|unary_map|Map1|Map2|affine|cpu_backend"),
     ("page faults and allocation", r"page_fault|handle_mm_fault|anonymous_page|malloc|free|mmap|munmap|memcg"),

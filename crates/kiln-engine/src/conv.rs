@@ -306,8 +306,14 @@ impl CustomOp1 for DirectConv<'_> {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let input = contiguous_f32(storage, layout, self.name())?;
-        let mut out = g.output_with_bias(self.bias.as_deref());
-        conv_direct::convolve(g.stride1(), self.packed, input, &mut out);
+        let mut out = vec![0f32; g.n * g.o * g.out_h * g.out_w];
+        conv_direct::convolve(
+            g.stride1(),
+            self.packed,
+            input,
+            self.bias.as_deref(),
+            &mut out,
+        );
         Ok((CpuStorage::F32(out), g.output_shape()))
     }
 }
@@ -373,7 +379,10 @@ mod load_tests {
         for name in ["packed", "kept", "strided"] {
             let weight = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &device).unwrap();
             tensors.insert(format!("{name}.weight"), weight);
-            tensors.insert(format!("{name}.bias"), Tensor::zeros(6, DType::F32, &device).unwrap());
+            tensors.insert(
+                format!("{name}.bias"),
+                Tensor::zeros(6, DType::F32, &device).unwrap(),
+            );
         }
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
         let policy = LoadPolicy {

@@ -10,12 +10,12 @@
 //! sums in 24 registers and, per (input, tap), loads three vectors of the
 //! image and broadcasts the 8 weights: the output comes out channel-major, as
 //! NCHW wants it. Outputs are computed on the padded width (each row's last
-//! `kw − 1` positions are discarded when they are added to the bias).
+//! `kw − 1` positions are discarded as the bias is added).
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::conv_nhwc::{Stride1, accumulate_compact};
+use crate::conv_nhwc::{Stride1, compact_with_bias};
 use crate::cpu_op::DisjointOut;
 
 /// How a convolution multiplies.
@@ -181,10 +181,16 @@ fn pack_words<E: Copy + Default + Send + Sync>(
     packed
 }
 
-/// `out (n × o × out_h × out_w) += images (n × c × h × w) ⊛ weights`
-/// (the output starts as the bias), stride 1, zero padding, on rayon's
-/// threads. The caller checks [`available`] for the weights' products first.
-pub(crate) fn convolve(g: Stride1, weights: &PackedConv, images: &[f32], out: &mut [f32]) {
+/// `out (n × o × out_h × out_w) = images (n × c × h × w) ⊛ weights + bias`,
+/// stride 1, zero padding, on rayon's threads. The caller checks
+/// [`available`] for the weights' products first.
+pub(crate) fn convolve(
+    g: Stride1,
+    weights: &PackedConv,
+    images: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     assert!(
         available(weights.products()),
         "direct convolution: CPU lacks the kernel's features"
@@ -211,7 +217,7 @@ pub(crate) fn convolve(g: Stride1, weights: &PackedConv, images: &[f32], out: &m
         }
     }
     let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
-    accumulate_compact(g, (hp, wp, layout.stride), &wide, out);
+    compact_with_bias(g, (hp, wp, layout.stride), &wide, bias, out);
 }
 
 /// Whether f32 products should take the direct kernel with the weights

@@ -96,12 +96,13 @@ impl CustomOp2 for Im2colConv {
         let weights = contiguous_f32(weight, weight_layout, self.name())?;
         let plane = g.out_h * g.out_w;
         let k = g.c * g.kh * g.kw;
-        let mut out = g.output_with_bias(self.bias.as_deref());
         let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
         if g.stride == 1 && !pointwise && g.h * g.w >= SHIFTED_GEMM_MIN_PLANE {
-            conv_nhwc::convolve(g.stride1(), input, weights, &mut out);
+            let mut out = vec![0f32; g.n * g.o * plane];
+            conv_nhwc::convolve(g.stride1(), input, weights, self.bias.as_deref(), &mut out);
             return Ok((CpuStorage::F32(out), g.output_shape()));
         }
+        let mut out = g.output_with_bias(self.bias.as_deref());
         let rows_per_chunk = (CHUNK / g.out_w).max(1).min(g.out_h);
         let threads = rayon::current_num_threads();
         // Small images in a batch (a classifier's convolutions) go one image per

@@ -10,7 +10,7 @@
 //! large enough to split across threads, by columns and by output channels.
 //! The output is computed on the padded width (each row's last `kw − 1`
 //! positions are discarded) in column blocks sized for L2, one block per
-//! task, and added into the output (which holds the bias) without them.
+//! task, and written into the output with the bias added, without them.
 
 use rayon::prelude::*;
 
@@ -42,10 +42,15 @@ const CHANNEL_QUANTUM: usize = 16;
 /// Most output channels per task block.
 const MAX_CHANNELS: usize = 128;
 
-/// `out (n × o × out_h × out_w) += images (n × c × h × w) ⊛ weights (o × c × kh × kw)`
-/// (the output starts as the bias), stride 1, zero padding `padding`, on
-/// rayon's threads.
-pub(crate) fn convolve(g: Stride1, images: &[f32], weights: &[f32], out: &mut [f32]) {
+/// `out (n × o × out_h × out_w) = images (n × c × h × w) ⊛ weights (o × c × kh × kw) + bias`,
+/// stride 1, zero padding `padding`, on rayon's threads.
+pub(crate) fn convolve(
+    g: Stride1,
+    images: &[f32],
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
     let (out_h, out_w) = (hp + 1 - g.kh, wp + 1 - g.kw);
     assert!(images.len() >= g.n * g.c * g.h * g.w && weights.len() >= g.o * g.c * g.kh * g.kw);
@@ -115,7 +120,7 @@ pub(crate) fn convolve(g: Stride1, images: &[f32], weights: &[f32], out: &mut [f
     (0..channel_blocks * column_blocks)
         .into_par_iter()
         .for_each(task);
-    accumulate_compact(g, (hp, wp, positions), &wide, out);
+    compact_with_bias(g, (hp, wp, positions), &wide, bias, out);
 }
 
 /// The images as one tall `(n · (h + 2p)) × (w + 2p) × c` image, zeros around each.
@@ -152,12 +157,14 @@ fn pad_channels_last(g: Stride1, images: &[f32]) -> Vec<f32> {
     padded
 }
 
-/// Add each image's valid wide rows, without their trailing positions, into
-/// the output (`positions` is the wide rows' stride).
-pub(crate) fn accumulate_compact(
+/// Write each image's valid wide rows, without their trailing positions,
+/// plus the channel's bias, into the output (`positions` is the wide rows'
+/// stride): one vectorised pass, rather than a bias fill and an add.
+pub(crate) fn compact_with_bias(
     g: Stride1,
     (hp, wp, positions): (usize, usize, usize),
     wide: &[f32],
+    bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let (out_h, out_w) = (hp + 1 - g.kh, wp + 1 - g.kw);
@@ -165,10 +172,9 @@ pub(crate) fn accumulate_compact(
     let channel = |(index, dst): (usize, &mut [f32])| {
         let (b, oi) = (index / g.o, index % g.o);
         let src = &wide[oi * positions + b * hp * wp..];
+        let channel_bias = bias.map_or(0.0, |bias| bias[oi]);
         for (y, row) in dst.chunks_mut(out_w).enumerate() {
-            for (d, &s) in row.iter_mut().zip(&src[y * wp..y * wp + out_w]) {
-                *d += s;
-            }
+            add_bias_row(&src[y * wp..y * wp + out_w], channel_bias, row);
         }
     };
     out[..g.n * g.o * plane]
@@ -176,3 +182,12 @@ pub(crate) fn accumulate_compact(
         .enumerate()
         .for_each(channel);
 }
+
+#[inline(always)]
+fn add_bias_row_body(src: &[f32], bias: f32, dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s + bias;
+    }
+}
+
+crate::simd_dispatch!(fn add_bias_row(src: &[f32], bias: f32, dst: &mut [f32]) => add_bias_row_body);
