@@ -306,7 +306,7 @@ impl CustomOp1 for DirectConv<'_> {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let input = contiguous_f32(storage, layout, self.name())?;
-        let mut out = vec![0f32; g.n * g.o * g.out_h * g.out_w];
+        let mut out = crate::memory::zeroed(g.n * g.o * g.out_h * g.out_w);
         conv_direct::convolve(
             g.stride1(),
             self.packed,

@@ -202,7 +202,7 @@ pub(crate) fn convolve(
     );
     assert!(images.len() >= g.n * g.c * g.h * g.w);
     let layout = Layout::new(g, weights.per_input());
-    let mut wide = vec![0f32; layout.channels * layout.stride];
+    let mut wide = crate::memory::zeroed(layout.channels * layout.stride);
     match &weights.words {
         Words::F32(packed) => {
             let planes = layout.planes(g, images, |src, dst| dst.copy_from_slice(src[0]));
@@ -283,7 +283,7 @@ impl Layout {
     ) -> Vec<E> {
         let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
         let image_plane = g.h * g.w;
-        let mut planes = vec![E::default(); self.inputs * self.plane];
+        let mut planes = crate::memory::zeroed(self.inputs * self.plane);
         planes
             .par_chunks_mut(self.plane)
             .enumerate()
