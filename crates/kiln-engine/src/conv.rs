@@ -14,7 +14,6 @@ use candle_nn::VarBuilder;
 use crate::conv_direct;
 pub use crate::conv_direct::{PackedConv, Products};
 use crate::conv_im2col::Im2colConv;
-use crate::conv_nhwc::Stride1;
 use crate::cpu_op::contiguous_f32;
 
 /// A convolution layer with bias (weights `out × in × k × k`).
@@ -168,7 +167,7 @@ pub fn conv2d_cpu(
     // hundred output positions of compute take); bf16 layers pack once at load.
     let direct = match products {
         Products::Bf16 => true,
-        Products::F32 => conv_direct::pays_per_call(g.stride1()),
+        Products::F32 => conv_direct::pays_per_call(g),
     };
     if stride == 1 && conv_direct::available(products) && direct {
         let packed = PackedConv::pack(w, products)?;
@@ -256,19 +255,6 @@ impl Geometry {
         })
     }
 
-    pub fn stride1(&self) -> Stride1 {
-        Stride1 {
-            n: self.n,
-            c: self.c,
-            h: self.h,
-            w: self.w,
-            o: self.o,
-            kh: self.kh,
-            kw: self.kw,
-            padding: self.padding,
-        }
-    }
-
     pub fn output_shape(&self) -> Shape {
         Shape::from((self.n, self.o, self.out_h, self.out_w))
     }
@@ -307,13 +293,7 @@ impl CustomOp1 for DirectConv<'_> {
         let g = self.geometry;
         let input = contiguous_f32(storage, layout, self.name())?;
         let mut out = crate::memory::zeroed(g.n * g.o * g.out_h * g.out_w);
-        conv_direct::convolve(
-            g.stride1(),
-            self.packed,
-            input,
-            self.bias.as_deref(),
-            &mut out,
-        );
+        conv_direct::convolve(g, self.packed, input, self.bias.as_deref(), &mut out);
         Ok((CpuStorage::F32(out), g.output_shape()))
     }
 }

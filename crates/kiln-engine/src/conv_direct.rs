@@ -15,7 +15,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::conv_nhwc::{Stride1, compact_with_bias};
+use crate::conv::Geometry;
+use crate::conv_nhwc::compact_with_bias;
 use crate::cpu_op::DisjointOut;
 
 /// How a convolution multiplies.
@@ -185,7 +186,7 @@ fn pack_words<E: Copy + Default + Send + Sync>(
 /// stride 1, zero padding, on rayon's threads. The caller checks
 /// [`available`] for the weights' products first.
 pub(crate) fn convolve(
-    g: Stride1,
+    g: Geometry,
     weights: &PackedConv,
     images: &[f32],
     bias: Option<&[f32]>,
@@ -200,6 +201,7 @@ pub(crate) fn convolve(
         (g.o, g.c, g.kh, g.kw),
         "direct convolution: weight shape"
     );
+    assert_eq!(g.stride, 1, "direct convolution: stride 1 only");
     assert!(images.len() >= g.n * g.c * g.h * g.w);
     let layout = Layout::new(g, weights.per_input());
     let mut wide = crate::memory::zeroed(layout.channels * layout.stride);
@@ -225,7 +227,7 @@ pub(crate) fn convolve(
 /// over the weights, and the tall layout's padding must waste little (8²
 /// images compute 50% more positions than they have, 16² 22%, 32² 10%;
 /// below 32², im2col's GEMM is faster on Zen 4).
-pub(crate) fn pays_per_call(g: Stride1) -> bool {
+pub(crate) fn pays_per_call(g: Geometry) -> bool {
     let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
     let (out_h, out_w) = (hp + 1 - g.kh, wp + 1 - g.kw);
     let valid = g.n * out_h * out_w;
@@ -252,7 +254,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(g: Stride1, per_input: usize) -> Self {
+    fn new(g: Geometry, per_input: usize) -> Self {
         let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
         let (out_h, out_w) = (hp + 1 - g.kh, wp + 1 - g.kw);
         assert!(out_h > 0 && out_w > 0 && g.n > 0);
@@ -277,7 +279,7 @@ impl Layout {
     /// slices) into `dst`.
     fn planes<E: Copy + Default + Send + Sync>(
         &self,
-        g: Stride1,
+        g: Geometry,
         images: &[f32],
         convert: impl Fn([&[f32]; 2], &mut [E]) + Sync,
     ) -> Vec<E> {
@@ -435,6 +437,52 @@ unsafe fn pair_row(_: &[f32], _: &[f32], _: &mut [u32]) {
     unreachable!("the bf16 kernel exists only on x86-64")
 }
 
+/// A tile's sums: zero, or what `c` holds when accumulating.
+///
+/// # Safety
+/// AVX-512F; `c` as [`Kernel`] says.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_sums(
+    c: *const f32,
+    c_stride: usize,
+    accumulate: bool,
+) -> [[std::arch::x86_64::__m512; 3]; TILE_CHANNELS] {
+    use std::arch::x86_64::*;
+    std::array::from_fn(|r| {
+        std::array::from_fn(|v| {
+            if accumulate {
+                // SAFETY: as the caller promised.
+                unsafe { _mm512_loadu_ps(c.add(r * c_stride + 16 * v)) }
+            } else {
+                _mm512_setzero_ps()
+            }
+        })
+    })
+}
+
+/// Store a tile's sums.
+///
+/// # Safety
+/// AVX-512F; `c` as [`Kernel`] says.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_sums(
+    sums: &[[std::arch::x86_64::__m512; 3]; TILE_CHANNELS],
+    c: *mut f32,
+    c_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    for (r, row) in sums.iter().enumerate() {
+        for (v, sum) in row.iter().enumerate() {
+            // SAFETY: as the caller promised.
+            unsafe { _mm512_storeu_ps(c.add(r * c_stride + 16 * v), *sum) };
+        }
+    }
+}
+
 /// The f32 microkernel.
 ///
 /// # Safety
@@ -448,15 +496,8 @@ unsafe fn tile_f32(tile: &Tile<'_, f32>, c: *mut f32, c_stride: usize) {
     use std::arch::x86_64::*;
     let taps = tile.offsets.len();
     debug_assert!(tile.weights.len() >= tile.inputs * taps * TILE_CHANNELS);
-    let mut sums = [[_mm512_setzero_ps(); 3]; TILE_CHANNELS];
     // SAFETY (all blocks below): as the caller promised.
-    if tile.accumulate {
-        for (r, row) in sums.iter_mut().enumerate() {
-            for (v, sum) in row.iter_mut().enumerate() {
-                *sum = unsafe { _mm512_loadu_ps(c.add(r * c_stride + 16 * v)) };
-            }
-        }
-    }
+    let mut sums = unsafe { load_sums(c, c_stride, tile.accumulate) };
     let mut w = tile.weights.as_ptr();
     for input in 0..tile.inputs {
         let base = unsafe { tile.image.as_ptr().add(input * tile.plane) };
@@ -478,11 +519,7 @@ unsafe fn tile_f32(tile: &Tile<'_, f32>, c: *mut f32, c_stride: usize) {
             }
         }
     }
-    for (r, row) in sums.iter().enumerate() {
-        for (v, sum) in row.iter().enumerate() {
-            unsafe { _mm512_storeu_ps(c.add(r * c_stride + 16 * v), *sum) };
-        }
-    }
+    unsafe { store_sums(&sums, c, c_stride) };
 }
 
 /// The bf16 microkernel: each word a pair of inputs, `vdpbf16ps` adding both
@@ -496,15 +533,8 @@ unsafe fn tile_bf16(tile: &Tile<'_, u32>, c: *mut f32, c_stride: usize) {
     use std::arch::x86_64::*;
     let taps = tile.offsets.len();
     debug_assert!(tile.weights.len() >= tile.inputs * taps * TILE_CHANNELS);
-    let mut sums = [[_mm512_setzero_ps(); 3]; TILE_CHANNELS];
     // SAFETY (all blocks below): as the caller promised.
-    if tile.accumulate {
-        for (r, row) in sums.iter_mut().enumerate() {
-            for (v, sum) in row.iter_mut().enumerate() {
-                *sum = unsafe { _mm512_loadu_ps(c.add(r * c_stride + 16 * v)) };
-            }
-        }
-    }
+    let mut sums = unsafe { load_sums(c, c_stride, tile.accumulate) };
     let mut w = tile.weights.as_ptr();
     for input in 0..tile.inputs {
         let base = unsafe { tile.image.as_ptr().add(input * tile.plane) };
@@ -524,11 +554,7 @@ unsafe fn tile_bf16(tile: &Tile<'_, u32>, c: *mut f32, c_stride: usize) {
             }
         }
     }
-    for (r, row) in sums.iter().enumerate() {
-        for (v, sum) in row.iter().enumerate() {
-            unsafe { _mm512_storeu_ps(c.add(r * c_stride + 16 * v), *sum) };
-        }
-    }
+    unsafe { store_sums(&sums, c, c_stride) };
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -99,7 +99,7 @@ impl CustomOp2 for Im2colConv {
         let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
         if g.stride == 1 && !pointwise && g.h * g.w >= SHIFTED_GEMM_MIN_PLANE {
             let mut out = vec![0f32; g.n * g.o * plane];
-            conv_nhwc::convolve(g.stride1(), input, weights, self.bias.as_deref(), &mut out);
+            conv_nhwc::convolve(g, input, weights, self.bias.as_deref(), &mut out);
             return Ok((CpuStorage::F32(out), g.output_shape()));
         }
         let mut out = g.output_with_bias(self.bias.as_deref());

@@ -14,20 +14,8 @@
 
 use rayon::prelude::*;
 
+use crate::conv::Geometry;
 use crate::cpu_op::DisjointOut;
-
-/// Sizes of one stride-1 convolution.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Stride1 {
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub o: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub padding: usize,
-}
 
 /// Output floats per task block (256 KiB): a block of output channels stays
 /// in a core's L2 cache across its `kh · kw` GEMMs.
@@ -45,7 +33,7 @@ const MAX_CHANNELS: usize = 128;
 /// `out (n × o × out_h × out_w) = images (n × c × h × w) ⊛ weights (o × c × kh × kw) + bias`,
 /// stride 1, zero padding `padding`, on rayon's threads.
 pub(crate) fn convolve(
-    g: Stride1,
+    g: Geometry,
     images: &[f32],
     weights: &[f32],
     bias: Option<&[f32]>,
@@ -55,6 +43,7 @@ pub(crate) fn convolve(
     let (out_h, out_w) = (hp + 1 - g.kh, wp + 1 - g.kw);
     assert!(images.len() >= g.n * g.c * g.h * g.w && weights.len() >= g.o * g.c * g.kh * g.kw);
     assert!(out.len() >= g.n * g.o * out_h * out_w && out_h > 0 && out_w > 0 && g.n > 0);
+    assert_eq!(g.stride, 1, "shifted-GEMM convolution: stride 1 only");
     let padded = pad_channels_last(g, images);
     // Output position p = y · wp + x over the tall image of n · hp rows; the
     // last image's last row needs only out_w positions.
@@ -124,7 +113,7 @@ pub(crate) fn convolve(
 }
 
 /// The images as one tall `(n · (h + 2p)) × (w + 2p) × c` image, zeros around each.
-fn pad_channels_last(g: Stride1, images: &[f32]) -> Vec<f32> {
+fn pad_channels_last(g: Geometry, images: &[f32]) -> Vec<f32> {
     let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
     let mut padded = vec![0f32; g.n * hp * wp * g.c];
     let plane = g.h * g.w;
@@ -161,7 +150,7 @@ fn pad_channels_last(g: Stride1, images: &[f32]) -> Vec<f32> {
 /// plus the channel's bias, into the output (`positions` is the wide rows'
 /// stride): one vectorised pass, rather than a bias fill and an add.
 pub(crate) fn compact_with_bias(
-    g: Stride1,
+    g: Geometry,
     (hp, wp, positions): (usize, usize, usize),
     wide: &[f32],
     bias: Option<&[f32]>,
