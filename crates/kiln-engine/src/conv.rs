@@ -1,5 +1,5 @@
 //! 2-D convolution for the VAE/UNet hot path, on CPU in f32 (or with bf16
-//! products), accumulating into an output that starts as the bias: stride-1
+//! products), with the bias added as the output is written: stride-1
 //! convolutions run the direct AVX-512 kernel ([`crate::conv_direct`]) where
 //! the CPU has it (bf16 layers with weights packed once at load, f32 ones
 //! of 32² and larger images packing per call); everything else goes through
@@ -157,19 +157,18 @@ pub fn conv2d_cpu(
     (stride, padding): (usize, usize),
     products: Products,
 ) -> Result<Tensor> {
-    let products = if conv_direct::available(products) {
-        products
-    } else {
-        Products::F32
-    };
     let g = Geometry::new(x.dims4()?, w.dims4()?, stride, padding)?;
     // Packing costs a pass over the weights (memory-bound: about what a few
-    // hundred output positions of compute take); bf16 layers pack once at load.
-    let direct = match products {
-        Products::Bf16 => true,
-        Products::F32 => conv_direct::pays_per_call(g),
+    // hundred output positions of compute take); bf16 layers pack once at
+    // load, and bf16 asked of a CPU without AVX512-BF16 is f32.
+    let products = match products {
+        Products::Bf16 if conv_direct::available(Products::Bf16) => Some(Products::Bf16),
+        _ if conv_direct::available(Products::F32) && conv_direct::pays_per_call(g) => {
+            Some(Products::F32)
+        }
+        _ => None,
     };
-    if stride == 1 && conv_direct::available(products) && direct {
+    if let (1, Some(products)) = (stride, products) {
         let packed = PackedConv::pack(w, products)?;
         return conv2d_packed(x, &packed, bias, padding);
     }
@@ -299,9 +298,23 @@ impl CustomOp1 for DirectConv<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// candle's convolution plus the bias: what every CPU path is checked against.
+    pub(crate) fn candle_reference(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> Tensor {
+        x.conv2d(weight, padding, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, (), 1, 1)).unwrap())
+            .unwrap()
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         crate::parity::compare(a, b).unwrap().max_abs
@@ -324,11 +337,7 @@ mod tests {
             let weight = Tensor::randn(0f32, 1.0, (o, c, k, k), &device).unwrap();
             let bias = Tensor::randn(0f32, 1.0, o, &device).unwrap();
             let ours = conv2d_im2col(&x, &weight, Some(&bias), stride, padding).unwrap();
-            let theirs = x
-                .conv2d(&weight, padding, stride, 1, 1)
-                .unwrap()
-                .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
-                .unwrap();
+            let theirs = candle_reference(&x, &weight, &bias, stride, padding);
             assert_eq!(ours.dims(), theirs.dims());
             assert!(
                 max_diff(&ours, &theirs) < 1e-4,

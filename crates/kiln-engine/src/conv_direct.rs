@@ -483,17 +483,94 @@ unsafe fn store_sums(
     }
 }
 
-/// The f32 microkernel.
+/// How one word of image and one of weight enter a tile's sums: the only
+/// difference between the f32 and the bf16 microkernels.
+#[cfg(target_arch = "x86_64")]
+trait Products16 {
+    type Word: Copy;
+    type Vector: Copy;
+    /// 16 image words from `p`.
+    unsafe fn load(p: *const Self::Word) -> Self::Vector;
+    /// One weight word in every lane.
+    unsafe fn splat(weight: Self::Word) -> Self::Vector;
+    /// `sum + x · weight` (per pair of inputs, for bf16).
+    unsafe fn madd(
+        sum: std::arch::x86_64::__m512,
+        x: Self::Vector,
+        weight: Self::Vector,
+    ) -> std::arch::x86_64::__m512;
+}
+
+/// f32 words: one FMA per lane.
+#[cfg(target_arch = "x86_64")]
+struct F32Products;
+
+#[cfg(target_arch = "x86_64")]
+impl Products16 for F32Products {
+    type Word = f32;
+    type Vector = std::arch::x86_64::__m512;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::Vector {
+        // SAFETY: as the microkernel's caller promised.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn splat(weight: f32) -> Self::Vector {
+        // SAFETY: only reached from the AVX-512 microkernel.
+        unsafe { std::arch::x86_64::_mm512_set1_ps(weight) }
+    }
+    #[inline(always)]
+    unsafe fn madd(
+        sum: std::arch::x86_64::__m512,
+        x: Self::Vector,
+        weight: Self::Vector,
+    ) -> std::arch::x86_64::__m512 {
+        // SAFETY: only reached from the AVX-512 microkernel.
+        unsafe { std::arch::x86_64::_mm512_fmadd_ps(weight, x, sum) }
+    }
+}
+
+/// bf16 pair words: `vdpbf16ps` adds both products of a pair per lane.
+#[cfg(target_arch = "x86_64")]
+struct Bf16Products;
+
+#[cfg(target_arch = "x86_64")]
+impl Products16 for Bf16Products {
+    type Word = u32;
+    type Vector = std::arch::x86_64::__m512bh;
+    #[inline(always)]
+    unsafe fn load(p: *const u32) -> Self::Vector {
+        // SAFETY: as the microkernel's caller promised; the transmute
+        // reinterprets 16 words as 32 bf16 values.
+        unsafe { std::mem::transmute(std::arch::x86_64::_mm512_loadu_si512(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn splat(weight: u32) -> Self::Vector {
+        // SAFETY: only reached from the AVX512-BF16 microkernel.
+        unsafe { std::mem::transmute(std::arch::x86_64::_mm512_set1_epi32(weight as i32)) }
+    }
+    #[inline(always)]
+    unsafe fn madd(
+        sum: std::arch::x86_64::__m512,
+        x: Self::Vector,
+        weight: Self::Vector,
+    ) -> std::arch::x86_64::__m512 {
+        // SAFETY: only reached from the AVX512-BF16 microkernel.
+        unsafe { std::arch::x86_64::_mm512_dpbf16_ps(sum, x, weight) }
+    }
+}
+
+/// The microkernel's body, compiled into each of the feature-gated kernels
+/// below.
 ///
 /// # Safety
-/// The CPU has AVX-512F; every plane read (`inputs` planes from `image`,
-/// 48 words past each tap offset) is inside `image`, the weights hold
-/// `inputs · taps · 8` words, and `c` is as [`Kernel`] says, written by no
-/// one else.
+/// The CPU has the features of `P`; every plane read (`inputs` planes from
+/// `image`, 48 words past each tap offset) is inside `image`, the weights
+/// hold `inputs · taps · 8` words, and `c` is as [`Kernel`] says, written by
+/// no one else.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile_f32(tile: &Tile<'_, f32>, c: *mut f32, c_stride: usize) {
-    use std::arch::x86_64::*;
+#[inline(always)]
+unsafe fn tile_body<P: Products16>(tile: &Tile<'_, P::Word>, c: *mut f32, c_stride: usize) {
     let taps = tile.offsets.len();
     debug_assert!(tile.weights.len() >= tile.inputs * taps * TILE_CHANNELS);
     // SAFETY (all blocks below): as the caller promised.
@@ -504,15 +581,11 @@ unsafe fn tile_f32(tile: &Tile<'_, f32>, c: *mut f32, c_stride: usize) {
         for &offset in tile.offsets {
             unsafe {
                 let p = base.add(offset);
-                let x = [
-                    _mm512_loadu_ps(p),
-                    _mm512_loadu_ps(p.add(16)),
-                    _mm512_loadu_ps(p.add(32)),
-                ];
+                let x = [P::load(p), P::load(p.add(16)), P::load(p.add(32))];
                 for (r, row) in sums.iter_mut().enumerate() {
-                    let weight = _mm512_set1_ps(*w.add(r));
+                    let weight = P::splat(*w.add(r));
                     for (sum, x) in row.iter_mut().zip(&x) {
-                        *sum = _mm512_fmadd_ps(weight, *x, *sum);
+                        *sum = P::madd(*sum, *x, weight);
                     }
                 }
                 w = w.add(TILE_CHANNELS);
@@ -522,39 +595,26 @@ unsafe fn tile_f32(tile: &Tile<'_, f32>, c: *mut f32, c_stride: usize) {
     unsafe { store_sums(&sums, c, c_stride) };
 }
 
-/// The bf16 microkernel: each word a pair of inputs, `vdpbf16ps` adding both
-/// products per lane.
+/// The f32 microkernel.
 ///
 /// # Safety
-/// As [`tile_f32`], with AVX512-BF16.
+/// As [`tile_body`], with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_f32(tile: &Tile<'_, f32>, c: *mut f32, c_stride: usize) {
+    // SAFETY: as the caller promised.
+    unsafe { tile_body::<F32Products>(tile, c, c_stride) }
+}
+
+/// The bf16 microkernel.
+///
+/// # Safety
+/// As [`tile_body`], with AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
 unsafe fn tile_bf16(tile: &Tile<'_, u32>, c: *mut f32, c_stride: usize) {
-    use std::arch::x86_64::*;
-    let taps = tile.offsets.len();
-    debug_assert!(tile.weights.len() >= tile.inputs * taps * TILE_CHANNELS);
-    // SAFETY (all blocks below): as the caller promised.
-    let mut sums = unsafe { load_sums(c, c_stride, tile.accumulate) };
-    let mut w = tile.weights.as_ptr();
-    for input in 0..tile.inputs {
-        let base = unsafe { tile.image.as_ptr().add(input * tile.plane) };
-        for &offset in tile.offsets {
-            unsafe {
-                let p = base.add(offset);
-                let x: [__m512bh; 3] = std::array::from_fn(|v| {
-                    std::mem::transmute(_mm512_loadu_si512(p.add(16 * v).cast()))
-                });
-                for (r, row) in sums.iter_mut().enumerate() {
-                    let weight: __m512bh = std::mem::transmute(_mm512_set1_epi32(*w.add(r) as i32));
-                    for (sum, x) in row.iter_mut().zip(&x) {
-                        *sum = _mm512_dpbf16_ps(*sum, *x, weight);
-                    }
-                }
-                w = w.add(TILE_CHANNELS);
-            }
-        }
-    }
-    unsafe { store_sums(&sums, c, c_stride) };
+    // SAFETY: as the caller promised.
+    unsafe { tile_body::<Bf16Products>(tile, c, c_stride) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -606,10 +666,7 @@ mod tests {
     }
 
     fn reference(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Tensor {
-        x.conv2d(weight, padding, 1, 1, 1)
-            .unwrap()
-            .broadcast_add(&bias.reshape((1, (), 1, 1)).unwrap())
-            .unwrap()
+        crate::conv::tests::candle_reference(x, weight, bias, 1, padding)
     }
 
     fn round_bf16(t: &Tensor) -> Tensor {
